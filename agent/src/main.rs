@@ -1,0 +1,3 @@
+//! `kiln-agent`: one per build machine.
+
+fn main() {}

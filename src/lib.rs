@@ -1,0 +1,31 @@
+//! Kiln: a build coordinator for Guix and Nix derivations.
+//!
+//! Operators submit derivations; the coordinator queues them, hands them to agents over links
+//! that may drop at any moment, receives the outputs as NARs, keeps them with their narinfos
+//! (so the coordinator is also a substitute server), runs hooks on events and exports metrics.
+//! See `docs/architecture.md` for the whole picture.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: wire types shared by the coordinator, the agent and the client: requests,
+//!   responses, error codes, the protocol version.
+//! - [`derivation`]: the `.drv` ATerm format (parse, print), store paths and store directories,
+//!   Nix base32, hashes, and Nix's path computations.
+//! - [`nar`]: NAR write/restore/validate, narinfo, ed25519 signatures, reference scanning.
+//!
+//! With the default `coordinator` feature:
+//!
+//! - `store`: sled trees, versioned bincode records, the group-commit committer.
+//! - `actors`: one actor per file: `BuildQueue`, `Allocator`, `AgentSession` (and its
+//!   registry), `HookProcessor`, `EventLog`.
+//! - `supervisor`: starts the actors on their arbiters, restarts them, counts restarts.
+//! - `http`: actix-web routes; handlers only translate HTTP to actor messages and back.
+//! - `client`: the HTTP client behind `kiln submit`, `kiln builds`, ... and `kiln demo`.
+//! - `config`: the coordinator's TOML configuration.
+//!
+//! `protocol`, `derivation` and `nar` never depend on actix or sled: the agent
+//! (`kiln-agent`, in `agent/`) uses `kiln` with default features off.
+
+pub mod derivation;
+pub mod nar;
+pub mod protocol;

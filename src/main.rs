@@ -1,0 +1,3 @@
+//! The `kiln` command: the coordinator, the client subcommands and the format tools.
+
+fn main() {}
