@@ -1,3 +1,112 @@
 //! The `kiln` command: the coordinator, the client subcommands and the format tools.
+//!
+//! Format commands (`drv`, `nar`, `narinfo`) run synchronously: no async runtime, no thread
+//! pool. Only `kiln coordinator` and `kiln demo` start an actix system.
 
-fn main() {}
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Kiln: a build coordinator for Guix and Nix derivations")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with .drv files.
+    #[command(subcommand)]
+    Drv(DrvCommand),
+    /// Work with NAR archives.
+    #[command(subcommand)]
+    Nar(NarCommand),
+    /// Work with narinfo files.
+    #[command(subcommand)]
+    Narinfo(NarinfoCommand),
+}
+
+#[derive(Subcommand)]
+enum DrvCommand {
+    /// Print derivations as JSON, as `nix show-derivation` does.
+    Show {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The store directory (else KILN_STORE_DIR, else /gnu/store or /nix/store).
+        #[arg(long, env = "KILN_STORE_DIR")]
+        store_dir: Option<PathBuf>,
+    },
+    /// Check that each file's name and output paths match its contents.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long, env = "KILN_STORE_DIR")]
+        store_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NarCommand {
+    /// Write the NAR serialisation of PATH to standard output.
+    Dump { path: PathBuf },
+    /// Restore a NAR read from standard input at DIR (which must not exist).
+    Restore { dir: PathBuf },
+    /// Print the NAR hash of PATH as sha256:<base32>.
+    Hash { path: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum NarinfoCommand {
+    /// Parse a narinfo file and print its fields.
+    Show {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify a narinfo's signature with a public key (name:base64, or a file holding it).
+    Verify {
+        file: PathBuf,
+        #[arg(long)]
+        key: String,
+        #[arg(long, env = "KILN_STORE_DIR")]
+        store_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = match cli.command {
+        Command::Drv(DrvCommand::Show { files, store_dir }) => {
+            kiln::derivation::cli::show(&files, store_dir.as_deref(), &mut out)
+        }
+        Command::Drv(DrvCommand::Check { files, store_dir }) => {
+            kiln::derivation::cli::check(&files, store_dir.as_deref(), &mut out)
+        }
+        Command::Nar(NarCommand::Dump { path }) => kiln::nar::cli::dump(&path, &mut out),
+        Command::Nar(NarCommand::Restore { dir }) => {
+            kiln::nar::cli::restore(&dir, &mut std::io::stdin().lock())
+        }
+        Command::Nar(NarCommand::Hash { path }) => kiln::nar::cli::hash(&path, &mut out),
+        Command::Narinfo(NarinfoCommand::Show { file, json }) => {
+            kiln::nar::cli::narinfo_show(&file, json, &mut out)
+        }
+        Command::Narinfo(NarinfoCommand::Verify {
+            file,
+            key,
+            store_dir,
+        }) => kiln::nar::cli::narinfo_verify(&file, &key, store_dir.as_deref(), &mut out),
+    };
+    let _ = out.flush();
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("kiln: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -36,3 +36,4 @@ pub struct Derivation {
     /// Environment, name -> value.
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
 }
+pub mod cli;
