@@ -1,1 +1,433 @@
-//! Wire types shared by the coordinator, the agent and the client.
+//! Wire types shared by the coordinator, the agent and the client: JSON request and response
+//! bodies of the agent API (`/api/agent/v1`) and the client API (`/api/v1`), the error body,
+//! build states, and the protocol version. Every endpoint is documented in `docs/protocol.md`.
+//!
+//! Derivation contents are bytes, not UTF-8, so they travel base64-encoded ([`Bytes64`]).
+
+use serde::{Deserialize, Serialize};
+
+mod bytes64;
+pub use bytes64::Bytes64;
+
+/// Version of the agent protocol. An agent sends it when it opens a session; the coordinator
+/// refuses versions it does not speak with `unsupported_protocol`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Prefix of the agent API.
+pub const AGENT_API: &str = "/api/agent/v1";
+/// Prefix of the client API.
+pub const CLIENT_API: &str = "/api/v1";
+/// Header that carries an agent's session token (`Authorization: Bearer <token>` also works).
+pub const SESSION_HEADER: &str = "x-kiln-session";
+
+/// Build ids are sequential integers, unique for the life of a state dir.
+pub type BuildId = u64;
+/// Agent ids are sequential integers, unique for the life of a state dir.
+pub type AgentId = u64;
+
+/// The states of a build. `Blocked` waits for inputs; `Allocated` means an agent holds a lease;
+/// the last three are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuildState {
+    Blocked,
+    Runnable,
+    Allocated,
+    Building,
+    Uploading,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl BuildState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [BuildState; 8] = [
+        BuildState::Blocked,
+        BuildState::Runnable,
+        BuildState::Allocated,
+        BuildState::Building,
+        BuildState::Uploading,
+        BuildState::Succeeded,
+        BuildState::Failed,
+        BuildState::Canceled,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            BuildState::Succeeded | BuildState::Failed | BuildState::Canceled
+        )
+    }
+
+    /// Held by an agent (leased).
+    pub fn is_leased(self) -> bool {
+        matches!(
+            self,
+            BuildState::Allocated | BuildState::Building | BuildState::Uploading
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildState::Blocked => "blocked",
+            BuildState::Runnable => "runnable",
+            BuildState::Allocated => "allocated",
+            BuildState::Building => "building",
+            BuildState::Uploading => "uploading",
+            BuildState::Succeeded => "succeeded",
+            BuildState::Failed => "failed",
+            BuildState::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BuildState> {
+        BuildState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for BuildState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Every error response has this body, with a stable machine-readable `code` and a message that
+/// says what was wrong and what to do.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent API
+// ---------------------------------------------------------------------------------------------
+
+/// What an agent says about a build it holds (on session open and on every heartbeat).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeldPhase {
+    /// Fetching inputs or running the builder.
+    Building,
+    /// The builder finished; outputs or the result are being sent.
+    Uploading,
+    /// The result is ready and waits to be acknowledged.
+    Reporting,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldBuild {
+    pub build_id: BuildId,
+    pub attempt: u32,
+    pub phase: HeldPhase,
+}
+
+/// `POST /api/agent/v1/session`: authenticate and open a session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenSession {
+    pub name: String,
+    pub secret: String,
+    pub protocol_version: u32,
+    pub systems: Vec<String>,
+    pub max_parallel_builds: u32,
+    /// Builds the agent still holds (after a reconnect or an agent restart).
+    #[serde(default)]
+    pub builds: Vec<HeldBuild>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionOpened {
+    pub agent_id: AgentId,
+    /// Send as `x-kiln-session` on every later request; lost when the coordinator restarts
+    /// (the agent then gets 401 `session_unknown` and opens a new session).
+    pub session_token: String,
+    pub heartbeat_interval_ms: u64,
+    pub agent_timeout_ms: u64,
+    #[serde(default)]
+    pub commands: Vec<AgentCommand>,
+}
+
+/// Commands from the coordinator ride on heartbeat and work responses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum AgentCommand {
+    /// Stop the build (kill its builder's process group) and report it canceled.
+    Cancel { build_id: BuildId, attempt: u32 },
+    /// Stop the build and drop its reports: it belongs to someone else now.
+    Abandon { build_id: BuildId, attempt: u32 },
+    /// Finish what you hold, take no new work.
+    Drain,
+    /// New heartbeat interval.
+    SetHeartbeat { interval_ms: u64 },
+}
+
+/// `POST /api/agent/v1/heartbeat`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Heartbeat {
+    #[serde(default)]
+    pub builds: Vec<HeldBuild>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    #[serde(default)]
+    pub commands: Vec<AgentCommand>,
+}
+
+/// `POST /api/agent/v1/work`: ask for up to `max_builds` builds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkRequest {
+    pub max_builds: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkReply {
+    pub builds: Vec<Assignment>,
+    #[serde(default)]
+    pub commands: Vec<AgentCommand>,
+}
+
+/// One build handed to an agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Assignment {
+    pub build_id: BuildId,
+    /// The fencing token: every report on this build names it.
+    pub attempt: u32,
+    pub drv_path: String,
+    /// The `.drv` file's bytes (ATerm).
+    pub drv: Bytes64,
+    pub system: String,
+    /// Output name -> store path the builder must create.
+    pub outputs: Vec<OutputSpec>,
+    /// Every store path the builder needs (input sources, outputs of input derivations, and
+    /// their references, closed), each fetchable as a substitute.
+    pub inputs: Vec<PathInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputSpec {
+    pub name: String,
+    pub path: String,
+}
+
+/// An available store path, as the agent needs it to fetch the NAR (a narinfo in JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathInfo {
+    /// Full store path.
+    pub path: String,
+    /// `sha256:<base32>` of the uncompressed NAR.
+    pub nar_hash: String,
+    pub nar_size: u64,
+    /// `sha256:<base32>` of the compressed file.
+    pub file_hash: String,
+    pub file_size: u64,
+    /// `zstd`.
+    pub compression: String,
+    /// Relative URL of the NAR on the agent listener, e.g. `nar/<base32>.nar.zst`.
+    pub url: String,
+    /// Full store paths.
+    pub references: Vec<String>,
+}
+
+/// `POST /api/agent/v1/builds/{id}/start`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartReport {
+    pub attempt: u32,
+}
+
+/// Query of `PUT`/`GET /api/agent/v1/builds/{id}/outputs/{name}`: an upload is keyed by
+/// (build, attempt, output, file hash). `PUT` bodies are the zstd-compressed NAR from `offset`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadQuery {
+    pub attempt: u32,
+    /// `sha256:<base32>` of the whole compressed file.
+    pub file_hash: String,
+    pub file_size: u64,
+    /// Where this body starts in the file (`PUT` only; 0 when absent).
+    #[serde(default)]
+    pub offset: u64,
+}
+
+/// How much of an upload arrived; `verified` once the whole file was checked and stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadStatus {
+    pub received: u64,
+    pub verified: bool,
+    /// Set when verified: what the coordinator computed.
+    #[serde(default)]
+    pub nar_hash: Option<String>,
+    #[serde(default)]
+    pub nar_size: Option<u64>,
+}
+
+/// Query of `PUT /api/agent/v1/builds/{id}/log` (body: the zstd-compressed log).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogQuery {
+    pub attempt: u32,
+}
+
+/// `POST /api/agent/v1/builds/{id}/result`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultReport {
+    pub attempt: u32,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Every output was uploaded and verified first.
+    Succeeded { outputs: Vec<BuiltOutput> },
+    /// The builder failed (non-zero exit, timeout, missing output, ...).
+    Failed { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltOutput {
+    pub name: String,
+    pub path: String,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub file_hash: String,
+    pub file_size: u64,
+    /// Full store paths found in the output.
+    pub references: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultAck {
+    /// True when this exact result had already been accepted (the report is idempotent).
+    pub duplicate: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client API
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /api/v1/agents`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewAgent {
+    pub name: String,
+    pub systems: Vec<String>,
+}
+
+/// The secret is shown once; the coordinator keeps only a salted hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentCreated {
+    pub id: AgentId,
+    pub name: String,
+    pub secret: String,
+}
+
+/// `GET /api/v1/agents`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub id: AgentId,
+    pub name: String,
+    pub systems: Vec<String>,
+    /// `connected`, `lost` or `never-seen`.
+    pub status: String,
+    /// Milliseconds since the last heartbeat, when connected this run.
+    pub last_seen_ms_ago: Option<u64>,
+    pub builds: Vec<BuildId>,
+}
+
+/// `POST /api/v1/sources/missing`: which of these store paths the coordinator lacks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathsQuery {
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MissingPaths {
+    pub missing: Vec<String>,
+}
+
+/// Query of `PUT /api/v1/sources` (body: the uncompressed NAR of `path`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceQuery {
+    pub path: String,
+    /// `sha256:<base32>` the client computed; the upload is refused if the body differs.
+    pub nar_hash: String,
+    /// Comma-separated full store paths this source references (may be empty).
+    #[serde(default)]
+    pub references: String,
+}
+
+/// `POST /api/v1/builds`: the derivations (targets and their whole `.drv` closure, minus any
+/// the coordinator already has) and which of them to build.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitBuilds {
+    pub derivations: Vec<SubmittedDrv>,
+    /// `.drv` paths to build.
+    pub builds: Vec<String>,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub tags: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmittedDrv {
+    pub path: String,
+    pub contents: Bytes64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Submitted {
+    pub builds: Vec<BuildSummary>,
+}
+
+/// One line of `kiln builds`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSummary {
+    pub id: BuildId,
+    pub drv_path: String,
+    pub system: String,
+    pub state: BuildState,
+    pub priority: i32,
+    /// True when the submission found an unfinished build of this derivation and returned it.
+    #[serde(default)]
+    pub existing: bool,
+}
+
+/// `GET /api/v1/builds/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildDetail {
+    pub summary: BuildSummary,
+    pub attempt: u32,
+    pub agent: Option<String>,
+    pub outputs: Vec<OutputSpec>,
+    pub tags: Vec<(String, String)>,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    /// Why it failed or was canceled.
+    pub reason: Option<String>,
+    /// For a blocked build: each missing input, and what stands in its way.
+    pub waiting_for: Vec<MissingInput>,
+    pub has_log: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MissingInput {
+    pub path: String,
+    /// The build that would produce it, if any, and its state.
+    pub build: Option<BuildId>,
+    pub build_state: Option<BuildState>,
+    /// Human explanation, e.g. `input build 7 failed: builder exited with status 1`.
+    pub note: String,
+}
+
+/// `GET /api/v1/builds?state=S&limit=N`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BuildsQuery {
+    pub state: Option<String>,
+    pub limit: Option<usize>,
+}
