@@ -29,3 +29,6 @@
 pub mod derivation;
 pub mod nar;
 pub mod protocol;
+
+#[cfg(feature = "coordinator")]
+pub mod client;

@@ -27,6 +27,10 @@ enum Command {
     /// Work with narinfo files.
     #[command(subcommand)]
     Narinfo(NarinfoCommand),
+    /// Run a demo farm: a coordinator, two agents and a graph of derivations.
+    Demo(kiln::client::demo::DemoArgs),
+    #[command(flatten)]
+    Client(kiln::client::cli::ClientCommand),
 }
 
 #[derive(Subcommand)]
@@ -100,6 +104,8 @@ fn main() -> ExitCode {
             key,
             store_dir,
         }) => kiln::nar::cli::narinfo_verify(&file, &key, store_dir.as_deref(), &mut out),
+        Command::Demo(args) => kiln::client::demo::run(args),
+        Command::Client(cmd) => kiln::client::cli::run(cmd),
     };
     let _ = out.flush();
     match result {
