@@ -32,3 +32,5 @@ pub mod protocol;
 
 #[cfg(feature = "coordinator")]
 pub mod client;
+#[cfg(feature = "coordinator")]
+pub mod config;

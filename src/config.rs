@@ -1,0 +1,225 @@
+//! The coordinator's configuration: one TOML file, every key documented in
+//! `docs/configuration.md`. Command-line flags override the file; every key has a default, so
+//! an empty file (or none) gives a working coordinator.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Agents, substitutes and `/metrics`.
+    pub listen: String,
+    /// Client API, events and the activity page.
+    pub client_listen: String,
+    /// Where sled and the NAR cache live.
+    pub state_dir: PathBuf,
+    /// The store directory of the derivations this coordinator builds. When unset: the
+    /// `KILN_STORE_DIR` environment variable, else the store dir of the first accepted
+    /// submission (which must be `/gnu/store` or `/nix/store`), recorded in the state dir.
+    pub store_dir: Option<PathBuf>,
+    pub timeouts: Timeouts,
+    pub store: StoreConfig,
+    pub limits: Limits,
+    /// Hooks, each run on the events it names.
+    pub hooks: Vec<HookConfig>,
+    /// Optional narinfo signing key file (Nix's `name:base64` secret key format).
+    pub signing_key_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:8745".into(),
+            client_listen: "127.0.0.1:8746".into(),
+            state_dir: PathBuf::from("./kiln-state"),
+            store_dir: None,
+            timeouts: Timeouts::default(),
+            store: StoreConfig::default(),
+            limits: Limits::default(),
+            hooks: Vec::new(),
+            signing_key_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// How often agents heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// An agent silent this long is lost and its leases expire.
+    pub agent_timeout_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            heartbeat_interval_ms: 10_000,
+            agent_timeout_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// sled's periodic background flush, in ms; 0 turns it off (every acknowledged write is
+    /// flushed by the committer anyway; tests run with 0 so a missing flush shows).
+    pub background_flush_ms: u64,
+    /// `fdatasync` the database after each group commit, for power-loss durability. Off by
+    /// default: sled's flush survives a process crash (SIGKILL), not a power cut.
+    pub fsync: bool,
+    /// sled's page cache, in MiB (not an RSS limit).
+    pub cache_capacity_mb: u64,
+    /// Most writes folded into one group commit.
+    pub max_batch: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            background_flush_ms: 1000,
+            fsync: false,
+            cache_capacity_mb: 64,
+            max_batch: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest `POST /api/v1/builds` body, in MiB.
+    pub submit_body_mb: u64,
+    /// Largest source NAR (`PUT /api/v1/sources`), in MiB.
+    pub source_nar_mb: u64,
+    /// Largest compressed output NAR, in MiB.
+    pub output_nar_mb: u64,
+    /// Largest compressed build log, in MiB.
+    pub log_mb: u64,
+    /// Largest JSON body on the other routes, in KiB.
+    pub json_body_kb: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            submit_body_mb: 64,
+            source_nar_mb: 1024,
+            output_nar_mb: 16 * 1024,
+            log_mb: 64,
+            json_body_kb: 256,
+        }
+    }
+}
+
+/// One hook: a command run for each event it names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    /// Unique name; keys its durable queue.
+    pub name: String,
+    /// Event kinds (`build-submitted`, `build-started`, `build-succeeded`, `build-failed`,
+    /// `build-canceled`, `agent-lost`, ...).
+    pub events: Vec<String>,
+    /// Program and arguments. The event is on stdin as JSON; `KILN_EVENT`, `KILN_EVENT_ID`,
+    /// `KILN_BUILD_ID` are in the environment. Exit 0 = done.
+    pub exec: Vec<String>,
+    /// Runs of this hook at once.
+    #[serde(default = "one")]
+    pub parallelism: usize,
+    /// Attempts before the event goes to the dead-letter list.
+    #[serde(default = "five")]
+    pub max_attempts: u32,
+    /// A run over this is killed and counts as a failed attempt.
+    #[serde(default = "five_minutes")]
+    pub timeout_ms: u64,
+}
+
+fn one() -> usize {
+    1
+}
+fn five() -> u32 {
+    5
+}
+fn five_minutes() -> u64 {
+    300_000
+}
+
+impl Config {
+    /// Read a config file; an absent path gives the defaults.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        use anyhow::Context as _;
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read config file {}", path.display()))?;
+        let config: Config = toml::from_str(&text).with_context(|| {
+            format!(
+                "config file {} is not valid (see docs/configuration.md)",
+                path.display()
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check what serde cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for h in &self.hooks {
+            anyhow::ensure!(
+                names.insert(&h.name),
+                "hook name {:?} is used twice: hook names must be unique",
+                h.name
+            );
+            anyhow::ensure!(!h.exec.is_empty(), "hook {:?} has an empty exec", h.name);
+            anyhow::ensure!(h.parallelism > 0, "hook {:?}: parallelism must be at least 1", h.name);
+            anyhow::ensure!(h.max_attempts > 0, "hook {:?}: max_attempts must be at least 1", h.name);
+        }
+        anyhow::ensure!(
+            self.timeouts.agent_timeout_ms >= 1000,
+            "timeouts.agent_timeout_ms must be at least 1000 (1 s)"
+        );
+        anyhow::ensure!(
+            self.timeouts.heartbeat_interval_ms > 0
+                && self.timeouts.heartbeat_interval_ms < self.timeouts.agent_timeout_ms,
+            "timeouts.heartbeat_interval_ms must be above 0 and below agent_timeout_ms"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults_and_unknown_keys_are_refused() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8745");
+        assert_eq!(c.client_listen, "127.0.0.1:8746");
+        let err = toml::from_str::<Config>("lissen = 'x'").unwrap_err();
+        assert!(err.to_string().contains("lissen"), "{err}");
+    }
+
+    #[test]
+    fn hooks_parse_with_defaults() {
+        let c: Config = toml::from_str(
+            r#"
+            [[hooks]]
+            name = "log"
+            events = ["build-succeeded"]
+            exec = ["/bin/true"]
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.hooks[0].parallelism, 1);
+        assert_eq!(c.hooks[0].max_attempts, 5);
+    }
+}
