@@ -34,3 +34,5 @@ pub mod protocol;
 pub mod client;
 #[cfg(feature = "coordinator")]
 pub mod config;
+#[cfg(feature = "coordinator")]
+pub mod store;
