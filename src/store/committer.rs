@@ -97,7 +97,27 @@ pub struct CommitterOptions {
 /// Called on the committer thread, after the flush, with the events of each group commit.
 pub type Listener = Box<dyn Fn(&[EventRecord]) + Send>;
 
-type Reply = oneshot::Sender<Result<Vec<EventRecord>, CommitError>>;
+type Outcome = Result<Vec<EventRecord>, CommitError>;
+
+/// Where the answer goes: an async waiter, or a thread blocked on a std channel (usable even
+/// from inside an async runtime, where tokio's `blocking_recv` would panic).
+enum Reply {
+    Async(oneshot::Sender<Outcome>),
+    Sync(mpsc::Sender<Outcome>),
+}
+
+impl Reply {
+    fn send(self, outcome: Outcome) {
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Reply::Sync(tx) => {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
+}
 
 struct Request {
     batch: Batch,
@@ -107,7 +127,7 @@ struct Request {
 enum Message {
     Commit(Request),
     /// Finish what was sent before, close the database handle, then answer.
-    Stop(oneshot::Sender<()>),
+    Stop(mpsc::Sender<()>),
 }
 
 /// Handle to the committer thread. Cloning shares the thread; it stops when every handle is
@@ -136,7 +156,10 @@ impl Committer {
     pub async fn commit(&self, batch: Batch) -> Result<Vec<EventRecord>, CommitError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Message::Commit(Request { batch, reply }))
+            .send(Message::Commit(Request {
+                batch,
+                reply: Reply::Async(reply),
+            }))
             .map_err(|_| CommitError("the committer has stopped".into()))?;
         rx.await
             .map_err(|_| CommitError("the committer stopped before answering".into()))?
@@ -145,27 +168,30 @@ impl Committer {
     /// Stop the thread after the batches already sent, and wait until it has released the
     /// database. Later commits fail.
     pub fn shutdown_blocking(&self) {
-        let (ack, rx) = oneshot::channel();
+        let (ack, rx) = mpsc::channel();
         if self.tx.send(Message::Stop(ack)).is_ok() {
-            let _ = rx.blocking_recv();
+            let _ = rx.recv();
         }
     }
 
-    /// Async form of [`Committer::shutdown_blocking`].
-    pub async fn shutdown(&self) {
-        let (ack, rx) = oneshot::channel();
-        if self.tx.send(Message::Stop(ack)).is_ok() {
-            let _ = rx.await;
-        }
+    /// Wait until every batch sent before this call is committed (or failed). An actor that
+    /// restarts calls it before reloading from sled, so it reloads what its previous
+    /// incarnation already handed over.
+    pub fn barrier_blocking(&self) {
+        let _ = self.commit_blocking(Batch::new());
     }
 
-    /// Commit from a thread that is not async (startup, tests, offline tools).
+    /// Commit from a thread that is not async (startup, tests, offline tools); also safe
+    /// inside an async runtime (it blocks that thread).
     pub fn commit_blocking(&self, batch: Batch) -> Result<Vec<EventRecord>, CommitError> {
-        let (reply, rx) = oneshot::channel();
+        let (reply, rx) = mpsc::channel();
         self.tx
-            .send(Message::Commit(Request { batch, reply }))
+            .send(Message::Commit(Request {
+                batch,
+                reply: Reply::Sync(reply),
+            }))
             .map_err(|_| CommitError("the committer has stopped".into()))?;
-        rx.blocking_recv()
+        rx.recv()
             .map_err(|_| CommitError("the committer stopped before answering".into()))?
     }
 }
@@ -187,7 +213,7 @@ fn run(
     mut next_seq: u64,
 ) {
     let max_batch = options.max_batch.max(1);
-    let mut stop: Option<oneshot::Sender<()>> = None;
+    let mut stop: Option<mpsc::Sender<()>> = None;
     while stop.is_none() {
         let first = match rx.recv() {
             Ok(Message::Commit(r)) => r,
@@ -231,14 +257,14 @@ fn run(
                     listener(&all);
                 }
                 for (req, events) in requests.into_iter().zip(per_request) {
-                    let _ = req.reply.send(Ok(events));
+                    req.reply.send(Ok(events));
                 }
             }
             Err(e) => {
                 metrics::counter!("kiln_commits_total", "result" => "error").increment(1);
                 tracing::error!(error = %e, writes = requests.len(), "group commit failed");
                 for req in requests {
-                    let _ = req.reply.send(Err(e.clone()));
+                    req.reply.send(Err(e.clone()));
                 }
             }
         }

@@ -220,3 +220,4 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+pub mod nar_cache;
