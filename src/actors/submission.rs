@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use thiserror::Error;
 
 use super::queue_state::{is_available, Target};
-use crate::derivation::modulo::PathComputer;
+use crate::derivation::PathComputer;
 use crate::derivation::paths::drv_path;
 use crate::derivation::store_path::{StoreDir, StorePath};
 use crate::derivation::Derivation;
