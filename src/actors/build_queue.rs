@@ -480,3 +480,19 @@ impl Handler<CorruptMemoryAndStop> for BuildQueue {
         ctx.stop();
     }
 }
+
+/// Fault point `build_queue.panic_in_handler`: a handler that panics. The guard must turn it
+/// into a stop (so the supervisor restarts the actor) and an `Unavailable` answer.
+#[cfg(feature = "fault-points")]
+#[derive(Message)]
+#[rtype(result = "Result<(), ActorError>")]
+pub struct PanicInHandler;
+
+#[cfg(feature = "fault-points")]
+impl Handler<PanicInHandler> for BuildQueue {
+    type Result = Result<(), ActorError>;
+
+    fn handle(&mut self, _msg: PanicInHandler, ctx: &mut Context<Self>) -> Self::Result {
+        guarded::<Self, _>(NAME, ctx, |_| panic!("fault point build_queue.panic_in_handler fired"))
+    }
+}
