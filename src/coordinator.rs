@@ -40,7 +40,9 @@ pub struct CoordinatorArgs {
 pub fn init_logging(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if format == "json" {
         builder.json().try_init()
     } else {
@@ -85,16 +87,25 @@ async fn serve(
     let store = Store::open(
         &config.state_dir,
         &StoreOptions {
-            background_flush_ms: (config.store.background_flush_ms > 0).then_some(config.store.background_flush_ms),
+            background_flush_ms: (config.store.background_flush_ms > 0)
+                .then_some(config.store.background_flush_ms),
             cache_capacity_bytes: config.store.cache_capacity_mb << 20,
         },
     )
-    .with_context(|| format!("failed to open the state dir {}", config.state_dir.display()))?;
+    .with_context(|| {
+        format!(
+            "failed to open the state dir {}",
+            config.state_dir.display()
+        )
+    })?;
     let store_dir = resolve_store_dir(&config, &store)?;
     let mut hook_routes: std::collections::HashMap<String, Vec<String>> = Default::default();
     for h in &config.hooks {
         for e in &h.events {
-            hook_routes.entry(e.clone()).or_default().push(h.name.clone());
+            hook_routes
+                .entry(e.clone())
+                .or_default()
+                .push(h.name.clone());
         }
     }
     let sink: crate::supervisor::EventSink = Arc::new(OnceLock::new());
@@ -111,13 +122,23 @@ async fn serve(
         Some(f) => {
             let text = std::fs::read_to_string(f)
                 .with_context(|| format!("failed to read signing key file {}", f.display()))?;
-            Some(crate::nar::signing::SecretKey::parse(text.trim()).map_err(|e| {
-                anyhow::anyhow!("signing key file {} is not a Nix secret key: {e}", f.display())
-            })?)
+            Some(
+                crate::nar::signing::SecretKey::parse(text.trim()).map_err(|e| {
+                    anyhow::anyhow!(
+                        "signing key file {} is not a Nix secret key: {e}",
+                        f.display()
+                    )
+                })?,
+            )
         }
         None => None,
     };
-    let nars = Arc::new(NarCache::new(&config.state_dir, store.clone(), committer.clone(), key)?);
+    let nars = Arc::new(NarCache::new(
+        &config.state_dir,
+        store.clone(),
+        committer.clone(),
+        key,
+    )?);
     if let Some(d) = &store_dir {
         nars.write_cache_info(d.as_str())?;
     }
@@ -125,7 +146,14 @@ async fn serve(
     if repaired > 0 {
         tracing::warn!(repaired, "rewrote missing narinfo files");
     }
-    let actors = crate::supervisor::start(&config, store.clone(), committer.clone(), nars.clone(), store_dir, sink)?;
+    let actors = crate::supervisor::start(
+        &config,
+        store.clone(),
+        committer.clone(),
+        nars.clone(),
+        store_dir,
+        sink,
+    )?;
     let config = Arc::new(config);
     let state = actix_web::web::Data::new(crate::http::AppState {
         queue: actors.queue.clone(),
@@ -142,7 +170,8 @@ async fn serve(
         crate::http::bind(state, &config.listen, &config.client_listen)?;
     tracing::info!(listen = %listen, client_listen = %client_listen, state_dir = %config.state_dir.display(), "coordinator ready");
     if let Some(f) = &ready_file {
-        let body = serde_json::json!({"listen": listen, "client_listen": client_listen}).to_string();
+        let body =
+            serde_json::json!({"listen": listen, "client_listen": client_listen}).to_string();
         write_ready_file(f, &body)?;
     }
     let (a, c) = tokio::join!(agent_srv, client_srv);
@@ -174,7 +203,9 @@ fn resolve_store_dir(config: &Config, store: &Store) -> anyhow::Result<Option<St
         .get(meta::STORE_DIR)?
         .map(|v| String::from_utf8_lossy(&v).into_owned());
     let configured = match &config.store_dir {
-        Some(d) => Some(StoreDir::new(d).map_err(|e| anyhow::anyhow!("store_dir {}: {e}", d.display()))?),
+        Some(d) => {
+            Some(StoreDir::new(d).map_err(|e| anyhow::anyhow!("store_dir {}: {e}", d.display()))?)
+        }
         None => None,
     };
     match (configured, recorded) {

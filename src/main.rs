@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Kiln: a build coordinator for Guix and Nix derivations")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: a build coordinator for Guix and Nix derivations"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

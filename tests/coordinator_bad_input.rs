@@ -7,7 +7,10 @@ use common::*;
 use kiln::derivation::store_path::StoreDir;
 
 fn expect_refused(what: &str, (code, body): (u16, serde_json::Value), status: u16, needle: &str) {
-    assert_eq!(code, status, "{what}: expected HTTP {status}, got {code}: {body}");
+    assert_eq!(
+        code, status,
+        "{what}: expected HTTP {status}, got {code}: {body}"
+    );
     let msg = body["error"]["message"].as_str().unwrap_or_default();
     assert!(
         msg.contains(needle),
@@ -21,10 +24,17 @@ fn bad_input_is_refused_with_a_clear_4xx_and_changes_nothing() {
     let store = tmp.path().join("store");
     std::fs::create_dir_all(&store).unwrap();
     let sd = StoreDir::new(&store).unwrap();
-    let mut c = Coordinator::start(tmp.path(), &store, "[limits]\njson_body_kb = 16\nsubmit_body_mb = 1\n");
+    let mut c = Coordinator::start(
+        tmp.path(),
+        &store,
+        "[limits]\njson_body_kb = 16\nsubmit_body_mb = 1\n",
+    );
 
     // Some state first, so "unchanged" means something.
-    let (code, agent) = post(&c.url("/api/v1/agents"), &serde_json::json!({"name": "a1", "systems": ["x86_64-linux"]}));
+    let (code, agent) = post(
+        &c.url("/api/v1/agents"),
+        &serde_json::json!({"name": "a1", "systems": ["x86_64-linux"]}),
+    );
     assert_eq!(code, 200, "{agent}");
     let (good, good_bytes) = simple_drv(&sd, "good", "echo > $out");
     let (code, r) = post(
@@ -34,7 +44,10 @@ fn bad_input_is_refused_with_a_clear_4xx_and_changes_nothing() {
     assert_eq!(code, 200, "{r}");
     c.stop();
     let before = state_dump(&c.state_dir);
-    assert!(before.contains("builds 1 "), "the baseline build is in the dump:\n{before}");
+    assert!(
+        before.contains("builds 1 "),
+        "the baseline build is in the dump:\n{before}"
+    );
     c.spawn();
 
     // A malformed .drv.
@@ -65,7 +78,8 @@ fn bad_input_is_refused_with_a_clear_4xx_and_changes_nothing() {
     // An input .drv that was not sent.
     let mut dep = kiln::derivation::Derivation::parse(&good_bytes).unwrap();
     let missing_input = format!("{}/{}-missing.drv", sd.as_str(), "1".repeat(32));
-    dep.input_drvs.push((missing_input.clone().into_bytes(), vec![b"out".to_vec()]));
+    dep.input_drvs
+        .push((missing_input.clone().into_bytes(), vec![b"out".to_vec()]));
     let dep_bytes = dep.print();
     let dep_path = sd.full_path(&kiln::derivation::paths::drv_path(&sd, &dep).unwrap());
     expect_refused(
@@ -94,7 +108,10 @@ fn bad_input_is_refused_with_a_clear_4xx_and_changes_nothing() {
     // An agent request without a session.
     expect_refused(
         "no session",
-        post(&c.agent("/api/agent/v1/work"), &serde_json::json!({"max_builds": 1})),
+        post(
+            &c.agent("/api/agent/v1/work"),
+            &serde_json::json!({"max_builds": 1}),
+        ),
         401,
         "session",
     );
@@ -103,14 +120,20 @@ fn bad_input_is_refused_with_a_clear_4xx_and_changes_nothing() {
     let big = "x".repeat(20 << 10);
     expect_refused(
         "oversized agent creation",
-        post(&c.url("/api/v1/agents"), &serde_json::json!({"name": big, "systems": ["x"]})),
+        post(
+            &c.url("/api/v1/agents"),
+            &serde_json::json!({"name": big, "systems": ["x"]}),
+        ),
         413,
         "limit",
     );
     let huge = "y".repeat(2 << 20);
     expect_refused(
         "oversized submission",
-        post(&c.url("/api/v1/builds"), &serde_json::json!({"derivations": [], "builds": [huge]})),
+        post(
+            &c.url("/api/v1/builds"),
+            &serde_json::json!({"derivations": [], "builds": [huge]}),
+        ),
         413,
         "limit",
     );

@@ -29,7 +29,12 @@ fn acknowledged_submissions_survive_sigkill_right_after_the_ok() {
         c.spawn();
         for (id, path) in &acked {
             let (code, b) = get(&c.url(&format!("/api/v1/builds/{id}")));
-            assert_eq!(code, 200, "acknowledged build {id} lost after SIGKILL number {}", i + 1);
+            assert_eq!(
+                code,
+                200,
+                "acknowledged build {id} lost after SIGKILL number {}",
+                i + 1
+            );
             assert_eq!(b["summary"]["drv_path"].as_str(), Some(path.as_str()));
         }
     }

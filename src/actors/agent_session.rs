@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::allocator::{Allocator, TakeWork};
-use super::build_queue::{Allocate, AgentLost, BuildQueue};
+use super::build_queue::{AgentLost, Allocate, BuildQueue};
 use super::ActorError;
 use crate::protocol::{AgentCommand, Assignment, Bytes64, OutputSpec, PathInfo, WorkReply};
 use crate::store::records::{BuildRecord, DrvRecord, OutputRecord};
@@ -78,7 +78,8 @@ impl AgentSession {
         let now = Instant::now();
         let lag = now.duration_since(self.last_tick).saturating_sub(TICK);
         self.last_tick = now;
-        metrics::histogram!("kiln_loop_lag_seconds", "arbiter" => "agents").record(lag.as_secs_f64());
+        metrics::histogram!("kiln_loop_lag_seconds", "arbiter" => "agents")
+            .record(lag.as_secs_f64());
         if lag > TICK {
             // The coordinator could not run this loop: do not blame the agent for it.
             self.forgiven += lag;
@@ -173,8 +174,12 @@ impl Handler<RequestWork> for AgentSession {
         Box::pin(async move {
             let mut builds = Vec::new();
             if max > 0 {
-                let unavailable = |_| ActorError::Unavailable("the allocator is restarting; retry".into());
-                let ids = allocator.send(TakeWork { systems, max }).await.map_err(unavailable)?;
+                let unavailable =
+                    |_| ActorError::Unavailable("the allocator is restarting; retry".into());
+                let ids = allocator
+                    .send(TakeWork { systems, max })
+                    .await
+                    .map_err(unavailable)?;
                 if !ids.is_empty() {
                     let leased = queue
                         .send(Allocate {
@@ -182,7 +187,9 @@ impl Handler<RequestWork> for AgentSession {
                             candidates: ids,
                         })
                         .await
-                        .map_err(|_| ActorError::Unavailable("the build queue is restarting; retry".into()))??;
+                        .map_err(|_| {
+                            ActorError::Unavailable("the build queue is restarting; retry".into())
+                        })??;
                     builds = tokio::task::spawn_blocking(move || assignments(&store, leased))
                         .await
                         .map_err(|e| ActorError::Internal(e.to_string()))??;

@@ -70,7 +70,10 @@ impl RunnableIndex {
 
     /// Runnable builds per system (for metrics).
     pub fn counts(&self) -> Vec<(String, usize)> {
-        self.by_system.iter().map(|(s, v)| (s.clone(), v.len())).collect()
+        self.by_system
+            .iter()
+            .map(|(s, v)| (s.clone(), v.len()))
+            .collect()
     }
 }
 

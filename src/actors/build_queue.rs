@@ -60,7 +60,11 @@ impl BuildQueue {
 
     /// Commit a transition's effects; answer `value` after the flush. A failed commit stops
     /// the actor (memory is ahead of sled), and the supervisor restarts it from sled.
-    fn commit<T: 'static>(&mut self, fx: Effects, value: T) -> ResponseActFuture<Self, Result<T, ActorError>> {
+    fn commit<T: 'static>(
+        &mut self,
+        fx: Effects,
+        value: T,
+    ) -> ResponseActFuture<Self, Result<T, ActorError>> {
         let committer = self.committer.clone();
         let allocator = self.allocator.clone();
         let nars = self.nars.clone();
@@ -83,7 +87,8 @@ impl BuildQueue {
             if !new_outputs.is_empty() {
                 // The narinfo files are for serving with nginx; the coordinator serves from
                 // sled. Written after the commit, rewritten at start if missing.
-                let written = tokio::task::spawn_blocking(move || nars.write_narinfos(&new_outputs)).await;
+                let written =
+                    tokio::task::spawn_blocking(move || nars.write_narinfos(&new_outputs)).await;
                 if let Ok(Err(e)) = written {
                     tracing::error!(error = %e, "failed to write narinfo files");
                 }
@@ -99,7 +104,9 @@ impl BuildQueue {
         }))
     }
 
-    fn ready<T: 'static>(r: Result<T, ActorError>) -> ResponseActFuture<Self, Result<T, ActorError>> {
+    fn ready<T: 'static>(
+        r: Result<T, ActorError>,
+    ) -> ResponseActFuture<Self, Result<T, ActorError>> {
         Box::pin(actix::fut::ready(r))
     }
 
@@ -115,7 +122,11 @@ impl BuildQueue {
             BuildState::Building,
             BuildState::Uploading,
         ] {
-            let total: u64 = counts.iter().filter(|((s, _), _)| *s == st).map(|(_, n)| n).sum();
+            let total: u64 = counts
+                .iter()
+                .filter(|((s, _), _)| *s == st)
+                .map(|(_, n)| n)
+                .sum();
             metrics::gauge!("kiln_builds", "state" => st.as_str()).set(total as f64);
         }
     }
@@ -127,7 +138,9 @@ impl Actor for BuildQueue {
     fn started(&mut self, ctx: &mut Context<Self>) {
         tracing::info!(live = self.state.live().len(), "build queue started");
         self.update_gauges();
-        ctx.run_interval(std::time::Duration::from_secs(2), |act, _| act.update_gauges());
+        ctx.run_interval(std::time::Duration::from_secs(2), |act, _| {
+            act.update_gauges()
+        });
     }
 }
 
@@ -189,9 +202,13 @@ impl Handler<Submit> for BuildQueue {
                         )));
                     }
                 }
-                let (mut fx, builds) =
-                    act.state
-                        .submit(prepared.targets, prepared.new_drvs, priority, tags, now_ms())?;
+                let (mut fx, builds) = act.state.submit(
+                    prepared.targets,
+                    prepared.new_drvs,
+                    priority,
+                    tags,
+                    now_ms(),
+                )?;
                 if act.store_dir.is_none() {
                     fx.batch.put_raw(
                         TreeId::Meta,
@@ -225,7 +242,9 @@ impl Handler<Allocate> for BuildQueue {
 
     fn handle(&mut self, msg: Allocate, ctx: &mut Context<Self>) -> Self::Result {
         let r = guarded::<Self, _>(NAME, ctx, |_| {
-            Ok(self.state.allocate(msg.agent_id, &msg.candidates, now_ms())?)
+            Ok(self
+                .state
+                .allocate(msg.agent_id, &msg.candidates, now_ms())?)
         });
         match r {
             Ok((fx, leased)) => self.commit(fx, leased),
@@ -251,12 +270,15 @@ impl Handler<Progress> for BuildQueue {
     fn handle(&mut self, msg: Progress, ctx: &mut Context<Self>) -> Self::Result {
         let r = guarded::<Self, _>(NAME, ctx, |_| match msg.to {
             None => {
-                self.state.check_lease(msg.agent_id, msg.build_id, msg.attempt)?;
+                self.state
+                    .check_lease(msg.agent_id, msg.build_id, msg.attempt)?;
                 Ok(Effects::default())
             }
-            Some(to) => Ok(self
-                .state
-                .advance(msg.agent_id, msg.build_id, msg.attempt, to, now_ms())?),
+            Some(to) => {
+                Ok(self
+                    .state
+                    .advance(msg.agent_id, msg.build_id, msg.attempt, to, now_ms())?)
+            }
         });
         match r {
             Ok(fx) => self.commit(fx, ()),
@@ -294,8 +316,13 @@ impl Handler<Finish> for BuildQueue {
         match r {
             Ok((fx, duplicate)) => {
                 if !duplicate {
-                    let result = if fx.new_outputs.is_empty() { "failed" } else { "succeeded" };
-                    metrics::counter!("kiln_builds_finished_total", "result" => result).increment(1);
+                    let result = if fx.new_outputs.is_empty() {
+                        "failed"
+                    } else {
+                        "succeeded"
+                    };
+                    metrics::counter!("kiln_builds_finished_total", "result" => result)
+                        .increment(1);
                 }
                 self.commit(fx, ResultAck { duplicate })
             }
@@ -316,7 +343,8 @@ impl Handler<Cancel> for BuildQueue {
         let r = guarded::<Self, _>(NAME, ctx, |_| Ok(self.state.cancel(msg.0, now_ms())?));
         match r {
             Ok((fx, s)) => {
-                metrics::counter!("kiln_builds_finished_total", "result" => "canceled").increment(1);
+                metrics::counter!("kiln_builds_finished_total", "result" => "canceled")
+                    .increment(1);
                 self.commit(fx, s)
             }
             Err(e) => Self::ready(Err(e)),
@@ -336,7 +364,9 @@ impl Handler<AgentLost> for BuildQueue {
 
     fn handle(&mut self, msg: AgentLost, ctx: &mut Context<Self>) -> Self::Result {
         let r = guarded::<Self, _>(NAME, ctx, |_| {
-            Ok(self.state.release(msg.agent_id, &HashSet::new(), "agent lost")?)
+            Ok(self
+                .state
+                .release(msg.agent_id, &HashSet::new(), "agent lost")?)
         });
         match r {
             Ok(mut fx) => {
@@ -369,7 +399,9 @@ impl Handler<Reconcile> for BuildQueue {
         let r = guarded::<Self, _>(NAME, ctx, |_| {
             let foreign = self.state.foreign(msg.agent_id, &msg.held);
             let keep: HashSet<(BuildId, u32)> = msg.held.iter().copied().collect();
-            let fx = self.state.release(msg.agent_id, &keep, "agent reconnected without it")?;
+            let fx = self
+                .state
+                .release(msg.agent_id, &keep, "agent reconnected without it")?;
             let cmds = foreign
                 .into_iter()
                 .map(|(build_id, attempt)| AgentCommand::Abandon { build_id, attempt })
@@ -493,6 +525,8 @@ impl Handler<PanicInHandler> for BuildQueue {
     type Result = Result<(), ActorError>;
 
     fn handle(&mut self, _msg: PanicInHandler, ctx: &mut Context<Self>) -> Self::Result {
-        guarded::<Self, _>(NAME, ctx, |_| panic!("fault point build_queue.panic_in_handler fired"))
+        guarded::<Self, _>(NAME, ctx, |_| {
+            panic!("fault point build_queue.panic_in_handler fired")
+        })
     }
 }

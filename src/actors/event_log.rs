@@ -44,7 +44,11 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    pub fn new(store: Store, hooks: Option<Addr<HookProcessor>>, restarts: Arc<Restarts>) -> EventLog {
+    pub fn new(
+        store: Store,
+        hooks: Option<Addr<HookProcessor>>,
+        restarts: Arc<Restarts>,
+    ) -> EventLog {
         EventLog {
             store,
             hooks,
@@ -117,7 +121,9 @@ impl Handler<Subscribe> for EventLog {
             let mut sent = since;
             for kv in self.store.tree(TreeId::Events).range(from..) {
                 let Ok((_, v)) = kv else { break };
-                let Ok(e) = crate::store::codec::decode::<EventRecord>(&v) else { continue };
+                let Ok(e) = crate::store::codec::decode::<EventRecord>(&v) else {
+                    continue;
+                };
                 sent = e.seq;
                 if msg.tx.try_send(e).is_err() {
                     // Too much to replay at once: the client resumes from what it got.

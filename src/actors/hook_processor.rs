@@ -44,7 +44,12 @@ pub struct HookProcessor {
 }
 
 impl HookProcessor {
-    pub fn new(store: Store, committer: Committer, hooks: Vec<HookConfig>, restarts: Arc<Restarts>) -> HookProcessor {
+    pub fn new(
+        store: Store,
+        committer: Committer,
+        hooks: Vec<HookConfig>,
+        restarts: Arc<Restarts>,
+    ) -> HookProcessor {
         let queues = hooks
             .into_iter()
             .map(|h| {
@@ -76,10 +81,18 @@ impl HookProcessor {
         }
         for kv in self.store.tree(TreeId::HookWork).iter() {
             let Ok((k, v)) = kv else { continue };
-            let Some((hook, seq)) = parse_hook_work_key(&k) else { continue };
-            let Ok(w) = crate::store::codec::decode::<HookWorkRecord>(&v) else { continue };
+            let Some((hook, seq)) = parse_hook_work_key(&k) else {
+                continue;
+            };
+            let Ok(w) = crate::store::codec::decode::<HookWorkRecord>(&v) else {
+                continue;
+            };
             let Some(q) = self.queues.get_mut(&hook) else {
-                tracing::warn!(hook, seq, "pending work for a hook that is no longer configured; left in place");
+                tracing::warn!(
+                    hook,
+                    seq,
+                    "pending work for a hook that is no longer configured; left in place"
+                );
                 continue;
             };
             let build_id = self
@@ -102,7 +115,8 @@ impl HookProcessor {
 
     fn update_gauges(&self) {
         for (name, q) in &self.queues {
-            metrics::gauge!("kiln_hook_pending", "hook" => name.clone()).set(q.pending.len() as f64);
+            metrics::gauge!("kiln_hook_pending", "hook" => name.clone())
+                .set(q.pending.len() as f64);
         }
     }
 
@@ -147,14 +161,22 @@ impl HookProcessor {
             self.start_run(hook, seq, attempts, ctx);
         }
         if let Some(w) = next_wake {
-            ctx.run_later(w.saturating_duration_since(now), |act, ctx| act.dispatch(ctx));
+            ctx.run_later(w.saturating_duration_since(now), |act, ctx| {
+                act.dispatch(ctx)
+            });
         }
     }
 
     fn start_run(&mut self, hook: String, seq: u64, attempts: u32, ctx: &mut Context<Self>) {
-        let Some(q) = self.queues.get(&hook) else { return };
+        let Some(q) = self.queues.get(&hook) else {
+            return;
+        };
         let config = q.config.clone();
-        let event = self.store.get::<EventRecord>(TreeId::Events, &u64_key(seq)).ok().flatten();
+        let event = self
+            .store
+            .get::<EventRecord>(TreeId::Events, &u64_key(seq))
+            .ok()
+            .flatten();
         let fut = async move {
             let Some(event) = event else {
                 return Err("its event is no longer in the event log".to_string());
@@ -166,8 +188,17 @@ impl HookProcessor {
         }));
     }
 
-    fn finished(&mut self, hook: String, seq: u64, attempts: u32, res: Result<(), String>, ctx: &mut Context<Self>) {
-        let Some(q) = self.queues.get_mut(&hook) else { return };
+    fn finished(
+        &mut self,
+        hook: String,
+        seq: u64,
+        attempts: u32,
+        res: Result<(), String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(q) = self.queues.get_mut(&hook) else {
+            return;
+        };
         q.running = q.running.saturating_sub(1);
         let Some(p) = q.pending.get(&seq) else { return };
         let build_id = p.build_id;
@@ -182,7 +213,11 @@ impl HookProcessor {
             Err(e) if attempts >= q.config.max_attempts => {
                 tracing::error!(hook, seq, attempts, error = %e, "hook failed for the last time; moved to the dead-letter list");
                 batch.delete(TreeId::HookWork, &key);
-                let rec = HookWorkRecord { attempts, next_attempt_ms: 0, last_error: e.clone() };
+                let rec = HookWorkRecord {
+                    attempts,
+                    next_attempt_ms: 0,
+                    last_error: e.clone(),
+                };
                 if let Err(e) = batch.put(TreeId::HookDead, &key, &rec) {
                     tracing::error!(error = %e, "cannot encode a dead letter");
                 }
@@ -202,7 +237,8 @@ impl HookProcessor {
                 "failed"
             }
         };
-        metrics::counter!("kiln_hook_runs_total", "hook" => hook.clone(), "result" => outcome).increment(1);
+        metrics::counter!("kiln_hook_runs_total", "hook" => hook.clone(), "result" => outcome)
+            .increment(1);
         let committer = self.committer.clone();
         ctx.spawn(
             async move { committer.commit(batch).await }
@@ -238,7 +274,9 @@ impl HookProcessor {
 /// Exponential backoff with full jitter: a random delay up to min(60 s, 1 s · 2^(attempts-1)).
 fn backoff_delay(attempts: u32) -> Duration {
     use rand::Rng as _;
-    let cap_ms = 1000u64.saturating_mul(1u64 << attempts.saturating_sub(1).min(6)).min(60_000);
+    let cap_ms = 1000u64
+        .saturating_mul(1u64 << attempts.saturating_sub(1).min(6))
+        .min(60_000);
     Duration::from_millis(rand::thread_rng().gen_range(cap_ms / 2..=cap_ms))
 }
 
@@ -296,7 +334,10 @@ async fn run_hook(config: &HookConfig, event: &EventRecord) -> Result<(), String
                 // The whole process group, so the hook's children die too.
                 unsafe_kill_group(pid);
             }
-            Err(format!("timed out after {} ms and was killed", config.timeout_ms))
+            Err(format!(
+                "timed out after {} ms and was killed",
+                config.timeout_ms
+            ))
         }
     };
     metrics::histogram!("kiln_hook_run_seconds", "hook" => config.name.clone())

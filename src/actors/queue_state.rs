@@ -287,7 +287,12 @@ impl QueueState {
     }
 
     /// The live build leased to `agent_id` at `attempt`, or why not.
-    fn leased(&mut self, agent_id: u64, id: BuildId, attempt: u32) -> Result<&mut BuildRecord, QueueError> {
+    fn leased(
+        &mut self,
+        agent_id: u64,
+        id: BuildId,
+        attempt: u32,
+    ) -> Result<&mut BuildRecord, QueueError> {
         let b = match self.live.get_mut(&id) {
             Some(b) => b,
             None => {
@@ -315,7 +320,12 @@ impl QueueState {
     }
 
     /// Check a lease without changing anything (uploads and logs).
-    pub fn check_lease(&mut self, agent_id: u64, id: BuildId, attempt: u32) -> Result<(), QueueError> {
+    pub fn check_lease(
+        &mut self,
+        agent_id: u64,
+        id: BuildId,
+        attempt: u32,
+    ) -> Result<(), QueueError> {
         self.leased(agent_id, id, attempt).map(|_| ())
     }
 
@@ -363,7 +373,10 @@ impl QueueState {
         now: u64,
     ) -> Result<(Effects, bool), QueueError> {
         if !self.live.contains_key(&id) {
-            if let Some(r) = self.store.get::<BuildRecord>(TreeId::Builds, &u64_key(id))? {
+            if let Some(r) = self
+                .store
+                .get::<BuildRecord>(TreeId::Builds, &u64_key(id))?
+            {
                 let same_end = match &outcome {
                     Ok(_) => r.state == BuildState::Succeeded,
                     Err(_) => r.state == BuildState::Failed,
@@ -383,7 +396,8 @@ impl QueueState {
                 let records = self.verify_outputs(&b, &outputs, now)?;
                 done.state = BuildState::Succeeded;
                 for o in &records {
-                    fx.batch.put(TreeId::Outputs, hash_part(&o.path).as_bytes(), o)?;
+                    fx.batch
+                        .put(TreeId::Outputs, hash_part(&o.path).as_bytes(), o)?;
                 }
                 fx.batch.put(TreeId::Builds, &u64_key(id), &done)?;
                 fx.batch.event(
@@ -439,7 +453,8 @@ impl QueueState {
                     b.id, o.path
                 )));
             }
-            let nar: Option<NarFileRecord> = self.store.get(TreeId::NarFiles, o.file_hash.as_bytes())?;
+            let nar: Option<NarFileRecord> =
+                self.store.get(TreeId::NarFiles, o.file_hash.as_bytes())?;
             let nar = nar.ok_or_else(|| QueueError::NotUploaded {
                 build: b.id,
                 output: name.clone(),
@@ -485,7 +500,9 @@ impl QueueState {
             }
         }
         for id in candidates {
-            let Some(b) = self.live.get(&id) else { continue };
+            let Some(b) = self.live.get(&id) else {
+                continue;
+            };
             if b.state != BuildState::Blocked {
                 continue;
             }
@@ -561,7 +578,9 @@ impl QueueState {
             .map(|b| b.id)
             .collect();
         for id in mine {
-            let Some(b) = self.live.get_mut(&id) else { continue };
+            let Some(b) = self.live.get_mut(&id) else {
+                continue;
+            };
             b.state = BuildState::Runnable;
             b.agent_id = 0;
             fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
@@ -609,7 +628,11 @@ impl QueueState {
     }
 
     /// Everything `kiln build show` prints.
-    pub fn detail(&self, id: BuildId, agent_name: &dyn Fn(u64) -> Option<String>) -> Result<BuildDetail, QueueError> {
+    pub fn detail(
+        &self,
+        id: BuildId,
+        agent_name: &dyn Fn(u64) -> Option<String>,
+    ) -> Result<BuildDetail, QueueError> {
         let b = self.record(id)?.ok_or(QueueError::NoSuchBuild(id))?;
         let mut waiting_for = Vec::new();
         if b.state == BuildState::Blocked {
@@ -623,11 +646,15 @@ impl QueueState {
         Ok(BuildDetail {
             summary: summary(&b),
             attempt: b.attempt,
-            agent: (b.agent_id != 0).then(|| agent_name(b.agent_id).unwrap_or_else(|| b.agent_id.to_string())),
+            agent: (b.agent_id != 0)
+                .then(|| agent_name(b.agent_id).unwrap_or_else(|| b.agent_id.to_string())),
             outputs: b
                 .outputs
                 .iter()
-                .map(|(n, p)| OutputSpec { name: n.clone(), path: p.clone() })
+                .map(|(n, p)| OutputSpec {
+                    name: n.clone(),
+                    path: p.clone(),
+                })
                 .collect(),
             tags: b.tags.clone(),
             created_ms: b.created_ms,
@@ -679,7 +706,11 @@ impl QueueState {
     }
 
     /// Builds in id order, optionally of one state.
-    pub fn list(&self, state: Option<BuildState>, limit: usize) -> Result<Vec<BuildSummary>, QueueError> {
+    pub fn list(
+        &self,
+        state: Option<BuildState>,
+        limit: usize,
+    ) -> Result<Vec<BuildSummary>, QueueError> {
         let mut out = Vec::new();
         for r in self.store.scan::<BuildRecord>(TreeId::Builds) {
             let (_, r) = r?;

@@ -131,10 +131,20 @@ impl AgentRegistry {
             }
         }
         let (id, name) = (rec.id, rec.name.clone());
-        let (queue, allocator, store) = (self.queue.clone(), self.allocator.clone(), self.store.clone());
-        let (restarts, liveness, timeout) = (self.restarts.clone(), self.liveness.clone(), self.agent_timeout);
+        let (queue, allocator, store) = (
+            self.queue.clone(),
+            self.allocator.clone(),
+            self.store.clone(),
+        );
+        let (restarts, liveness, timeout) = (
+            self.restarts.clone(),
+            self.liveness.clone(),
+            self.agent_timeout,
+        );
         let addr = actix::Supervisor::start(move |_| {
-            AgentSession::new(id, name, systems, queue, allocator, store, restarts, liveness, timeout)
+            AgentSession::new(
+                id, name, systems, queue, allocator, store, restarts, liveness, timeout,
+            )
         });
         self.actors.insert(rec.id, addr.clone());
         addr
@@ -168,7 +178,8 @@ fn random_hex(n: usize) -> String {
 fn valid_agent_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 128
-        && n.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+        && n.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
 }
 
 /// Register an agent (`POST /api/v1/agents`).
@@ -217,7 +228,12 @@ impl Handler<CreateAgent> for AgentRegistry {
             b.put(TreeId::Agents, &u64_key(id), &rec)?;
             b.put_raw(TreeId::AgentNames, req.name.as_bytes(), &u64_key(id));
             b.put_raw(TreeId::Meta, meta::NEXT_AGENT_ID, &u64_key(id + 1));
-            b.event("agent-created", 0, id, serde_json::json!({"agent_id": id, "name": rec.name}));
+            b.event(
+                "agent-created",
+                0,
+                id,
+                serde_json::json!({"agent_id": id, "name": rec.name}),
+            );
             committer.commit(b).await?;
             Ok(AgentCreated {
                 id,
@@ -258,10 +274,16 @@ impl Handler<Open> for AgentRegistry {
                 .map_err(crate::store::StoreError::from)?
                 .and_then(|v| parse_u64_key(&v))
                 .ok_or_else(refused)?;
-            let rec: AgentRecord = self.store.get(TreeId::Agents, &u64_key(id))?.ok_or_else(refused)?;
+            let rec: AgentRecord = self
+                .store
+                .get(TreeId::Agents, &u64_key(id))?
+                .ok_or_else(refused)?;
             let given = secret_hash(&rec.salt, &req.secret);
             // Constant-time comparison.
-            let diff = given.iter().zip(&rec.secret_hash).fold(0u8, |a, (x, y)| a | (x ^ y));
+            let diff = given
+                .iter()
+                .zip(&rec.secret_hash)
+                .fold(0u8, |a, (x, y)| a | (x ^ y));
             if diff != 0 || given.len() != rec.secret_hash.len() {
                 return Err(refused());
             }
@@ -275,7 +297,11 @@ impl Handler<Open> for AgentRegistry {
         self.sessions.replace(rec.id, &token);
         self.liveness.touch(rec.id);
         self.liveness.set_lost(rec.id, false);
-        let systems = if req.systems.is_empty() { rec.systems.clone() } else { req.systems.clone() };
+        let systems = if req.systems.is_empty() {
+            rec.systems.clone()
+        } else {
+            req.systems.clone()
+        };
         let session = self.session_actor(&rec, systems.clone());
         let held: Vec<(u64, u32)> = req.builds.iter().map(|b| (b.build_id, b.attempt)).collect();
         let queue = self.queue.clone();
@@ -287,7 +313,9 @@ impl Handler<Open> for AgentRegistry {
                 let commands = queue
                     .send(Reconcile { agent_id, held })
                     .await
-                    .map_err(|_| ActorError::Unavailable("the build queue is restarting; retry".into()))??;
+                    .map_err(|_| {
+                        ActorError::Unavailable("the build queue is restarting; retry".into())
+                    })??;
                 session.do_send(Opened {
                     systems,
                     commands: Vec::new(),

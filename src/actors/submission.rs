@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use thiserror::Error;
 
 use super::queue_state::{is_available, Target};
-use crate::derivation::PathComputer;
 use crate::derivation::paths::drv_path;
 use crate::derivation::store_path::{StoreDir, StorePath};
 use crate::derivation::Derivation;
+use crate::derivation::PathComputer;
 use crate::protocol::SubmitBuilds;
 use crate::store::records::DrvRecord;
 use crate::store::{Store, StoreError, TreeId};
@@ -34,7 +34,9 @@ pub enum SubmitError {
     MissingInputDrv { input: String, of: String },
     #[error("input source {path} of {of} is not available on the coordinator: upload it first with PUT /api/v1/sources (kiln submit does)")]
     MissingSource { path: String, of: String },
-    #[error("{path} is asked to be built but its .drv was not sent and is not known to the coordinator")]
+    #[error(
+        "{path} is asked to be built but its .drv was not sent and is not known to the coordinator"
+    )]
     UnknownTarget { path: String },
     #[error("{0}")]
     StoreDir(String),
@@ -88,7 +90,10 @@ pub fn prepare(
             .parse_path(d.path.as_bytes())
             .map_err(|e| bad(&d.path, e.to_string()))?;
         if !d.path.ends_with(".drv") {
-            return Err(bad(&d.path, "the path of a derivation must end in .drv".into()));
+            return Err(bad(
+                &d.path,
+                "the path of a derivation must end in .drv".into(),
+            ));
         }
         let drv = Derivation::parse(&d.contents.0).map_err(|e| bad(&d.path, e.to_string()))?;
         let computed = drv_path(&store_dir, &drv).map_err(|e| bad(&d.path, e.to_string()))?;
@@ -132,8 +137,13 @@ pub fn prepare(
             let (drv, _) = &sent[path];
             for (input, _) in &drv.input_drvs {
                 let input = String::from_utf8_lossy(input).into_owned();
-                if !sent.contains_key(&input) && !store.contains(TreeId::Derivations, input.as_bytes())? {
-                    return Err(SubmitError::MissingInputDrv { input, of: path.clone() });
+                if !sent.contains_key(&input)
+                    && !store.contains(TreeId::Derivations, input.as_bytes())?
+                {
+                    return Err(SubmitError::MissingInputDrv {
+                        input,
+                        of: path.clone(),
+                    });
                 }
             }
             let computed = pc.output_paths(drv).map_err(|e| bad(path, e.to_string()))?;
@@ -167,7 +177,10 @@ pub fn prepare(
         for src in &drv.input_srcs {
             let p = String::from_utf8_lossy(src).into_owned();
             if !is_available(store, &p)? {
-                return Err(SubmitError::MissingSource { path: p, of: t.clone() });
+                return Err(SubmitError::MissingSource {
+                    path: p,
+                    of: t.clone(),
+                });
             }
             needs.push(p);
         }

@@ -10,8 +10,8 @@ use crate::actors::build_queue::{Finish, Progress};
 use crate::actors::registry::{Open, SessionOf};
 use crate::derivation::Hash;
 use crate::protocol::{
-    BuildState, Heartbeat, HeartbeatReply, LogQuery, OpenSession, Outcome, ResultReport, StartReport,
-    UploadQuery, WorkRequest, SESSION_HEADER,
+    BuildState, Heartbeat, HeartbeatReply, LogQuery, OpenSession, Outcome, ResultReport,
+    StartReport, UploadQuery, WorkRequest, SESSION_HEADER,
 };
 use crate::store::nar_cache::{valid_output_name, UploadKey};
 use crate::store::records::OutputRecord;
@@ -62,8 +62,15 @@ impl FromRequest for AgentAuth {
 }
 
 #[post("/session")]
-async fn open_session(state: web::Data<AppState>, body: web::Json<OpenSession>) -> Result<HttpResponse, ApiError> {
-    let opened = state.registry.send(Open(body.into_inner())).await.map_err(ApiError::mailbox)??;
+async fn open_session(
+    state: web::Data<AppState>,
+    body: web::Json<OpenSession>,
+) -> Result<HttpResponse, ApiError> {
+    let opened = state
+        .registry
+        .send(Open(body.into_inner()))
+        .await
+        .map_err(ApiError::mailbox)??;
     Ok(HttpResponse::Ok().json(opened))
 }
 
@@ -73,7 +80,11 @@ async fn heartbeat(
     auth: AgentAuth,
     _body: web::Json<Heartbeat>,
 ) -> Result<HttpResponse, ApiError> {
-    let session = state.registry.send(SessionOf(auth.0)).await.map_err(ApiError::mailbox)?;
+    let session = state
+        .registry
+        .send(SessionOf(auth.0))
+        .await
+        .map_err(ApiError::mailbox)?;
     let commands = match session {
         Some(s) => s.send(Beat).await.map_err(ApiError::mailbox)?,
         None => Vec::new(),
@@ -92,9 +103,17 @@ async fn work(
         .send(SessionOf(auth.0))
         .await
         .map_err(ApiError::mailbox)?
-        .ok_or_else(|| ApiError::new(actix_web::http::StatusCode::UNAUTHORIZED, "session_unknown", "open a session first"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                actix_web::http::StatusCode::UNAUTHORIZED,
+                "session_unknown",
+                "open a session first",
+            )
+        })?;
     let reply = session
-        .send(RequestWork { max: body.max_builds })
+        .send(RequestWork {
+            max: body.max_builds,
+        })
         .await
         .map_err(ApiError::mailbox)??;
     Ok(HttpResponse::Ok().json(reply))
@@ -119,7 +138,9 @@ async fn start(
 
 fn upload_key(build_id: u64, output: &str, q: &UploadQuery) -> Result<UploadKey, ApiError> {
     if !valid_output_name(output) {
-        return Err(ApiError::bad_request(format!("{output:?} is not a valid output name")));
+        return Err(ApiError::bad_request(format!(
+            "{output:?} is not a valid output name"
+        )));
     }
     let file_hash: Hash = q
         .file_hash
@@ -168,7 +189,10 @@ async fn upload(
         return Err(ApiError::new(
             actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("a {} byte NAR is over the limit of {limit} bytes (limits.output_nar_mb)", key.file_size),
+            format!(
+                "a {} byte NAR is over the limit of {limit} bytes (limits.output_nar_mb)",
+                key.file_size
+            ),
         ));
     }
     let msg = Progress {
@@ -199,7 +223,10 @@ async fn upload_log(
     };
     state.queue.send(msg).await.map_err(ApiError::mailbox)??;
     let limit = state.config.limits.log_mb << 20;
-    state.nars.receive_log(build_id, q.attempt, limit, body).await?;
+    state
+        .nars
+        .receive_log(build_id, q.attempt, limit, body)
+        .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({})))
 }
 
@@ -238,13 +265,22 @@ async fn path_by_hash(
     _auth: AgentAuth,
     hash: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let rec: Option<OutputRecord> = state
-        .store
-        .get(TreeId::Outputs, hash.as_bytes())
-        .map_err(|e| ApiError::new(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let rec: Option<OutputRecord> =
+        state
+            .store
+            .get(TreeId::Outputs, hash.as_bytes())
+            .map_err(|e| {
+                ApiError::new(
+                    actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    e.to_string(),
+                )
+            })?;
     match rec {
         Some(o) => Ok(HttpResponse::Ok().json(path_info(&o))),
-        None => Err(ApiError::not_found(format!("no available store path with hash {hash}"))),
+        None => Err(ApiError::not_found(format!(
+            "no available store path with hash {hash}"
+        ))),
     }
 }
 

@@ -15,22 +15,40 @@ use crate::protocol::{
 };
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    ApiError::new(
+        actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        e.to_string(),
+    )
 }
 
 #[post("/agents")]
-async fn new_agent(state: web::Data<AppState>, body: web::Json<NewAgent>) -> Result<HttpResponse, ApiError> {
-    let created = state.registry.send(CreateAgent(body.into_inner())).await.map_err(ApiError::mailbox)??;
+async fn new_agent(
+    state: web::Data<AppState>,
+    body: web::Json<NewAgent>,
+) -> Result<HttpResponse, ApiError> {
+    let created = state
+        .registry
+        .send(CreateAgent(body.into_inner()))
+        .await
+        .map_err(ApiError::mailbox)??;
     Ok(HttpResponse::Ok().json(created))
 }
 
 #[get("/agents")]
 async fn agents(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let list = state.registry.send(ListAgents).await.map_err(ApiError::mailbox)??;
+    let list = state
+        .registry
+        .send(ListAgents)
+        .await
+        .map_err(ApiError::mailbox)??;
     Ok(HttpResponse::Ok().json(list))
 }
 
-async fn missing_sources(state: web::Data<AppState>, body: web::Json<PathsQuery>) -> Result<HttpResponse, ApiError> {
+async fn missing_sources(
+    state: web::Data<AppState>,
+    body: web::Json<PathsQuery>,
+) -> Result<HttpResponse, ApiError> {
     let mut missing = Vec::new();
     for p in &body.paths {
         if !is_available(&state.store, p).map_err(internal)? {
@@ -73,16 +91,29 @@ async fn put_source(
         return Ok(HttpResponse::Ok().json(serde_json::json!({"existing": true})));
     }
     let limit = state.config.limits.source_nar_mb << 20;
-    state.nars.receive_source(&q.path, &nar_hash, refs, limit, body).await?;
+    state
+        .nars
+        .receive_source(&q.path, &nar_hash, refs, limit, body)
+        .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({})))
 }
 
-async fn submit(state: web::Data<AppState>, body: web::Json<SubmitBuilds>) -> Result<HttpResponse, ApiError> {
-    let submitted = state.queue.send(Submit(body.into_inner())).await.map_err(ApiError::mailbox)??;
+async fn submit(
+    state: web::Data<AppState>,
+    body: web::Json<SubmitBuilds>,
+) -> Result<HttpResponse, ApiError> {
+    let submitted = state
+        .queue
+        .send(Submit(body.into_inner()))
+        .await
+        .map_err(ApiError::mailbox)??;
     Ok(HttpResponse::Ok().json(submitted))
 }
 
-async fn list(state: web::Data<AppState>, q: web::Query<BuildsQuery>) -> Result<HttpResponse, ApiError> {
+async fn list(
+    state: web::Data<AppState>,
+    q: web::Query<BuildsQuery>,
+) -> Result<HttpResponse, ApiError> {
     let st = match q.state.as_deref() {
         None | Some("") => None,
         Some(s) => Some(BuildState::parse(s).ok_or_else(|| {
@@ -92,13 +123,21 @@ async fn list(state: web::Data<AppState>, q: web::Query<BuildsQuery>) -> Result<
         })?),
     };
     let limit = q.limit.unwrap_or(100_000);
-    let builds = state.queue.send(List { state: st, limit }).await.map_err(ApiError::mailbox)??;
+    let builds = state
+        .queue
+        .send(List { state: st, limit })
+        .await
+        .map_err(ApiError::mailbox)??;
     Ok(HttpResponse::Ok().json(builds))
 }
 
 #[get("/builds/{id}")]
 async fn show(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
-    let d = state.queue.send(Show(id.into_inner())).await.map_err(ApiError::mailbox)??;
+    let d = state
+        .queue
+        .send(Show(id.into_inner()))
+        .await
+        .map_err(ApiError::mailbox)??;
     Ok(HttpResponse::Ok().json(d))
 }
 
@@ -124,7 +163,11 @@ async fn log(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpRespo
 
 #[post("/builds/{id}/cancel")]
 async fn cancel(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
-    let s = state.queue.send(Cancel(id.into_inner())).await.map_err(ApiError::mailbox)??;
+    let s = state
+        .queue
+        .send(Cancel(id.into_inner()))
+        .await
+        .map_err(ApiError::mailbox)??;
     Ok(HttpResponse::Ok().json(s))
 }
 
@@ -135,7 +178,11 @@ struct EventsQuery {
 
 /// Server-sent events from the durable log; `Last-Event-ID` (or `?since=N`) resumes after N.
 #[get("/events")]
-async fn events(state: web::Data<AppState>, req: HttpRequest, q: web::Query<EventsQuery>) -> Result<HttpResponse, ApiError> {
+async fn events(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    q: web::Query<EventsQuery>,
+) -> Result<HttpResponse, ApiError> {
     let since = req
         .headers()
         .get("last-event-id")
@@ -150,7 +197,12 @@ async fn events(state: web::Data<AppState>, req: HttpRequest, q: web::Query<Even
         .map_err(ApiError::mailbox)?;
     let body = stream::unfold(rx, |mut rx| async move {
         let e = rx.recv().await?;
-        let chunk = format!("id: {}\nevent: {}\ndata: {}\n\n", e.seq, e.kind, event_json(&e));
+        let chunk = format!(
+            "id: {}\nevent: {}\ndata: {}\n\n",
+            e.seq,
+            e.kind,
+            event_json(&e)
+        );
         Some((Ok::<_, actix_web::Error>(web::Bytes::from(chunk)), rx))
     });
     Ok(HttpResponse::Ok()
@@ -177,7 +229,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, big: web::JsonConfig) {
     .service(agents)
     .service(put_source)
     .service(show)
-        .service(log)
-        .service(cancel)
-        .service(events);
+    .service(log)
+    .service(cancel)
+    .service(events);
 }

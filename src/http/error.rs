@@ -78,7 +78,9 @@ impl From<ActorError> for ApiError {
                 QueueError::NoSuchBuild(_) => ApiError::new(S::NOT_FOUND, "no_such_build", msg),
                 QueueError::StaleAttempt { .. } => ApiError::new(S::CONFLICT, "stale_attempt", msg),
                 QueueError::WrongState(..) => ApiError::new(S::CONFLICT, "wrong_state", msg),
-                QueueError::BadResult(_) => ApiError::new(S::UNPROCESSABLE_ENTITY, "bad_result", msg),
+                QueueError::BadResult(_) => {
+                    ApiError::new(S::UNPROCESSABLE_ENTITY, "bad_result", msg)
+                }
                 QueueError::NotUploaded { .. } => {
                     ApiError::new(S::UNPROCESSABLE_ENTITY, "output_not_uploaded", msg)
                 }
@@ -92,7 +94,9 @@ impl From<ActorError> for ApiError {
                 SubmitError::MissingSource { .. } => {
                     ApiError::new(S::UNPROCESSABLE_ENTITY, "missing_source", msg)
                 }
-                SubmitError::WrongName { .. } => ApiError::new(S::UNPROCESSABLE_ENTITY, "wrong_drv_name", msg),
+                SubmitError::WrongName { .. } => {
+                    ApiError::new(S::UNPROCESSABLE_ENTITY, "wrong_drv_name", msg)
+                }
                 SubmitError::WrongOutput { .. } => {
                     ApiError::new(S::UNPROCESSABLE_ENTITY, "wrong_output_path", msg)
                 }
@@ -122,18 +126,25 @@ impl From<UploadError> for ApiError {
         match e {
             UploadError::Offset { .. } => ApiError::new(S::CONFLICT, "upload_offset", msg),
             UploadError::TooLarge(_) => ApiError::new(S::PAYLOAD_TOO_LARGE, "too_large", msg),
-            UploadError::HashMismatch(_) => ApiError::new(S::UNPROCESSABLE_ENTITY, "hash_mismatch", msg),
+            UploadError::HashMismatch(_) => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "hash_mismatch", msg)
+            }
             UploadError::BadRequest(_) => ApiError::new(S::BAD_REQUEST, "bad_request", msg),
             UploadError::Body(_) => ApiError::new(S::BAD_REQUEST, "body", msg),
             UploadError::Commit(_) => ApiError::new(S::SERVICE_UNAVAILABLE, "unavailable", msg),
-            UploadError::Io(_) | UploadError::Store(_) => ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", msg),
+            UploadError::Io(_) | UploadError::Store(_) => {
+                ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", msg)
+            }
         }
     }
 }
 
 /// JSON and query extraction errors become `ErrorBody` 400s (413 for oversized bodies) that
 /// say what was wrong.
-pub fn json_error(err: actix_web::error::JsonPayloadError, _req: &actix_web::HttpRequest) -> actix_web::Error {
+pub fn json_error(
+    err: actix_web::error::JsonPayloadError,
+    _req: &actix_web::HttpRequest,
+) -> actix_web::Error {
     use actix_web::error::JsonPayloadError as J;
     let e = match &err {
         J::OverflowKnownLength { length, limit } => ApiError::new(
@@ -151,6 +162,9 @@ pub fn json_error(err: actix_web::error::JsonPayloadError, _req: &actix_web::Htt
     e.into()
 }
 
-pub fn query_error(err: actix_web::error::QueryPayloadError, _req: &actix_web::HttpRequest) -> actix_web::Error {
+pub fn query_error(
+    err: actix_web::error::QueryPayloadError,
+    _req: &actix_web::HttpRequest,
+) -> actix_web::Error {
     ApiError::bad_request(format!("bad query string: {err}")).into()
 }

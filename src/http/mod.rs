@@ -58,7 +58,12 @@ pub fn bind(
     state: web::Data<AppState>,
     listen: &str,
     client_listen: &str,
-) -> anyhow::Result<(actix_web::dev::Server, actix_web::dev::Server, String, String)> {
+) -> anyhow::Result<(
+    actix_web::dev::Server,
+    actix_web::dev::Server,
+    String,
+    String,
+)> {
     use anyhow::Context as _;
     let limits = state.config.limits.clone();
     let small = move || {
@@ -68,7 +73,7 @@ pub fn bind(
     };
     let big_limit = (state.config.limits.submit_body_mb << 20) as usize;
     let s1 = state.clone();
-    let small1 = small.clone();
+    let small1 = small;
     let agent = HttpServer::new(move || {
         App::new()
             .app_data(s1.clone())
@@ -90,7 +95,9 @@ pub fn bind(
             .app_data(s2.clone())
             .app_data(small())
             .app_data(web::QueryConfig::default().error_handler(error::query_error))
-            .service(web::scope(crate::protocol::CLIENT_API).configure(|c| client_api::routes(c, big)))
+            .service(
+                web::scope(crate::protocol::CLIENT_API).configure(|c| client_api::routes(c, big)),
+            )
     })
     .workers(2)
     .bind(client_listen)

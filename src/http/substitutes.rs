@@ -18,28 +18,45 @@ async fn nix_cache_info(state: web::Data<AppState>) -> Result<HttpResponse, ApiE
         .map_err(ApiError::bad_request)?
         .map(|d| d.as_str().to_string())
         .unwrap_or_else(|| "/gnu/store".into());
-    Ok(HttpResponse::Ok().content_type("text/x-nix-cache-info").body(cache_info(&dir)))
+    Ok(HttpResponse::Ok()
+        .content_type("text/x-nix-cache-info")
+        .body(cache_info(&dir)))
 }
 
 #[get("/{hash}.narinfo")]
-async fn narinfo(state: web::Data<AppState>, hash: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn narinfo(
+    state: web::Data<AppState>,
+    hash: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let hash = hash.into_inner();
     if hash.len() != 32 {
         return Err(ApiError::not_found("no such narinfo"));
     }
-    let rec: Option<OutputRecord> = state
-        .store
-        .get(TreeId::Outputs, hash.as_bytes())
-        .map_err(|e| ApiError::new(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let rec: Option<OutputRecord> =
+        state
+            .store
+            .get(TreeId::Outputs, hash.as_bytes())
+            .map_err(|e| {
+                ApiError::new(
+                    actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    e.to_string(),
+                )
+            })?;
     let Some(o) = rec else {
         return Err(ApiError::not_found(format!("no narinfo for {hash}")));
     };
     let ni = state.nars.narinfo(&o)?;
-    Ok(HttpResponse::Ok().content_type("text/x-nix-narinfo").body(ni.to_string()))
+    Ok(HttpResponse::Ok()
+        .content_type("text/x-nix-narinfo")
+        .body(ni.to_string()))
 }
 
 #[get("/nar/{file}")]
-async fn nar(state: web::Data<AppState>, file: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn nar(
+    state: web::Data<AppState>,
+    file: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let path = state
         .nars
         .nar_file(&file)
@@ -74,5 +91,8 @@ async fn metrics_route(state: web::Data<AppState>) -> HttpResponse {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(nix_cache_info).service(metrics_route).service(nar).service(narinfo);
+    cfg.service(nix_cache_info)
+        .service(metrics_route)
+        .service(nar)
+        .service(narinfo);
 }

@@ -308,7 +308,11 @@ fn apply(
         let value = encode(ev).map_err(|e| CommitError(e.to_string()))?;
         extra.push(Op::Put(TreeId::Events, u64_key(ev.seq).to_vec(), value));
         for hook in options.hook_routes.get(&ev.kind).into_iter().flatten() {
-            extra.push(Op::Put(TreeId::HookWork, hook_work_key(hook, ev.seq), empty.clone()));
+            extra.push(Op::Put(
+                TreeId::HookWork,
+                hook_work_key(hook, ev.seq),
+                empty.clone(),
+            ));
         }
     }
     if seq != first_seq {
@@ -319,7 +323,10 @@ fn apply(
         ));
     }
     let result: Result<(), TransactionError<()>> = store.trees().transaction(|trees| {
-        let ops = requests.iter().flat_map(|r| r.batch.ops.iter()).chain(extra.iter());
+        let ops = requests
+            .iter()
+            .flat_map(|r| r.batch.ops.iter())
+            .chain(extra.iter());
         for op in ops {
             match op {
                 Op::Put(t, k, v) => {
@@ -355,7 +362,10 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
         let mut routes = HashMap::new();
-        routes.insert("build-succeeded".to_string(), vec!["h1".to_string(), "h2".to_string()]);
+        routes.insert(
+            "build-succeeded".to_string(),
+            vec!["h1".to_string(), "h2".to_string()],
+        );
         let c = Committer::start(
             store.clone(),
             CommitterOptions {
@@ -374,18 +384,32 @@ mod tests {
         b.event("build-failed", 6, 0, serde_json::json!({}));
         let evs = c.commit_blocking(b).unwrap();
         assert_eq!(evs.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(store.tree(TreeId::Meta).get(b"x").unwrap().unwrap().as_ref(), b"1");
+        assert_eq!(
+            store
+                .tree(TreeId::Meta)
+                .get(b"x")
+                .unwrap()
+                .unwrap()
+                .as_ref(),
+            b"1"
+        );
         assert_eq!(store.tree(TreeId::Events).len(), 2);
         // Two hooks on build-succeeded, none on build-failed.
         assert_eq!(store.tree(TreeId::HookWork).len(), 2);
-        assert!(store.contains(TreeId::HookWork, &hook_work_key("h2", 1)).unwrap());
+        assert!(store
+            .contains(TreeId::HookWork, &hook_work_key("h2", 1))
+            .unwrap());
         assert_eq!(*seen.lock().unwrap(), vec![1, 2]);
         c.shutdown_blocking();
         // Sequence numbers continue after a reopen.
         drop(store);
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-        let c = Committer::start(store, CommitterOptions::default(), Box::new(|_: &[EventRecord]| {}))
-            .unwrap();
+        let c = Committer::start(
+            store,
+            CommitterOptions::default(),
+            Box::new(|_: &[EventRecord]| {}),
+        )
+        .unwrap();
         let mut b = Batch::new();
         b.event("x", 0, 0, serde_json::json!(null));
         assert_eq!(c.commit_blocking(b).unwrap()[0].seq, 3);

@@ -30,14 +30,22 @@ fn text(b: &[u8]) -> String {
 }
 
 fn render(t: TreeId, k: &[u8], v: &[u8]) -> anyhow::Result<(String, String)> {
-    let id = || parse_u64_key(k).map(|n| n.to_string()).unwrap_or_else(|| text(k));
+    let id = || {
+        parse_u64_key(k)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| text(k))
+    };
     Ok(match t {
         TreeId::Derivations => {
             let r: DrvRecord = decode(v)?;
             let digest = crate::derivation::Hash::sha256(&r.contents);
             (
                 text(k),
-                format!("{{\"size\":{},\"sha256\":\"{}\"}}", r.contents.len(), digest.to_base32()),
+                format!(
+                    "{{\"size\":{},\"sha256\":\"{}\"}}",
+                    r.contents.len(),
+                    digest.to_base32()
+                ),
             )
         }
         TreeId::Builds => (id(), json(&decode::<BuildRecord>(v)?)?),

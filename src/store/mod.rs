@@ -134,9 +134,9 @@ impl Store {
                 sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
                     StoreError::Locked { path: path.clone() }
                 }
-                sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked {
-                    path: path.clone(),
-                },
+                sled::Error::Io(ref io) if io.to_string().contains("lock") => {
+                    StoreError::Locked { path: path.clone() }
+                }
                 other => StoreError::Sled(other),
             })?;
         let trees = TreeId::ALL
@@ -146,7 +146,9 @@ impl Store {
         let store = Store { db, trees, path };
         match store.meta_u64(meta::SCHEMA)? {
             None => {
-                store.tree(TreeId::Meta).insert(meta::SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                store
+                    .tree(TreeId::Meta)
+                    .insert(meta::SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
                 store.db.flush()?;
             }
             Some(SCHEMA_VERSION) => {}

@@ -75,7 +75,8 @@ pub fn valid_output_name(n: &str) -> bool {
     !n.is_empty()
         && !n.starts_with('.')
         && n.len() <= 64
-        && n.bytes().all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
+        && n.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
 }
 
 pub struct NarCache {
@@ -88,7 +89,12 @@ pub struct NarCache {
 }
 
 impl NarCache {
-    pub fn new(state_dir: &Path, store: Store, committer: Committer, key: Option<SecretKey>) -> std::io::Result<NarCache> {
+    pub fn new(
+        state_dir: &Path,
+        store: Store,
+        committer: Committer,
+        key: Option<SecretKey>,
+    ) -> std::io::Result<NarCache> {
         for d in ["cache/nar", "uploads", "logs"] {
             std::fs::create_dir_all(state_dir.join(d))?;
         }
@@ -108,17 +114,25 @@ impl NarCache {
     /// The file behind `/nar/<name>`, if `name` is a well-formed NAR file name (no traversal).
     pub fn nar_file(&self, name: &str) -> Option<PathBuf> {
         let stem = name.strip_suffix(".nar.zst")?;
-        let ok = stem.len() == 52 && stem.bytes().all(|c| crate::derivation::base32::char_value(c).is_some());
+        let ok = stem.len() == 52
+            && stem
+                .bytes()
+                .all(|c| crate::derivation::base32::char_value(c).is_some());
         ok.then(|| self.cache_dir().join("nar").join(name))
     }
 
     /// Write `cache/nix-cache-info` for a store dir.
     pub fn write_cache_info(&self, store_dir: &str) -> std::io::Result<()> {
-        atomic_write(&self.cache_dir().join("nix-cache-info"), cache_info(store_dir).as_bytes())
+        atomic_write(
+            &self.cache_dir().join("nix-cache-info"),
+            cache_info(store_dir).as_bytes(),
+        )
     }
 
     pub fn log_path(&self, build_id: u64, attempt: u32) -> PathBuf {
-        self.root.join("logs").join(format!("{build_id}-{attempt}.log.zst"))
+        self.root
+            .join("logs")
+            .join(format!("{build_id}-{attempt}.log.zst"))
     }
 
     fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -127,7 +141,8 @@ impl NarCache {
     }
 
     fn verified(&self, file_hash: &Hash) -> Result<Option<NarFileRecord>, StoreError> {
-        self.store.get(TreeId::NarFiles, file_hash.to_nix_string().as_bytes())
+        self.store
+            .get(TreeId::NarFiles, file_hash.to_nix_string().as_bytes())
     }
 
     /// How much of an upload arrived.
@@ -151,7 +166,12 @@ impl NarCache {
     }
 
     /// Append a body at `offset`; once the whole file is there, verify and store it.
-    pub async fn receive<S, E>(&self, key: &UploadKey, offset: u64, mut body: S) -> Result<UploadStatus, UploadError>
+    pub async fn receive<S, E>(
+        &self,
+        key: &UploadKey,
+        offset: u64,
+        mut body: S,
+    ) -> Result<UploadStatus, UploadError>
     where
         S: Stream<Item = Result<actix_web::web::Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -170,7 +190,11 @@ impl NarCache {
             });
         }
         let part = self.root.join("uploads").join(&name);
-        let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(&part).await?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&part)
+            .await?;
         let mut received = offset;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| UploadError::Body(e.to_string()))?;
@@ -194,7 +218,10 @@ impl NarCache {
             });
         }
         let (part2, k) = (part.clone(), key.clone());
-        let dest = self.cache_dir().join("nar").join(format!("{}.nar.zst", key.file_hash.to_base32()));
+        let dest = self
+            .cache_dir()
+            .join("nar")
+            .join(format!("{}.nar.zst", key.file_hash.to_base32()));
         let summary = tokio::task::spawn_blocking(move || verify_compressed(&part2, &k, &dest))
             .await
             .map_err(|e| UploadError::Commit(e.to_string()))?;
@@ -212,8 +239,15 @@ impl NarCache {
             created_ms: now_ms(),
         };
         let mut b = Batch::new();
-        b.put(TreeId::NarFiles, key.file_hash.to_nix_string().as_bytes(), &rec)?;
-        self.committer.commit(b).await.map_err(|e| UploadError::Commit(e.to_string()))?;
+        b.put(
+            TreeId::NarFiles,
+            key.file_hash.to_nix_string().as_bytes(),
+            &rec,
+        )?;
+        self.committer
+            .commit(b)
+            .await
+            .map_err(|e| UploadError::Commit(e.to_string()))?;
         Ok(UploadStatus {
             received,
             verified: true,
@@ -236,7 +270,10 @@ impl NarCache {
         S: Stream<Item = Result<actix_web::web::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let tmp = self.root.join("uploads").join(format!("src-{}.nar", random_suffix()));
+        let tmp = self
+            .root
+            .join("uploads")
+            .join(format!("src-{}.nar", random_suffix()));
         let mut file = tokio::fs::File::create(&tmp).await?;
         let mut size = 0u64;
         while let Some(chunk) = body.next().await {
@@ -277,7 +314,11 @@ impl NarCache {
             build_id: 0,
             created_ms: now_ms(),
         };
-        let hash_part = path.rsplit('/').next().and_then(|b| b.get(..32)).unwrap_or("");
+        let hash_part = path
+            .rsplit('/')
+            .next()
+            .and_then(|b| b.get(..32))
+            .unwrap_or("");
         let mut b = Batch::new();
         b.put(
             TreeId::NarFiles,
@@ -291,7 +332,10 @@ impl NarCache {
         )?;
         b.put(TreeId::Outputs, hash_part.as_bytes(), &rec)?;
         b.event("source-added", 0, 0, serde_json::json!({"path": path}));
-        self.committer.commit(b).await.map_err(|e| UploadError::Commit(e.to_string()))?;
+        self.committer
+            .commit(b)
+            .await
+            .map_err(|e| UploadError::Commit(e.to_string()))?;
         self.write_narinfos(std::slice::from_ref(&rec))?;
         Ok(rec)
     }
@@ -320,7 +364,8 @@ impl NarCache {
             ca: None,
         };
         if let Some(k) = &self.key {
-            ni.sign(k).map_err(|e| UploadError::Commit(format!("cannot sign narinfo: {e}")))?;
+            ni.sign(k)
+                .map_err(|e| UploadError::Commit(format!("cannot sign narinfo: {e}")))?;
         }
         Ok(ni)
     }
@@ -329,7 +374,12 @@ impl NarCache {
     pub fn write_narinfos(&self, outputs: &[OutputRecord]) -> Result<(), UploadError> {
         for o in outputs {
             let ni = self.narinfo(o)?;
-            let hash_part = o.path.rsplit('/').next().and_then(|b| b.get(..32)).unwrap_or("");
+            let hash_part = o
+                .path
+                .rsplit('/')
+                .next()
+                .and_then(|b| b.get(..32))
+                .unwrap_or("");
             atomic_write(
                 &self.cache_dir().join(format!("{hash_part}.narinfo")),
                 ni.to_string().as_bytes(),
@@ -343,7 +393,9 @@ impl NarCache {
         let mut n = 0;
         for r in self.store.scan::<OutputRecord>(TreeId::Outputs) {
             let (k, o) = r?;
-            let f = self.cache_dir().join(format!("{}.narinfo", String::from_utf8_lossy(&k)));
+            let f = self
+                .cache_dir()
+                .join(format!("{}.narinfo", String::from_utf8_lossy(&k)));
             if !f.exists() {
                 self.write_narinfos(std::slice::from_ref(&o))?;
                 n += 1;
@@ -353,7 +405,13 @@ impl NarCache {
     }
 
     /// Store a build log (zstd-compressed bytes as the agent sent them).
-    pub async fn receive_log<S, E>(&self, build_id: u64, attempt: u32, limit: u64, mut body: S) -> Result<(), UploadError>
+    pub async fn receive_log<S, E>(
+        &self,
+        build_id: u64,
+        attempt: u32,
+        limit: u64,
+        mut body: S,
+    ) -> Result<(), UploadError>
     where
         S: Stream<Item = Result<actix_web::web::Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -416,7 +474,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Check a complete upload: its sha256 must be the declared file hash, and it must decompress
 /// to a valid NAR. Moves it to `dest` and returns (NarHash, NarSize).
-fn verify_compressed(part: &Path, key: &UploadKey, dest: &Path) -> Result<(Hash, u64), UploadError> {
+fn verify_compressed(
+    part: &Path,
+    key: &UploadKey,
+    dest: &Path,
+) -> Result<(Hash, u64), UploadError> {
     let mut f = std::fs::File::open(part)?;
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -465,6 +527,11 @@ fn compress_source(tmp: &Path, want: &Hash, cache: &Path) -> Result<(Hash, u64, 
     let hw = enc.finish()?;
     let (file, file_hash, file_size) = hw.finish();
     file.sync_all()?;
-    std::fs::rename(&ztmp, cache.join("nar").join(format!("{}.nar.zst", file_hash.to_base32())))?;
+    std::fs::rename(
+        &ztmp,
+        cache
+            .join("nar")
+            .join(format!("{}.nar.zst", file_hash.to_base32())),
+    )?;
     Ok((file_hash, file_size, summary.nar_size))
 }

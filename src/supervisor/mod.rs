@@ -75,10 +75,18 @@ pub fn start(
     measure_lag_here("system");
 
     let (s, r) = (store.clone(), restarts.clone());
-    let allocator = actix::Supervisor::start_in_arbiter(&alloc_arbiter.handle(), move |_| Allocator::new(s, r));
+    let allocator =
+        actix::Supervisor::start_in_arbiter(&alloc_arbiter.handle(), move |_| Allocator::new(s, r));
 
-    let (s, c, r, h) = (store.clone(), committer.clone(), restarts.clone(), config.hooks.clone());
-    let hooks = actix::Supervisor::start_in_arbiter(&hooks_arbiter.handle(), move |_| HookProcessor::new(s, c, h, r));
+    let (s, c, r, h) = (
+        store.clone(),
+        committer.clone(),
+        restarts.clone(),
+        config.hooks.clone(),
+    );
+    let hooks = actix::Supervisor::start_in_arbiter(&hooks_arbiter.handle(), move |_| {
+        HookProcessor::new(s, c, h, r)
+    });
 
     let event_log = actix::Supervisor::start({
         let (s, h, r) = (store.clone(), hooks.clone(), restarts.clone());
@@ -100,7 +108,13 @@ pub fn start(
     let sessions = Arc::new(Sessions::default());
     let liveness = Arc::new(Liveness::default());
     let registry = actix::Supervisor::start({
-        let (s, c, q, a, r) = (store, committer, queue.clone(), allocator.clone(), restarts.clone());
+        let (s, c, q, a, r) = (
+            store,
+            committer,
+            queue.clone(),
+            allocator.clone(),
+            restarts.clone(),
+        );
         let (se, l) = (sessions.clone(), liveness.clone());
         let timeout = Duration::from_millis(config.timeouts.agent_timeout_ms);
         let hb = Duration::from_millis(config.timeouts.heartbeat_interval_ms);

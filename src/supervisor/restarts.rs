@@ -39,8 +39,11 @@ impl Restarts {
         self.inner
             .lock()
             .map(|m| {
-                m.get(actor)
-                    .map_or(0, |v| v.iter().filter(|t| now.duration_since(**t) <= window).count())
+                m.get(actor).map_or(0, |v| {
+                    v.iter()
+                        .filter(|t| now.duration_since(**t) <= window)
+                        .count()
+                })
             })
             .unwrap_or(0)
     }

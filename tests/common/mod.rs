@@ -22,7 +22,10 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -72,7 +75,13 @@ impl Coordinator {
             .open(self.dir.join("coordinator.log"))
             .unwrap();
         let child = Command::new(kiln_bin())
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--client-listen", "127.0.0.1:0"])
+            .args([
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+                "--client-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--config")
             .arg(&self.config)
             .arg("--state-dir")
@@ -85,13 +94,24 @@ impl Coordinator {
             .spawn()
             .expect("start kiln coordinator");
         self.child = Some(child);
-        let v: serde_json::Value = wait_for("the coordinator's ready file", Duration::from_secs(30), || {
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("coordinator exited early with {st}: see {}", self.dir.join("coordinator.log").display());
-            }
-            let text = std::fs::read_to_string(&ready).ok()?;
-            serde_json::from_str(&text).ok()
-        });
+        let v: serde_json::Value = wait_for(
+            "the coordinator's ready file",
+            Duration::from_secs(30),
+            || {
+                if let Some(st) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    panic!(
+                        "coordinator exited early with {st}: see {}",
+                        self.dir.join("coordinator.log").display()
+                    );
+                }
+                let text = std::fs::read_to_string(&ready).ok()?;
+                serde_json::from_str(&text).ok()
+            },
+        );
         self.agent_url = format!("http://{}", v["listen"].as_str().unwrap());
         self.client_url = format!("http://{}", v["client_listen"].as_str().unwrap());
     }
@@ -113,7 +133,10 @@ impl Coordinator {
         if let Some(mut c) = self.child.take() {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let st = c.wait().unwrap();
-            assert!(st.success(), "coordinator did not exit cleanly on SIGTERM: {st}");
+            assert!(
+                st.success(),
+                "coordinator did not exit cleanly on SIGTERM: {st}"
+            );
         }
     }
 
@@ -143,7 +166,11 @@ pub fn state_dump(state_dir: &Path) -> String {
         .arg(state_dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "state dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "state dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -161,11 +188,17 @@ pub fn response(r: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Val
         Ok(resp) => {
             let code = resp.status();
             let text = resp.into_string().unwrap_or_default();
-            (code, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+            (
+                code,
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+            )
         }
         Err(ureq::Error::Status(code, resp)) => {
             let text = resp.into_string().unwrap_or_default();
-            (code, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+            (
+                code,
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+            )
         }
         Err(e) => panic!("request failed: {e}"),
     }
@@ -188,7 +221,8 @@ pub fn simple_drv(store_dir: &StoreDir, name: &str, script: &str) -> (String, Ve
             (b"system".to_vec(), b"x86_64-linux".to_vec()),
         ],
     };
-    let mut loader = |p: &StorePath| -> anyhow::Result<Derivation> { anyhow::bail!("no inputs: {p}") };
+    let mut loader =
+        |p: &StorePath| -> anyhow::Result<Derivation> { anyhow::bail!("no inputs: {p}") };
     let mut pc = PathComputer::new(store_dir.clone(), &mut loader);
     let paths = pc.output_paths(&drv).unwrap();
     let out = store_dir.full_path(paths[0].1.as_ref().unwrap());
