@@ -15,7 +15,7 @@ use kiln::protocol::PathInfo;
 use tokio::sync::mpsc;
 
 use crate::client::Coordinator;
-use crate::nario::{self, HashReader};
+use crate::nario::{self, HashReader, NarError};
 use crate::retry::{ApiError, CallError};
 use crate::state::remove_tree;
 
@@ -69,18 +69,27 @@ async fn fetch_one(coordinator: &Coordinator, info: &PathInfo, dest: &Path) -> R
     }
     let base = dest.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dest.with_file_name(format!(".{base}.tmp-{:016x}", rand::random::<u64>()));
-    let (tx, rx) = mpsc::channel::<bytes::Bytes>(16);
+    let (tx, rx) = mpsc::channel::<Chunk>(16);
     let (want_hash, want_size) = (info.nar_hash.clone(), info.nar_size);
     let (tmp2, dest2) = (tmp.clone(), dest.to_owned());
     let restorer = tokio::task::spawn_blocking(move || restore(rx, &tmp2, &dest2, &want_hash, want_size));
     let mut resp = resp;
     let streamed = async {
-        while let Some(chunk) = resp.chunk().await.map_err(|e| crate::retry::classify_transport(&e))? {
-            if tx.send(chunk).await.is_err() {
-                break; // The restorer stopped early; its error says why.
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(c)) => Ok(c),
+                Ok(None) => return Ok(()),
+                // Tell the restorer the stream broke, so it does not take it for a short NAR.
+                Err(e) => Err(crate::retry::classify_transport(&e)),
+            };
+            let failed = chunk.as_ref().err().map(|e| CallError::transient(e.to_string()));
+            if tx.send(chunk.map_err(|_| ())).await.is_err() {
+                return Ok(()); // The restorer stopped early; its error says why.
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
-        Ok::<(), CallError>(())
     }
     .await;
     drop(tx);
@@ -98,7 +107,7 @@ async fn fetch_one(coordinator: &Coordinator, info: &PathInfo, dest: &Path) -> R
 
 /// Blocking: decompress and restore what arrives on `rx`, check it, rename it into place.
 fn restore(
-    rx: mpsc::Receiver<bytes::Bytes>,
+    rx: mpsc::Receiver<Chunk>,
     tmp: &Path,
     dest: &Path,
     want_hash: &str,
@@ -107,8 +116,18 @@ fn restore(
     let reader = ChannelReader { rx, current: bytes::Bytes::new() };
     let decoder = zstd::Decoder::new(reader).map_err(|e| CallError::transient(format!("zstd: {e}")))?;
     let mut hashing = HashReader::new(decoder);
-    // A truncated stream shows up here as an I/O error: transient, the download is retried.
-    nario::restore(&mut hashing, tmp).map_err(|e| CallError::transient(format!("failed to restore the NAR: {e}")))?;
+    match nario::restore(&mut hashing, tmp) {
+        Ok(()) => {}
+        // The download broke: try again.
+        Err(e @ NarError::Read { .. }) => return Err(CallError::transient(format!("failed to restore the NAR: {e}"))),
+        Err(e) => {
+            return Err(CallError::Rejected(ApiError {
+                status: 0,
+                code: "bad_nar".into(),
+                message: format!("failed to restore the NAR: {e}"),
+            }))
+        }
+    }
     // Drain what follows the NAR (nothing, in a valid file) so the hash covers every byte.
     std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| CallError::transient(e.to_string()))?;
     let (hash, size) = hashing.finish();
@@ -126,9 +145,12 @@ fn restore(
     }))
 }
 
+/// A piece of the download, or the news that the download broke.
+type Chunk = Result<bytes::Bytes, ()>;
+
 /// A blocking `Read` over the chunks an async task sends.
 struct ChannelReader {
-    rx: mpsc::Receiver<bytes::Bytes>,
+    rx: mpsc::Receiver<Chunk>,
     current: bytes::Bytes,
 }
 
@@ -136,7 +158,8 @@ impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
             match self.rx.blocking_recv() {
-                Some(chunk) => self.current = chunk,
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(())) => return Err(std::io::Error::other("the download broke")),
                 None => return Ok(0),
             }
         }
