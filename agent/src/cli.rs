@@ -92,11 +92,29 @@ mod tests {
     #[test]
     fn parses_the_documented_flags() {
         let a = Args::try_parse_from([
-            "kiln-agent", "--coordinator", "http://127.0.0.1:8745", "--name", "a1",
-            "--secret-file", "/s", "--system", "x86_64-linux", "--system", "i686-linux",
-            "--store-dir", "/tmp/store", "--state-dir", "/tmp/state", "--executor", "native",
-            "--max-parallel-builds", "3", "--max-parallel-uploads", "4",
-            "--metrics-addr", "127.0.0.1:0",
+            "kiln-agent",
+            "--coordinator",
+            "http://127.0.0.1:8745",
+            "--name",
+            "a1",
+            "--secret-file",
+            "/s",
+            "--system",
+            "x86_64-linux",
+            "--system",
+            "i686-linux",
+            "--store-dir",
+            "/tmp/store",
+            "--state-dir",
+            "/tmp/state",
+            "--executor",
+            "native",
+            "--max-parallel-builds",
+            "3",
+            "--max-parallel-uploads",
+            "4",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ])
         .unwrap();
         assert_eq!(a.systems(), vec!["x86_64-linux", "i686-linux"]);
@@ -107,8 +125,15 @@ mod tests {
     #[test]
     fn defaults() {
         let a = Args::try_parse_from([
-            "kiln-agent", "--coordinator", "http://c", "--name", "a", "--secret-file", "/s",
-            "--state-dir", "/st",
+            "kiln-agent",
+            "--coordinator",
+            "http://c",
+            "--name",
+            "a",
+            "--secret-file",
+            "/s",
+            "--state-dir",
+            "/st",
         ])
         .unwrap();
         assert_eq!(a.max_parallel_builds, 1);

@@ -40,13 +40,28 @@ pub struct Held(Arc<Mutex<BTreeMap<BuildId, HeldBuild>>>);
 impl Held {
     pub fn set(&self, build_id: BuildId, attempt: u32, phase: HeldPhase) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(build_id, HeldBuild { build_id, attempt, phase });
+        m.insert(
+            build_id,
+            HeldBuild {
+                build_id,
+                attempt,
+                phase,
+            },
+        );
     }
     pub fn remove(&self, build_id: BuildId) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&build_id);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&build_id);
     }
     pub fn list(&self) -> Vec<HeldBuild> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }
 
@@ -117,11 +132,23 @@ impl Coordinator {
                 max_parallel_builds: self.identity.max_parallel_builds,
                 builds: self.held.list(),
             };
-            decode(send(self.http.post(&url).json(&body).timeout(Duration::from_secs(30))).await?)
+            decode(
+                send(
+                    self.http
+                        .post(&url)
+                        .json(&body)
+                        .timeout(Duration::from_secs(30)),
+                )
+                .await?,
+            )
         })
         .await?;
         *token = Some(opened.session_token.clone());
-        tracing::info!(agent_id = opened.agent_id, heartbeat_ms = opened.heartbeat_interval_ms, "session opened");
+        tracing::info!(
+            agent_id = opened.agent_id,
+            heartbeat_ms = opened.heartbeat_interval_ms,
+            "session opened"
+        );
         let _ = self.commands.send(AgentCommand::SetHeartbeat {
             interval_ms: opened.heartbeat_interval_ms,
         });
@@ -167,7 +194,12 @@ impl Coordinator {
     }
 
     /// POSTs `body` as JSON to `path` under the agent API and decodes the JSON reply.
-    pub async fn post<Req, Resp>(&self, what: &str, path: &str, body: &Req) -> Result<Resp, CallError>
+    pub async fn post<Req, Resp>(
+        &self,
+        what: &str,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp, CallError>
     where
         Req: Serialize + Sync,
         Resp: DeserializeOwned,

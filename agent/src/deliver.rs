@@ -7,7 +7,9 @@
 //! re-hashing the spool file; a second one fails the build with that reason. A 409
 //! `stale_attempt` anywhere means the build is no longer ours.
 
-use kiln::protocol::{BuiltOutput, LogQuery, Outcome, ResultAck, ResultReport, UploadStatus, SESSION_HEADER};
+use kiln::protocol::{
+    BuiltOutput, LogQuery, Outcome, ResultAck, ResultReport, UploadStatus, SESSION_HEADER,
+};
 
 use crate::client::{decode, file_body, local_error, send, Coordinator};
 use crate::retry::CallError;
@@ -23,18 +25,28 @@ pub enum Delivered {
 }
 
 /// Sends everything of `report`; rewrites `report.json` if an output turns out undeliverable.
-pub async fn deliver(c: &Coordinator, dir: &BuildDir, mut report: StoredReport) -> Result<Delivered, CallError> {
+pub async fn deliver(
+    c: &Coordinator,
+    dir: &BuildDir,
+    mut report: StoredReport,
+) -> Result<Delivered, CallError> {
     let id = report.build_id;
     if let Outcome::Succeeded { outputs } = &report.outcome {
         for out in outputs.clone() {
             match upload_checked(c, dir, id, report.attempt, &out).await {
                 Ok(()) => {}
                 Err(e) if is_stale(&e) => return Ok(Delivered::Stale),
-                Err(CallError::Rejected(e)) if e.code == "hash_mismatch" || e.code == "local_io" => {
-                    let reason = format!("upload of output {} failed: {}: {}", out.name, e.code, e.message);
+                Err(CallError::Rejected(e))
+                    if e.code == "hash_mismatch" || e.code == "local_io" =>
+                {
+                    let reason = format!(
+                        "upload of output {} failed: {}: {}",
+                        out.name, e.code, e.message
+                    );
                     tracing::error!(build_id = id, output = %out.name, reason = %reason, "failing the build");
                     report.outcome = Outcome::Failed { reason };
-                    dir.write_report(&report).map_err(|e| CallError::transient(format!("{e:#}")))?;
+                    dir.write_report(&report)
+                        .map_err(|e| CallError::transient(format!("{e:#}")))?;
                     break;
                 }
                 Err(e) => return Err(e),
@@ -45,15 +57,22 @@ pub async fn deliver(c: &Coordinator, dir: &BuildDir, mut report: StoredReport) 
         match upload_log(c, dir, id, report.attempt).await {
             Ok(()) => {}
             Err(e) if is_stale(&e) => return Ok(Delivered::Stale),
-            Err(e) => tracing::warn!(build_id = id, error = %e, "failed to upload the log; reporting the result anyway"),
+            Err(e) => {
+                tracing::warn!(build_id = id, error = %e, "failed to upload the log; reporting the result anyway")
+            }
         }
     }
     let body = ResultReport {
         attempt: report.attempt,
         outcome: report.outcome.clone(),
     };
-    match c.post::<_, ResultAck>("report result", &format!("builds/{id}/result"), &body).await {
-        Ok(ack) => Ok(Delivered::Acknowledged { duplicate: ack.duplicate }),
+    match c
+        .post::<_, ResultAck>("report result", &format!("builds/{id}/result"), &body)
+        .await
+    {
+        Ok(ack) => Ok(Delivered::Acknowledged {
+            duplicate: ack.duplicate,
+        }),
         Err(e) if is_stale(&e) => Ok(Delivered::Stale),
         Err(e) => Err(e),
     }
@@ -64,7 +83,13 @@ pub fn is_stale(e: &CallError) -> bool {
 }
 
 /// Uploads one output; after a first `hash_mismatch`, checks the spool file and sends it again.
-async fn upload_checked(c: &Coordinator, dir: &BuildDir, id: u64, attempt: u32, out: &BuiltOutput) -> Result<(), CallError> {
+async fn upload_checked(
+    c: &Coordinator,
+    dir: &BuildDir,
+    id: u64,
+    attempt: u32,
+    out: &BuiltOutput,
+) -> Result<(), CallError> {
     let spool = dir.spool(&out.name);
     match upload_output(c, &spool, id, attempt, out).await {
         Err(CallError::Rejected(e)) if e.code == "hash_mismatch" => {
@@ -75,7 +100,12 @@ async fn upload_checked(c: &Coordinator, dir: &BuildDir, id: u64, attempt: u32, 
                 .map_err(|e| CallError::transient(e.to_string()))?
                 .map_err(|e| local_error(&spool, e))?;
             if hash != out.file_hash || size != out.file_size {
-                return Err(local_error(&spool, std::io::Error::other(format!("spool file changed on disk: now {hash} ({size} bytes)"))));
+                return Err(local_error(
+                    &spool,
+                    std::io::Error::other(format!(
+                        "spool file changed on disk: now {hash} ({size} bytes)"
+                    )),
+                ));
             }
             upload_output(c, &spool, id, attempt, out).await
         }
@@ -90,7 +120,13 @@ fn hash_file(path: &std::path::Path) -> std::io::Result<(String, u64)> {
 }
 
 /// GET the status, PUT the missing tail; repeated (with backoff) until verified.
-async fn upload_output(c: &Coordinator, spool: &std::path::Path, id: u64, attempt: u32, out: &BuiltOutput) -> Result<(), CallError> {
+async fn upload_output(
+    c: &Coordinator,
+    spool: &std::path::Path,
+    id: u64,
+    attempt: u32,
+    out: &BuiltOutput,
+) -> Result<(), CallError> {
     let url = c.agent_url(&format!("builds/{id}/outputs/{}", out.name));
     let query = [
         ("attempt", attempt.to_string()),
@@ -100,7 +136,11 @@ async fn upload_output(c: &Coordinator, spool: &std::path::Path, id: u64, attemp
     c.call("upload output", |token| {
         let (url, query) = (&url, &query);
         async move {
-            let get = c.http().get(url).query(query).header(SESSION_HEADER, &token);
+            let get = c
+                .http()
+                .get(url)
+                .query(query)
+                .header(SESSION_HEADER, &token);
             let status: UploadStatus = decode(send(get).await?)?;
             if status.verified {
                 return Ok(());
@@ -119,14 +159,19 @@ async fn upload_output(c: &Coordinator, spool: &std::path::Path, id: u64, attemp
             let status: UploadStatus = match send(put).await {
                 Ok(body) => decode(body)?,
                 Err(e) if e.code() == Some("upload_offset") => {
-                    return Err(CallError::transient("upload offset out of step, asking again"))
+                    return Err(CallError::transient(
+                        "upload offset out of step, asking again",
+                    ))
                 }
                 Err(e) => return Err(e),
             };
             if status.verified {
                 Ok(())
             } else {
-                Err(CallError::transient(format!("upload not verified yet ({} bytes received)", status.received)))
+                Err(CallError::transient(format!(
+                    "upload not verified yet ({} bytes received)",
+                    status.received
+                )))
             }
         }
     })
@@ -134,7 +179,12 @@ async fn upload_output(c: &Coordinator, spool: &std::path::Path, id: u64, attemp
 }
 
 /// Compresses the log once (`log.zst`), then PUTs it whole.
-async fn upload_log(c: &Coordinator, dir: &BuildDir, id: u64, attempt: u32) -> Result<(), CallError> {
+async fn upload_log(
+    c: &Coordinator,
+    dir: &BuildDir,
+    id: u64,
+    attempt: u32,
+) -> Result<(), CallError> {
     let (log, zst) = (dir.log(), dir.compressed_log());
     if !zst.exists() {
         let (l, z) = (log.clone(), zst.clone());

@@ -32,7 +32,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -43,7 +45,11 @@ fn read_secret(path: &Path) -> anyhow::Result<String> {
     let secret = std::fs::read_to_string(path)
         .with_context(|| format!("failed to read the secret file {}", path.display()))?;
     let secret = secret.trim().to_owned();
-    anyhow::ensure!(!secret.is_empty(), "the secret file {} is empty: put the secret printed by `kiln agent new` in it", path.display());
+    anyhow::ensure!(
+        !secret.is_empty(),
+        "the secret file {} is empty: put the secret printed by `kiln agent new` in it",
+        path.display()
+    );
     Ok(secret)
 }
 
@@ -53,11 +59,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("the {name} executor is not implemented yet: it is planned in issue [8/8]; use --executor native");
     }
     let secret = read_secret(&args.secret_file)?;
-    let store_dir = std::path::absolute(&args.store_dir).context("failed to resolve --store-dir")?;
-    let state_dir = std::path::absolute(&args.state_dir).context("failed to resolve --state-dir")?;
+    let store_dir =
+        std::path::absolute(&args.store_dir).context("failed to resolve --store-dir")?;
+    let state_dir =
+        std::path::absolute(&args.state_dir).context("failed to resolve --state-dir")?;
     let state = StateDir::open(&state_dir)?;
     let _state_lock = store_view::lock_exclusive(&state_dir.join(".lock")).with_context(|| {
-        format!("another kiln-agent uses the state dir {}: give each agent its own --state-dir", state_dir.display())
+        format!(
+            "another kiln-agent uses the state dir {}: give each agent its own --state-dir",
+            state_dir.display()
+        )
     })?;
     // Before the runtime: unshare(CLONE_NEWNS) fails once the process has threads.
     let _view = store_view::establish(&store_dir, &state_dir)?;

@@ -73,7 +73,11 @@ pub fn render() -> String {
         ),
     ];
     for (name, kind, help, m) in simple {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", m.get());
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            m.get()
+        );
     }
     let name = "kiln_agent_builds_done_total";
     let _ = writeln!(
@@ -135,7 +139,11 @@ async fn answer(mut stream: TcpStream) -> anyhow::Result<()> {
     let (status, ctype, body) = if wanted {
         ("200 OK", "text/plain; version=0.0.4", render())
     } else {
-        ("404 Not Found", "text/plain", "not found: try /metrics\n".to_owned())
+        (
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics\n".to_owned(),
+        )
     };
     let reply = format!(
         "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -158,8 +166,14 @@ mod tests {
         let text = render();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap_or_default();
-            assert!(text.contains(&format!("# HELP {name} ")), "{name} has no HELP");
-            assert!(text.contains(&format!("# TYPE {name} ")), "{name} has no TYPE");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP"
+            );
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} has no TYPE"
+            );
         }
     }
 
@@ -179,7 +193,10 @@ mod tests {
                 Err(e) => panic!("metrics server never came up: {e}"),
             }
         };
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut reply = String::new();
         stream.read_to_string(&mut reply).await.unwrap();
         assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");

@@ -273,7 +273,12 @@ mod tests {
             Err(classify(409, None, &body("stale_attempt")))
         })
         .await;
-        assert_eq!(got.err().and_then(|e| e.code().map(str::to_owned)).as_deref(), Some("stale_attempt"));
+        assert_eq!(
+            got.err()
+                .and_then(|e| e.code().map(str::to_owned))
+                .as_deref(),
+            Some("stale_attempt")
+        );
         assert_eq!(tries.load(Ordering::SeqCst), 1);
     }
 

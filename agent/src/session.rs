@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln::protocol::{
-    AgentCommand, Assignment, BuildId, HeartbeatReply, HeldPhase, Heartbeat, Outcome, StartReport,
+    AgentCommand, Assignment, BuildId, Heartbeat, HeartbeatReply, HeldPhase, Outcome, StartReport,
     WorkReply, WorkRequest,
 };
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -92,15 +92,26 @@ impl Agent {
         self.shutdown.send_replace(true);
     }
 
-    fn register(&self, id: BuildId, attempt: u32, phase: HeldPhase) -> watch::Receiver<Option<StopReason>> {
+    fn register(
+        &self,
+        id: BuildId,
+        attempt: u32,
+        phase: HeldPhase,
+    ) -> watch::Receiver<Option<StopReason>> {
         let (tx, rx) = watch::channel(None);
-        self.stops.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (attempt, tx));
+        self.stops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (attempt, tx));
         self.held.set(id, attempt, phase);
         rx
     }
 
     fn unregister(&self, id: BuildId) {
-        self.stops.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.stops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         self.held.remove(id);
     }
 
@@ -111,21 +122,29 @@ impl Agent {
                 tracing::info!(build_id = id, attempt, reason = ?reason, "stopping build");
                 tx.send_replace(Some(reason));
             }
-            _ => tracing::info!(build_id = id, attempt, "command for a build this agent does not hold"),
+            _ => tracing::info!(
+                build_id = id,
+                attempt,
+                "command for a build this agent does not hold"
+            ),
         }
     }
 
     fn handle(&self, c: AgentCommand) {
         match c {
-            AgentCommand::Cancel { build_id, attempt } => self.stop_build(build_id, attempt, StopReason::Cancel),
-            AgentCommand::Abandon { build_id, attempt } => self.stop_build(build_id, attempt, StopReason::Abandon),
+            AgentCommand::Cancel { build_id, attempt } => {
+                self.stop_build(build_id, attempt, StopReason::Cancel)
+            }
+            AgentCommand::Abandon { build_id, attempt } => {
+                self.stop_build(build_id, attempt, StopReason::Abandon)
+            }
             AgentCommand::Drain => {
                 tracing::info!("draining: finishing held builds, asking for no more");
                 self.draining.store(true, Ordering::SeqCst);
             }
-            AgentCommand::SetHeartbeat { interval_ms } => {
-                self.heartbeat_ms.store(interval_ms.max(100), Ordering::SeqCst)
-            }
+            AgentCommand::SetHeartbeat { interval_ms } => self
+                .heartbeat_ms
+                .store(interval_ms.max(100), Ordering::SeqCst),
         }
     }
 }
@@ -158,7 +177,11 @@ pub async fn run(
     }
     let mut tasks = JoinSet::new();
     for (p, rx) in receivers {
-        tracing::info!(build_id = p.report.build_id, attempt = p.report.attempt, "resending a recovered result");
+        tracing::info!(
+            build_id = p.report.build_id,
+            attempt = p.report.attempt,
+            "resending a recovered result"
+        );
         tasks.spawn(deliver_and_finish(agent.clone(), p.dir, p.report, rx));
     }
     let heartbeat = tokio::spawn(heartbeat_loop(agent.clone()));
@@ -191,7 +214,10 @@ pub async fn run(
 
 async fn wait_for_signal(agent: Arc<Agent>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::warn!("failed to install signal handlers");
         return;
     };
@@ -206,8 +232,14 @@ async fn heartbeat_loop(agent: Arc<Agent>) {
     loop {
         let wait = Duration::from_millis(agent.heartbeat_ms.load(Ordering::SeqCst));
         tokio::time::sleep(wait).await;
-        let body = Heartbeat { builds: agent.held.list() };
-        match agent.coordinator.post::<_, HeartbeatReply>("heartbeat", "heartbeat", &body).await {
+        let body = Heartbeat {
+            builds: agent.held.list(),
+        };
+        match agent
+            .coordinator
+            .post::<_, HeartbeatReply>("heartbeat", "heartbeat", &body)
+            .await
+        {
             Ok(reply) => reply.commands.into_iter().for_each(|c| agent.handle(c)),
             Err(e) => match fatal_reason(&e) {
                 Some(why) => return agent.fail(why),
@@ -235,7 +267,9 @@ async fn work_loop(agent: Arc<Agent>) {
         if agent.draining.load(Ordering::SeqCst) {
             return;
         }
-        let req = WorkRequest { max_builds: permits.len() as u32 };
+        let req = WorkRequest {
+            max_builds: permits.len() as u32,
+        };
         let reply = tokio::select! {
             r = agent.coordinator.post::<_, WorkReply>("request work", "work", &req) => r,
             () = agent.until_shutdown() => return,
@@ -287,7 +321,9 @@ async fn run_build(agent: Arc<Agent>, a: Assignment, permit: Option<OwnedSemapho
     let outcome = match result {
         Ok(BuildResult::Built(outputs)) => Outcome::Succeeded { outputs },
         Ok(BuildResult::Failed(reason)) => Outcome::Failed { reason },
-        Ok(BuildResult::Stopped(StopReason::Cancel)) => Outcome::Failed { reason: "canceled".into() },
+        Ok(BuildResult::Stopped(StopReason::Cancel)) => Outcome::Failed {
+            reason: "canceled".into(),
+        },
         Ok(BuildResult::Stopped(reason)) => {
             if reason == StopReason::Abandon {
                 metrics::BUILDS_ABANDONED.inc();
@@ -296,11 +332,17 @@ async fn run_build(agent: Arc<Agent>, a: Assignment, permit: Option<OwnedSemapho
             dir.remove();
             return agent.unregister(id);
         }
-        Err(e) => Outcome::Failed { reason: format!("agent error: {e:#}") },
+        Err(e) => Outcome::Failed {
+            reason: format!("agent error: {e:#}"),
+        },
     };
     let report = StoredReport::new(id, attempt, outcome, dir.log().exists());
     if let Err(e) = dir.write_report(&report) {
-        tracing::error!(build_id = id, error = format!("{e:#}"), "failed to store the report, dropping the build");
+        tracing::error!(
+            build_id = id,
+            error = format!("{e:#}"),
+            "failed to store the report, dropping the build"
+        );
         dir.remove();
         return agent.unregister(id);
     }
@@ -318,7 +360,11 @@ async fn build(
     dir.write_assignment(a)?;
     let start = StartReport { attempt: a.attempt };
     let path = format!("builds/{}/start", a.build_id);
-    if let Err(e) = agent.coordinator.post::<_, serde::de::IgnoredAny>("report start", &path, &start).await {
+    if let Err(e) = agent
+        .coordinator
+        .post::<_, serde::de::IgnoredAny>("report start", &path, &start)
+        .await
+    {
         tracing::warn!(build_id = a.build_id, error = %e, "coordinator refused the start");
         return Ok(BuildResult::Stopped(StopReason::Abandon));
     }
@@ -369,7 +415,11 @@ async fn deliver_and_finish(
         }
         Ok(Delivered::Stale) => {
             metrics::BUILDS_ABANDONED.inc();
-            tracing::info!(build_id = id, attempt, "attempt is stale, dropping the build");
+            tracing::info!(
+                build_id = id,
+                attempt,
+                "attempt is stale, dropping the build"
+            );
         }
         Err(e) => {
             if let Some(why) = fatal_reason(&e) {

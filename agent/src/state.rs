@@ -81,7 +81,10 @@ impl StateDir {
 
     pub fn build_dir(&self, build_id: BuildId, attempt: u32) -> BuildDir {
         BuildDir {
-            path: self.root.join("builds").join(format!("{build_id}-{attempt}")),
+            path: self
+                .root
+                .join("builds")
+                .join(format!("{build_id}-{attempt}")),
         }
     }
 
@@ -156,17 +159,17 @@ impl BuildDir {
         if !report_path.exists() {
             return Ok(None);
         }
-        let report: StoredReport = serde_json::from_slice(
-            &fs::read(&report_path).context("failed to read report.json")?,
-        )
-        .context("failed to parse report.json")?;
+        let report: StoredReport =
+            serde_json::from_slice(&fs::read(&report_path).context("failed to read report.json")?)
+                .context("failed to parse report.json")?;
         anyhow::ensure!(
             report.version == REPORT_VERSION,
             "report.json has version {}, this agent reads {REPORT_VERSION}",
             report.version
         );
         let assignment: Assignment = serde_json::from_slice(
-            &fs::read(self.path.join("assignment.json")).context("failed to read assignment.json")?,
+            &fs::read(self.path.join("assignment.json"))
+                .context("failed to read assignment.json")?,
         )
         .context("failed to parse assignment.json")?;
         Ok(Some(PendingBuild {
@@ -217,7 +220,9 @@ pub fn remove_tree(path: &Path) -> anyhow::Result<()> {
             fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o700))
                 .with_context(|| format!("failed to chmod {}", path.display()))?;
         }
-        for entry in fs::read_dir(path).with_context(|| format!("failed to read {}", path.display()))? {
+        for entry in
+            fs::read_dir(path).with_context(|| format!("failed to read {}", path.display()))?
+        {
             remove_tree(&entry.context("failed to read a directory entry")?.path())?;
         }
         fs::remove_dir(path).with_context(|| format!("failed to remove {}", path.display()))
@@ -256,7 +261,11 @@ mod tests {
         undecided.create().unwrap();
         undecided.write_assignment(&assignment(3)).unwrap();
         fs::create_dir(undecided.build_top()).unwrap();
-        fs::set_permissions(undecided.build_top(), std::os::unix::fs::PermissionsExt::from_mode(0o500)).unwrap();
+        fs::set_permissions(
+            undecided.build_top(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o500),
+        )
+        .unwrap();
 
         let pending = state.recover().unwrap();
         assert_eq!(pending.len(), 1);

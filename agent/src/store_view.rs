@@ -37,7 +37,10 @@ pub fn establish(store_dir: &Path, state_dir: &Path) -> anyhow::Result<StoreView
                 tracing::info!(store_dir = %store_dir.display(), backing = %backing.display(), "private store view: mount namespace");
                 return Ok(StoreView::Namespace { backing });
             }
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "failed to set up a mount namespace, falling back to a lock"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "failed to set up a mount namespace, falling back to a lock"
+            ),
         }
     }
     let lock = lock_exclusive(&store_dir.join(".kiln-agent.lock")).with_context(|| {
@@ -55,21 +58,40 @@ fn namespace(store_dir: &Path, state_dir: &Path) -> anyhow::Result<PathBuf> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt as _;
     let backing = state_dir.join("store");
-    fs::create_dir_all(&backing).with_context(|| format!("failed to create {}", backing.display()))?;
-    let backing = backing.canonicalize().context("failed to resolve the backing store dir")?;
+    fs::create_dir_all(&backing)
+        .with_context(|| format!("failed to create {}", backing.display()))?;
+    let backing = backing
+        .canonicalize()
+        .context("failed to resolve the backing store dir")?;
     let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("path contains a NUL byte");
     let (src, dst, slash) = (c(&backing)?, c(store_dir)?, c(Path::new("/"))?);
     // SAFETY: plain syscalls on NUL-terminated strings that outlive the calls.
     unsafe {
         if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(std::io::Error::last_os_error()).context("failed to unshare the mount namespace");
+            return Err(std::io::Error::last_os_error())
+                .context("failed to unshare the mount namespace");
         }
         let none = std::ptr::null();
-        if libc::mount(none, slash.as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+        if libc::mount(
+            none,
+            slash.as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error()).context("failed to make / private");
         }
-        if libc::mount(src.as_ptr(), dst.as_ptr(), none, libc::MS_BIND, std::ptr::null()) != 0 {
-            return Err(std::io::Error::last_os_error()).context("failed to bind-mount the private store");
+        if libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            none,
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .context("failed to bind-mount the private store");
         }
     }
     Ok(backing)
@@ -90,7 +112,8 @@ pub fn lock_exclusive(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("failed to open {}", path.display()))?;
     // SAFETY: flock on a valid descriptor owned by `f`.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("failed to lock {}", path.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("failed to lock {}", path.display()));
     }
     Ok(f)
 }

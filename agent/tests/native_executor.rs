@@ -24,22 +24,40 @@ fn fixture() -> Fixture {
     let store = tmp.path().join("store");
     std::fs::create_dir_all(&store).unwrap();
     let state = StateDir::open(&tmp.path().join("state")).unwrap();
-    Fixture { _tmp: tmp, store, state }
+    Fixture {
+        _tmp: tmp,
+        store,
+        state,
+    }
 }
 
 fn executor(store: &Path, limits: Limits) -> NativeExecutor {
-    NativeExecutor::new(store.to_owned(), Limits { kill_grace: Duration::from_secs(1), ..limits })
+    NativeExecutor::new(
+        store.to_owned(),
+        Limits {
+            kill_grace: Duration::from_secs(1),
+            ..limits
+        },
+    )
 }
 
 /// An assignment whose builder is `/bin/sh -c script`, with `env` added to the derivation's.
 fn assignment(store: &Path, script: &str, env: &[(&[u8], &[u8])]) -> Assignment {
     let out = format!("{}/{OUT_HASH}-test", store.display());
     // Nix sets PATH=/path-not-set; these builders use the host's tools.
-    let mut drv_env: Vec<(Vec<u8>, Vec<u8>)> =
-        vec![(b"out".to_vec(), out.clone().into_bytes()), (b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())];
+    let mut drv_env: Vec<(Vec<u8>, Vec<u8>)> = vec![
+        (b"out".to_vec(), out.clone().into_bytes()),
+        (b"PATH".to_vec(), b"/usr/bin:/bin".to_vec()),
+    ];
     drv_env.extend(env.iter().map(|(n, v)| (n.to_vec(), v.to_vec())));
     let drv = Derivation {
-        outputs: vec![(b"out".to_vec(), DerivationOutput { path: out.clone().into_bytes(), ..Default::default() })],
+        outputs: vec![(
+            b"out".to_vec(),
+            DerivationOutput {
+                path: out.clone().into_bytes(),
+                ..Default::default()
+            },
+        )],
         platform: b"x86_64-linux".to_vec(),
         builder: b"/bin/sh".to_vec(),
         args: vec![b"-c".to_vec(), script.as_bytes().to_vec()],
@@ -49,10 +67,16 @@ fn assignment(store: &Path, script: &str, env: &[(&[u8], &[u8])]) -> Assignment 
     Assignment {
         build_id: 1,
         attempt: 1,
-        drv_path: format!("{}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-test.drv", store.display()),
+        drv_path: format!(
+            "{}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-test.drv",
+            store.display()
+        ),
         drv: Bytes64(drv.print()),
         system: "x86_64-linux".into(),
-        outputs: vec![OutputSpec { name: "out".into(), path: out }],
+        outputs: vec![OutputSpec {
+            name: "out".into(),
+            path: out,
+        }],
         inputs: vec![],
     }
 }
@@ -69,7 +93,11 @@ fn nix_hash(path: &Path) -> String {
         .arg(path)
         .output()
         .unwrap_or_else(|e| panic!("failed to run nix-hash ({e}): install nix (apt-get install nix-bin) to run this test"));
-    assert!(out.status.success(), "nix-hash failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "nix-hash failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
@@ -79,7 +107,10 @@ async fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Op
         if let Some(v) = probe() {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -101,19 +132,38 @@ async fn builds_an_output_whose_nar_hash_matches_nix_hash() {
     let a = assignment(&f.store, script, &[(b"weird", weird)]);
     let dir = build_dir(&f);
     let (_tx, mut rx) = watch::channel(None);
-    let result = executor(&f.store, Limits::default()).run(&a, &dir, &mut rx).await.unwrap();
-    let BuildResult::Built(outputs) = result else { panic!("build failed: {result:?}") };
+    let result = executor(&f.store, Limits::default())
+        .run(&a, &dir, &mut rx)
+        .await
+        .unwrap();
+    let BuildResult::Built(outputs) = result else {
+        panic!("build failed: {result:?}")
+    };
     let out = &outputs[0];
     let path = PathBuf::from(&out.path);
-    assert_eq!(std::fs::read(path.join("weird")).unwrap(), weird, "env value must reach the builder byte-exact");
-    assert_eq!(std::fs::read_link(path.join("link")).unwrap(), Path::new("sub/file"));
+    assert_eq!(
+        std::fs::read(path.join("weird")).unwrap(),
+        weird,
+        "env value must reach the builder byte-exact"
+    );
+    assert_eq!(
+        std::fs::read_link(path.join("link")).unwrap(),
+        Path::new("sub/file")
+    );
     assert_eq!(out.nar_hash, format!("sha256:{}", nix_hash(&path)));
-    assert_eq!(out.references, vec![out.path.clone()], "the output refers to itself");
+    assert_eq!(
+        out.references,
+        vec![out.path.clone()],
+        "the output refers to itself"
+    );
     let spooled = std::fs::metadata(dir.spool("out")).unwrap();
     assert_eq!(spooled.len(), out.file_size);
     let log = std::fs::read(dir.log()).unwrap();
     assert!(log.windows(8).any(|w| w == b"log line"));
-    assert!(!dir.build_top().exists(), "the build dir is removed after the builder");
+    assert!(
+        !dir.build_top().exists(),
+        "the build dir is removed after the builder"
+    );
 }
 
 #[tokio::test]
@@ -122,8 +172,14 @@ async fn a_non_zero_exit_fails_with_the_status() {
     let a = assignment(&f.store, "echo failing >&2; exit 3", &[]);
     let dir = build_dir(&f);
     let (_tx, mut rx) = watch::channel(None);
-    let result = executor(&f.store, Limits::default()).run(&a, &dir, &mut rx).await.unwrap();
-    assert_eq!(result, BuildResult::Failed("builder exited with status 3".into()));
+    let result = executor(&f.store, Limits::default())
+        .run(&a, &dir, &mut rx)
+        .await
+        .unwrap();
+    assert_eq!(
+        result,
+        BuildResult::Failed("builder exited with status 3".into())
+    );
     assert!(std::fs::read(dir.log()).unwrap().starts_with(b"failing"));
 }
 
@@ -133,9 +189,17 @@ async fn a_missing_output_fails_the_build() {
     let a = assignment(&f.store, "true", &[]);
     let dir = build_dir(&f);
     let (_tx, mut rx) = watch::channel(None);
-    let result = executor(&f.store, Limits::default()).run(&a, &dir, &mut rx).await.unwrap();
-    let BuildResult::Failed(reason) = result else { panic!("{result:?}") };
-    assert!(reason.starts_with("builder did not create output out"), "{reason}");
+    let result = executor(&f.store, Limits::default())
+        .run(&a, &dir, &mut rx)
+        .await
+        .unwrap();
+    let BuildResult::Failed(reason) = result else {
+        panic!("{result:?}")
+    };
+    assert!(
+        reason.starts_with("builder did not create output out"),
+        "{reason}"
+    );
 }
 
 fn group_exists(pgid: i32) -> bool {
@@ -165,7 +229,12 @@ async fn cancel_kills_the_whole_process_group() {
     };
     let (result, pgid) = tokio::join!(exec.run(&a, &dir, &mut rx), canceler);
     assert_eq!(result.unwrap(), BuildResult::Stopped(StopReason::Cancel));
-    wait_for("the process group to disappear", Duration::from_secs(20), || (!group_exists(pgid)).then_some(())).await;
+    wait_for(
+        "the process group to disappear",
+        Duration::from_secs(20),
+        || (!group_exists(pgid)).then_some(()),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -174,7 +243,16 @@ async fn max_silent_time_fails_the_build() {
     let a = assignment(&f.store, "echo start; sleep 1000", &[]);
     let dir = build_dir(&f);
     let (_tx, mut rx) = watch::channel(None);
-    let limits = Limits { max_silent: Duration::from_secs(1), ..Limits::default() };
-    let result = executor(&f.store, limits).run(&a, &dir, &mut rx).await.unwrap();
-    assert_eq!(result, BuildResult::Failed("no output for 1 seconds".into()));
+    let limits = Limits {
+        max_silent: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let result = executor(&f.store, limits)
+        .run(&a, &dir, &mut rx)
+        .await
+        .unwrap();
+    assert_eq!(
+        result,
+        BuildResult::Failed("no output for 1 seconds".into())
+    );
 }

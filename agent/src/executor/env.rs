@@ -97,7 +97,14 @@ pub fn build_env(
         plain_attrs(&mut env, drv, top);
     }
 
-    for name in [&b"NIX_BUILD_TOP"[..], b"TMPDIR", b"TEMPDIR", b"TMP", b"TEMP", b"PWD"] {
+    for name in [
+        &b"NIX_BUILD_TOP"[..],
+        b"TMPDIR",
+        b"TEMPDIR",
+        b"TMP",
+        b"TEMP",
+        b"PWD",
+    ] {
         env.set(name, top);
     }
     env.set(b"NIX_LOG_FD", b"2");
@@ -182,13 +189,25 @@ mod tests {
 
     #[test]
     fn defaults_then_derivation_then_fixed_variables() {
-        let d = drv(&[(b"PATH", b"/bin"), (b"TMPDIR", b"/elsewhere"), (b"out", b"/s/aaaa-x")]);
+        let d = drv(&[
+            (b"PATH", b"/bin"),
+            (b"TMPDIR", b"/elsewhere"),
+            (b"out", b"/s/aaaa-x"),
+        ]);
         let env = build_env(&d, &outputs(), Path::new("/s"), Path::new("/b")).unwrap();
-        assert_eq!(env.get(b"PATH"), Some(&b"/bin"[..]), "a derivation overrides PATH");
+        assert_eq!(
+            env.get(b"PATH"),
+            Some(&b"/bin"[..]),
+            "a derivation overrides PATH"
+        );
         assert_eq!(env.get(b"HOME"), Some(&b"/homeless-shelter"[..]));
         assert_eq!(env.get(b"NIX_STORE"), Some(&b"/s"[..]));
         assert_eq!(env.get(b"NIX_BUILD_CORES"), Some(&b"1"[..]));
-        assert_eq!(env.get(b"TMPDIR"), Some(&b"/b"[..]), "TMPDIR is the build dir");
+        assert_eq!(
+            env.get(b"TMPDIR"),
+            Some(&b"/b"[..]),
+            "TMPDIR is the build dir"
+        );
         assert_eq!(env.get(b"NIX_BUILD_TOP"), Some(&b"/b"[..]));
         assert_eq!(env.get(b"NIX_LOG_FD"), Some(&b"2"[..]));
         assert_eq!(env.get(b"TERM"), Some(&b"xterm-256color"[..]));
@@ -199,8 +218,13 @@ mod tests {
     #[test]
     fn values_are_bytes_not_utf8() {
         let value: &[u8] = &[0xff, 0xfe, b'a', 0x80];
-        let env = build_env(&drv(&[(b"weird", value)]), &outputs(), Path::new("/s"), Path::new("/b"))
-            .unwrap();
+        let env = build_env(
+            &drv(&[(b"weird", value)]),
+            &outputs(),
+            Path::new("/s"),
+            Path::new("/b"),
+        )
+        .unwrap();
         let os = env.os_vars().unwrap();
         let (_, v) = os.iter().find(|(n, _)| n == "weird").unwrap();
         assert_eq!(v.as_encoded_bytes(), value);
@@ -208,8 +232,13 @@ mod tests {
 
     #[test]
     fn nul_in_a_value_is_refused_with_the_name() {
-        let env = build_env(&drv(&[(b"bad", b"a\0b")]), &outputs(), Path::new("/s"), Path::new("/b"))
-            .unwrap();
+        let env = build_env(
+            &drv(&[(b"bad", b"a\0b")]),
+            &outputs(),
+            Path::new("/s"),
+            Path::new("/b"),
+        )
+        .unwrap();
         let err = env.os_vars().unwrap_err().to_string();
         assert!(err.contains("bad"), "{err}");
     }
@@ -238,9 +267,15 @@ mod tests {
 
     #[test]
     fn structured_attrs_write_attrs_json_with_outputs() {
-        let d = drv(&[(b"__json", br#"{"a":1,"outputs":["out"]}"#), (b"hidden", b"x")]);
+        let d = drv(&[
+            (b"__json", br#"{"a":1,"outputs":["out"]}"#),
+            (b"hidden", b"x"),
+        ]);
         let env = build_env(&d, &outputs(), Path::new("/s"), Path::new("/b")).unwrap();
-        assert_eq!(env.get(b"NIX_ATTRS_JSON_FILE"), Some(&b"/b/.attrs.json"[..]));
+        assert_eq!(
+            env.get(b"NIX_ATTRS_JSON_FILE"),
+            Some(&b"/b/.attrs.json"[..])
+        );
         assert_eq!(env.get(b"hidden"), None);
         let json: serde_json::Value = serde_json::from_slice(&env.files[0].contents).unwrap();
         assert_eq!(json["a"], 1);

@@ -54,7 +54,11 @@ pub async fn fetch_all(
 }
 
 /// One try: download, decompress, check and restore; the temporary path is removed on failure.
-async fn fetch_one(coordinator: &Coordinator, info: &PathInfo, dest: &Path) -> Result<(), CallError> {
+async fn fetch_one(
+    coordinator: &Coordinator,
+    info: &PathInfo,
+    dest: &Path,
+) -> Result<(), CallError> {
     let resp = coordinator
         .http()
         .get(coordinator.url(&info.url))
@@ -63,16 +67,24 @@ async fn fetch_one(coordinator: &Coordinator, info: &PathInfo, dest: &Path) -> R
         .map_err(|e| crate::retry::classify_transport(&e))?;
     if !resp.status().is_success() {
         let status = resp.status().as_u16();
-        let ra = resp.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let ra = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = resp.bytes().await.unwrap_or_default();
         return Err(crate::retry::classify(status, ra.as_deref(), &body));
     }
-    let base = dest.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+    let base = dest
+        .file_name()
+        .map(|b| b.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dest.with_file_name(format!(".{base}.tmp-{:016x}", rand::random::<u64>()));
     let (tx, rx) = mpsc::channel::<Chunk>(16);
     let (want_hash, want_size) = (info.nar_hash.clone(), info.nar_size);
     let (tmp2, dest2) = (tmp.clone(), dest.to_owned());
-    let restorer = tokio::task::spawn_blocking(move || restore(rx, &tmp2, &dest2, &want_hash, want_size));
+    let restorer =
+        tokio::task::spawn_blocking(move || restore(rx, &tmp2, &dest2, &want_hash, want_size));
     let mut resp = resp;
     let streamed = async {
         loop {
@@ -82,7 +94,10 @@ async fn fetch_one(coordinator: &Coordinator, info: &PathInfo, dest: &Path) -> R
                 // Tell the restorer the stream broke, so it does not take it for a short NAR.
                 Err(e) => Err(crate::retry::classify_transport(&e)),
             };
-            let failed = chunk.as_ref().err().map(|e| CallError::transient(e.to_string()));
+            let failed = chunk
+                .as_ref()
+                .err()
+                .map(|e| CallError::transient(e.to_string()));
             if tx.send(chunk.map_err(|_| ())).await.is_err() {
                 return Ok(()); // The restorer stopped early; its error says why.
             }
@@ -113,13 +128,21 @@ fn restore(
     want_hash: &str,
     want_size: u64,
 ) -> Result<(), CallError> {
-    let reader = ChannelReader { rx, current: bytes::Bytes::new() };
-    let decoder = zstd::Decoder::new(reader).map_err(|e| CallError::transient(format!("zstd: {e}")))?;
+    let reader = ChannelReader {
+        rx,
+        current: bytes::Bytes::new(),
+    };
+    let decoder =
+        zstd::Decoder::new(reader).map_err(|e| CallError::transient(format!("zstd: {e}")))?;
     let mut hashing = HashReader::new(decoder);
     match nario::restore(&mut hashing, tmp) {
         Ok(()) => {}
         // The download broke: try again.
-        Err(e @ NarError::Read { .. }) => return Err(CallError::transient(format!("failed to restore the NAR: {e}"))),
+        Err(e @ NarError::Read { .. }) => {
+            return Err(CallError::transient(format!(
+                "failed to restore the NAR: {e}"
+            )))
+        }
         Err(e) => {
             return Err(CallError::Rejected(ApiError {
                 status: 0,
@@ -129,7 +152,8 @@ fn restore(
         }
     }
     // Drain what follows the NAR (nothing, in a valid file) so the hash covers every byte.
-    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| CallError::transient(e.to_string()))?;
+    std::io::copy(&mut hashing, &mut std::io::sink())
+        .map_err(|e| CallError::transient(e.to_string()))?;
     let (hash, size) = hashing.finish();
     if hash != want_hash || size != want_size {
         return Err(CallError::Rejected(ApiError {
@@ -138,11 +162,13 @@ fn restore(
             message: format!("NAR is {hash} ({size} bytes), the coordinator said {want_hash} ({want_size} bytes)"),
         }));
     }
-    std::fs::rename(tmp, dest).map_err(|e| CallError::Rejected(ApiError {
-        status: 0,
-        code: "local_io".into(),
-        message: format!("failed to rename {} into place: {e}", tmp.display()),
-    }))
+    std::fs::rename(tmp, dest).map_err(|e| {
+        CallError::Rejected(ApiError {
+            status: 0,
+            code: "local_io".into(),
+            message: format!("failed to rename {} into place: {e}", tmp.display()),
+        })
+    })
 }
 
 /// A piece of the download, or the news that the download broke.

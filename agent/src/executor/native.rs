@@ -129,8 +129,11 @@ impl NativeExecutor {
         let top = dir.build_top();
         remove_tree(&top)?;
         fs::create_dir_all(&top).with_context(|| format!("failed to create {}", top.display()))?;
-        let outs: Vec<(String, String)> =
-            a.outputs.iter().map(|o| (o.name.clone(), o.path.clone())).collect();
+        let outs: Vec<(String, String)> = a
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), o.path.clone()))
+            .collect();
         let env = match build_env(drv, &outs, &self.store_dir, &top) {
             Ok(env) => env,
             Err(e) => return Ok(Exit::Failed(e.to_string())),
@@ -157,13 +160,24 @@ impl NativeExecutor {
             Ok(c) => c,
             Err(e) => {
                 let builder = String::from_utf8_lossy(&drv.builder);
-                return Ok(Exit::Failed(format!("failed to start builder {builder}: {e}")));
+                return Ok(Exit::Failed(format!(
+                    "failed to start builder {builder}: {e}"
+                )));
             }
         };
-        tracing::info!(build_id = a.build_id, attempt = a.attempt, pid = child.id(), "builder started");
+        tracing::info!(
+            build_id = a.build_id,
+            attempt = a.attempt,
+            pid = child.id(),
+            "builder started"
+        );
         let exit = process::supervise(child, &dir.log(), self.limits, stop).await;
         if let Err(e) = remove_tree(&top) {
-            tracing::warn!(build_id = a.build_id, error = format!("{e:#}"), "failed to remove the build dir");
+            tracing::warn!(
+                build_id = a.build_id,
+                error = format!("{e:#}"),
+                "failed to remove the build dir"
+            );
         }
         let exit = exit.context("failed to wait for the builder")?;
         tracing::info!(build_id = a.build_id, attempt = a.attempt, exit = ?exit, "builder ended");
@@ -206,7 +220,8 @@ pub fn spool_output(
     candidates: &[(String, String)],
     dest: &Path,
 ) -> anyhow::Result<Spooled> {
-    let file = fs::File::create(dest).with_context(|| format!("failed to create {}", dest.display()))?;
+    let file =
+        fs::File::create(dest).with_context(|| format!("failed to create {}", dest.display()))?;
     let compressed = HashCounter::new(std::io::BufWriter::new(file));
     let encoder = zstd::Encoder::new(compressed, 3).context("failed to start zstd")?;
     let nar = HashCounter::new(encoder);
@@ -217,7 +232,10 @@ pub fn spool_output(
     let (nar_hash, nar_size, encoder) = nar.finish();
     let compressed = encoder.finish().context("failed to finish zstd")?;
     let (file_hash, file_size, writer) = compressed.finish();
-    let file = writer.into_inner().map_err(|e| e.into_error()).context("failed to flush the spool file")?;
+    let file = writer
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .context("failed to flush the spool file")?;
     file.sync_all().context("failed to fsync the spool file")?;
     let found = scanner.found();
     let mut references: Vec<String> = candidates
@@ -244,10 +262,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = tmp.path();
         let dep = format!("{}/0123456789abcdfghijklmnpqrsvwxyz-dep", store.display());
-        let unused = format!("{}/zyxwvsrqpnmlkjihgfdcba9876543210-unused", store.display());
+        let unused = format!(
+            "{}/zyxwvsrqpnmlkjihgfdcba9876543210-unused",
+            store.display()
+        );
         let me = format!("{}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-me", store.display());
         fs::create_dir_all(format!("{me}/bin")).unwrap();
-        fs::write(format!("{me}/bin/x"), format!("#!{dep}/bin/sh\nexec {me}/bin/y\n")).unwrap();
+        fs::write(
+            format!("{me}/bin/x"),
+            format!("#!{dep}/bin/sh\nexec {me}/bin/y\n"),
+        )
+        .unwrap();
         std::os::unix::fs::symlink(format!("{dep}/lib"), format!("{me}/lib")).unwrap();
         let cands = vec![
             ("0123456789abcdfghijklmnpqrsvwxyz".to_owned(), dep.clone()),

@@ -77,7 +77,9 @@ pub fn spawn(mut cmd: std::process::Command, log: &File) -> io::Result<tokio::pr
             }
             // The agent may have died between fork and prctl: then nothing would kill us.
             if libc::getppid() != parent {
-                return Err(io::Error::other("the agent died while starting the builder"));
+                return Err(io::Error::other(
+                    "the agent died while starting the builder",
+                ));
             }
             Ok(())
         });
