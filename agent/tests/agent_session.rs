@@ -22,6 +22,9 @@ const OUT_HASH: &str = "0123456789abcdfghijklmnpqrsvwxyz";
 struct Fake {
     assignment: Option<Assignment>,
     sessions: u32,
+    /// Cancel the assigned build on the first heartbeat after its start.
+    cancel_after_start: bool,
+    started: bool,
     /// The `builds` of every session opening, as sent.
     opened_with: Vec<serde_json::Value>,
     forgot_once: bool,
@@ -132,6 +135,11 @@ fn answer(fake: &Shared, req: &Request) -> (&'static str, String, String) {
         return ("401 Unauthorized", String::new(), error("session_unknown"));
     }
     match (req.method.as_str(), path) {
+        ("POST", "heartbeat") if f.cancel_after_start && f.started => {
+            f.cancel_after_start = false;
+            let cmd = serde_json::json!({"commands": [{"command": "cancel", "build_id": 7, "attempt": 1}]});
+            ("200 OK", String::new(), cmd.to_string())
+        }
         ("POST", "heartbeat") => ("200 OK", String::new(), "{}".into()),
         ("POST", "work") => {
             if !f.forgot_once {
@@ -147,7 +155,10 @@ fn answer(fake: &Shared, req: &Request) -> (&'static str, String, String) {
                 serde_json::json!({ "builds": builds }).to_string(),
             )
         }
-        ("POST", p) if p.ends_with("/start") => ("200 OK", String::new(), "{}".into()),
+        ("POST", p) if p.ends_with("/start") => {
+            f.started = true;
+            ("200 OK", String::new(), "{}".into())
+        }
         ("PUT", p) if p.ends_with("/log") => {
             f.log = Some(req.body.clone());
             ("200 OK", String::new(), "{}".into())
@@ -224,8 +235,14 @@ async fn serve(listener: TcpListener, fake: Shared) {
 }
 
 fn assignment(store: &Path) -> Assignment {
+    assignment_with(
+        store,
+        "mkdir -p $out/bin; printf 'hi \\377\\n' > $out/bin/hello; echo built",
+    )
+}
+
+fn assignment_with(store: &Path, script: &str) -> Assignment {
     let out = format!("{}/{OUT_HASH}-hello", store.display());
-    let script = "mkdir -p $out/bin; printf 'hi \\377\\n' > $out/bin/hello; echo built";
     let drv = Derivation {
         outputs: vec![(
             b"out".to_vec(),
@@ -434,5 +451,50 @@ async fn a_stored_report_is_resent_after_a_restart() {
         || (!decided.path.exists()).then_some(()),
     )
     .await;
+    stop_agent(agent).await;
+}
+
+/// Pins down cancel through a command on the heartbeat: the builder is killed and the build is
+/// reported `Failed{reason:"canceled"}` with its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_command_stops_the_builder_and_reports_canceled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, state, secret) = (
+        tmp.path().join("store"),
+        tmp.path().join("state"),
+        tmp.path().join("secret"),
+    );
+    std::fs::write(&secret, "s3cret").unwrap();
+    let a = assignment_with(&store, "echo started; exec sleep 1000");
+    let fake: Shared = Arc::new(Mutex::new(Fake {
+        assignment: Some(a),
+        forgot_once: true,
+        cancel_after_start: true,
+        ..Fake::default()
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, fake.clone()));
+    let agent = spawn_agent(&url, &secret, &store, &state);
+
+    let result = wait_for("the canceled result", Duration::from_secs(60), || {
+        fake.lock().unwrap().result.clone()
+    })
+    .await;
+    assert_eq!(
+        result.outcome,
+        Outcome::Failed {
+            reason: "canceled".into()
+        }
+    );
+    let log = fake
+        .lock()
+        .unwrap()
+        .log
+        .clone()
+        .expect("the log was uploaded");
+    assert!(zstd::decode_all(log.as_slice())
+        .unwrap()
+        .starts_with(b"started"));
     stop_agent(agent).await;
 }
