@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln::derivation::{Derivation, DerivationOutput};
-use kiln::protocol::{Assignment, Bytes64, Outcome, OutputSpec, ResultReport, UploadStatus};
+use kiln::protocol::{
+    Assignment, Bytes64, Outcome, OutputSpec, PathInfo, ResultReport, UploadStatus,
+};
 use sha2::Digest as _;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,6 +24,10 @@ const OUT_HASH: &str = "0123456789abcdfghijklmnpqrsvwxyz";
 struct Fake {
     assignment: Option<Assignment>,
     sessions: u32,
+    /// Refuse every session opening with 401 `unauthorized`.
+    refuse: bool,
+    /// Served at `/<key>` as they are (compressed NARs of inputs).
+    files: HashMap<String, Vec<u8>>,
     /// Cancel the assigned build on the first heartbeat after its start.
     cancel_after_start: bool,
     started: bool,
@@ -121,6 +127,9 @@ fn answer(fake: &Shared, req: &Request) -> (&'static str, String, String) {
         .cloned()
         .unwrap_or_default();
     let path = req.path.trim_start_matches("/api/agent/v1/");
+    if path == "session" && f.refuse {
+        return ("401 Unauthorized", String::new(), error("unauthorized"));
+    }
     if path == "session" {
         f.sessions += 1;
         let open: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
@@ -227,6 +236,19 @@ async fn serve(listener: TcpListener, fake: Shared) {
         tokio::spawn(async move {
             let mut conn = BufReader::new(stream);
             while let Some(req) = read_request(&mut conn).await {
+                let file = fake
+                    .lock()
+                    .unwrap()
+                    .files
+                    .get(req.path.trim_start_matches('/'))
+                    .cloned();
+                if let Some(bytes) = file {
+                    let head =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", bytes.len());
+                    let _ = conn.get_mut().write_all(head.as_bytes()).await;
+                    let _ = conn.get_mut().write_all(&bytes).await;
+                    continue;
+                }
                 let (status, extra, body) = answer(&fake, &req);
                 respond(&mut conn, status, &extra, &body).await;
             }
@@ -239,6 +261,35 @@ fn assignment(store: &Path) -> Assignment {
         store,
         "mkdir -p $out/bin; printf 'hi \\377\\n' > $out/bin/hello; echo built",
     )
+}
+
+const DEP_HASH: &str = "zyxwvsrqpnmlkjihgfdcba9876543210";
+
+/// A `PathInfo` for `path` and its compressed NAR, made from a small tree under `tmp`.
+fn input(tmp: &Path, path: &str) -> (PathInfo, Vec<u8>) {
+    let src = tmp.join("dep-src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("greeting"), b"from the input\n").unwrap();
+    let mut nar = Vec::new();
+    kiln::nar::dump(&src, &mut nar).unwrap();
+    let zst = zstd::encode_all(nar.as_slice(), 3).unwrap();
+    let h = |b: &[u8]| {
+        format!(
+            "sha256:{}",
+            kiln::derivation::base32::encode(&sha2::Sha256::digest(b))
+        )
+    };
+    let info = PathInfo {
+        path: path.to_owned(),
+        nar_hash: h(&nar),
+        nar_size: nar.len() as u64,
+        file_hash: h(&zst),
+        file_size: zst.len() as u64,
+        compression: "zstd".into(),
+        url: "nar/dep.nar.zst".into(),
+        references: vec![],
+    };
+    (info, zst)
 }
 
 fn assignment_with(store: &Path, script: &str) -> Assignment {
@@ -330,8 +381,17 @@ async fn builds_uploads_resumably_and_reports_through_a_session_restart() {
     let state = tmp.path().join("state");
     let secret = tmp.path().join("secret");
     std::fs::write(&secret, "s3cret\n").unwrap();
+    // One input, served as a compressed NAR; the builder copies from it, so the output
+    // refers to it.
+    let dep = format!("{}/{DEP_HASH}-dep", store.display());
+    let mut a = assignment_with(&store, &format!("mkdir -p $out/bin; printf 'hi \\377\\n' > $out/bin/hello; cat {dep}/greeting >> $out/bin/hello; echo {dep} > $out/uses; echo built"));
+    let (info, nar_zst) = input(tmp.path(), &dep);
+    a.inputs.push(info);
+    let mut files = HashMap::new();
+    files.insert("nar/dep.nar.zst".to_owned(), nar_zst);
     let fake: Shared = Arc::new(Mutex::new(Fake {
-        assignment: Some(assignment(&store)),
+        assignment: Some(a),
+        files,
         ..Fake::default()
     }));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -354,6 +414,15 @@ async fn builds_uploads_resumably_and_reports_through_a_session_restart() {
         .find(|p| p.exists())
         .expect("the output exists in the agent's store view");
     assert_eq!(outputs[0].nar_hash, nix_hash(&seen_at));
+    assert_eq!(
+        std::fs::read(seen_at.join("bin/hello")).unwrap(),
+        b"hi \xff\nfrom the input\n"
+    );
+    assert_eq!(
+        outputs[0].references,
+        vec![dep.clone()],
+        "the output refers to its input"
+    );
     {
         let f = fake.lock().unwrap();
         assert!(f.sessions >= 2, "the agent reopened its session");
@@ -497,4 +566,61 @@ async fn a_cancel_command_stops_the_builder_and_reports_canceled() {
         .unwrap()
         .starts_with(b"started"));
     stop_agent(agent).await;
+}
+
+/// Pins down that a wrong name or secret is fatal: the agent exits non-zero and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_agent_exits_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "wrong").unwrap();
+    let fake: Shared = Arc::new(Mutex::new(Fake {
+        refuse: true,
+        ..Fake::default()
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, fake.clone()));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
+        .args(["--coordinator", &url, "--name", "a1", "--secret-file"])
+        .arg(&secret)
+        .arg("--store-dir")
+        .arg(tmp.path().join("store"))
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refused this agent (unauthorized)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_nix_and_guix_executors_are_refused_until_issue_8() {
+    for executor in ["nix", "guix"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
+            .args([
+                "--coordinator",
+                "http://127.0.0.1:9",
+                "--name",
+                "a",
+                "--secret-file",
+                "/nonexistent",
+            ])
+            .args(["--state-dir", "/nonexistent", "--executor", executor])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("[8/8]") && stderr.contains(executor),
+            "{stderr}"
+        );
+    }
 }
