@@ -101,6 +101,7 @@ impl StateDir {
                 Ok(Some(p)) => pending.push(p),
                 Ok(None) => {
                     tracing::info!(dir = %dir.path.display(), "discarding a build without a result");
+                    dir.remove_outputs();
                     dir.remove();
                 }
                 Err(e) => {
@@ -177,6 +178,22 @@ impl BuildDir {
             assignment,
             report,
         }))
+    }
+
+    /// Removes the output paths of the assignment (a builder that died with the agent may have
+    /// left them half-written). Call only once the private store view is in place.
+    pub fn remove_outputs(&self) {
+        let Ok(json) = fs::read(self.path.join("assignment.json")) else {
+            return;
+        };
+        let Ok(a) = serde_json::from_slice::<Assignment>(&json) else {
+            return;
+        };
+        for o in a.outputs {
+            if let Err(e) = remove_tree(Path::new(&o.path)) {
+                tracing::warn!(path = %o.path, error = format!("{e:#}"), "failed to remove a partial output");
+            }
+        }
     }
 
     /// Removes the whole build dir; failures are logged, not fatal (the next start retries).
@@ -260,6 +277,14 @@ mod tests {
         let undecided = state.build_dir(3, 2);
         undecided.create().unwrap();
         undecided.write_assignment(&assignment(3)).unwrap();
+        let mut a3 = assignment(3);
+        let partial = tmp.path().join("0123456789abcdfghijklmnpqrsvwxyz-partial");
+        fs::create_dir(&partial).unwrap();
+        a3.outputs.push(kiln::protocol::OutputSpec {
+            name: "out".into(),
+            path: partial.to_str().unwrap().into(),
+        });
+        undecided.write_assignment(&a3).unwrap();
         fs::create_dir(undecided.build_top()).unwrap();
         fs::set_permissions(
             undecided.build_top(),
@@ -273,5 +298,9 @@ mod tests {
         assert_eq!(pending[0].assignment.drv.0, vec![0xff, b'D']);
         assert!(decided.path.exists());
         assert!(!undecided.path.exists());
+        assert!(
+            !partial.exists(),
+            "a half-built output of a discarded build is removed"
+        );
     }
 }

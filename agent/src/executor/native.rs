@@ -84,10 +84,19 @@ impl NativeExecutor {
             remove_tree(local).context("failed to remove a stale output path")?;
         }
         let exit = self.run_builder(a, &drv, dir, stop).await?;
-        match exit {
-            Exit::Success => {}
-            Exit::Failed(reason) => return Ok(BuildResult::Failed(reason)),
-            Exit::Stopped(r) => return Ok(BuildResult::Stopped(r)),
+        let unfinished = match exit {
+            Exit::Success => None,
+            Exit::Failed(reason) => Some(BuildResult::Failed(reason)),
+            Exit::Stopped(r) => Some(BuildResult::Stopped(r)),
+        };
+        if let Some(result) = unfinished {
+            // As Nix does: what a failed builder left behind is not an output.
+            for (_, local) in &outputs {
+                if let Err(e) = remove_tree(local) {
+                    tracing::warn!(path = %local.display(), error = format!("{e:#}"), "failed to remove a partial output");
+                }
+            }
+            return Ok(result);
         }
         for (o, local) in &outputs {
             if fs::symlink_metadata(local).is_err() {
