@@ -110,6 +110,11 @@ impl Coordinator {
         format!("{}{AGENT_API}/{}", self.base, path.trim_start_matches('/'))
     }
 
+    /// The builds this agent holds, as reported to the coordinator.
+    pub fn held(&self) -> &Held {
+        &self.held
+    }
+
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }

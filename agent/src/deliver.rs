@@ -8,7 +8,8 @@
 //! `stale_attempt` anywhere means the build is no longer ours.
 
 use kiln::protocol::{
-    BuiltOutput, LogQuery, Outcome, ResultAck, ResultReport, UploadStatus, SESSION_HEADER,
+    BuiltOutput, HeldPhase, LogQuery, Outcome, ResultAck, ResultReport, UploadStatus,
+    SESSION_HEADER,
 };
 
 use crate::client::{decode, file_body, local_error, send, Coordinator};
@@ -62,6 +63,7 @@ pub async fn deliver(
             }
         }
     }
+    c.held().set(id, report.attempt, HeldPhase::Reporting);
     let body = ResultReport {
         attempt: report.attempt,
         outcome: report.outcome.clone(),
