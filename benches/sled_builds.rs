@@ -31,13 +31,22 @@ fn dir_size(p: &std::path::Path) -> u64 {
     let mut n = 0;
     for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
         let m = e.metadata().unwrap();
-        n += if m.is_dir() { dir_size(&e.path()) } else { m.len() };
+        n += if m.is_dir() {
+            dir_size(&e.path())
+        } else {
+            m.len()
+        };
     }
     n
 }
 
 fn record(id: u64) -> BuildRecord {
-    let h = |salt: u64| format!("{:032x}", (id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt) as u128 * 7);
+    let h = |salt: u64| {
+        format!(
+            "{:032x}",
+            (id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt) as u128 * 7
+        )
+    };
     let store = "/gnu/store";
     BuildRecord {
         id,
@@ -48,8 +57,13 @@ fn record(id: u64) -> BuildRecord {
         state: BuildState::Runnable,
         attempt: 0,
         agent_id: 0,
-        outputs: vec![("out".into(), format!("{store}/{}-package-{id}", &h(2)[..32]))],
-        needs: (0..5).map(|k| format!("{store}/{}-input-{k}", &h(10 + k)[..32])).collect(),
+        outputs: vec![(
+            "out".into(),
+            format!("{store}/{}-package-{id}", &h(2)[..32]),
+        )],
+        needs: (0..5)
+            .map(|k| format!("{store}/{}-input-{k}", &h(10 + k)[..32]))
+            .collect(),
         created_ms: 1_700_000_000_000 + id,
         allocated_ms: 0,
         started_ms: 0,
@@ -73,7 +87,16 @@ fn main() {
     let t = Instant::now();
     {
         let store = Store::open(tmp.path(), &opts).unwrap();
-        let c = Committer::start(store.clone(), CommitterOptions { fsync: false, max_batch: 64, hook_routes: Default::default() }, Box::new(|_: &[EventRecord]| {})).unwrap();
+        let c = Committer::start(
+            store.clone(),
+            CommitterOptions {
+                fsync: false,
+                max_batch: 64,
+                hook_routes: Default::default(),
+            },
+            Box::new(|_: &[EventRecord]| {}),
+        )
+        .unwrap();
         let per_batch = 1000u64;
         let mut id = 1;
         while id <= n {

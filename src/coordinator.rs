@@ -63,7 +63,7 @@ pub fn effective_config(args: &CoordinatorArgs) -> anyhow::Result<Config> {
         config.client_listen = l.clone();
     }
     if config.store_dir.is_none() {
-        if let Some(d) = std::env::var_os("KILN_STORE_DIR") {
+        if let Some(d) = std::env::var_os("KILN_STORE_DIR").filter(|d| !d.is_empty()) {
             config.store_dir = Some(PathBuf::from(d));
         }
     }
@@ -99,6 +99,8 @@ async fn serve(
         )
     })?;
     let store_dir = resolve_store_dir(&config, &store)?;
+    let unrecorded =
+        store_dir.is_some() && store.tree(TreeId::Meta).get(meta::STORE_DIR)?.is_none();
     let mut hook_routes: std::collections::HashMap<String, Vec<String>> = Default::default();
     for h in &config.hooks {
         for e in &h.events {
@@ -118,6 +120,12 @@ async fn serve(
         },
         crate::supervisor::event_listener(sink.clone()),
     )?;
+    if let (true, Some(d)) = (unrecorded, &store_dir) {
+        // Fix the store dir in the state dir, so a later start without the setting keeps it.
+        let mut b = crate::store::Batch::new();
+        b.put_raw(TreeId::Meta, meta::STORE_DIR, d.as_str().as_bytes());
+        committer.commit(b).await?;
+    }
     let key = match &config.signing_key_file {
         Some(f) => {
             let text = std::fs::read_to_string(f)

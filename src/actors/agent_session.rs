@@ -189,7 +189,17 @@ impl Handler<RequestWork> for AgentSession {
                         .await
                         .map_err(|_| {
                             ActorError::Unavailable("the build queue is restarting; retry".into())
-                        })??;
+                        })
+                        .and_then(|r| r);
+                    let leased = match leased {
+                        Ok(l) => l,
+                        Err(e) => {
+                            // The proposed builds left the index but were not leased: rebuild
+                            // the index from sled so none of them is forgotten.
+                            allocator.do_send(super::allocator::Resync);
+                            return Err(e);
+                        }
+                    };
                     builds = tokio::task::spawn_blocking(move || assignments(&store, leased))
                         .await
                         .map_err(|e| ActorError::Internal(e.to_string()))??;

@@ -4,7 +4,7 @@
 //! get `session_unknown` and open a new session with their secret, which reconciles the builds
 //! they hold.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -29,14 +29,29 @@ use crate::supervisor::Restarts;
 /// not heartbeats).
 #[derive(Default)]
 pub struct Liveness {
-    inner: RwLock<HashMap<AgentId, (Instant, bool)>>,
+    inner: RwLock<HashMap<AgentId, (Instant, Seen)>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Connected,
+    Lost,
+    /// Holds leases from before a coordinator restart and has not come back yet.
+    Awaited,
 }
 
 impl Liveness {
     pub fn touch(&self, agent: AgentId) {
         if let Ok(mut m) = self.inner.write() {
-            let e = m.entry(agent).or_insert((Instant::now(), false));
-            e.0 = Instant::now();
+            m.insert(agent, (Instant::now(), Seen::Connected));
+        }
+    }
+
+    /// Start an agent's timeout clock now without having heard from it (leases that survived
+    /// a coordinator restart get the agent timeout as their grace period).
+    pub fn await_agent(&self, agent: AgentId) {
+        if let Ok(mut m) = self.inner.write() {
+            m.entry(agent).or_insert((Instant::now(), Seen::Awaited));
         }
     }
 
@@ -47,7 +62,7 @@ impl Liveness {
     pub fn set_lost(&self, agent: AgentId, lost: bool) {
         if let Ok(mut m) = self.inner.write() {
             if let Some(e) = m.get_mut(&agent) {
-                e.1 = lost;
+                e.1 = if lost { Seen::Lost } else { Seen::Connected };
             }
         }
     }
@@ -55,10 +70,17 @@ impl Liveness {
     pub fn status(&self, agent: AgentId) -> (String, Option<u64>) {
         match self.inner.read().ok().and_then(|m| m.get(&agent).copied()) {
             None => ("never-seen".into(), None),
-            Some((t, lost)) => (
-                if lost { "lost" } else { "connected" }.into(),
-                Some(t.elapsed().as_millis() as u64),
-            ),
+            Some((t, seen)) => {
+                let s = match seen {
+                    Seen::Connected => "connected",
+                    Seen::Lost => "lost",
+                    Seen::Awaited => "awaited",
+                };
+                (
+                    s.into(),
+                    (seen != Seen::Awaited).then(|| t.elapsed().as_millis() as u64),
+                )
+            }
         }
     }
 }
@@ -95,6 +117,12 @@ pub struct AgentRegistry {
     agent_timeout: Duration,
     heartbeat_interval: Duration,
     actors: HashMap<AgentId, Addr<AgentSession>>,
+    /// The next agent id, once read from sled; ids are handed out here, one at a time, so two
+    /// concurrent registrations cannot get the same id.
+    next_agent_id: Option<u64>,
+    /// Names being registered (commit in flight), so a second registration of one name is
+    /// refused even before the first is durable.
+    reserved_names: HashSet<String>,
 }
 
 impl AgentRegistry {
@@ -121,6 +149,8 @@ impl AgentRegistry {
             agent_timeout,
             heartbeat_interval,
             actors: HashMap::new(),
+            next_agent_id: None,
+            reserved_names: HashSet::new(),
         }
     }
 
@@ -153,6 +183,36 @@ impl AgentRegistry {
 
 impl Actor for AgentRegistry {
     type Context = Context<Self>;
+
+    /// Agents that hold leases (from before a restart) get a session actor now, with their
+    /// timeout clock started: if they do not come back within the agent timeout, their leases
+    /// expire.
+    fn started(&mut self, _ctx: &mut Context<Self>) {
+        let mut holders = HashSet::new();
+        for r in self
+            .store
+            .scan::<crate::store::records::BuildRecord>(TreeId::Builds)
+        {
+            match r {
+                Ok((_, b)) if b.state.is_leased() && b.agent_id != 0 => {
+                    holders.insert(b.agent_id);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot read a build record"),
+            }
+        }
+        for id in holders {
+            match self.store.get::<AgentRecord>(TreeId::Agents, &u64_key(id)) {
+                Ok(Some(rec)) => {
+                    self.liveness.await_agent(id);
+                    let systems = rec.systems.clone();
+                    self.session_actor(&rec, systems);
+                    tracing::info!(agent = %rec.name, "awaiting agent that holds leases");
+                }
+                _ => tracing::error!(agent_id = id, "leases held by an unknown agent"),
+            }
+        }
+    }
 }
 
 impl Supervised for AgentRegistry {
@@ -188,13 +248,11 @@ fn valid_agent_name(n: &str) -> bool {
 pub struct CreateAgent(pub NewAgent);
 
 impl Handler<CreateAgent> for AgentRegistry {
-    type Result = ResponseFuture<Result<AgentCreated, ActorError>>;
+    type Result = ResponseActFuture<Self, Result<AgentCreated, ActorError>>;
 
     fn handle(&mut self, msg: CreateAgent, _ctx: &mut Context<Self>) -> Self::Result {
         let req = msg.0;
-        let store = self.store.clone();
-        let committer = self.committer.clone();
-        Box::pin(async move {
+        let checked = (|| -> Result<u64, ActorError> {
             if !valid_agent_name(&req.name) {
                 return Err(ActorError::BadRequest(format!(
                     "agent name {:?} is not valid: use 1 to 128 letters, digits, '.', '_' or '-'",
@@ -206,13 +264,31 @@ impl Handler<CreateAgent> for AgentRegistry {
                     "an agent needs at least one system (e.g. --system x86_64-linux)".into(),
                 ));
             }
-            if store.contains(TreeId::AgentNames, req.name.as_bytes())? {
+            if self.reserved_names.contains(&req.name)
+                || self
+                    .store
+                    .contains(TreeId::AgentNames, req.name.as_bytes())?
+            {
                 return Err(ActorError::Conflict(format!(
                     "an agent named {:?} already exists: pick another name",
                     req.name
                 )));
             }
-            let id = store.meta_u64(meta::NEXT_AGENT_ID)?.unwrap_or(1);
+            let id = match self.next_agent_id {
+                Some(id) => id,
+                None => self.store.meta_u64(meta::NEXT_AGENT_ID)?.unwrap_or(1),
+            };
+            self.next_agent_id = Some(id + 1);
+            Ok(id)
+        })();
+        let id = match checked {
+            Ok(id) => id,
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        self.reserved_names.insert(req.name.clone());
+        let committer = self.committer.clone();
+        let name = req.name.clone();
+        let fut = async move {
             let secret = random_hex(32);
             let mut salt = vec![0u8; 16];
             rand::thread_rng().fill_bytes(&mut salt);
@@ -240,7 +316,11 @@ impl Handler<CreateAgent> for AgentRegistry {
                 name: rec.name,
                 secret,
             })
-        })
+        };
+        Box::pin(fut.into_actor(self).map(move |r, act, _ctx| {
+            act.reserved_names.remove(&name);
+            r
+        }))
     }
 }
 

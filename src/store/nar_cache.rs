@@ -504,6 +504,8 @@ fn verify_compressed(
         .map_err(|e| UploadError::HashMismatch(format!("the upload is not zstd: {e}")))?;
     let summary = crate::nar::validate(&mut dec)
         .map_err(|e| UploadError::HashMismatch(format!("the upload is not a valid NAR: {e}")))?;
+    // On disk before the record that makes it available is committed.
+    std::fs::File::open(part)?.sync_all()?;
     std::fs::rename(part, dest)?;
     Ok((summary.nar_hash, summary.nar_size))
 }
