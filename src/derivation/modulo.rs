@@ -246,7 +246,7 @@ impl<'l> PathComputer<'l> {
         &mut self,
         drv: &Derivation,
     ) -> Result<Vec<(Vec<u8>, Option<StorePath>)>, PathError> {
-        let name = drv.name()?.to_string();
+        let name = drv.name()?;
         let bad_name = |n: &str| PathError::BadName(n.to_string());
         match derivation_type(drv)? {
             DerivationType::Fixed => {

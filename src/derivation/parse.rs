@@ -65,8 +65,13 @@ impl fmt::Display for Found {
     }
 }
 
+/// `b` for an error message: lossy UTF-8, cut short if long (a key can be megabytes).
 fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    const MAX: usize = 120;
+    if b.len() <= MAX {
+        return String::from_utf8_lossy(b).into_owned();
+    }
+    format!("{}… ({} bytes)", String::from_utf8_lossy(&b[..MAX]), b.len())
 }
 
 /// Duplicate detection that costs one comparison per key while keys arrive sorted (as in

@@ -25,7 +25,7 @@ use super::{base32, Derivation};
 /// Why a path computation could not be done.
 #[derive(Debug, Error)]
 pub enum PathError {
-    #[error("the derivation has no `name` environment variable, so its paths cannot be computed")]
+    #[error("the derivation has no `name` environment variable (nor `name` in `__json`), so its paths cannot be computed")]
     NoName,
     #[error("derivation name {0:?} is not valid in a store path")]
     BadName(String),
@@ -160,11 +160,24 @@ impl Derivation {
             .map(|(_, v)| v.as_slice())
     }
 
-    /// The derivation's name: its `name` environment variable, which Nix sets from the
-    /// `name` attribute and uses for the `.drv` file and output names.
-    pub fn name(&self) -> Result<&str, PathError> {
-        let name = self.env_var(b"name").ok_or(PathError::NoName)?;
-        std::str::from_utf8(name).map_err(|_| PathError::BadName(lossy(name)))
+    /// The derivation's name, which Nix uses for the `.drv` file and the output paths: the
+    /// `name` environment variable, or for `__structuredAttrs` derivations (whose
+    /// environment holds only `__json` and the outputs) the `name` field of `__json`.
+    pub fn name(&self) -> Result<String, PathError> {
+        if let Some(name) = self.env_var(b"name") {
+            return std::str::from_utf8(name)
+                .map(str::to_string)
+                .map_err(|_| PathError::BadName(lossy(name)));
+        }
+        let json = self.env_var(b"__json").ok_or(PathError::NoName)?;
+        // Other strings in `__json` may hold invalid UTF-8; replacing those bytes cannot
+        // change a valid name.
+        let value: serde_json::Value = serde_json::from_str(&String::from_utf8_lossy(json))
+            .map_err(|e| PathError::BadName(format!("__json is not valid JSON: {e}")))?;
+        match value.get("name") {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            _ => Err(PathError::NoName),
+        }
     }
 }
 
@@ -388,14 +401,14 @@ pub(crate) fn nix_unparse(
 
 /// The bytes Nix would write for this derivation (its canonical form).
 pub fn canonical_bytes(store_dir: &StoreDir, drv: &Derivation) -> Result<Vec<u8>, PathError> {
-    nix_unparse(store_dir, drv, drv.name()?, false, None)
+    nix_unparse(store_dir, drv, &drv.name()?, false, None)
 }
 
 /// The path of the `.drv` file itself: a text path named `<name>.drv` over the canonical
 /// contents, referencing the input sources and input derivations.
 pub fn drv_path(store_dir: &StoreDir, drv: &Derivation) -> Result<StorePath, PathError> {
     let name = drv.name()?;
-    let contents = nix_unparse(store_dir, drv, name, false, None)?;
+    let contents = nix_unparse(store_dir, drv, &name, false, None)?;
     let mut refs = Vec::with_capacity(drv.input_srcs.len() + drv.input_drvs.len());
     for p in &drv.input_srcs {
         refs.push(store_path(store_dir, "input source", p)?);
