@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-/// Why a NAR could not be written, read, validated or restored.
+/// Why a NAR could not be written, read, validated or restored. I/O causes are kept as the
+/// error's `source()`, not repeated in its message: print with `{:#}` (anyhow) to see them.
 #[derive(Debug, Error)]
 pub enum NarError {
     /// The input is not a NAR in the canonical form `nix-store --dump` writes.
@@ -18,20 +19,20 @@ pub enum NarError {
         kind: NarErrorKind,
     },
     /// Reading the NAR stream failed (not a format problem: the source itself failed).
-    #[error("failed to read the NAR at byte {offset}: {source}")]
+    #[error("failed to read the NAR at byte {offset}")]
     Read { offset: u64, source: io::Error },
     /// Writing the NAR to its destination failed after `offset` bytes.
-    #[error("failed to write the NAR after {offset} bytes: {source}")]
+    #[error("failed to write the NAR after {offset} bytes")]
     Write { offset: u64, source: io::Error },
     /// A file-system operation on the tree being archived failed.
-    #[error("failed to {op} {}: {source}", path.display())]
+    #[error("failed to {op} {}", show_path(path))]
     Fs {
         op: &'static str,
         path: PathBuf,
         source: io::Error,
     },
     /// A file-system operation while restoring failed; `offset` is where the NAR entry starts.
-    #[error("failed to {op} {} (NAR entry at byte {offset}): {source}", path.display())]
+    #[error("failed to {op} {} (NAR entry at byte {offset})", show_path(path))]
     Restore {
         op: &'static str,
         path: PathBuf,
@@ -39,20 +40,26 @@ pub enum NarError {
         source: io::Error,
     },
     /// The tree holds something a NAR cannot represent (socket, fifo, device).
-    #[error("{} is a {kind}, which a NAR cannot hold (only regular files, symlinks and directories); remove it or archive another path", path.display())]
+    #[error("{} is a {kind}, which a NAR cannot hold (only regular files, symlinks and directories); remove it or archive another path", show_path(path))]
     UnsupportedType { path: PathBuf, kind: &'static str },
     /// A regular file got shorter while it was being archived.
-    #[error("{} shrank from {expected} bytes while it was being archived (read only {got}); archive it again once nothing writes to it", path.display())]
+    #[error("{} shrank from {expected} bytes while it was being archived (read only {got}); archive it again once nothing writes to it", show_path(path))]
     FileChanged {
         path: PathBuf,
         expected: u64,
         got: u64,
     },
     /// The tree is nested deeper than [`crate::nar::MAX_DEPTH`], which Kiln would refuse to read.
-    #[error("{} is nested deeper than {max} directories, more than a NAR may hold", path.display())]
+    #[error(
+        "{} is nested deeper than {max} directories, more than a NAR may hold",
+        show_path(path)
+    )]
     TooDeep { path: PathBuf, max: usize },
     /// [`crate::nar::restore`] never overwrites.
-    #[error("restore destination {} already exists; remove it or choose a path that does not exist", path.display())]
+    #[error(
+        "restore destination {} already exists; remove it or choose a path that does not exist",
+        show_path(path)
+    )]
     DestinationExists { path: PathBuf },
 }
 
@@ -89,6 +96,20 @@ pub enum NarErrorKind {
     TooDeep { max: usize },
     #[error("trailing data after the end of the NAR")]
     TrailingData,
+}
+
+/// Show a path in an error message, cutting the middle of very long ones (a NAR nested
+/// thousands of levels deep must not produce a 4 KB error line).
+pub(crate) fn show_path(path: &std::path::Path) -> String {
+    const HALF: usize = 80;
+    let s = path.display().to_string();
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() <= 2 * HALF + 20 {
+        return s;
+    }
+    let head: String = chars[..HALF].iter().collect();
+    let tail: String = chars[chars.len() - HALF..].iter().collect();
+    format!("{head}...({} characters)...{tail}", chars.len() - 2 * HALF)
 }
 
 /// Show bytes from a NAR in an error message: quoted, non-printable bytes escaped, long

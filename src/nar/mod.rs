@@ -15,12 +15,14 @@ mod hashing;
 pub mod narinfo;
 mod read;
 pub mod refs;
+mod restore;
 pub mod signing;
 mod write;
 
 pub use error::{NarError, NarErrorKind};
 pub use hashing::{HashingReader, HashingWriter};
-pub use read::{restore, restore_summary, validate};
+pub use read::validate;
+pub use restore::{restore, restore_summary};
 pub use write::{dump, hash_path};
 
 use crate::derivation::hash::Hash;

@@ -1,6 +1,5 @@
-//! Reading a NAR: [`validate`] checks a stream and returns its hash and size, [`restore`]
-//! recreates the tree in the file system. Both run the same streaming parser, so what
-//! `validate` accepts is exactly what `restore` can write.
+//! The streaming NAR parser behind [`validate`] and [`super::restore`]: both run it, so what
+//! `validate` accepts is exactly what `restore` can write. It hands what it reads to a [`Sink`].
 //!
 //! The parser is an explicit state machine (no recursion: 10 MB of nested directories cannot
 //! overflow the stack), allocates only bounded strings (tags, names up to [`MAX_NAME_LEN`],
@@ -12,12 +11,7 @@
 //! same value after a round trip through the file system, which is what makes `NarHash`
 //! meaningful; see `docs/nar.md`.
 
-use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::io::{self, BufRead, BufReader, Read};
 
 use sha2::{Digest, Sha256};
 
@@ -39,56 +33,9 @@ pub fn validate<R: Read + ?Sized>(input: &mut R) -> Result<NarSummary, NarError>
     Ok(parser.summary())
 }
 
-/// Restore the NAR read from `input` at `dest`, which must not exist. Streams in constant
-/// memory. On error, whatever was already created at `dest` is removed again.
-pub fn restore<R: Read + ?Sized>(input: &mut R, dest: &Path) -> Result<(), NarError> {
-    restore_inner(input, dest, false).map(|_| ())
-}
-
-/// [`restore`], also returning the hash and size of the NAR that was read.
-pub fn restore_summary<R: Read + ?Sized>(
-    input: &mut R,
-    dest: &Path,
-) -> Result<NarSummary, NarError> {
-    restore_inner(input, dest, true)
-}
-
-fn restore_inner<R: Read + ?Sized>(
-    input: &mut R,
-    dest: &Path,
-    hash: bool,
-) -> Result<NarSummary, NarError> {
-    if fs::symlink_metadata(dest).is_ok() {
-        return Err(NarError::DestinationExists {
-            path: dest.to_path_buf(),
-        });
-    }
-    let mut sink = FsSink {
-        dest: dest.to_path_buf(),
-        file: None,
-        created_root: false,
-    };
-    let mut parser = Parser::new(input, hash);
-    match parser.parse(&mut sink) {
-        Ok(()) => Ok(parser.summary()),
-        Err(e) => {
-            sink.file = None;
-            if sink.created_root {
-                // Best effort: the error being reported matters more than a failed cleanup.
-                let _ = match fs::symlink_metadata(dest) {
-                    Ok(m) if m.is_dir() => fs::remove_dir_all(dest),
-                    Ok(_) => fs::remove_file(dest),
-                    Err(_) => Ok(()),
-                };
-            }
-            Err(e)
-        }
-    }
-}
-
 /// Where the parser sends what it reads. `rel` is the entry's path relative to the root,
 /// components joined by `/`, empty for the root; `offset` is where the node starts in the NAR.
-trait Sink {
+pub(crate) trait Sink {
     fn directory(&mut self, rel: &[u8], offset: u64) -> Result<(), NarError>;
     fn file_start(&mut self, rel: &[u8], executable: bool, offset: u64) -> Result<(), NarError>;
     fn file_data(&mut self, data: &[u8], offset: u64) -> Result<(), NarError>;
@@ -112,112 +59,6 @@ impl Sink for NullSink {
     fn file_end(&mut self) {}
     fn symlink(&mut self, _: &[u8], _: &[u8], _: u64) -> Result<(), NarError> {
         Ok(())
-    }
-}
-
-/// Writes the tree under `dest`. Entry names were checked by the parser (no `/`, `.`, `..`,
-/// NUL, no duplicates) and children are only ever created inside directories this sink created,
-/// so nothing can be written outside `dest` or through a symlink.
-struct FsSink {
-    dest: PathBuf,
-    /// The regular file being written.
-    file: Option<(File, PathBuf)>,
-    /// Whether `dest` itself was created (and so may be removed on error).
-    created_root: bool,
-}
-
-impl FsSink {
-    fn path(&self, rel: &[u8]) -> PathBuf {
-        if rel.is_empty() {
-            self.dest.clone()
-        } else {
-            self.dest.join(OsStr::from_bytes(rel))
-        }
-    }
-
-    fn created(
-        &mut self,
-        rel: &[u8],
-        path: &Path,
-        result: io::Result<()>,
-        op: &'static str,
-        offset: u64,
-    ) -> Result<(), NarError> {
-        match result {
-            Ok(()) => {
-                if rel.is_empty() {
-                    self.created_root = true;
-                }
-                Ok(())
-            }
-            Err(e) if rel.is_empty() && e.kind() == io::ErrorKind::AlreadyExists => {
-                Err(NarError::DestinationExists {
-                    path: path.to_path_buf(),
-                })
-            }
-            Err(source) => Err(NarError::Restore {
-                op,
-                path: path.to_path_buf(),
-                offset,
-                source,
-            }),
-        }
-    }
-}
-
-impl Sink for FsSink {
-    fn directory(&mut self, rel: &[u8], offset: u64) -> Result<(), NarError> {
-        let path = self.path(rel);
-        let result = fs::create_dir(&path);
-        self.created(rel, &path, result, "create directory", offset)
-    }
-
-    fn file_start(&mut self, rel: &[u8], executable: bool, offset: u64) -> Result<(), NarError> {
-        let path = self.path(rel);
-        let result = OpenOptions::new().write(true).create_new(true).open(&path);
-        let file = match result {
-            Ok(f) => {
-                self.created(rel, &path, Ok(()), "create file", offset)?;
-                f
-            }
-            Err(e) => return self.created(rel, &path, Err(e), "create file", offset),
-        };
-        if executable {
-            // As Nix: keep the mode the umask gave and add every execute bit.
-            let err = |source| NarError::Restore {
-                op: "make executable",
-                path: path.clone(),
-                offset,
-                source,
-            };
-            let mode = file.metadata().map_err(err)?.permissions().mode();
-            file.set_permissions(fs::Permissions::from_mode(mode | 0o111))
-                .map_err(err)?;
-        }
-        self.file = Some((file, path));
-        Ok(())
-    }
-
-    fn file_data(&mut self, data: &[u8], offset: u64) -> Result<(), NarError> {
-        if let Some((file, path)) = &mut self.file {
-            file.write_all(data).map_err(|source| NarError::Restore {
-                op: "write",
-                path: path.clone(),
-                offset,
-                source,
-            })?;
-        }
-        Ok(())
-    }
-
-    fn file_end(&mut self) {
-        self.file = None;
-    }
-
-    fn symlink(&mut self, rel: &[u8], target: &[u8], offset: u64) -> Result<(), NarError> {
-        let path = self.path(rel);
-        let result = std::os::unix::fs::symlink(OsStr::from_bytes(target), &path);
-        self.created(rel, &path, result, "create symlink", offset)
     }
 }
 
@@ -266,7 +107,7 @@ struct Frame {
     prev: Option<Vec<u8>>,
 }
 
-struct Parser<R: Read> {
+pub(crate) struct Parser<R: Read> {
     input: BufReader<R>,
     /// Bytes of NAR consumed so far: the offset of the next byte.
     pos: u64,
@@ -276,7 +117,7 @@ struct Parser<R: Read> {
 }
 
 impl<R: Read> Parser<R> {
-    fn new(input: R, hash: bool) -> Self {
+    pub(crate) fn new(input: R, hash: bool) -> Self {
         Parser {
             input: BufReader::with_capacity(BUF_SIZE, input),
             pos: 0,
@@ -285,7 +126,7 @@ impl<R: Read> Parser<R> {
         }
     }
 
-    fn summary(self) -> NarSummary {
+    pub(crate) fn summary(self) -> NarSummary {
         let bytes = self
             .hasher
             .map(|h| h.finalize().to_vec())
@@ -304,7 +145,7 @@ impl<R: Read> Parser<R> {
     }
 
     /// Read the whole NAR into `sink`, then make sure nothing follows it.
-    fn parse(&mut self, sink: &mut dyn Sink) -> Result<(), NarError> {
+    pub(crate) fn parse(&mut self, sink: &mut dyn Sink) -> Result<(), NarError> {
         self.magic()?;
         let mut rel: Vec<u8> = Vec::new();
         let mut stack: Vec<Frame> = Vec::new();

@@ -1,0 +1,422 @@
+//! Golden tests against the real Nix 2.8 (Debian `nix-bin`), run offline as root with a private
+//! `NIX_CONF_DIR`. They pin down that Kiln's NARs, NAR hashes, restores, narinfos and
+//! signatures are the same as Nix's to the byte, through the library and through the real
+//! `kiln` binary. They fail (never skip) when Nix is missing.
+
+#[path = "nar_common.rs"]
+mod nar_common;
+
+use std::ffi::OsStr;
+use std::io::{Cursor, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use kiln::nar::narinfo::NarInfo;
+use kiln::nar::refs::RefScanner;
+use kiln::nar::signing::{PublicKey, SecretKey};
+use kiln::nar::{self};
+use nar_common::{nix, read_tree, run, tree, write_tree};
+use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
+
+fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+/// A tree with every kind of entry a NAR can hold.
+fn every_kind_tree(root: &Path) {
+    std::fs::create_dir(root).unwrap();
+    let w = |rel: &str, data: &[u8], mode: u32| {
+        let p = root.join(rel);
+        std::fs::write(&p, data).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    w("regular", b"plain file\n", 0o644);
+    w("executable", b"#!/bin/sh\necho hi\n", 0o755);
+    w("owner-exec-only", b"x", 0o700);
+    w("group-exec-only", b"not executable for Nix", 0o654);
+    w("empty", b"", 0o644);
+    w("seven", b"1234567", 0o644);
+    w("eight", b"12345678", 0o644);
+    std::os::unix::fs::symlink("regular", root.join("link-relative")).unwrap();
+    std::os::unix::fs::symlink(
+        "/nix/store/does-not-exist/bin/sh",
+        root.join("link-absolute"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("../../nowhere", root.join("link-dangling")).unwrap();
+    std::os::unix::fs::symlink("sub", root.join("link-to-dir")).unwrap();
+    std::fs::create_dir_all(root.join("sub/deeper/deepest")).unwrap();
+    std::fs::write(root.join("sub/deeper/deepest/leaf"), b"leaf").unwrap();
+    std::fs::create_dir(root.join("sub/empty-dir")).unwrap();
+    std::fs::create_dir(root.join("empty-dir")).unwrap();
+    for name in [
+        &b"with space"[..],
+        b"new\nline",
+        b"tab\there",
+        b"\xff\xfe invalid utf-8",
+        "caf\u{e9} \u{1f525}".as_bytes(),
+        b"-starts-with-dash",
+        b".hidden",
+        b"back\\slash",
+        b"Z-upper",
+        b"a-lower",
+        b"\x01control",
+        &[b'n'; 255],
+    ] {
+        std::fs::write(root.join(OsStr::from_bytes(name)), name).unwrap();
+    }
+    // Multi-MB and not a multiple of the 128 KiB buffers or of 8.
+    let big: Vec<u8> = (0..3_000_005u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(root.join("sub/big"), big).unwrap();
+}
+
+fn nix_dump(path: &Path) -> Vec<u8> {
+    run(nix("nix-store").arg("--dump").arg(path)).stdout
+}
+
+fn kiln_dump_bin(path: &Path) -> Vec<u8> {
+    run(kiln().args(["nar", "dump"]).arg(path)).stdout
+}
+
+fn lib_dump(path: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    nar::dump(path, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn dump_equals_nix_store_dump_for_every_entry_kind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("tree");
+    every_kind_tree(&root);
+    let mut roots: Vec<PathBuf> = vec![root.clone()];
+    for e in std::fs::read_dir(&root).unwrap() {
+        roots.push(e.unwrap().path());
+    }
+    roots.push(root.join("sub/big"));
+    for path in &roots {
+        let expected = nix_dump(path);
+        assert!(
+            lib_dump(path) == expected,
+            "library NAR of {} differs from nix-store --dump",
+            path.display()
+        );
+        assert!(
+            kiln_dump_bin(path) == expected,
+            "`kiln nar dump {}` differs from nix-store --dump",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn dump_equals_nix_store_dump_for_generated_trees() {
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 12,
+        ..ProptestConfig::default()
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    runner
+        .run(&tree(), |node| {
+            let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = tmp.path().join(i.to_string());
+            write_tree(&path, &node);
+            prop_assert!(
+                lib_dump(&path) == nix_dump(&path),
+                "NAR of {} differs",
+                path.display()
+            );
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn nar_hash_equals_nix_hash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("tree");
+    every_kind_tree(&root);
+    for path in [
+        root.clone(),
+        root.join("regular"),
+        root.join("link-dangling"),
+    ] {
+        let nix_out = run(nix("nix-hash")
+            .args(["--type", "sha256", "--base32"])
+            .arg(&path))
+        .stdout;
+        let expected = format!("sha256:{}", String::from_utf8(nix_out).unwrap());
+        let got = String::from_utf8(run(kiln().args(["nar", "hash"]).arg(&path)).stdout).unwrap();
+        assert_eq!(got, expected, "{}", path.display());
+        assert_eq!(
+            nar::hash_path(&path).unwrap().nar_hash.to_string(),
+            expected.trim()
+        );
+    }
+}
+
+#[test]
+fn restores_agree_with_nix_both_ways() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("tree");
+    every_kind_tree(&root);
+    let original = read_tree(&root);
+
+    // Nix restores Kiln's NAR.
+    let kiln_nar = lib_dump(&root);
+    let by_nix = tmp.path().join("by-nix");
+    let mut child = nix("nix-store")
+        .arg("--restore")
+        .arg(&by_nix)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&kiln_nar).unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "nix-store --restore failed"
+    );
+    assert_eq!(read_tree(&by_nix), original);
+
+    // Kiln (the binary) restores Nix's NAR.
+    let nix_nar = nix_dump(&root);
+    let by_kiln = tmp.path().join("by-kiln");
+    let mut child = kiln()
+        .args(["nar", "restore"])
+        .arg(&by_kiln)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&nix_nar).unwrap();
+    assert!(child.wait().unwrap().success(), "kiln nar restore failed");
+    assert_eq!(read_tree(&by_kiln), original);
+    assert!(nix_dump(&by_kiln) == nix_nar);
+}
+
+/// Build (offline) an input-addressed store path with two references and a deriver: unlike a
+/// content-addressed path, Nix checks its signatures.
+fn input_addressed_path() -> PathBuf {
+    let tmp = tempfile::tempdir().unwrap();
+    let expr = tmp.path().join("golden.nix");
+    std::fs::write(
+        &expr,
+        r#"let
+  a = builtins.toFile "kiln-golden-ref-a" "a";
+  b = builtins.toFile "kiln-golden-ref-b" "b";
+in derivation {
+  name = "kiln-golden-signed";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "/bin/mkdir $out; echo ${b} > $out/ref; /bin/ln -s ${a} $out/link; echo data > $out/data" ];
+}
+"#,
+    )
+    .unwrap();
+    let out = run(nix("nix-build").arg(&expr).arg("--no-out-link")).stdout;
+    PathBuf::from(String::from_utf8(out).unwrap().trim())
+}
+
+fn base_name(p: &str) -> String {
+    p.trim().rsplit('/').next().unwrap().to_string()
+}
+
+/// A narinfo for `path`, everything computed by Kiln except the deriver (which only the store
+/// database knows): NAR, hashes, and references found by scanning the NAR for every hash part
+/// in /nix/store. Returns the narinfo and the (uncompressed) NAR.
+fn kiln_narinfo(path: &Path) -> (NarInfo, Vec<u8>) {
+    let candidates: Vec<String> = std::fs::read_dir("/nix/store")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.get(..32))
+                .map(str::to_string)
+        })
+        .collect();
+    let mut scanner = RefScanner::new(candidates);
+    let nar_bytes = lib_dump(path);
+    scanner.write_all(&nar_bytes).unwrap();
+    let summary = nar::validate(&mut Cursor::new(&nar_bytes)).unwrap();
+    let found = scanner.into_found();
+    let mut references: Vec<String> = std::fs::read_dir("/nix/store")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".drv") && n.get(..32).is_some_and(|h| found.contains(h)))
+        .collect();
+    references.sort();
+    let deriver = run(nix("nix-store").args(["-q", "--deriver"]).arg(path)).stdout;
+    let info = NarInfo {
+        store_path: path.to_str().unwrap().to_string(),
+        url: format!("nar/{}.nar", summary.nar_hash.to_base32()),
+        compression: "none".into(),
+        file_hash: Some(summary.nar_hash.clone()),
+        file_size: Some(summary.nar_size),
+        nar_hash: summary.nar_hash,
+        nar_size: summary.nar_size,
+        references,
+        deriver: Some(base_name(&String::from_utf8(deriver).unwrap())),
+        system: None,
+        sigs: Vec::new(),
+        ca: None,
+    };
+    (info, nar_bytes)
+}
+
+/// Write a `file://` binary cache holding one narinfo and its NAR.
+fn write_cache(dir: &Path, info: &NarInfo, nar_bytes: &[u8]) {
+    std::fs::create_dir_all(dir.join("nar")).unwrap();
+    std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    std::fs::write(dir.join(&info.url), nar_bytes).unwrap();
+    let hash = base_name(&info.store_path)[..32].to_string();
+    std::fs::write(dir.join(format!("{hash}.narinfo")), info.to_string()).unwrap();
+}
+
+fn nix_store_verify(cache: &Path, key: &PublicKey, path: &Path) -> std::process::Output {
+    nix("nix")
+        .args(["store", "verify", "--store"])
+        .arg(format!("file://{}", cache.display()))
+        .arg("--trusted-public-keys")
+        .arg(key.to_string())
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn nix_accepts_kiln_signatures_and_refuses_bad_ones() {
+    let path = input_addressed_path();
+    let (mut info, nar_bytes) = kiln_narinfo(&path);
+    assert_eq!(
+        info.references.len(),
+        2,
+        "the golden path has two references: {info:?}"
+    );
+    let key = SecretKey::generate("kiln-golden-1").unwrap();
+    info.sign(&key).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+
+    let good = tmp.path().join("good");
+    write_cache(&good, &info, &nar_bytes);
+    let out = nix_store_verify(&good, &key.to_public(), &path);
+    assert!(
+        out.status.success(),
+        "nix store verify refused Kiln's signature:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Same key name, other key: Nix must refuse, or the test above proves nothing.
+    let impostor = SecretKey::generate("kiln-golden-1").unwrap();
+    let mut forged = info.clone();
+    forged.sigs.clear();
+    forged.sign(&impostor).unwrap();
+    let bad = tmp.path().join("forged");
+    write_cache(&bad, &forged, &nar_bytes);
+    let out = nix_store_verify(&bad, &key.to_public(), &path);
+    assert!(
+        !out.status.success(),
+        "nix store verify accepted a signature by another key"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("untrusted"));
+
+    // A signature over a different fingerprint (one reference dropped) is refused too.
+    let mut tampered = info.clone();
+    tampered.references.pop();
+    tampered.sigs.clear();
+    tampered.sign(&key).unwrap();
+    tampered.references = info.references.clone();
+    let bad = tmp.path().join("tampered");
+    write_cache(&bad, &tampered, &nar_bytes);
+    assert!(!nix_store_verify(&bad, &key.to_public(), &path)
+        .status
+        .success());
+}
+
+#[test]
+fn kiln_verifies_nix_signatures_and_signs_identically() {
+    let path = input_addressed_path();
+    let tmp = tempfile::tempdir().unwrap();
+    let secret =
+        run(nix("nix").args(["key", "generate-secret", "--key-name", "nix-golden-1"])).stdout;
+    let secret = String::from_utf8(secret).unwrap();
+    let sk_file = tmp.path().join("secret");
+    std::fs::write(&sk_file, &secret).unwrap();
+    let public = String::from_utf8(
+        run(nix("nix")
+            .args(["key", "convert-secret-to-public"])
+            .stdin(std::fs::File::open(&sk_file).unwrap()))
+        .stdout,
+    )
+    .unwrap();
+    let pk_file = tmp.path().join("public");
+    std::fs::write(&pk_file, &public).unwrap();
+    // Kiln derives the same public key from Nix's secret key.
+    assert_eq!(
+        SecretKey::parse(&secret).unwrap().to_public().to_string(),
+        public.trim()
+    );
+
+    let cache = tmp.path().join("cache");
+    run(nix("nix")
+        .args(["copy", "--to"])
+        .arg(format!(
+            "file://{}?secret-key={}&compression=none",
+            cache.display(),
+            sk_file.display()
+        ))
+        .arg(&path));
+    let hash = &base_name(path.to_str().unwrap())[..32];
+    let narinfo_file = cache.join(format!("{hash}.narinfo"));
+    let nix_text = std::fs::read_to_string(&narinfo_file).unwrap();
+
+    // `kiln narinfo verify` accepts it, with the key inline or in a file.
+    for key in [
+        public.trim().to_string(),
+        pk_file.to_str().unwrap().to_string(),
+    ] {
+        let out = run(kiln()
+            .args(["narinfo", "verify"])
+            .arg(&narinfo_file)
+            .arg("--key")
+            .arg(&key));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("good signature by nix-golden-1"));
+    }
+    // ... and refuses a tampered copy, with a message.
+    let tampered_file = tmp.path().join("tampered.narinfo");
+    std::fs::write(&tampered_file, nix_text.replace("NarSize: ", "NarSize: 1")).unwrap();
+    let out = kiln()
+        .args(["narinfo", "verify"])
+        .arg(&tampered_file)
+        .arg("--key")
+        .arg(public.trim())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no signature"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Parsing and printing Nix's narinfo gives it back byte for byte; Kiln's own narinfo for the
+    // same path, signed with the same key, is identical to Nix's (ed25519 is deterministic).
+    let parsed = NarInfo::parse(&nix_text).unwrap();
+    assert_eq!(parsed.to_string(), nix_text);
+    let (mut ours, nar_bytes) = kiln_narinfo(&path);
+    ours.sign(&SecretKey::parse(&secret).unwrap()).unwrap();
+    assert_eq!(
+        ours.to_string(),
+        nix_text,
+        "Kiln's narinfo differs from Nix's"
+    );
+    assert_eq!(ours.sigs, parsed.sigs);
+    assert!(std::fs::read(cache.join(&ours.url)).unwrap() == nar_bytes);
+    assert!(ours.verify(&[PublicKey::parse(&public).unwrap()]));
+}
