@@ -67,7 +67,7 @@ pub struct Hash {
 }
 
 /// Why a hash string could not be parsed.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum HashParseError {
     #[error("unknown hash algorithm {0:?} (expected md5, sha1, sha256 or sha512)")]
     UnknownAlgo(String),

@@ -5,9 +5,27 @@
 //! This module compiles without the coordinator's dependencies: the agent uses it.
 
 pub mod base32;
+mod check;
+pub mod cli;
 pub mod hash;
+mod json;
+mod modulo;
+mod output;
+mod parse;
+pub mod paths;
+mod print;
+pub mod store_path;
 
+pub use check::{check, CheckReport};
 pub use hash::{Hash, HashAlgo};
+pub use modulo::{DrvHash, DrvHashKind, Loader, PathComputer};
+pub use output::{FileIngestionMethod, OutputError, OutputKind};
+pub use parse::{Found, ParseError, ParseErrorKind};
+pub use paths::{
+    canonical_bytes, derivation_type, drv_path, hash_placeholder, make_fixed_output_path,
+    make_output_path, make_store_path, make_text_path, DerivationType, PathError,
+};
+pub use store_path::{StoreDir, StorePath, StorePathError};
 
 /// One output of a derivation, as the three strings of the `.drv` tuple
 /// `("name","path","hashAlgo","hash")`. Kept raw so printing is byte-exact; see
@@ -36,4 +54,6 @@ pub struct Derivation {
     /// Environment, name -> value.
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
 }
-pub mod cli;
+
+#[cfg(test)]
+mod proptests;
