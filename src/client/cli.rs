@@ -65,6 +65,10 @@ pub struct SubmitArgs {
     /// A `key=value` tag on every submitted build (repeatable).
     #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
     pub tags: Vec<(String, String)>,
+    /// Build only the named derivations; by default every input derivation with an output the
+    /// coordinator lacks is built too.
+    #[arg(long)]
+    pub only_targets: bool,
     #[command(flatten)]
     pub opts: ClientOpts,
 }
@@ -168,6 +172,7 @@ fn submit_cmd(a: SubmitArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     let options = SubmitOptions {
         priority: a.priority,
         tags: a.tags,
+        only_targets: a.only_targets,
     };
     let submitted = submit::submit_files(&client, a.store_dir.as_deref(), &a.drvs, &options)?;
     if a.opts.json {
