@@ -219,6 +219,7 @@ fn specs(opts: &GraphOptions) -> Vec<Spec> {
     let mut prev: Vec<String> = Vec::new();
     for layer in 0..layers {
         let mut this = Vec::new();
+        let mut layer_specs = Vec::new();
         for i in 0..width {
             let name = format!("layer{layer}-{i}");
             let mut inputs = Vec::new();
@@ -233,9 +234,19 @@ fn specs(opts: &GraphOptions) -> Vec<Spec> {
             if layer == 1 && i == 0 {
                 inputs.push(out_of("multi"));
             }
-            specs.push(Spec::new(name.clone(), inputs));
+            layer_specs.push(Spec::new(name.clone(), inputs));
             this.push(name);
         }
+        // Every derivation of the layer before is used by one of this layer, so that the last
+        // derivation's closure is the whole graph.
+        for p in &prev {
+            let used = layer_specs.iter().any(|s| s.inputs.iter().any(|(n, _)| n == p));
+            if !used {
+                let k = rng.between(0, layer_specs.len() as u64 - 1) as usize;
+                layer_specs[k].inputs.push(out_of(p));
+            }
+        }
+        specs.extend(layer_specs);
         prev = this;
     }
     let first = "layer0-0".to_string();

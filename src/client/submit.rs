@@ -342,3 +342,82 @@ impl Read for ChannelReader {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::graph::{generate, GraphOptions};
+
+    #[test]
+    fn closure_of_the_last_derivation_finds_every_input_drv_and_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let graph = generate(&dir.path().join("store"), &GraphOptions::default()).unwrap();
+        let last = graph.get("final").unwrap();
+        let target = graph.store_dir.parse_path(last.drv_path.as_bytes()).unwrap();
+        let closure = collect_closure(&graph.store_dir, &[target]).unwrap();
+        let got: BTreeSet<&str> = closure.drvs.iter().map(|d| d.path.as_str()).collect();
+        let want: BTreeSet<&str> = graph.drvs.iter().map(|d| d.drv_path.as_str()).collect();
+        assert_eq!(got, want);
+        assert_eq!(closure.sources, BTreeSet::from([graph.builder.clone()]));
+        // Inputs come before the derivations that use them.
+        let pos: std::collections::HashMap<&str, usize> =
+            closure.drvs.iter().enumerate().map(|(i, d)| (d.path.as_str(), i)).collect();
+        for d in &closure.drvs {
+            for (input, _) in &d.drv.input_drvs {
+                assert!(pos[String::from_utf8_lossy(input).as_ref()] < pos[d.path.as_str()]);
+            }
+        }
+        assert_eq!(closure.drvs.last().unwrap().path, last.drv_path);
+    }
+
+    #[test]
+    fn closure_of_a_middle_derivation_is_only_its_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let graph = generate(&dir.path().join("store"), &GraphOptions::default()).unwrap();
+        let bottom = graph.get("diamond-bottom").unwrap();
+        let target = graph.store_dir.parse_path(bottom.drv_path.as_bytes()).unwrap();
+        let closure = collect_closure(&graph.store_dir, &[target.clone(), target]).unwrap();
+        let mut names: Vec<String> = closure
+            .drvs
+            .iter()
+            .map(|d| d.drv.name().unwrap().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["diamond-bottom", "diamond-left", "diamond-right", "diamond-top", "layer0-0"]);
+    }
+
+    #[test]
+    fn a_missing_input_drv_names_the_file_and_who_needs_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let graph = generate(&dir.path().join("store"), &GraphOptions::default()).unwrap();
+        let top = graph.get("diamond-top").unwrap();
+        std::fs::remove_file(&top.drv_path).unwrap();
+        let left = graph.get("diamond-left").unwrap();
+        let target = graph.store_dir.parse_path(left.drv_path.as_bytes()).unwrap();
+        let err = format!("{:#}", collect_closure(&graph.store_dir, &[target]).unwrap_err());
+        assert!(err.contains(&top.drv_path) && err.contains(&left.drv_path), "{err}");
+        assert!(err.contains("--store-dir"), "{err}");
+    }
+
+    #[test]
+    fn source_references_are_found_by_scanning_its_nar() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path()).unwrap();
+        let a = format!("{}/{}-a", store, "0".repeat(32));
+        let b = format!("{}/{}-b", store, "1".repeat(32));
+        std::fs::write(&a, format!("see {b}\n")).unwrap();
+        std::fs::write(&b, "nothing\n").unwrap();
+        let by_hash = BTreeMap::from([("0".repeat(32), a.clone()), ("1".repeat(32), b.clone())]);
+        let (hash, refs) = scan_source(Path::new(&a), &"0".repeat(32), &by_hash).unwrap();
+        assert_eq!(refs, vec![b.clone()]);
+        assert_eq!(hash, crate::nar::hash_path(Path::new(&a)).unwrap().nar_hash.to_string());
+        // The streamed NAR is the NAR.
+        let mut streamed = Vec::new();
+        nar_stream(PathBuf::from(&a)).read_to_end(&mut streamed).unwrap();
+        let mut direct = Vec::new();
+        crate::nar::dump(Path::new(&a), &mut direct).unwrap();
+        assert_eq!(streamed, direct);
+        let err = nar_stream(dir.path().join("absent")).read_to_end(&mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("absent"), "{err}");
+    }
+}
