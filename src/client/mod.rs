@@ -6,11 +6,13 @@
 //! - [`cli`]: the clap commands and what they print ([`render`] formats the human output).
 //! - [`submit`]: reads a `.drv` closure and its sources from the store dir and submits it.
 //! - [`graph`]: generates graphs of derivations with correct store paths.
-//! - [`demo`]: `kiln demo`, a coordinator and two agents on a temporary directory.
+//! - [`demo`]: `kiln demo`, a coordinator and two agents on a temporary directory; [`procs`]
+//!   cleans up its child processes and directory.
 
 pub mod cli;
 pub mod demo;
 pub mod graph;
 pub mod http;
+pub mod procs;
 pub mod render;
 pub mod submit;
