@@ -13,7 +13,9 @@ use anyhow::Context as _;
 use super::http::{Client, DEFAULT_COORDINATOR};
 use super::render;
 use super::submit::{self, SubmitOptions};
-use crate::protocol::{AgentCreated, AgentInfo, BuildDetail, BuildId, BuildState, BuildSummary, NewAgent};
+use crate::protocol::{
+    AgentCreated, AgentInfo, BuildDetail, BuildId, BuildState, BuildSummary, NewAgent,
+};
 
 /// Options every client command takes.
 #[derive(clap::Args, Debug, Clone)]
@@ -133,14 +135,19 @@ pub struct AgentsArgs {
 fn parse_tag(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("tag {s:?} is not KEY=VALUE (e.g. --tag branch=master)")),
+        _ => Err(format!(
+            "tag {s:?} is not KEY=VALUE (e.g. --tag branch=master)"
+        )),
     }
 }
 
 fn parse_state(s: &str) -> Result<BuildState, String> {
     BuildState::parse(s).ok_or_else(|| {
         let all: Vec<&str> = BuildState::ALL.iter().map(|s| s.as_str()).collect();
-        format!("unknown build state {s:?}: expected one of {}", all.join(", "))
+        format!(
+            "unknown build state {s:?}: expected one of {}",
+            all.join(", ")
+        )
     })
 }
 
@@ -266,13 +273,20 @@ fn agent_new_cmd(a: NewAgentArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
         writeln!(out, "id: {}", created.id)?;
         writeln!(out, "name: {}", created.name)?;
         writeln!(out, "secret: {}", created.secret)?;
-        writeln!(out, "(the secret is shown only once: store it for kiln-agent --secret-file)")?;
+        writeln!(
+            out,
+            "(the secret is shown only once: store it for kiln-agent --secret-file)"
+        )?;
     }
     Ok(0)
 }
 
 /// `POST /api/v1/agents`.
-pub fn create_agent(client: &Client, name: &str, systems: &[String]) -> anyhow::Result<AgentCreated> {
+pub fn create_agent(
+    client: &Client,
+    name: &str,
+    systems: &[String],
+) -> anyhow::Result<AgentCreated> {
     let body = NewAgent {
         name: name.to_string(),
         systems: systems.to_vec(),
@@ -294,7 +308,8 @@ pub fn write_secret(file: &Path, secret: &str) -> anyhow::Result<()> {
     f.set_permissions(std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("failed to set mode 0600 on {}", file.display()))?;
     // No trailing newline: the file holds exactly the secret, whether or not its reader trims.
-    f.write_all(secret.as_bytes()).with_context(|| format!("failed to write secret file {}", file.display()))?;
+    f.write_all(secret.as_bytes())
+        .with_context(|| format!("failed to write secret file {}", file.display()))?;
     Ok(())
 }
 
@@ -338,6 +353,9 @@ mod tests {
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
         write_secret(&f, "abc").unwrap();
         assert_eq!(std::fs::read_to_string(&f).unwrap(), "abc");
-        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

@@ -97,7 +97,8 @@ fn run_in(args: &DemoArgs, dir: &Path, procs: &mut Processes) -> anyhow::Result<
     let bins = find_binaries(std::env::var_os("KILN_BIN_DIR"))?;
     let store = dir.join("store");
     let state = dir.join("state");
-    std::fs::create_dir_all(&store).with_context(|| format!("failed to create {}", store.display()))?;
+    std::fs::create_dir_all(&store)
+        .with_context(|| format!("failed to create {}", store.display()))?;
     let config = dir.join("coordinator.toml");
     write_config(&config, &state, &store)?;
 
@@ -108,21 +109,31 @@ fn run_in(args: &DemoArgs, dir: &Path, procs: &mut Processes) -> anyhow::Result<
         .arg(&config)
         .arg("--state-dir")
         .arg(&state)
-        .args(["--listen", "127.0.0.1:0", "--client-listen", "127.0.0.1:0", "--ready-file"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--client-listen",
+            "127.0.0.1:0",
+            "--ready-file",
+        ])
         .arg(&ready_file);
     procs.spawn("the coordinator", cmd, &dir.join("coordinator.log"))?;
     let ready = wait_for_ready(&ready_file, procs)?;
     let coordinator = format!("http://{}", ready.client_listen);
     let client = Client::new(&coordinator, std::env::var("KILN_TOKEN").ok());
-    status(&format!("coordinator at {coordinator} (agents: http://{})", ready.listen));
+    status(&format!(
+        "coordinator at {coordinator} (agents: http://{})",
+        ready.listen
+    ));
 
     let system = graph::default_system();
     for (i, name) in AGENTS.iter().enumerate() {
-        let created = create_agent(&client, name, &[system.clone()])?;
+        let created = create_agent(&client, name, std::slice::from_ref(&system))?;
         let secret = dir.join(format!("{name}.secret"));
         write_secret(&secret, &created.secret)?;
         let agent_state = dir.join(format!("agent-{}", i + 1));
-        std::fs::create_dir_all(&agent_state).with_context(|| format!("failed to create {}", agent_state.display()))?;
+        std::fs::create_dir_all(&agent_state)
+            .with_context(|| format!("failed to create {}", agent_state.display()))?;
         let mut cmd = Command::new(&bins.agent);
         cmd.arg("--coordinator")
             .arg(format!("http://{}", ready.listen))
@@ -144,13 +155,26 @@ fn run_in(args: &DemoArgs, dir: &Path, procs: &mut Processes) -> anyhow::Result<
         ..GraphOptions::default()
     };
     let graph = graph::generate(&store, &opts)?;
-    let unknown: Vec<&String> = args.fail.iter().filter(|n| graph.get(n).is_none()).collect();
+    let unknown: Vec<&String> = args
+        .fail
+        .iter()
+        .filter(|n| graph.get(n).is_none())
+        .collect();
     anyhow::ensure!(
         unknown.is_empty(),
         "--fail names {unknown:?}, which are not in the demo graph: pick from {}",
-        graph.drvs.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+        graph
+            .drvs
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    status(&format!("submitting {} derivations from {}", graph.drvs.len(), store.display()));
+    status(&format!(
+        "submitting {} derivations from {}",
+        graph.drvs.len(),
+        store.display()
+    ));
 
     let started = Instant::now();
     let targets = graph
@@ -159,7 +183,12 @@ fn run_in(args: &DemoArgs, dir: &Path, procs: &mut Processes) -> anyhow::Result<
         .map(|p| graph.store_dir.parse_path(p.as_bytes()))
         .collect::<Result<Vec<StorePath>, _>>()
         .context("the generated graph has a path outside its store")?;
-    let submitted = submit::submit(&client, &graph.store_dir, &targets, &SubmitOptions::default())?;
+    let submitted = submit::submit(
+        &client,
+        &graph.store_dir,
+        &targets,
+        &SubmitOptions::default(),
+    )?;
     let deadline = started + Duration::from_secs(args.timeout);
     let counts = watch(&client, &graph, &submitted.builds, procs, deadline, args)?;
     let seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
@@ -171,14 +200,27 @@ fn run_in(args: &DemoArgs, dir: &Path, procs: &mut Processes) -> anyhow::Result<
         coordinator,
     };
     if args.json {
-        println!("{}", serde_json::to_string(&summary).context("failed to encode the summary")?);
+        println!(
+            "{}",
+            serde_json::to_string(&summary).context("failed to encode the summary")?
+        );
     } else {
         if counts.blocked > 0 {
-            eprintln!("kiln demo: {} builds stay blocked behind failed inputs (see `kiln build show ID`)", counts.blocked);
+            eprintln!(
+                "kiln demo: {} builds stay blocked behind failed inputs (see `kiln build show ID`)",
+                counts.blocked
+            );
         }
-        println!("{} built, {} failed in {:.1} s", summary.built, summary.failed, summary.seconds);
+        println!(
+            "{} built, {} failed in {:.1} s",
+            summary.built, summary.failed, summary.seconds
+        );
     }
-    Ok(if counts.failed == 0 && counts.canceled == 0 { 0 } else { 1 })
+    Ok(if counts.failed == 0 && counts.canceled == 0 {
+        0
+    } else {
+        1
+    })
 }
 
 /// A progress line on stderr, in both modes: `--json` only changes what goes to stdout.
@@ -220,9 +262,12 @@ fn find_binaries(bin_dir: Option<std::ffi::OsString>) -> anyhow::Result<Binaries
 }
 
 fn toml_str(s: &Path) -> anyhow::Result<String> {
-    let s = s
-        .to_str()
-        .with_context(|| format!("path {} is not UTF-8 and cannot go into the TOML config", s.display()))?;
+    let s = s.to_str().with_context(|| {
+        format!(
+            "path {} is not UTF-8 and cannot go into the TOML config",
+            s.display()
+        )
+    })?;
     Ok(toml::Value::String(s.to_string()).to_string())
 }
 
@@ -320,13 +365,18 @@ fn watch(
     deadline: Instant,
     args: &DemoArgs,
 ) -> anyhow::Result<Counts> {
-    let by_drv: BTreeMap<&str, &graph::GraphDrv> = graph.drvs.iter().map(|d| (d.drv_path.as_str(), d)).collect();
+    let by_drv: BTreeMap<&str, &graph::GraphDrv> = graph
+        .drvs
+        .iter()
+        .map(|d| (d.drv_path.as_str(), d))
+        .collect();
     let doomed: BTreeSet<BuildId> = submitted
         .iter()
         .filter(|b| by_drv.get(b.drv_path.as_str()).is_some_and(|d| d.blocked))
         .map(|b| b.id)
         .collect();
-    let mut states: HashMap<BuildId, BuildState> = submitted.iter().map(|b| (b.id, b.state)).collect();
+    let mut states: HashMap<BuildId, BuildState> =
+        submitted.iter().map(|b| (b.id, b.state)).collect();
     let mut last: Option<Counts> = None;
     loop {
         for b in list_builds(client, None, None)? {
@@ -395,7 +445,12 @@ mod tests {
     fn config_is_valid_for_the_coordinator() {
         let dir = TempDir::new("kiln-demo-test").unwrap();
         let file = dir.path().join("c.toml");
-        write_config(&file, &dir.path().join("st\"ate"), &dir.path().join("store")).unwrap();
+        write_config(
+            &file,
+            &dir.path().join("st\"ate"),
+            &dir.path().join("store"),
+        )
+        .unwrap();
         let config = crate::config::Config::load(Some(&file)).unwrap();
         assert_eq!(config.state_dir, dir.path().join("st\"ate"));
         assert_eq!(config.store_dir, Some(dir.path().join("store")));
@@ -407,7 +462,10 @@ mod tests {
     #[test]
     fn missing_binaries_say_how_to_build_them() {
         let dir = TempDir::new("kiln-demo-test").unwrap();
-        let err = find_binaries(Some(dir.path().into())).err().unwrap().to_string();
+        let err = find_binaries(Some(dir.path().into()))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("cargo build --workspace"), "{err}");
         assert!(err.contains("KILN_BIN_DIR"), "{err}");
     }

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 
 use crate::derivation::{
-    canonical_bytes, drv_path, make_text_path, Derivation, DerivationOutput, PathComputer, StoreDir,
-    StorePath,
+    canonical_bytes, drv_path, make_text_path, Derivation, DerivationOutput, PathComputer,
+    StoreDir, StorePath,
 };
 
 /// The bytes of the environment value that is not valid UTF-8 (`bytes-env`'s `payload`).
@@ -240,7 +240,9 @@ fn specs(opts: &GraphOptions) -> Vec<Spec> {
         // Every derivation of the layer before is used by one of this layer, so that the last
         // derivation's closure is the whole graph.
         for p in &prev {
-            let used = layer_specs.iter().any(|s| s.inputs.iter().any(|(n, _)| n == p));
+            let used = layer_specs
+                .iter()
+                .any(|s| s.inputs.iter().any(|(n, _)| n == p));
             if !used {
                 let k = rng.between(0, layer_specs.len() as u64 - 1) as usize;
                 layer_specs[k].inputs.push(out_of(p));
@@ -251,11 +253,20 @@ fn specs(opts: &GraphOptions) -> Vec<Spec> {
     }
     let first = "layer0-0".to_string();
     // The diamond: top -> left, right -> bottom.
-    specs.push(Spec::new("diamond-left", vec![out_of("diamond-top"), out_of(&first)]));
+    specs.push(Spec::new(
+        "diamond-left",
+        vec![out_of("diamond-top"), out_of(&first)],
+    ));
     specs.push(Spec::new("diamond-right", vec![out_of("diamond-top")]));
-    specs.push(Spec::new("diamond-bottom", vec![out_of("diamond-left"), out_of("diamond-right")]));
+    specs.push(Spec::new(
+        "diamond-bottom",
+        vec![out_of("diamond-left"), out_of("diamond-right")],
+    ));
     // Two outputs of one derivation used by one dependent.
-    specs.push(Spec::new("uses-lib-dev", vec![("multi".to_string(), vec!["lib", "dev"])]));
+    specs.push(Spec::new(
+        "uses-lib-dev",
+        vec![("multi".to_string(), vec!["lib", "dev"])],
+    ));
     // Bytes that are not UTF-8: in an environment value, and in the log.
     let mut env = Spec::new("bytes-env", vec![out_of(&first)]);
     env.extra_env.push(("payload", NON_UTF8_ENV.to_vec()));
@@ -271,20 +282,31 @@ fn specs(opts: &GraphOptions) -> Vec<Spec> {
     specs.push(Spec::new("final", last));
     for s in &mut specs {
         let ms = rng.between(opts.sleep_ms.0, opts.sleep_ms.1);
-        s.extra_env.push(("sleep", format!("{}.{:03}", ms / 1000, ms % 1000).into_bytes()));
+        s.extra_env.push((
+            "sleep",
+            format!("{}.{:03}", ms / 1000, ms % 1000).into_bytes(),
+        ));
     }
     specs
 }
 
 /// Make the graph in `store` (created if needed): the builder script and every `.drv`.
 pub fn generate(store: &Path, opts: &GraphOptions) -> anyhow::Result<Graph> {
-    std::fs::create_dir_all(store).with_context(|| format!("failed to create store directory {}", store.display()))?;
-    let store_dir = StoreDir::new(store).with_context(|| format!("{} cannot be a store directory", store.display()))?;
+    std::fs::create_dir_all(store)
+        .with_context(|| format!("failed to create store directory {}", store.display()))?;
+    let store_dir = StoreDir::new(store)
+        .with_context(|| format!("{} cannot be a store directory", store.display()))?;
     if let Some(d) = &opts.stamp_dir {
-        std::fs::create_dir_all(d).with_context(|| format!("failed to create stamp directory {}", d.display()))?;
+        std::fs::create_dir_all(d)
+            .with_context(|| format!("failed to create stamp directory {}", d.display()))?;
     }
-    let script = make_text_path(&store_dir, "kiln-demo-builder.sh", BUILDER_SCRIPT.as_bytes(), &[])
-        .context("failed to compute the builder script's store path")?;
+    let script = make_text_path(
+        &store_dir,
+        "kiln-demo-builder.sh",
+        BUILDER_SCRIPT.as_bytes(),
+        &[],
+    )
+    .context("failed to compute the builder script's store path")?;
     let script_path = store_dir.full_path(&script);
     write_store_file(&script_path, BUILDER_SCRIPT.as_bytes())?;
 
@@ -324,9 +346,9 @@ fn make_drv(
     let mut input_paths = Vec::new();
     let mut blocked = false;
     for (name, outs) in &spec.inputs {
-        let input = made
-            .get(name)
-            .with_context(|| format!("input {name} is not made yet (the specs are out of order)"))?;
+        let input = made.get(name).with_context(|| {
+            format!("input {name} is not made yet (the specs are out of order)")
+        })?;
         blocked |= input.fails || input.blocked;
         for o in outs {
             let (_, p) = input
@@ -355,7 +377,10 @@ fn make_drv(
         env.push((b"outputs".to_vec(), spec.outputs.join(" ").into_bytes()));
     }
     if let Some(d) = &opts.stamp_dir {
-        env.push((b"stampDir".to_vec(), d.as_os_str().as_encoded_bytes().to_vec()));
+        env.push((
+            b"stampDir".to_vec(),
+            d.as_os_str().as_encoded_bytes().to_vec(),
+        ));
     }
     if fails {
         env.push((b"shouldFail".to_vec(), b"1".to_vec()));
@@ -371,7 +396,12 @@ fn make_drv(
     let mut outputs: Vec<(Vec<u8>, DerivationOutput)> = spec
         .outputs
         .iter()
-        .map(|o| (o.as_bytes().to_vec(), DerivationOutput::input_addressed(Vec::new())))
+        .map(|o| {
+            (
+                o.as_bytes().to_vec(),
+                DerivationOutput::input_addressed(Vec::new()),
+            )
+        })
         .collect();
     outputs.sort_by(|a, b| a.0.cmp(&b.0));
     let mut drv = Derivation {
@@ -384,10 +414,14 @@ fn make_drv(
         env,
     };
 
-    let paths = computer.output_paths(&drv).context("failed to compute the output paths")?;
+    let paths = computer
+        .output_paths(&drv)
+        .context("failed to compute the output paths")?;
     let mut out_list = Vec::new();
     for (name, path) in paths {
-        let path = path.context("an output path is not known before building (the graph must be input-addressed)")?;
+        let path = path.context(
+            "an output path is not known before building (the graph must be input-addressed)",
+        )?;
         let full = store_dir.full_path(&path);
         if let Some((_, o)) = drv.outputs.iter_mut().find(|(n, _)| *n == name) {
             o.path = full.as_bytes().to_vec();
@@ -410,7 +444,12 @@ fn make_drv(
             .iter()
             .map(|(p, o)| {
                 let p = String::from_utf8_lossy(p).into_owned();
-                (p, o.iter().map(|o| String::from_utf8_lossy(o).into_owned()).collect())
+                (
+                    p,
+                    o.iter()
+                        .map(|o| String::from_utf8_lossy(o).into_owned())
+                        .collect(),
+                )
             })
             .collect(),
         fails,

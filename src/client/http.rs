@@ -30,6 +30,8 @@ pub enum ClientError {
          Set --coordinator or KILN_COORDINATOR"
     )]
     Unreachable { url: String, detail: String },
+    #[error("the coordinator URL {url:?} is not usable ({detail}): give one like {DEFAULT_COORDINATOR} with --coordinator or KILN_COORDINATOR")]
+    BadUrl { url: String, detail: String },
     #[error("the coordinator refused {request}: {message} ({code}, HTTP {status})")]
     Refused {
         request: String,
@@ -207,7 +209,8 @@ impl Client {
             match result {
                 Ok(resp) => return Ok(resp),
                 Err(ureq::Error::Status(503, resp)) if attempt < BUSY_ATTEMPTS => {
-                    let wait = retry_after(&resp).unwrap_or(Duration::from_millis(500 * attempt as u64));
+                    let wait =
+                        retry_after(&resp).unwrap_or(Duration::from_millis(500 * attempt as u64));
                     tracing::debug!(request = %request, attempt, "coordinator busy, retrying");
                     std::thread::sleep(wait.min(MAX_RETRY_WAIT));
                 }
@@ -224,7 +227,9 @@ impl Client {
                 Err(ureq::Error::Status(status, resp)) => {
                     return Err(status_error(status, resp, &request, &self.base))
                 }
-                Err(ureq::Error::Transport(t)) => return Err(transport_error(t, &request, &self.base)),
+                Err(ureq::Error::Transport(t)) => {
+                    return Err(transport_error(t, &request, &self.base))
+                }
             }
         }
     }
@@ -249,7 +254,10 @@ fn status_error(status: u16, resp: ureq::Response, request: &str, base: &str) ->
         Err(_) => {
             let mut text = String::from_utf8_lossy(&raw).into_owned();
             if text.len() > 200 {
-                let cut = (0..=200).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+                let cut = (0..=200)
+                    .rev()
+                    .find(|&i| text.is_char_boundary(i))
+                    .unwrap_or(0);
                 text.truncate(cut);
                 text.push('…');
             }
@@ -277,9 +285,9 @@ fn transport_error(t: ureq::Transport, request: &str, base: &str) -> ClientError
             url: base.to_string(),
             detail,
         },
-        ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => ClientError::Unreachable {
+        ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => ClientError::BadUrl {
             url: base.to_string(),
-            detail: format!("not a usable URL, expected e.g. {DEFAULT_COORDINATOR}: {detail}"),
+            detail,
         },
         _ => ClientError::Transport {
             request: request.to_string(),

@@ -22,7 +22,8 @@ impl Processes {
     /// Start `cmd` as `name`, with stdout and stderr appended to `log`. The child is killed by
     /// the kernel if this process dies first.
     pub fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<u32> {
-        let out = File::create(log).with_context(|| format!("failed to create log file {}", log.display()))?;
+        let out = File::create(log)
+            .with_context(|| format!("failed to create log file {}", log.display()))?;
         let err = out
             .try_clone()
             .with_context(|| format!("failed to open log file {} twice", log.display()))?;
@@ -33,7 +34,8 @@ impl Processes {
             .with_context(|| format!("failed to start {name} ({:?})", cmd.get_program()))?;
         let pid = child.id();
         tracing::debug!(name, pid, "child started");
-        self.children.push((name.to_string(), child, log.to_path_buf()));
+        self.children
+            .push((name.to_string(), child, log.to_path_buf()));
         Ok(pid)
     }
 
@@ -41,7 +43,10 @@ impl Processes {
     pub fn exited(&mut self) -> Option<String> {
         for (name, child, log) in &mut self.children {
             if let Ok(Some(status)) = child.try_wait() {
-                return Some(format!("{name} exited ({status}); the end of its log:\n{}", log_tail(log, 20)));
+                return Some(format!(
+                    "{name} exited ({status}); the end of its log:\n{}",
+                    log_tail(log, 20)
+                ));
             }
         }
         None
@@ -87,7 +92,14 @@ fn die_with_parent(cmd: &mut Command) {
         cmd.pre_exec(move || {
             #[cfg(target_os = "linux")]
             {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -110,16 +122,28 @@ impl TempDir {
     pub fn new(prefix: &str) -> anyhow::Result<TempDir> {
         let base = std::env::temp_dir();
         for _ in 0..16 {
-            let path = base.join(format!("{prefix}-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+            let path = base.join(format!(
+                "{prefix}-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
             match std::fs::create_dir(&path) {
                 Ok(()) => return Ok(TempDir { path, keep: false }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
-                    return Err(e).with_context(|| format!("failed to create a temporary directory in {}", base.display()))
+                    return Err(e).with_context(|| {
+                        format!(
+                            "failed to create a temporary directory in {}",
+                            base.display()
+                        )
+                    })
                 }
             }
         }
-        anyhow::bail!("failed to create a fresh temporary directory in {}: every name tried exists", base.display())
+        anyhow::bail!(
+            "failed to create a fresh temporary directory in {}: every name tried exists",
+            base.display()
+        )
     }
 
     pub fn path(&self) -> &Path {
@@ -179,7 +203,9 @@ mod tests {
         let mut procs = Processes::default();
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", "echo started; exec sleep 600"]);
-        let pid = procs.spawn("sleeper", cmd, &dir.path().join("log")).unwrap();
+        let pid = procs
+            .spawn("sleeper", cmd, &dir.path().join("log"))
+            .unwrap();
         assert!(procs.exited().is_none());
         drop(procs);
         // After the drop the pid is reaped: signalling it fails.

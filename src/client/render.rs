@@ -11,8 +11,13 @@ use crate::protocol::{AgentInfo, BuildDetail, BuildSummary};
 
 /// One line per build: id, state, drv path (what `kiln submit` and `kiln build cancel` print).
 pub fn summary_line(out: &mut dyn Write, b: &BuildSummary) -> anyhow::Result<()> {
-    let existing = if b.existing { "  (already submitted)" } else { "" };
-    writeln!(out, "{:<6} {:<10} {}{existing}", b.id, b.state, b.drv_path).context("failed to write to stdout")
+    let existing = if b.existing {
+        "  (already submitted)"
+    } else {
+        ""
+    };
+    writeln!(out, "{:<6} {:<10} {}{existing}", b.id, b.state, b.drv_path)
+        .context("failed to write to stdout")
 }
 
 /// The table of `kiln builds`.
@@ -21,9 +26,18 @@ pub fn builds_table(out: &mut dyn Write, builds: &[BuildSummary]) -> anyhow::Res
         writeln!(out, "no builds").context("failed to write to stdout")?;
         return Ok(());
     }
-    let sys_w = builds.iter().map(|b| b.system.len()).max().unwrap_or(0).max(6);
-    writeln!(out, "{:<6} {:<10} {:>5} {:<sys_w$} DRV", "ID", "STATE", "PRIO", "SYSTEM")
-        .context("failed to write to stdout")?;
+    let sys_w = builds
+        .iter()
+        .map(|b| b.system.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    writeln!(
+        out,
+        "{:<6} {:<10} {:>5} {:<sys_w$} DRV",
+        "ID", "STATE", "PRIO", "SYSTEM"
+    )
+    .context("failed to write to stdout")?;
     for b in builds {
         writeln!(
             out,
@@ -38,13 +52,25 @@ pub fn builds_table(out: &mut dyn Write, builds: &[BuildSummary]) -> anyhow::Res
 /// The table of `kiln agents`.
 pub fn agents_table(out: &mut dyn Write, agents: &[AgentInfo]) -> anyhow::Result<()> {
     if agents.is_empty() {
-        writeln!(out, "no agents (register one with `kiln agent new NAME --system S`)")
-            .context("failed to write to stdout")?;
+        writeln!(
+            out,
+            "no agents (register one with `kiln agent new NAME --system S`)"
+        )
+        .context("failed to write to stdout")?;
         return Ok(());
     }
-    let name_w = agents.iter().map(|a| a.name.len()).max().unwrap_or(0).max(4);
-    writeln!(out, "{:<4} {:<name_w$} {:<10} {:>10} {:<20} BUILDS", "ID", "NAME", "STATUS", "SEEN", "SYSTEMS")
-        .context("failed to write to stdout")?;
+    let name_w = agents
+        .iter()
+        .map(|a| a.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    writeln!(
+        out,
+        "{:<4} {:<name_w$} {:<10} {:>10} {:<20} BUILDS",
+        "ID", "NAME", "STATUS", "SEEN", "SYSTEMS"
+    )
+    .context("failed to write to stdout")?;
     for a in agents {
         let seen = match a.last_seen_ms_ago {
             Some(ms) => format!("{:.1} s ago", ms as f64 / 1000.0),
@@ -59,7 +85,11 @@ pub fn agents_table(out: &mut dyn Write, agents: &[AgentInfo]) -> anyhow::Result
             a.status,
             seen,
             a.systems.join(","),
-            if builds.is_empty() { "-".to_string() } else { builds.join(",") }
+            if builds.is_empty() {
+                "-".to_string()
+            } else {
+                builds.join(",")
+            }
         )
         .context("failed to write to stdout")?;
     }
@@ -89,8 +119,14 @@ pub fn build_detail(out: &mut dyn Write, d: &BuildDetail, now_ms: u64) -> anyhow
         ));
     }
     if let Some(t) = d.finished_ms {
-        let took = d.started_ms.map(|st| format!(" (took {})", seconds(t.saturating_sub(st))));
-        text.push_str(&format!("  finished:  {}{}\n", utc(t), took.unwrap_or_default()));
+        let took = d
+            .started_ms
+            .map(|st| format!(" (took {})", seconds(t.saturating_sub(st))));
+        text.push_str(&format!(
+            "  finished:  {}{}\n",
+            utc(t),
+            took.unwrap_or_default()
+        ));
     }
     if !d.tags.is_empty() {
         let tags: Vec<String> = d.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -112,7 +148,8 @@ pub fn build_detail(out: &mut dyn Write, d: &BuildDetail, now_ms: u64) -> anyhow
     if d.has_log {
         text.push_str(&format!("  log:       kiln build log {}\n", s.id));
     }
-    out.write_all(text.as_bytes()).context("failed to write to stdout")
+    out.write_all(text.as_bytes())
+        .context("failed to write to stdout")
 }
 
 fn waiting_note(m: &crate::protocol::MissingInput) -> String {
@@ -208,7 +245,10 @@ mod tests {
         build_detail(&mut out, &d, 3000).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("build 9: blocked"), "{text}");
-        assert!(text.contains("waiting for /s/def-foo: build 7 failed"), "{text}");
+        assert!(
+            text.contains("waiting for /s/def-foo: build 7 failed"),
+            "{text}"
+        );
         assert!(text.contains("builder exited with status 1"), "{text}");
     }
 }

@@ -130,7 +130,11 @@ pub fn collect_closure(store_dir: &StoreDir, targets: &[StorePath]) -> anyhow::R
     })
 }
 
-fn read_drv(store_dir: &StoreDir, path: &StorePath, of: Option<&str>) -> anyhow::Result<(Vec<u8>, Derivation)> {
+fn read_drv(
+    store_dir: &StoreDir,
+    path: &StorePath,
+    of: Option<&str>,
+) -> anyhow::Result<(Vec<u8>, Derivation)> {
     let full = store_dir.full_path(path);
     let role = match of {
         Some(of) => format!("input derivation {full} of {of}"),
@@ -139,7 +143,8 @@ fn read_drv(store_dir: &StoreDir, path: &StorePath, of: Option<&str>) -> anyhow:
     let contents = std::fs::read(&full).with_context(|| {
         format!("failed to read {role}: is the store directory {store_dir} right? (--store-dir or KILN_STORE_DIR)")
     })?;
-    let drv = Derivation::parse(&contents).with_context(|| format!("{role} is not a valid .drv file"))?;
+    let drv =
+        Derivation::parse(&contents).with_context(|| format!("{role} is not a valid .drv file"))?;
     Ok((contents, drv))
 }
 
@@ -152,16 +157,21 @@ pub fn submit_files(
 ) -> anyhow::Result<Submitted> {
     let mut full = Vec::with_capacity(files.len());
     for f in files {
-        let abs = std::path::absolute(f).with_context(|| format!("failed to make {} absolute", f.display()))?;
+        let abs = std::path::absolute(f)
+            .with_context(|| format!("failed to make {} absolute", f.display()))?;
         full.push(abs.as_os_str().as_encoded_bytes().to_vec());
     }
     let refs: Vec<&[u8]> = full.iter().map(Vec::as_slice).collect();
-    let dir = StoreDir::resolve(store_dir, &refs).context("cannot tell which store directory the derivations are in: pass --store-dir or set KILN_STORE_DIR")?;
+    let dir = StoreDir::resolve(store_dir, &refs)
+        .context("cannot tell which store directory the derivations are in")?;
     let mut targets = Vec::with_capacity(full.len());
     for (f, p) in files.iter().zip(&full) {
-        let sp = dir
-            .parse_path(p)
-            .with_context(|| format!("{} is not a .drv file in the store directory {dir}", f.display()))?;
+        let sp = dir.parse_path(p).with_context(|| {
+            format!(
+                "{} is not a .drv file in the store directory {dir}",
+                f.display()
+            )
+        })?;
         anyhow::ensure!(
             sp.is_derivation(),
             "{} is not a derivation (its name does not end in .drv): pass the .drv files to build",
@@ -205,7 +215,11 @@ pub fn submit(
 
 /// The targets, and every other derivation of the closure with an output the coordinator
 /// lacks, inputs first.
-fn builds_needed(client: &Client, closure: &Closure, targets: &[String]) -> anyhow::Result<Vec<String>> {
+fn builds_needed(
+    client: &Client,
+    closure: &Closure,
+    targets: &[String],
+) -> anyhow::Result<Vec<String>> {
     let targets: BTreeSet<&String> = targets.iter().collect();
     let mut outputs = Vec::new();
     for d in closure.drvs.iter().filter(|d| !targets.contains(&d.path)) {
@@ -214,14 +228,19 @@ fn builds_needed(client: &Client, closure: &Closure, targets: &[String]) -> anyh
     let missing: HashSet<String> = if outputs.is_empty() {
         HashSet::new()
     } else {
-        let answer: MissingPaths = client.post_json("sources/missing", &PathsQuery { paths: outputs })?;
+        let answer: MissingPaths =
+            client.post_json("sources/missing", &PathsQuery { paths: outputs })?;
         answer.missing.into_iter().collect()
     };
     Ok(closure
         .drvs
         .iter()
         .filter(|d| {
-            targets.contains(&d.path) || d.drv.outputs.iter().any(|(_, o)| missing.contains(&lossy(&o.path)))
+            targets.contains(&d.path)
+                || d.drv
+                    .outputs
+                    .iter()
+                    .any(|(_, o)| missing.contains(&lossy(&o.path)))
         })
         .map(|d| d.path.clone())
         .collect())
@@ -241,7 +260,11 @@ pub fn upload_sources(client: &Client, closure: &Closure) -> anyhow::Result<()> 
     }
     // Hash part -> full path of every store path a source could refer to.
     let mut by_hash: BTreeMap<String, String> = BTreeMap::new();
-    for p in closure.sources.iter().chain(closure.drvs.iter().map(|d| &d.path)) {
+    for p in closure
+        .sources
+        .iter()
+        .chain(closure.drvs.iter().map(|d| &d.path))
+    {
         let sp = closure.store_dir.parse_path(p.as_bytes())?;
         by_hash.insert(sp.hash_part().to_string(), p.clone());
     }
@@ -257,16 +280,29 @@ pub fn upload_sources(client: &Client, closure: &Closure) -> anyhow::Result<()> 
 }
 
 /// What a source NAR hashes to and which closure paths it mentions.
-pub fn scan_source(path: &Path, own_hash: &str, by_hash: &BTreeMap<String, String>) -> anyhow::Result<(String, Vec<String>)> {
+pub fn scan_source(
+    path: &Path,
+    own_hash: &str,
+    by_hash: &BTreeMap<String, String>,
+) -> anyhow::Result<(String, Vec<String>)> {
     let candidates = by_hash.keys().filter(|h| h.as_str() != own_hash).cloned();
     let mut w = HashingWriter::new(RefScanner::new(candidates));
     crate::nar::dump(path, &mut w).with_context(|| format!("failed to read {}", path.display()))?;
     let (scanner, hash, _size) = w.finish();
-    let refs = scanner.into_found().into_iter().filter_map(|h| by_hash.get(&h).cloned()).collect();
+    let refs = scanner
+        .into_found()
+        .into_iter()
+        .filter_map(|h| by_hash.get(&h).cloned())
+        .collect();
     Ok((hash.to_string(), refs))
 }
 
-fn upload_source(client: &Client, store_dir: &StoreDir, path: &str, by_hash: &BTreeMap<String, String>) -> anyhow::Result<()> {
+fn upload_source(
+    client: &Client,
+    store_dir: &StoreDir,
+    path: &str,
+    by_hash: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
     let sp = store_dir.parse_path(path.as_bytes())?;
     let (nar_hash, refs) = scan_source(Path::new(path), sp.hash_part(), by_hash)?;
     let query = [
@@ -275,7 +311,8 @@ fn upload_source(client: &Client, store_dir: &StoreDir, path: &str, by_hash: &BT
         ("references", refs.join(",")),
     ];
     let owned = PathBuf::from(path);
-    let open = move || -> anyhow::Result<Box<dyn Read + Send>> { Ok(Box::new(nar_stream(owned.clone()))) };
+    let open =
+        move || -> anyhow::Result<Box<dyn Read + Send>> { Ok(Box::new(nar_stream(owned.clone()))) };
     let _: serde_json::Value = client.put_stream("sources", &query, &open)?;
     Ok(())
 }
@@ -291,7 +328,10 @@ fn nar_stream(path: PathBuf) -> ChannelReader {
         let result = result.and_then(|()| w.flush().map_err(|e| e.to_string()));
         if let Err(e) = result {
             // The reader may be gone (request failed): nothing left to tell.
-            let _ = tx.send(Err(format!("failed to write the NAR of {}: {e}", path.display())));
+            let _ = tx.send(Err(format!(
+                "failed to write the NAR of {}: {e}",
+                path.display()
+            )));
         }
     });
     ChannelReader {
@@ -307,9 +347,9 @@ struct ChannelWriter {
 
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.tx
-            .send(Ok(buf.to_vec()))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped reading"))?;
+        self.tx.send(Ok(buf.to_vec())).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped reading")
+        })?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -353,15 +393,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let graph = generate(&dir.path().join("store"), &GraphOptions::default()).unwrap();
         let last = graph.get("final").unwrap();
-        let target = graph.store_dir.parse_path(last.drv_path.as_bytes()).unwrap();
+        let target = graph
+            .store_dir
+            .parse_path(last.drv_path.as_bytes())
+            .unwrap();
         let closure = collect_closure(&graph.store_dir, &[target]).unwrap();
         let got: BTreeSet<&str> = closure.drvs.iter().map(|d| d.path.as_str()).collect();
         let want: BTreeSet<&str> = graph.drvs.iter().map(|d| d.drv_path.as_str()).collect();
         assert_eq!(got, want);
         assert_eq!(closure.sources, BTreeSet::from([graph.builder.clone()]));
         // Inputs come before the derivations that use them.
-        let pos: std::collections::HashMap<&str, usize> =
-            closure.drvs.iter().enumerate().map(|(i, d)| (d.path.as_str(), i)).collect();
+        let pos: std::collections::HashMap<&str, usize> = closure
+            .drvs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.path.as_str(), i))
+            .collect();
         for d in &closure.drvs {
             for (input, _) in &d.drv.input_drvs {
                 assert!(pos[String::from_utf8_lossy(input).as_ref()] < pos[d.path.as_str()]);
@@ -375,7 +422,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let graph = generate(&dir.path().join("store"), &GraphOptions::default()).unwrap();
         let bottom = graph.get("diamond-bottom").unwrap();
-        let target = graph.store_dir.parse_path(bottom.drv_path.as_bytes()).unwrap();
+        let target = graph
+            .store_dir
+            .parse_path(bottom.drv_path.as_bytes())
+            .unwrap();
         let closure = collect_closure(&graph.store_dir, &[target.clone(), target]).unwrap();
         let mut names: Vec<String> = closure
             .drvs
@@ -383,7 +433,16 @@ mod tests {
             .map(|d| d.drv.name().unwrap().to_string())
             .collect();
         names.sort();
-        assert_eq!(names, ["diamond-bottom", "diamond-left", "diamond-right", "diamond-top", "layer0-0"]);
+        assert_eq!(
+            names,
+            [
+                "diamond-bottom",
+                "diamond-left",
+                "diamond-right",
+                "diamond-top",
+                "layer0-0"
+            ]
+        );
     }
 
     #[test]
@@ -393,9 +452,18 @@ mod tests {
         let top = graph.get("diamond-top").unwrap();
         std::fs::remove_file(&top.drv_path).unwrap();
         let left = graph.get("diamond-left").unwrap();
-        let target = graph.store_dir.parse_path(left.drv_path.as_bytes()).unwrap();
-        let err = format!("{:#}", collect_closure(&graph.store_dir, &[target]).unwrap_err());
-        assert!(err.contains(&top.drv_path) && err.contains(&left.drv_path), "{err}");
+        let target = graph
+            .store_dir
+            .parse_path(left.drv_path.as_bytes())
+            .unwrap();
+        let err = format!(
+            "{:#}",
+            collect_closure(&graph.store_dir, &[target]).unwrap_err()
+        );
+        assert!(
+            err.contains(&top.drv_path) && err.contains(&left.drv_path),
+            "{err}"
+        );
         assert!(err.contains("--store-dir"), "{err}");
     }
 
@@ -410,14 +478,24 @@ mod tests {
         let by_hash = BTreeMap::from([("0".repeat(32), a.clone()), ("1".repeat(32), b.clone())]);
         let (hash, refs) = scan_source(Path::new(&a), &"0".repeat(32), &by_hash).unwrap();
         assert_eq!(refs, vec![b.clone()]);
-        assert_eq!(hash, crate::nar::hash_path(Path::new(&a)).unwrap().nar_hash.to_string());
+        assert_eq!(
+            hash,
+            crate::nar::hash_path(Path::new(&a))
+                .unwrap()
+                .nar_hash
+                .to_string()
+        );
         // The streamed NAR is the NAR.
         let mut streamed = Vec::new();
-        nar_stream(PathBuf::from(&a)).read_to_end(&mut streamed).unwrap();
+        nar_stream(PathBuf::from(&a))
+            .read_to_end(&mut streamed)
+            .unwrap();
         let mut direct = Vec::new();
         crate::nar::dump(Path::new(&a), &mut direct).unwrap();
         assert_eq!(streamed, direct);
-        let err = nar_stream(dir.path().join("absent")).read_to_end(&mut Vec::new()).unwrap_err();
+        let err = nar_stream(dir.path().join("absent"))
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
         assert!(err.to_string().contains("absent"), "{err}");
     }
 }

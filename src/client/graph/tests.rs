@@ -27,7 +27,10 @@ fn every_drv_passes_the_derivation_check() {
         let drv = read(&graph, &d.drv_path);
         let report = check(&graph.store_dir, Path::new(&d.drv_path), &drv, &mut loader);
         assert!(report.is_ok(), "{report}");
-        assert_eq!(report.expected_drv_path.as_deref(), Some(d.drv_path.as_str()));
+        assert_eq!(
+            report.expected_drv_path.as_deref(),
+            Some(d.drv_path.as_str())
+        );
         // The file is exactly what Nix would write.
         let bytes = std::fs::read(&d.drv_path).unwrap();
         assert_eq!(drv.print(), bytes, "{} prints back byte for byte", d.name);
@@ -41,7 +44,11 @@ fn every_drv_passes_the_derivation_check() {
 fn graph_has_layers_a_diamond_multiple_outputs_and_raw_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let graph = generate_in(dir.path(), &GraphOptions::default());
-    let by_path: BTreeMap<&str, &GraphDrv> = graph.drvs.iter().map(|d| (d.drv_path.as_str(), d)).collect();
+    let by_path: BTreeMap<&str, &GraphDrv> = graph
+        .drvs
+        .iter()
+        .map(|d| (d.drv_path.as_str(), d))
+        .collect();
     // Inputs come first, and depth reaches at least 3 layers.
     let mut depth: BTreeMap<&str, usize> = BTreeMap::new();
     for d in &graph.drvs {
@@ -69,7 +76,13 @@ fn graph_has_layers_a_diamond_multiple_outputs_and_raw_bytes() {
     let names: Vec<&str> = multi.outputs.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["dev", "lib", "out"]);
     let user = graph.get("uses-lib-dev").unwrap();
-    assert_eq!(user.inputs, vec![(multi.drv_path.clone(), vec!["dev".to_string(), "lib".to_string()])]);
+    assert_eq!(
+        user.inputs,
+        vec![(
+            multi.drv_path.clone(),
+            vec!["dev".to_string(), "lib".to_string()]
+        )]
+    );
     let user_drv = read(&graph, &user.drv_path);
     let inputs = user_drv.env_var(b"inputs").unwrap();
     for (_, p) in multi.outputs.iter().filter(|(n, _)| n != "out") {
@@ -81,13 +94,18 @@ fn graph_has_layers_a_diamond_multiple_outputs_and_raw_bytes() {
     let payload = bytes_env.env_var(b"payload").unwrap();
     assert_eq!(payload, NON_UTF8_ENV);
     assert!(std::str::from_utf8(payload).is_err());
-    assert!(read(&graph, &graph.get("bytes-log").unwrap().drv_path).env_var(b"logBytes").is_some());
+    assert!(read(&graph, &graph.get("bytes-log").unwrap().drv_path)
+        .env_var(b"logBytes")
+        .is_some());
 
     // Every derivation uses the builder script as /bin/sh -e <script>.
     for d in &graph.drvs {
         let drv = read(&graph, &d.drv_path);
         assert_eq!(drv.builder, b"/bin/sh");
-        assert_eq!(drv.args, vec![b"-e".to_vec(), graph.builder.as_bytes().to_vec()]);
+        assert_eq!(
+            drv.args,
+            vec![b"-e".to_vec(), graph.builder.as_bytes().to_vec()]
+        );
         assert_eq!(drv.input_srcs, vec![graph.builder.as_bytes().to_vec()]);
     }
 }
@@ -102,8 +120,16 @@ fn same_seed_same_graph_and_failures_block_dependents() {
     };
     let ga = generate(&a.path().join("s"), &opts).unwrap();
     let gb = generate(&b.path().join("s"), &opts).unwrap();
-    let names_a: Vec<_> = ga.drvs.iter().map(|d| (d.name.clone(), d.inputs.len())).collect();
-    let names_b: Vec<_> = gb.drvs.iter().map(|d| (d.name.clone(), d.inputs.len())).collect();
+    let names_a: Vec<_> = ga
+        .drvs
+        .iter()
+        .map(|d| (d.name.clone(), d.inputs.len()))
+        .collect();
+    let names_b: Vec<_> = gb
+        .drvs
+        .iter()
+        .map(|d| (d.name.clone(), d.inputs.len()))
+        .collect();
     assert_eq!(names_a, names_b);
     assert!(ga.get("diamond-left").unwrap().fails);
     assert!(ga.get("diamond-bottom").unwrap().blocked);
@@ -136,9 +162,16 @@ fn builders_run_and_leave_stamps_payload_and_references() {
         cmd.env_clear();
         for (k, v) in &drv.env {
             use std::os::unix::ffi::OsStrExt as _;
-            cmd.env(std::ffi::OsStr::from_bytes(k), std::ffi::OsStr::from_bytes(v));
+            cmd.env(
+                std::ffi::OsStr::from_bytes(k),
+                std::ffi::OsStr::from_bytes(v),
+            );
         }
-        let args: Vec<_> = drv.args.iter().map(|a| String::from_utf8(a.clone()).unwrap()).collect();
+        let args: Vec<_> = drv
+            .args
+            .iter()
+            .map(|a| String::from_utf8(a.clone()).unwrap())
+            .collect();
         let out = cmd.args(&args).output().unwrap();
         assert_eq!(out.status.success(), !d.fails, "{}: {:?}", d.name, out);
         if d.name == "bytes-log" {
@@ -146,16 +179,34 @@ fn builders_run_and_leave_stamps_payload_and_references() {
             assert!(out.stdout.windows(needle.len()).any(|w| w == needle));
         }
     }
-    let payload = std::fs::read(format!("{}/payload", graph.get("bytes-env").unwrap().outputs[0].1)).unwrap();
+    let payload = std::fs::read(format!(
+        "{}/payload",
+        graph.get("bytes-env").unwrap().outputs[0].1
+    ))
+    .unwrap();
     assert_eq!(payload, [NON_UTF8_ENV, b"\n"].concat());
     let multi = graph.get("multi").unwrap();
     let lib = &multi.outputs.iter().find(|(n, _)| n == "lib").unwrap().1;
     let dev = &multi.outputs.iter().find(|(n, _)| n == "dev").unwrap().1;
-    assert_eq!(std::fs::read_to_string(format!("{dev}/lib-path")).unwrap(), format!("{lib}\n"));
+    assert_eq!(
+        std::fs::read_to_string(format!("{dev}/lib-path")).unwrap(),
+        format!("{lib}\n")
+    );
     let user_out = &graph.get("uses-lib-dev").unwrap().outputs[0].1;
     let data = std::fs::read_to_string(format!("{user_out}/data")).unwrap();
-    assert!(data.contains(lib.as_str()) && data.contains(dev.as_str()), "{data}");
+    assert!(
+        data.contains(lib.as_str()) && data.contains(dev.as_str()),
+        "{data}"
+    );
     let stamps = std::fs::read_to_string(dir.path().join("stamps").join(STAMP_FILE)).unwrap();
-    assert!(stamps.lines().any(|l| l.starts_with("diamond-bottom start ")), "{stamps}");
-    assert!(stamps.lines().any(|l| l.starts_with("bytes-log end ")), "{stamps}");
+    assert!(
+        stamps
+            .lines()
+            .any(|l| l.starts_with("diamond-bottom start ")),
+        "{stamps}"
+    );
+    assert!(
+        stamps.lines().any(|l| l.starts_with("bytes-log end ")),
+        "{stamps}"
+    );
 }
