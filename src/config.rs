@@ -178,8 +178,16 @@ impl Config {
                 h.name
             );
             anyhow::ensure!(!h.exec.is_empty(), "hook {:?} has an empty exec", h.name);
-            anyhow::ensure!(h.parallelism > 0, "hook {:?}: parallelism must be at least 1", h.name);
-            anyhow::ensure!(h.max_attempts > 0, "hook {:?}: max_attempts must be at least 1", h.name);
+            anyhow::ensure!(
+                h.parallelism > 0,
+                "hook {:?}: parallelism must be at least 1",
+                h.name
+            );
+            anyhow::ensure!(
+                h.max_attempts > 0,
+                "hook {:?}: max_attempts must be at least 1",
+                h.name
+            );
         }
         anyhow::ensure!(
             self.timeouts.agent_timeout_ms >= 1000,

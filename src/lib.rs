@@ -31,6 +31,18 @@ pub mod nar;
 pub mod protocol;
 
 #[cfg(feature = "coordinator")]
+pub mod actors;
+#[cfg(feature = "coordinator")]
 pub mod client;
 #[cfg(feature = "coordinator")]
 pub mod config;
+#[cfg(feature = "coordinator")]
+pub mod coordinator;
+#[cfg(feature = "coordinator")]
+pub mod http;
+#[cfg(feature = "coordinator")]
+pub mod store;
+#[cfg(feature = "coordinator")]
+pub mod supervisor;
+#[cfg(feature = "coordinator")]
+pub mod telemetry;

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Kiln: a build coordinator for Guix and Nix derivations")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: a build coordinator for Guix and Nix derivations"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,6 +22,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the coordinator.
+    Coordinator(kiln::coordinator::CoordinatorArgs),
+    /// Inspect the state dir (offline: stop the coordinator first).
+    #[command(subcommand)]
+    State(StateCommand),
     /// Work with .drv files.
     #[command(subcommand)]
     Drv(DrvCommand),
@@ -31,6 +40,15 @@ enum Command {
     Demo(kiln::client::demo::DemoArgs),
     #[command(flatten)]
     Client(kiln::client::cli::ClientCommand),
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Print every record of every tree, one per line.
+    Dump {
+        #[arg(long, default_value = "./kiln-state")]
+        state_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -80,11 +98,24 @@ enum NarinfoCommand {
     },
 }
 
+fn state_dump(state_dir: &std::path::Path, out: &mut dyn Write) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        state_dir.join("db").exists(),
+        "{} holds no kiln state (no db/ inside): pass --state-dir",
+        state_dir.display()
+    );
+    let store = kiln::store::Store::open(state_dir, &kiln::store::StoreOptions::default())?;
+    kiln::store::dump::dump(&store, out)?;
+    Ok(0)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = match cli.command {
+        Command::Coordinator(args) => kiln::coordinator::run(args),
+        Command::State(StateCommand::Dump { state_dir }) => state_dump(&state_dir, &mut out),
         Command::Drv(DrvCommand::Show { files, store_dir }) => {
             kiln::derivation::cli::show(&files, store_dir.as_deref(), &mut out)
         }

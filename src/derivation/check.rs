@@ -90,7 +90,12 @@ pub fn check(
     report
 }
 
-fn check_file_name(store_dir: &StoreDir, file_path: &Path, drv: &Derivation, report: &mut CheckReport) {
+fn check_file_name(
+    store_dir: &StoreDir,
+    file_path: &Path,
+    drv: &Derivation,
+    report: &mut CheckReport,
+) {
     let expected = match drv_path(store_dir, drv) {
         Ok(p) => store_dir.full_path(&p),
         Err(e) => {
@@ -149,7 +154,9 @@ fn check_output(
     // The environment variable Nix sets for the output.
     let expected_env = match (output.kind(), &computed_full) {
         (Ok(OutputKind::Deferred), None) => String::new(),
-        (Ok(OutputKind::Floating { .. } | OutputKind::Impure { .. }), _) => hash_placeholder(&shown),
+        (Ok(OutputKind::Floating { .. } | OutputKind::Impure { .. }), _) => {
+            hash_placeholder(&shown)
+        }
         (_, Some(c)) => c.clone(),
         (_, None) => return,
     };

@@ -167,13 +167,20 @@ impl<'l> PathComputer<'l> {
         mask: bool,
     ) -> Result<DrvHash, PathError> {
         let ty = derivation_type(drv)?;
-        let all = |h: &Hash| drv.outputs.iter().map(|(n, _)| (n.clone(), h.clone())).collect();
+        let all = |h: &Hash| {
+            drv.outputs
+                .iter()
+                .map(|(n, _)| (n.clone(), h.clone()))
+                .collect()
+        };
         match ty {
             DerivationType::Fixed => {
                 let mut hashes = BTreeMap::new();
                 for (n, o) in &drv.outputs {
                     let Ok(OutputKind::Fixed { method, hash, .. }) = o.kind() else {
-                        return Err(PathError::Type("fixed derivation with a non-fixed output".into()));
+                        return Err(PathError::Type(
+                            "fixed derivation with a non-fixed output".into(),
+                        ));
                     };
                     let out_name = output_path_name(name, &String::from_utf8_lossy(n));
                     let path = make_fixed_output_path(&self.store_dir, method, &hash, &out_name)

@@ -1,0 +1,532 @@
+//! `BuildQueue`: the only actor that decides build state. A thin shell over
+//! [`QueueState`]: each handler runs one transition in memory, hands its writes to the
+//! committer, and answers only after the flush; then it tells the allocator what became
+//! runnable and writes narinfos for new outputs. A failed commit stops the actor, and the
+//! restart reloads memory from sled, so memory never keeps a change sled refused.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::allocator::{Allocator, BuildsRunnable, BuildsUnrunnable, Resync};
+use super::queue_state::{Effects, QueueState};
+use super::submission::prepare;
+use super::{guarded, ActorError};
+use crate::derivation::store_path::StoreDir;
+use crate::protocol::{
+    AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, BuiltOutput, ResultAck,
+    SubmitBuilds, Submitted,
+};
+use crate::store::nar_cache::NarCache;
+use crate::store::records::{AgentRecord, BuildRecord};
+use crate::store::{meta, now_ms, Committer, Store, TreeId};
+use crate::supervisor::Restarts;
+
+const NAME: &str = "build queue";
+
+pub struct BuildQueue {
+    store: Store,
+    committer: Committer,
+    allocator: Addr<Allocator>,
+    nars: Arc<NarCache>,
+    restarts: Arc<Restarts>,
+    /// Rebuilt from sled at start and at every restart.
+    state: QueueState,
+    /// The store dir this coordinator serves, once fixed (config, env, or first submission).
+    store_dir: Option<StoreDir>,
+}
+
+impl BuildQueue {
+    pub fn new(
+        store: Store,
+        committer: Committer,
+        allocator: Addr<Allocator>,
+        nars: Arc<NarCache>,
+        restarts: Arc<Restarts>,
+        store_dir: Option<StoreDir>,
+    ) -> Result<BuildQueue, ActorError> {
+        let state = QueueState::load(store.clone())?;
+        Ok(BuildQueue {
+            store,
+            committer,
+            allocator,
+            nars,
+            restarts,
+            state,
+            store_dir,
+        })
+    }
+
+    /// Commit a transition's effects; answer `value` after the flush. A failed commit stops
+    /// the actor (memory is ahead of sled), and the supervisor restarts it from sled.
+    fn commit<T: 'static>(
+        &mut self,
+        fx: Effects,
+        value: T,
+    ) -> ResponseActFuture<Self, Result<T, ActorError>> {
+        let committer = self.committer.clone();
+        let allocator = self.allocator.clone();
+        let nars = self.nars.clone();
+        let Effects {
+            batch,
+            runnable,
+            unrunnable,
+            new_outputs,
+        } = fx;
+        let fut = async move {
+            if !batch.is_empty() {
+                committer.commit(batch).await?;
+            }
+            if !unrunnable.is_empty() {
+                allocator.do_send(BuildsUnrunnable(unrunnable));
+            }
+            if !runnable.is_empty() {
+                allocator.do_send(BuildsRunnable(runnable));
+            }
+            if !new_outputs.is_empty() {
+                // The narinfo files are for serving with nginx; the coordinator serves from
+                // sled. Written after the commit, rewritten at start if missing.
+                let written =
+                    tokio::task::spawn_blocking(move || nars.write_narinfos(&new_outputs)).await;
+                if let Ok(Err(e)) = written {
+                    tracing::error!(error = %e, "failed to write narinfo files");
+                }
+            }
+            Ok(value)
+        };
+        Box::pin(fut.into_actor(self).map(|res: Result<T, ActorError>, _act, ctx| {
+            if let Err(ActorError::Commit(e)) = &res {
+                tracing::error!(error = %e, "commit failed; restarting the build queue from sled");
+                ctx.stop();
+            }
+            res
+        }))
+    }
+
+    fn ready<T: 'static>(
+        r: Result<T, ActorError>,
+    ) -> ResponseActFuture<Self, Result<T, ActorError>> {
+        Box::pin(actix::fut::ready(r))
+    }
+
+    fn update_gauges(&self) {
+        let mut counts: HashMap<(BuildState, &str), u64> = HashMap::new();
+        for b in self.state.live().values() {
+            *counts.entry((b.state, b.system.as_str())).or_default() += 1;
+        }
+        for st in [
+            BuildState::Blocked,
+            BuildState::Runnable,
+            BuildState::Allocated,
+            BuildState::Building,
+            BuildState::Uploading,
+        ] {
+            let total: u64 = counts
+                .iter()
+                .filter(|((s, _), _)| *s == st)
+                .map(|(_, n)| n)
+                .sum();
+            metrics::gauge!("kiln_builds", "state" => st.as_str()).set(total as f64);
+        }
+    }
+}
+
+impl Actor for BuildQueue {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        tracing::info!(live = self.state.live().len(), "build queue started");
+        self.update_gauges();
+        ctx.run_interval(std::time::Duration::from_secs(2), |act, _| {
+            act.update_gauges()
+        });
+    }
+}
+
+impl Supervised for BuildQueue {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.restarts.record("build_queue");
+        // Let every write the previous incarnation handed over land, then reload.
+        self.committer.barrier_blocking();
+        match QueueState::load(self.store.clone()) {
+            Ok(s) => self.state = s,
+            Err(e) => tracing::error!(error = %e, "build queue cannot reload its state from sled"),
+        }
+        if let Ok(Some(d)) = self.store.tree(TreeId::Meta).get(meta::STORE_DIR) {
+            if let Ok(sd) = StoreDir::new(String::from_utf8_lossy(&d).as_ref()) {
+                self.store_dir = Some(sd);
+            }
+        }
+        self.allocator.do_send(Resync);
+    }
+}
+
+/// Queue builds (`POST /api/v1/builds`).
+#[derive(Message)]
+#[rtype(result = "Result<Submitted, ActorError>")]
+pub struct Submit(pub SubmitBuilds);
+
+impl Handler<Submit> for BuildQueue {
+    type Result = ResponseActFuture<Self, Result<Submitted, ActorError>>;
+
+    fn handle(&mut self, msg: Submit, _ctx: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let store_dir = self.store_dir.clone();
+        let req = msg.0;
+        // Parsing and hashing run on a blocking thread; the decision runs on this loop.
+        let check = async move {
+            let r = tokio::task::spawn_blocking(move || {
+                let p = prepare(&store, store_dir.as_ref(), &req);
+                (p, req.priority, req.tags)
+            })
+            .await;
+            r.map_err(|e| ActorError::Internal(format!("submission check failed: {e}")))
+        };
+        Box::pin(check.into_actor(self).then(|checked, act, ctx| {
+            let (prepared, priority, tags) = match checked {
+                Ok(x) => x,
+                Err(e) => return Self::ready(Err(e)),
+            };
+            let prepared = match prepared {
+                Ok(p) => p,
+                Err(e) => return Self::ready(Err(e.into())),
+            };
+            let r = guarded::<Self, _>(NAME, ctx, |_| {
+                if let Some(d) = &act.store_dir {
+                    if d != &prepared.store_dir {
+                        return Err(ActorError::BadRequest(format!(
+                            "this coordinator serves store dir {}, not {}",
+                            d.as_str(),
+                            prepared.store_dir.as_str()
+                        )));
+                    }
+                }
+                let (mut fx, builds) = act.state.submit(
+                    prepared.targets,
+                    prepared.new_drvs,
+                    priority,
+                    tags,
+                    now_ms(),
+                )?;
+                if act.store_dir.is_none() {
+                    fx.batch.put_raw(
+                        TreeId::Meta,
+                        meta::STORE_DIR,
+                        prepared.store_dir.as_str().as_bytes(),
+                    );
+                    act.store_dir = Some(prepared.store_dir.clone());
+                }
+                metrics::counter!("kiln_builds_submitted_total")
+                    .increment(builds.iter().filter(|b| !b.existing).count() as u64);
+                Ok((fx, builds))
+            });
+            match r {
+                Ok((fx, builds)) => act.commit(fx, Submitted { builds }),
+                Err(e) => Self::ready(Err(e)),
+            }
+        }))
+    }
+}
+
+/// Lease proposed builds to an agent; answers the leased records.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<BuildRecord>, ActorError>")]
+pub struct Allocate {
+    pub agent_id: u64,
+    pub candidates: Vec<BuildId>,
+}
+
+impl Handler<Allocate> for BuildQueue {
+    type Result = ResponseActFuture<Self, Result<Vec<BuildRecord>, ActorError>>;
+
+    fn handle(&mut self, msg: Allocate, ctx: &mut Context<Self>) -> Self::Result {
+        let r = guarded::<Self, _>(NAME, ctx, |_| {
+            Ok(self
+                .state
+                .allocate(msg.agent_id, &msg.candidates, now_ms())?)
+        });
+        match r {
+            Ok((fx, leased)) => self.commit(fx, leased),
+            Err(e) => Self::ready(Err(e)),
+        }
+    }
+}
+
+/// An agent reports progress on a build: `Building` (start) or `Uploading` (first upload);
+/// with `to = None` only checks that the agent holds the lease at that attempt.
+#[derive(Message)]
+#[rtype(result = "Result<(), ActorError>")]
+pub struct Progress {
+    pub agent_id: u64,
+    pub build_id: BuildId,
+    pub attempt: u32,
+    pub to: Option<BuildState>,
+}
+
+impl Handler<Progress> for BuildQueue {
+    type Result = ResponseActFuture<Self, Result<(), ActorError>>;
+
+    fn handle(&mut self, msg: Progress, ctx: &mut Context<Self>) -> Self::Result {
+        let r = guarded::<Self, _>(NAME, ctx, |_| match msg.to {
+            None => {
+                self.state
+                    .check_lease(msg.agent_id, msg.build_id, msg.attempt)?;
+                Ok(Effects::default())
+            }
+            Some(to) => {
+                Ok(self
+                    .state
+                    .advance(msg.agent_id, msg.build_id, msg.attempt, to, now_ms())?)
+            }
+        });
+        match r {
+            Ok(fx) => self.commit(fx, ()),
+            Err(e) => Self::ready(Err(e)),
+        }
+    }
+}
+
+/// An agent reports a build's result.
+#[derive(Message)]
+#[rtype(result = "Result<ResultAck, ActorError>")]
+pub struct Finish {
+    pub agent_id: u64,
+    pub build_id: BuildId,
+    pub attempt: u32,
+    pub outcome: Result<Vec<BuiltOutput>, String>,
+    /// The attempt whose log is stored, if one was uploaded.
+    pub log_attempt: u32,
+}
+
+impl Handler<Finish> for BuildQueue {
+    type Result = ResponseActFuture<Self, Result<ResultAck, ActorError>>;
+
+    fn handle(&mut self, msg: Finish, ctx: &mut Context<Self>) -> Self::Result {
+        let r = guarded::<Self, _>(NAME, ctx, |_| {
+            Ok(self.state.finish(
+                msg.agent_id,
+                msg.build_id,
+                msg.attempt,
+                msg.outcome,
+                msg.log_attempt,
+                now_ms(),
+            )?)
+        });
+        match r {
+            Ok((fx, duplicate)) => {
+                if !duplicate {
+                    let result = if fx.new_outputs.is_empty() {
+                        "failed"
+                    } else {
+                        "succeeded"
+                    };
+                    metrics::counter!("kiln_builds_finished_total", "result" => result)
+                        .increment(1);
+                }
+                self.commit(fx, ResultAck { duplicate })
+            }
+            Err(e) => Self::ready(Err(e)),
+        }
+    }
+}
+
+/// Cancel a queued build.
+#[derive(Message)]
+#[rtype(result = "Result<BuildSummary, ActorError>")]
+pub struct Cancel(pub BuildId);
+
+impl Handler<Cancel> for BuildQueue {
+    type Result = ResponseActFuture<Self, Result<BuildSummary, ActorError>>;
+
+    fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) -> Self::Result {
+        let r = guarded::<Self, _>(NAME, ctx, |_| Ok(self.state.cancel(msg.0, now_ms())?));
+        match r {
+            Ok((fx, s)) => {
+                metrics::counter!("kiln_builds_finished_total", "result" => "canceled")
+                    .increment(1);
+                self.commit(fx, s)
+            }
+            Err(e) => Self::ready(Err(e)),
+        }
+    }
+}
+
+/// The agent is lost: every lease it holds expires.
+#[derive(Message)]
+#[rtype(result = "Result<(), ActorError>")]
+pub struct AgentLost {
+    pub agent_id: u64,
+}
+
+impl Handler<AgentLost> for BuildQueue {
+    type Result = ResponseActFuture<Self, Result<(), ActorError>>;
+
+    fn handle(&mut self, msg: AgentLost, ctx: &mut Context<Self>) -> Self::Result {
+        let r = guarded::<Self, _>(NAME, ctx, |_| {
+            Ok(self
+                .state
+                .release(msg.agent_id, &HashSet::new(), "agent lost")?)
+        });
+        match r {
+            Ok(mut fx) => {
+                fx.batch.event(
+                    "agent-lost",
+                    0,
+                    msg.agent_id,
+                    serde_json::json!({"agent_id": msg.agent_id}),
+                );
+                self.commit(fx, ())
+            }
+            Err(e) => Self::ready(Err(e)),
+        }
+    }
+}
+
+/// An agent (re)opened its session holding `held` builds: builds leased to it that it no
+/// longer holds go back to the queue; builds it holds that are not its own must be abandoned.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<AgentCommand>, ActorError>")]
+pub struct Reconcile {
+    pub agent_id: u64,
+    pub held: Vec<(BuildId, u32)>,
+}
+
+impl Handler<Reconcile> for BuildQueue {
+    type Result = ResponseActFuture<Self, Result<Vec<AgentCommand>, ActorError>>;
+
+    fn handle(&mut self, msg: Reconcile, ctx: &mut Context<Self>) -> Self::Result {
+        let r = guarded::<Self, _>(NAME, ctx, |_| {
+            let foreign = self.state.foreign(msg.agent_id, &msg.held);
+            let keep: HashSet<(BuildId, u32)> = msg.held.iter().copied().collect();
+            let fx = self
+                .state
+                .release(msg.agent_id, &keep, "agent reconnected without it")?;
+            let cmds = foreign
+                .into_iter()
+                .map(|(build_id, attempt)| AgentCommand::Abandon { build_id, attempt })
+                .collect();
+            Ok((fx, cmds))
+        });
+        match r {
+            Ok((fx, cmds)) => self.commit(fx, cmds),
+            Err(e) => Self::ready(Err(e)),
+        }
+    }
+}
+
+/// `kiln build show`.
+#[derive(Message)]
+#[rtype(result = "Result<BuildDetail, ActorError>")]
+pub struct Show(pub BuildId);
+
+impl Handler<Show> for BuildQueue {
+    type Result = Result<BuildDetail, ActorError>;
+
+    fn handle(&mut self, msg: Show, ctx: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let name = move |id: u64| {
+            store
+                .get::<AgentRecord>(TreeId::Agents, &crate::store::keys::u64_key(id))
+                .ok()
+                .flatten()
+                .map(|a| a.name)
+        };
+        guarded::<Self, _>(NAME, ctx, |_| Ok(self.state.detail(msg.0, &name)?))
+    }
+}
+
+/// A build's record, live or finished (for logs and uploads).
+#[derive(Message)]
+#[rtype(result = "Result<Option<BuildRecord>, ActorError>")]
+pub struct GetRecord(pub BuildId);
+
+impl Handler<GetRecord> for BuildQueue {
+    type Result = Result<Option<BuildRecord>, ActorError>;
+
+    fn handle(&mut self, msg: GetRecord, ctx: &mut Context<Self>) -> Self::Result {
+        guarded::<Self, _>(NAME, ctx, |_| Ok(self.state.record(msg.0)?))
+    }
+}
+
+/// `kiln builds`.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<BuildSummary>, ActorError>")]
+pub struct List {
+    pub state: Option<BuildState>,
+    pub limit: usize,
+}
+
+impl Handler<List> for BuildQueue {
+    type Result = Result<Vec<BuildSummary>, ActorError>;
+
+    fn handle(&mut self, msg: List, ctx: &mut Context<Self>) -> Self::Result {
+        guarded::<Self, _>(NAME, ctx, |_| Ok(self.state.list(msg.state, msg.limit)?))
+    }
+}
+
+/// Builds leased to an agent.
+#[derive(Message)]
+#[rtype(result = "Vec<BuildId>")]
+pub struct LeasedTo(pub u64);
+
+impl Handler<LeasedTo> for BuildQueue {
+    type Result = MessageResult<LeasedTo>;
+
+    fn handle(&mut self, msg: LeasedTo, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.state.leased_to(msg.0))
+    }
+}
+
+/// The live builds as memory holds them (tests compare them with sled).
+#[derive(Message)]
+#[rtype(result = "HashMap<BuildId, BuildRecord>")]
+pub struct LiveBuilds;
+
+impl Handler<LiveBuilds> for BuildQueue {
+    type Result = MessageResult<LiveBuilds>;
+
+    fn handle(&mut self, _msg: LiveBuilds, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.state.live().clone())
+    }
+}
+
+/// Fault point `build_queue.corrupt_memory_and_stop`: change memory without committing, then
+/// stop, as a bug that leaves memory ahead of sled would. Test builds only.
+#[cfg(feature = "fault-points")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CorruptMemoryAndStop;
+
+#[cfg(feature = "fault-points")]
+impl Handler<CorruptMemoryAndStop> for BuildQueue {
+    type Result = ();
+
+    fn handle(&mut self, _msg: CorruptMemoryAndStop, ctx: &mut Context<Self>) {
+        tracing::warn!("fault point build_queue.corrupt_memory_and_stop fired");
+        for b in self.state.live_mut().values_mut() {
+            b.priority = b.priority.wrapping_add(1000);
+            b.state = BuildState::Failed;
+            b.reason = "fault point".into();
+        }
+        ctx.stop();
+    }
+}
+
+/// Fault point `build_queue.panic_in_handler`: a handler that panics. The guard must turn it
+/// into a stop (so the supervisor restarts the actor) and an `Unavailable` answer.
+#[cfg(feature = "fault-points")]
+#[derive(Message)]
+#[rtype(result = "Result<(), ActorError>")]
+pub struct PanicInHandler;
+
+#[cfg(feature = "fault-points")]
+impl Handler<PanicInHandler> for BuildQueue {
+    type Result = Result<(), ActorError>;
+
+    fn handle(&mut self, _msg: PanicInHandler, ctx: &mut Context<Self>) -> Self::Result {
+        guarded::<Self, _>(NAME, ctx, |_| {
+            panic!("fault point build_queue.panic_in_handler fired")
+        })
+    }
+}

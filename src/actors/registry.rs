@@ -1,0 +1,380 @@
+//! `AgentRegistry`: agent records (create, authenticate), session tokens, and the
+//! supervisor of the per-agent [`AgentSession`] actors (one-for-one: a session that stops is
+//! restarted alone). Session tokens live in memory only: after a coordinator restart agents
+//! get `session_unknown` and open a new session with their secret, which reconciles the builds
+//! they hold.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use rand::RngCore as _;
+use sha2::{Digest as _, Sha256};
+
+use super::agent_session::{AgentSession, Opened};
+use super::allocator::Allocator;
+use super::build_queue::{BuildQueue, LeasedTo, Reconcile};
+use super::ActorError;
+use crate::protocol::{
+    AgentCreated, AgentId, AgentInfo, NewAgent, OpenSession, SessionOpened, PROTOCOL_VERSION,
+};
+use crate::store::keys::{parse_u64_key, u64_key};
+use crate::store::records::AgentRecord;
+use crate::store::{meta, now_ms, Batch, Committer, Store, TreeId};
+use crate::supervisor::Restarts;
+
+/// When each agent was last heard from; stamped by the HTTP layer on every authenticated
+/// request, read by the agent's session actor. Not persisted (DESIGN: persist lease grants,
+/// not heartbeats).
+#[derive(Default)]
+pub struct Liveness {
+    inner: RwLock<HashMap<AgentId, (Instant, bool)>>,
+}
+
+impl Liveness {
+    pub fn touch(&self, agent: AgentId) {
+        if let Ok(mut m) = self.inner.write() {
+            let e = m.entry(agent).or_insert((Instant::now(), false));
+            e.0 = Instant::now();
+        }
+    }
+
+    pub fn last_seen(&self, agent: AgentId) -> Option<Instant> {
+        self.inner.read().ok()?.get(&agent).map(|e| e.0)
+    }
+
+    pub fn set_lost(&self, agent: AgentId, lost: bool) {
+        if let Ok(mut m) = self.inner.write() {
+            if let Some(e) = m.get_mut(&agent) {
+                e.1 = lost;
+            }
+        }
+    }
+
+    pub fn status(&self, agent: AgentId) -> (String, Option<u64>) {
+        match self.inner.read().ok().and_then(|m| m.get(&agent).copied()) {
+            None => ("never-seen".into(), None),
+            Some((t, lost)) => (
+                if lost { "lost" } else { "connected" }.into(),
+                Some(t.elapsed().as_millis() as u64),
+            ),
+        }
+    }
+}
+
+/// Session token (as its SHA-256) -> agent. Read by the HTTP layer on every agent request.
+#[derive(Default)]
+pub struct Sessions {
+    inner: RwLock<HashMap<[u8; 32], AgentId>>,
+}
+
+impl Sessions {
+    pub fn lookup(&self, token: &str) -> Option<AgentId> {
+        let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.inner.read().ok()?.get(&h).copied()
+    }
+
+    fn replace(&self, agent: AgentId, token: &str) {
+        let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Ok(mut m) = self.inner.write() {
+            m.retain(|_, a| *a != agent);
+            m.insert(h, agent);
+        }
+    }
+}
+
+pub struct AgentRegistry {
+    store: Store,
+    committer: Committer,
+    queue: Addr<BuildQueue>,
+    allocator: Addr<Allocator>,
+    restarts: Arc<Restarts>,
+    sessions: Arc<Sessions>,
+    liveness: Arc<Liveness>,
+    agent_timeout: Duration,
+    heartbeat_interval: Duration,
+    actors: HashMap<AgentId, Addr<AgentSession>>,
+}
+
+impl AgentRegistry {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        committer: Committer,
+        queue: Addr<BuildQueue>,
+        allocator: Addr<Allocator>,
+        restarts: Arc<Restarts>,
+        sessions: Arc<Sessions>,
+        liveness: Arc<Liveness>,
+        agent_timeout: Duration,
+        heartbeat_interval: Duration,
+    ) -> AgentRegistry {
+        AgentRegistry {
+            store,
+            committer,
+            queue,
+            allocator,
+            restarts,
+            sessions,
+            liveness,
+            agent_timeout,
+            heartbeat_interval,
+            actors: HashMap::new(),
+        }
+    }
+
+    fn session_actor(&mut self, rec: &AgentRecord, systems: Vec<String>) -> Addr<AgentSession> {
+        if let Some(a) = self.actors.get(&rec.id) {
+            if a.connected() {
+                return a.clone();
+            }
+        }
+        let (id, name) = (rec.id, rec.name.clone());
+        let (queue, allocator, store) = (
+            self.queue.clone(),
+            self.allocator.clone(),
+            self.store.clone(),
+        );
+        let (restarts, liveness, timeout) = (
+            self.restarts.clone(),
+            self.liveness.clone(),
+            self.agent_timeout,
+        );
+        let addr = actix::Supervisor::start(move |_| {
+            AgentSession::new(
+                id, name, systems, queue, allocator, store, restarts, liveness, timeout,
+            )
+        });
+        self.actors.insert(rec.id, addr.clone());
+        addr
+    }
+}
+
+impl Actor for AgentRegistry {
+    type Context = Context<Self>;
+}
+
+impl Supervised for AgentRegistry {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.restarts.record("agent_registry");
+    }
+}
+
+/// Hash of a secret with its salt.
+fn secret_hash(salt: &[u8], secret: &str) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(secret.as_bytes());
+    h.finalize().to_vec()
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn valid_agent_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && n.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+}
+
+/// Register an agent (`POST /api/v1/agents`).
+#[derive(Message)]
+#[rtype(result = "Result<AgentCreated, ActorError>")]
+pub struct CreateAgent(pub NewAgent);
+
+impl Handler<CreateAgent> for AgentRegistry {
+    type Result = ResponseFuture<Result<AgentCreated, ActorError>>;
+
+    fn handle(&mut self, msg: CreateAgent, _ctx: &mut Context<Self>) -> Self::Result {
+        let req = msg.0;
+        let store = self.store.clone();
+        let committer = self.committer.clone();
+        Box::pin(async move {
+            if !valid_agent_name(&req.name) {
+                return Err(ActorError::BadRequest(format!(
+                    "agent name {:?} is not valid: use 1 to 128 letters, digits, '.', '_' or '-'",
+                    req.name
+                )));
+            }
+            if req.systems.is_empty() {
+                return Err(ActorError::BadRequest(
+                    "an agent needs at least one system (e.g. --system x86_64-linux)".into(),
+                ));
+            }
+            if store.contains(TreeId::AgentNames, req.name.as_bytes())? {
+                return Err(ActorError::Conflict(format!(
+                    "an agent named {:?} already exists: pick another name",
+                    req.name
+                )));
+            }
+            let id = store.meta_u64(meta::NEXT_AGENT_ID)?.unwrap_or(1);
+            let secret = random_hex(32);
+            let mut salt = vec![0u8; 16];
+            rand::thread_rng().fill_bytes(&mut salt);
+            let rec = AgentRecord {
+                id,
+                name: req.name.clone(),
+                secret_hash: secret_hash(&salt, &secret),
+                salt,
+                systems: req.systems,
+                created_ms: now_ms(),
+            };
+            let mut b = Batch::new();
+            b.put(TreeId::Agents, &u64_key(id), &rec)?;
+            b.put_raw(TreeId::AgentNames, req.name.as_bytes(), &u64_key(id));
+            b.put_raw(TreeId::Meta, meta::NEXT_AGENT_ID, &u64_key(id + 1));
+            b.event(
+                "agent-created",
+                0,
+                id,
+                serde_json::json!({"agent_id": id, "name": rec.name}),
+            );
+            committer.commit(b).await?;
+            Ok(AgentCreated {
+                id,
+                name: rec.name,
+                secret,
+            })
+        })
+    }
+}
+
+/// Authenticate an agent and open its session.
+#[derive(Message)]
+#[rtype(result = "Result<SessionOpened, ActorError>")]
+pub struct Open(pub OpenSession);
+
+impl Handler<Open> for AgentRegistry {
+    type Result = ResponseActFuture<Self, Result<SessionOpened, ActorError>>;
+
+    fn handle(&mut self, msg: Open, _ctx: &mut Context<Self>) -> Self::Result {
+        let req = msg.0;
+        let found = (|| -> Result<AgentRecord, ActorError> {
+            if req.protocol_version != PROTOCOL_VERSION {
+                return Err(ActorError::BadRequest(format!(
+                    "unsupported_protocol: agent speaks protocol {}, this coordinator speaks {PROTOCOL_VERSION}; upgrade the older side",
+                    req.protocol_version
+                )));
+            }
+            let refused = || {
+                ActorError::Unauthorized(format!(
+                    "unknown agent {:?} or wrong secret: create it with `kiln agent new` and pass its secret file",
+                    req.name
+                ))
+            };
+            let id = self
+                .store
+                .tree(TreeId::AgentNames)
+                .get(req.name.as_bytes())
+                .map_err(crate::store::StoreError::from)?
+                .and_then(|v| parse_u64_key(&v))
+                .ok_or_else(refused)?;
+            let rec: AgentRecord = self
+                .store
+                .get(TreeId::Agents, &u64_key(id))?
+                .ok_or_else(refused)?;
+            let given = secret_hash(&rec.salt, &req.secret);
+            // Constant-time comparison.
+            let diff = given
+                .iter()
+                .zip(&rec.secret_hash)
+                .fold(0u8, |a, (x, y)| a | (x ^ y));
+            if diff != 0 || given.len() != rec.secret_hash.len() {
+                return Err(refused());
+            }
+            Ok(rec)
+        })();
+        let rec = match found {
+            Ok(r) => r,
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        let token = random_hex(32);
+        self.sessions.replace(rec.id, &token);
+        self.liveness.touch(rec.id);
+        self.liveness.set_lost(rec.id, false);
+        let systems = if req.systems.is_empty() {
+            rec.systems.clone()
+        } else {
+            req.systems.clone()
+        };
+        let session = self.session_actor(&rec, systems.clone());
+        let held: Vec<(u64, u32)> = req.builds.iter().map(|b| (b.build_id, b.attempt)).collect();
+        let queue = self.queue.clone();
+        let (hb, timeout) = (self.heartbeat_interval, self.agent_timeout);
+        tracing::info!(agent = %rec.name, held = held.len(), "agent session opened");
+        let agent_id = rec.id;
+        Box::pin(
+            async move {
+                let commands = queue
+                    .send(Reconcile { agent_id, held })
+                    .await
+                    .map_err(|_| {
+                        ActorError::Unavailable("the build queue is restarting; retry".into())
+                    })??;
+                session.do_send(Opened {
+                    systems,
+                    commands: Vec::new(),
+                });
+                Ok(SessionOpened {
+                    agent_id,
+                    session_token: token,
+                    heartbeat_interval_ms: hb.as_millis() as u64,
+                    agent_timeout_ms: timeout.as_millis() as u64,
+                    commands,
+                })
+            }
+            .into_actor(self),
+        )
+    }
+}
+
+/// The session actor of an authenticated agent.
+#[derive(Message)]
+#[rtype(result = "Option<Addr<AgentSession>>")]
+pub struct SessionOf(pub AgentId);
+
+impl Handler<SessionOf> for AgentRegistry {
+    type Result = MessageResult<SessionOf>;
+    fn handle(&mut self, msg: SessionOf, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.actors.get(&msg.0).cloned())
+    }
+}
+
+/// `kiln agents`.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<AgentInfo>, ActorError>")]
+pub struct ListAgents;
+
+impl Handler<ListAgents> for AgentRegistry {
+    type Result = ResponseFuture<Result<Vec<AgentInfo>, ActorError>>;
+
+    fn handle(&mut self, _msg: ListAgents, _ctx: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let liveness = self.liveness.clone();
+        let queue = self.queue.clone();
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for r in store.scan::<AgentRecord>(TreeId::Agents) {
+                let (_, a) = r?;
+                let (status, ago) = liveness.status(a.id);
+                let builds = queue.send(LeasedTo(a.id)).await.unwrap_or_default();
+                out.push(AgentInfo {
+                    id: a.id,
+                    name: a.name,
+                    systems: a.systems,
+                    status,
+                    last_seen_ms_ago: ago,
+                    builds,
+                });
+            }
+            metrics::gauge!("kiln_agents", "status" => "connected")
+                .set(out.iter().filter(|a| a.status == "connected").count() as f64);
+            Ok(out)
+        })
+    }
+}

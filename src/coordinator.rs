@@ -1,0 +1,221 @@
+//! `kiln coordinator`: opens the state, starts the committer, the actors and both listeners,
+//! writes the ready file, and runs until SIGINT/SIGTERM (then stops the listeners, lets the
+//! committer finish, and exits 0).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context as _;
+
+use crate::config::Config;
+use crate::derivation::store_path::StoreDir;
+use crate::store::committer::CommitterOptions;
+use crate::store::nar_cache::{atomic_write, NarCache};
+use crate::store::{meta, Committer, Store, StoreOptions, TreeId};
+
+/// Command-line overrides of the config file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CoordinatorArgs {
+    /// The TOML config file (docs/configuration.md); defaults apply without one.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where all state lives (default ./kiln-state).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Agents, substitutes and /metrics (default 0.0.0.0:8745; :0 picks a port).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Client API and events (default 127.0.0.1:8746).
+    #[arg(long)]
+    pub client_listen: Option<String>,
+    /// Written with {"listen": ..., "client_listen": ...} once both listeners are bound.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    pub log_format: String,
+}
+
+/// Set up `tracing` (and bridge the `log` crate, through which sled reports its errors).
+pub fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The config with command-line overrides applied.
+pub fn effective_config(args: &CoordinatorArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(d) = &args.state_dir {
+        config.state_dir = d.clone();
+    }
+    if let Some(l) = &args.listen {
+        config.listen = l.clone();
+    }
+    if let Some(l) = &args.client_listen {
+        config.client_listen = l.clone();
+    }
+    if config.store_dir.is_none() {
+        if let Some(d) = std::env::var_os("KILN_STORE_DIR") {
+            config.store_dir = Some(PathBuf::from(d));
+        }
+    }
+    Ok(config)
+}
+
+/// Run the coordinator until it is told to stop.
+pub fn run(args: CoordinatorArgs) -> anyhow::Result<i32> {
+    init_logging(&args.log_format);
+    let config = effective_config(&args)?;
+    let prometheus = crate::telemetry::install()?;
+    let system = actix::System::new();
+    system.block_on(serve(config, args.ready_file, prometheus))
+}
+
+async fn serve(
+    config: Config,
+    ready_file: Option<PathBuf>,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<i32> {
+    let store = Store::open(
+        &config.state_dir,
+        &StoreOptions {
+            background_flush_ms: (config.store.background_flush_ms > 0)
+                .then_some(config.store.background_flush_ms),
+            cache_capacity_bytes: config.store.cache_capacity_mb << 20,
+        },
+    )
+    .with_context(|| {
+        format!(
+            "failed to open the state dir {}",
+            config.state_dir.display()
+        )
+    })?;
+    let store_dir = resolve_store_dir(&config, &store)?;
+    let mut hook_routes: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for h in &config.hooks {
+        for e in &h.events {
+            hook_routes
+                .entry(e.clone())
+                .or_default()
+                .push(h.name.clone());
+        }
+    }
+    let sink: crate::supervisor::EventSink = Arc::new(OnceLock::new());
+    let committer = Committer::start(
+        store.clone(),
+        CommitterOptions {
+            fsync: config.store.fsync,
+            max_batch: config.store.max_batch,
+            hook_routes,
+        },
+        crate::supervisor::event_listener(sink.clone()),
+    )?;
+    let key = match &config.signing_key_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("failed to read signing key file {}", f.display()))?;
+            Some(
+                crate::nar::signing::SecretKey::parse(text.trim()).map_err(|e| {
+                    anyhow::anyhow!(
+                        "signing key file {} is not a Nix secret key: {e}",
+                        f.display()
+                    )
+                })?,
+            )
+        }
+        None => None,
+    };
+    let nars = Arc::new(NarCache::new(
+        &config.state_dir,
+        store.clone(),
+        committer.clone(),
+        key,
+    )?);
+    if let Some(d) = &store_dir {
+        nars.write_cache_info(d.as_str())?;
+    }
+    let repaired = nars.repair_narinfos()?;
+    if repaired > 0 {
+        tracing::warn!(repaired, "rewrote missing narinfo files");
+    }
+    let actors = crate::supervisor::start(
+        &config,
+        store.clone(),
+        committer.clone(),
+        nars.clone(),
+        store_dir,
+        sink,
+    )?;
+    let config = Arc::new(config);
+    let state = actix_web::web::Data::new(crate::http::AppState {
+        queue: actors.queue.clone(),
+        registry: actors.registry.clone(),
+        event_log: actors.event_log.clone(),
+        sessions: actors.sessions.clone(),
+        liveness: actors.liveness.clone(),
+        nars,
+        store: store.clone(),
+        config: config.clone(),
+        prometheus,
+    });
+    let (agent_srv, client_srv, listen, client_listen) =
+        crate::http::bind(state, &config.listen, &config.client_listen)?;
+    tracing::info!(listen = %listen, client_listen = %client_listen, state_dir = %config.state_dir.display(), "coordinator ready");
+    if let Some(f) = &ready_file {
+        let body =
+            serde_json::json!({"listen": listen, "client_listen": client_listen}).to_string();
+        write_ready_file(f, &body)?;
+    }
+    let (a, c) = tokio::join!(agent_srv, client_srv);
+    a.context("agent listener failed")?;
+    c.context("client listener failed")?;
+    tracing::info!("listeners stopped; finishing pending commits");
+    let c2 = committer.clone();
+    let _ = tokio::task::spawn_blocking(move || c2.shutdown_blocking()).await;
+    for arb in actors.arbiters {
+        arb.stop();
+    }
+    actix::System::current().stop();
+    Ok(0)
+}
+
+fn write_ready_file(path: &Path, body: &str) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    atomic_write(path, body.as_bytes())
+        .with_context(|| format!("failed to write the ready file {}", path.display()))
+}
+
+/// The store dir: from the config (or KILN_STORE_DIR), else the one recorded in the state dir
+/// by an earlier submission; a config that contradicts the recorded one is an error.
+fn resolve_store_dir(config: &Config, store: &Store) -> anyhow::Result<Option<StoreDir>> {
+    let recorded = store
+        .tree(TreeId::Meta)
+        .get(meta::STORE_DIR)?
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    let configured = match &config.store_dir {
+        Some(d) => {
+            Some(StoreDir::new(d).map_err(|e| anyhow::anyhow!("store_dir {}: {e}", d.display()))?)
+        }
+        None => None,
+    };
+    match (configured, recorded) {
+        (Some(c), Some(r)) if c.as_str() != r => anyhow::bail!(
+            "the state dir {} serves store dir {r}, but the config says {}: use a state dir per store dir",
+            config.state_dir.display(),
+            c.as_str()
+        ),
+        (Some(c), _) => Ok(Some(c)),
+        (None, Some(r)) => Ok(Some(StoreDir::new(&r).map_err(|e| anyhow::anyhow!("recorded store dir {r}: {e}"))?)),
+        (None, None) => Ok(None),
+    }
+}

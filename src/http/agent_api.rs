@@ -1,0 +1,297 @@
+//! Agent API routes (`/api/agent/v1`): translate HTTP to actor messages and back.
+
+use actix_web::dev::Payload;
+use actix_web::{get, post, put, web, FromRequest, HttpRequest, HttpResponse};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::actors::agent_session::{path_info, Beat, RequestWork};
+use crate::actors::build_queue::{Finish, Progress};
+use crate::actors::registry::{Open, SessionOf};
+use crate::derivation::Hash;
+use crate::protocol::{
+    BuildState, Heartbeat, HeartbeatReply, LogQuery, OpenSession, Outcome, ResultReport,
+    StartReport, UploadQuery, WorkRequest, SESSION_HEADER,
+};
+use crate::store::nar_cache::{valid_output_name, UploadKey};
+use crate::store::records::OutputRecord;
+use crate::store::TreeId;
+
+/// An authenticated agent: the session token named a live session. Every authenticated
+/// request counts as a sign of life.
+pub struct AgentAuth(pub u64);
+
+impl FromRequest for AgentAuth {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<AgentAuth, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let token = req
+            .headers()
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| {
+                req.headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(str::to_string)
+            });
+        let state = req.app_data::<web::Data<AppState>>();
+        let r = match (token, state) {
+            (Some(t), Some(s)) => match s.sessions.lookup(&t) {
+                Some(agent) => {
+                    s.liveness.touch(agent);
+                    Ok(AgentAuth(agent))
+                }
+                None => Err(ApiError::new(
+                    actix_web::http::StatusCode::UNAUTHORIZED,
+                    "session_unknown",
+                    "unknown session (the coordinator may have restarted): open a new session",
+                )),
+            },
+            _ => Err(ApiError::new(
+                actix_web::http::StatusCode::UNAUTHORIZED,
+                "session_unknown",
+                format!("missing {SESSION_HEADER} header: open a session first"),
+            )),
+        };
+        std::future::ready(r)
+    }
+}
+
+#[post("/session")]
+async fn open_session(
+    state: web::Data<AppState>,
+    body: web::Json<OpenSession>,
+) -> Result<HttpResponse, ApiError> {
+    let opened = state
+        .registry
+        .send(Open(body.into_inner()))
+        .await
+        .map_err(ApiError::mailbox)??;
+    Ok(HttpResponse::Ok().json(opened))
+}
+
+#[post("/heartbeat")]
+async fn heartbeat(
+    state: web::Data<AppState>,
+    auth: AgentAuth,
+    _body: web::Json<Heartbeat>,
+) -> Result<HttpResponse, ApiError> {
+    let session = state
+        .registry
+        .send(SessionOf(auth.0))
+        .await
+        .map_err(ApiError::mailbox)?;
+    let commands = match session {
+        Some(s) => s.send(Beat).await.map_err(ApiError::mailbox)?,
+        None => Vec::new(),
+    };
+    Ok(HttpResponse::Ok().json(HeartbeatReply { commands }))
+}
+
+#[post("/work")]
+async fn work(
+    state: web::Data<AppState>,
+    auth: AgentAuth,
+    body: web::Json<WorkRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let session = state
+        .registry
+        .send(SessionOf(auth.0))
+        .await
+        .map_err(ApiError::mailbox)?
+        .ok_or_else(|| {
+            ApiError::new(
+                actix_web::http::StatusCode::UNAUTHORIZED,
+                "session_unknown",
+                "open a session first",
+            )
+        })?;
+    let reply = session
+        .send(RequestWork {
+            max: body.max_builds,
+        })
+        .await
+        .map_err(ApiError::mailbox)??;
+    Ok(HttpResponse::Ok().json(reply))
+}
+
+#[post("/builds/{id}/start")]
+async fn start(
+    state: web::Data<AppState>,
+    auth: AgentAuth,
+    path: web::Path<u64>,
+    body: web::Json<StartReport>,
+) -> Result<HttpResponse, ApiError> {
+    let msg = Progress {
+        agent_id: auth.0,
+        build_id: path.into_inner(),
+        attempt: body.attempt,
+        to: Some(BuildState::Building),
+    };
+    state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    Ok(HttpResponse::Ok().json(serde_json::json!({})))
+}
+
+fn upload_key(build_id: u64, output: &str, q: &UploadQuery) -> Result<UploadKey, ApiError> {
+    if !valid_output_name(output) {
+        return Err(ApiError::bad_request(format!(
+            "{output:?} is not a valid output name"
+        )));
+    }
+    let file_hash: Hash = q
+        .file_hash
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("file_hash {:?}: {e}", q.file_hash)))?;
+    Ok(UploadKey {
+        build_id,
+        attempt: q.attempt,
+        output: output.to_string(),
+        file_hash,
+        file_size: q.file_size,
+    })
+}
+
+#[get("/builds/{id}/outputs/{name}")]
+async fn upload_status(
+    state: web::Data<AppState>,
+    auth: AgentAuth,
+    path: web::Path<(u64, String)>,
+    q: web::Query<UploadQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let (build_id, name) = path.into_inner();
+    let msg = Progress {
+        agent_id: auth.0,
+        build_id,
+        attempt: q.attempt,
+        to: None,
+    };
+    state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    let key = upload_key(build_id, &name, &q)?;
+    Ok(HttpResponse::Ok().json(state.nars.upload_status(&key)?))
+}
+
+#[put("/builds/{id}/outputs/{name}")]
+async fn upload(
+    state: web::Data<AppState>,
+    auth: AgentAuth,
+    path: web::Path<(u64, String)>,
+    q: web::Query<UploadQuery>,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (build_id, name) = path.into_inner();
+    let key = upload_key(build_id, &name, &q)?;
+    let limit = state.config.limits.output_nar_mb << 20;
+    if key.file_size > limit {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "a {} byte NAR is over the limit of {limit} bytes (limits.output_nar_mb)",
+                key.file_size
+            ),
+        ));
+    }
+    let msg = Progress {
+        agent_id: auth.0,
+        build_id,
+        attempt: q.attempt,
+        to: Some(BuildState::Uploading),
+    };
+    state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    let status = state.nars.receive(&key, q.offset, body).await?;
+    Ok(HttpResponse::Ok().json(status))
+}
+
+#[put("/builds/{id}/log")]
+async fn upload_log(
+    state: web::Data<AppState>,
+    auth: AgentAuth,
+    path: web::Path<u64>,
+    q: web::Query<LogQuery>,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let build_id = path.into_inner();
+    let msg = Progress {
+        agent_id: auth.0,
+        build_id,
+        attempt: q.attempt,
+        to: None,
+    };
+    state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    let limit = state.config.limits.log_mb << 20;
+    state
+        .nars
+        .receive_log(build_id, q.attempt, limit, body)
+        .await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({})))
+}
+
+#[post("/builds/{id}/result")]
+async fn result(
+    state: web::Data<AppState>,
+    auth: AgentAuth,
+    path: web::Path<u64>,
+    body: web::Json<ResultReport>,
+) -> Result<HttpResponse, ApiError> {
+    let build_id = path.into_inner();
+    let report = body.into_inner();
+    let log_attempt = if state.nars.log_path(build_id, report.attempt).exists() {
+        report.attempt
+    } else {
+        0
+    };
+    let outcome = match report.outcome {
+        Outcome::Succeeded { outputs } => Ok(outputs),
+        Outcome::Failed { reason } => Err(reason),
+    };
+    let msg = Finish {
+        agent_id: auth.0,
+        build_id,
+        attempt: report.attempt,
+        outcome,
+        log_attempt,
+    };
+    let ack = state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    Ok(HttpResponse::Ok().json(ack))
+}
+
+#[get("/paths/{hash}")]
+async fn path_by_hash(
+    state: web::Data<AppState>,
+    _auth: AgentAuth,
+    hash: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let rec: Option<OutputRecord> =
+        state
+            .store
+            .get(TreeId::Outputs, hash.as_bytes())
+            .map_err(|e| {
+                ApiError::new(
+                    actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    e.to_string(),
+                )
+            })?;
+    match rec {
+        Some(o) => Ok(HttpResponse::Ok().json(path_info(&o))),
+        None => Err(ApiError::not_found(format!(
+            "no available store path with hash {hash}"
+        ))),
+    }
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(open_session)
+        .service(heartbeat)
+        .service(work)
+        .service(start)
+        .service(upload_status)
+        .service(upload)
+        .service(upload_log)
+        .service(result)
+        .service(path_by_hash);
+}

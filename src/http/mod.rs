@@ -1,0 +1,107 @@
+//! The HTTP side: two actix-web listeners. The agent listener serves the agent API
+//! (`/api/agent/v1`), substitutes (`/nix-cache-info`, `/<hash>.narinfo`, `/nar/…`) and
+//! `/metrics`; the client listener serves the client API (`/api/v1`) and the event stream.
+//! Handlers only translate HTTP to actor messages and back; errors become statuses in
+//! [`error`] alone. Every route has a body limit.
+
+pub mod agent_api;
+pub mod client_api;
+pub mod error;
+pub mod substitutes;
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::{web, App, HttpServer};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::actors::build_queue::BuildQueue;
+use crate::actors::event_log::EventLog;
+use crate::actors::registry::{AgentRegistry, Liveness, Sessions};
+use crate::config::Config;
+use crate::derivation::store_path::StoreDir;
+use crate::store::nar_cache::NarCache;
+use crate::store::{meta, Store, TreeId};
+
+/// What every handler can reach.
+pub struct AppState {
+    pub queue: Addr<BuildQueue>,
+    pub registry: Addr<AgentRegistry>,
+    pub event_log: Addr<EventLog>,
+    pub sessions: Arc<Sessions>,
+    pub liveness: Arc<Liveness>,
+    pub nars: Arc<NarCache>,
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub prometheus: PrometheusHandle,
+}
+
+impl AppState {
+    /// The store dir this coordinator serves, if fixed yet (config, env, or the first
+    /// submission, recorded in sled).
+    pub fn store_dir(&self) -> Result<Option<StoreDir>, String> {
+        if let Some(d) = &self.config.store_dir {
+            return StoreDir::new(d).map(Some).map_err(|e| e.to_string());
+        }
+        match self.store.tree(TreeId::Meta).get(meta::STORE_DIR) {
+            Ok(Some(v)) => StoreDir::new(String::from_utf8_lossy(&v).as_ref())
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Bind both listeners; returns the servers (not yet awaited) and their bound addresses.
+pub fn bind(
+    state: web::Data<AppState>,
+    listen: &str,
+    client_listen: &str,
+) -> anyhow::Result<(
+    actix_web::dev::Server,
+    actix_web::dev::Server,
+    String,
+    String,
+)> {
+    use anyhow::Context as _;
+    let limits = state.config.limits.clone();
+    let small = move || {
+        web::JsonConfig::default()
+            .limit((limits.json_body_kb << 10) as usize)
+            .error_handler(error::json_error)
+    };
+    let big_limit = (state.config.limits.submit_body_mb << 20) as usize;
+    let s1 = state.clone();
+    let small1 = small;
+    let agent = HttpServer::new(move || {
+        App::new()
+            .app_data(s1.clone())
+            .app_data(small1())
+            .app_data(web::QueryConfig::default().error_handler(error::query_error))
+            .service(web::scope(crate::protocol::AGENT_API).configure(agent_api::routes))
+            .configure(substitutes::routes)
+    })
+    .workers(2)
+    .bind(listen)
+    .with_context(|| format!("failed to listen on {listen} (agents, substitutes, metrics)"))?;
+    let agent_addr = agent.addrs()[0].to_string();
+    let s2 = state.clone();
+    let client = HttpServer::new(move || {
+        let big = web::JsonConfig::default()
+            .limit(big_limit)
+            .error_handler(error::json_error);
+        App::new()
+            .app_data(s2.clone())
+            .app_data(small())
+            .app_data(web::QueryConfig::default().error_handler(error::query_error))
+            .service(
+                web::scope(crate::protocol::CLIENT_API).configure(|c| client_api::routes(c, big)),
+            )
+    })
+    .workers(2)
+    .bind(client_listen)
+    .with_context(|| format!("failed to listen on {client_listen} (client API)"))?;
+    let client_addr = client.addrs()[0].to_string();
+    Ok((agent.run(), client.run(), agent_addr, client_addr))
+}

@@ -1,0 +1,281 @@
+//! The records Kiln keeps in sled, one struct per tree, each with its version byte (see
+//! [`super::codec`]). Changing a field means a new version and a decoder for the old one; the
+//! golden-bytes tests at the bottom fail when an encoding changes by accident.
+
+use serde::{Deserialize, Serialize};
+
+use super::codec::Record;
+use crate::protocol::BuildState;
+
+/// A build: the state machine's record. Key: build id (big-endian u64).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub id: u64,
+    pub drv_path: String,
+    pub system: String,
+    pub priority: i32,
+    pub tags: Vec<(String, String)>,
+    #[serde(with = "state_code")]
+    pub state: BuildState,
+    /// The fencing token: raised each time the build is allocated; 0 = never allocated.
+    pub attempt: u32,
+    /// The agent holding the lease (0 = none). A lease grant is persisted; heartbeats are not.
+    pub agent_id: u64,
+    /// Output name -> full store path.
+    pub outputs: Vec<(String, String)>,
+    /// Full store paths that must be available before the build can run.
+    pub needs: Vec<String>,
+    pub created_ms: u64,
+    /// When the current attempt was allocated (0 = never).
+    pub allocated_ms: u64,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    /// Why it failed or was canceled ("" = none).
+    pub reason: String,
+    /// The attempt whose log is stored (0 = no log).
+    pub log_attempt: u32,
+}
+
+impl Record for BuildRecord {
+    const VERSION: u8 = 1;
+    const NAME: &'static str = "build";
+}
+
+/// A `.drv` file's bytes. Key: the drv path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrvRecord {
+    pub contents: Vec<u8>,
+}
+
+impl Record for DrvRecord {
+    const VERSION: u8 = 1;
+    const NAME: &'static str = "derivation";
+}
+
+/// An available store path (built, or uploaded as a source). Key: its 32-character hash part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRecord {
+    pub path: String,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    /// The compressed file under `cache/nar/`, `sha256:<base32>`.
+    pub file_hash: String,
+    pub file_size: u64,
+    /// Full store paths.
+    pub references: Vec<String>,
+    /// The `.drv` that produced it ("" for sources).
+    pub deriver: String,
+    pub system: String,
+    /// The build that produced it (0 for sources).
+    pub build_id: u64,
+    pub created_ms: u64,
+}
+
+impl Record for OutputRecord {
+    const VERSION: u8 = 1;
+    const NAME: &'static str = "output";
+}
+
+/// A verified compressed NAR under `cache/nar/`. Key: file hash `sha256:<base32>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NarFileRecord {
+    pub file_size: u64,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub created_ms: u64,
+}
+
+impl Record for NarFileRecord {
+    const VERSION: u8 = 1;
+    const NAME: &'static str = "nar-file";
+}
+
+/// A registered agent. Key: agent id. The secret is kept only as a salted hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub id: u64,
+    pub name: String,
+    pub salt: Vec<u8>,
+    pub secret_hash: Vec<u8>,
+    pub systems: Vec<String>,
+    pub created_ms: u64,
+}
+
+impl Record for AgentRecord {
+    const VERSION: u8 = 1;
+    const NAME: &'static str = "agent";
+}
+
+/// One entry of the durable event log. Key: sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub seq: u64,
+    pub time_ms: u64,
+    /// `build-submitted`, `build-succeeded`, ...
+    pub kind: String,
+    /// 0 = none.
+    pub build_id: u64,
+    /// 0 = none.
+    pub agent_id: u64,
+    /// The event's JSON body (what hooks get on stdin and SSE subscribers as `data`).
+    pub payload: String,
+}
+
+impl Record for EventRecord {
+    const VERSION: u8 = 1;
+    const NAME: &'static str = "event";
+}
+
+/// A pending hook run. Key: hook name, 0, event seq (see [`super::keys::hook_work_key`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HookWorkRecord {
+    pub attempts: u32,
+    pub next_attempt_ms: u64,
+    pub last_error: String,
+}
+
+impl Record for HookWorkRecord {
+    const VERSION: u8 = 1;
+    const NAME: &'static str = "hook-work";
+}
+
+/// Build states are stored as fixed codes, independent of the order of the protocol enum.
+mod state_code {
+    use crate::protocol::BuildState;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn code(s: BuildState) -> u8 {
+        match s {
+            BuildState::Blocked => 1,
+            BuildState::Runnable => 2,
+            BuildState::Allocated => 3,
+            BuildState::Building => 4,
+            BuildState::Uploading => 5,
+            BuildState::Succeeded => 6,
+            BuildState::Failed => 7,
+            BuildState::Canceled => 8,
+        }
+    }
+
+    pub fn serialize<S: Serializer>(s: &BuildState, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_u8(code(*s))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BuildState, D::Error> {
+        let c = u8::deserialize(d)?;
+        BuildState::ALL
+            .into_iter()
+            .find(|s| code(*s) == c)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown build state code {c}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::codec::{decode, encode};
+    use super::*;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// Pins the v1 encoding of a build record: if this fails, the on-disk format changed and
+    /// needs a new version with a migration, not an edit of this test.
+    #[test]
+    fn build_record_v1_golden_bytes() {
+        let r = BuildRecord {
+            id: 7,
+            drv_path: "/s/a.drv".into(),
+            system: "x".into(),
+            priority: -1,
+            tags: vec![("k".into(), "v".into())],
+            state: BuildState::Runnable,
+            attempt: 2,
+            agent_id: 3,
+            outputs: vec![("out".into(), "/s/o".into())],
+            needs: vec!["/s/i".into()],
+            created_ms: 1,
+            allocated_ms: 2,
+            started_ms: 3,
+            finished_ms: 4,
+            reason: "".into(),
+            log_attempt: 0,
+        };
+        let bytes = encode(&r).unwrap();
+        assert_eq!(
+            hex(&bytes),
+            "01\
+             0700000000000000\
+             0800000000000000 2f732f612e647276\
+             0100000000000000 78\
+             ffffffff\
+             0100000000000000 0100000000000000 6b 0100000000000000 76\
+             02\
+             02000000\
+             0300000000000000\
+             0100000000000000 0300000000000000 6f7574 0400000000000000 2f732f6f\
+             0100000000000000 0400000000000000 2f732f69\
+             0100000000000000 0200000000000000 0300000000000000 0400000000000000\
+             0000000000000000\
+             00000000"
+                .replace(' ', "")
+        );
+        assert_eq!(decode::<BuildRecord>(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn event_record_v1_golden_bytes() {
+        let r = EventRecord {
+            seq: 1,
+            time_ms: 2,
+            kind: "k".into(),
+            build_id: 3,
+            agent_id: 0,
+            payload: "{}".into(),
+        };
+        let bytes = encode(&r).unwrap();
+        assert_eq!(
+            hex(&bytes),
+            "01 0100000000000000 0200000000000000 0100000000000000 6b 0300000000000000 0000000000000000 0200000000000000 7b7d"
+                .replace(' ', "")
+        );
+    }
+
+    #[test]
+    fn unknown_version_is_a_clear_error() {
+        let mut bytes = encode(&HookWorkRecord::default()).unwrap();
+        bytes[0] = 9;
+        let err = decode::<HookWorkRecord>(&bytes).unwrap_err().to_string();
+        assert!(err.contains("version 9"), "{err}");
+    }
+
+    #[test]
+    fn other_records_roundtrip() {
+        let o = OutputRecord {
+            path: "/s/p".into(),
+            nar_hash: "sha256:x".into(),
+            nar_size: 1,
+            file_hash: "sha256:y".into(),
+            file_size: 2,
+            references: vec!["/s/q".into()],
+            deriver: "/s/d.drv".into(),
+            system: "x".into(),
+            build_id: 4,
+            created_ms: 5,
+        };
+        assert_eq!(decode::<OutputRecord>(&encode(&o).unwrap()).unwrap(), o);
+        let a = AgentRecord {
+            id: 1,
+            name: "a".into(),
+            salt: vec![1],
+            secret_hash: vec![2],
+            systems: vec!["x".into()],
+            created_ms: 3,
+        };
+        assert_eq!(decode::<AgentRecord>(&encode(&a).unwrap()).unwrap(), a);
+        let d = DrvRecord {
+            contents: vec![0xff, 0],
+        };
+        assert_eq!(decode::<DrvRecord>(&encode(&d).unwrap()).unwrap(), d);
+    }
+}

@@ -1,0 +1,97 @@
+//! Telemetry: the coordinator's Prometheus metrics: the recorder, and a description (help text and
+//! unit) of every metric, so `promtool check metrics` accepts `/metrics`. Every name here is
+//! listed in `docs/metrics.md`.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Install the global recorder (once per process) and describe every metric.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("failed to install the metrics recorder: {e}"))?;
+    describe();
+    metrics::gauge!("kiln_up").set(1.0);
+    Ok(handle)
+}
+
+fn describe() {
+    describe_gauge!("kiln_up", "1 while the coordinator runs");
+    describe_gauge!("kiln_builds", "Live builds by state");
+    describe_gauge!(
+        "kiln_runnable_builds",
+        "Builds in the allocator's runnable index"
+    );
+    describe_counter!(
+        "kiln_builds_submitted_total",
+        "Builds queued by submissions"
+    );
+    describe_counter!(
+        "kiln_builds_finished_total",
+        "Builds that reached a terminal state, by result"
+    );
+    describe_histogram!(
+        "kiln_allocation_seconds",
+        Unit::Seconds,
+        "Time to pick builds from the runnable index"
+    );
+    describe_counter!(
+        "kiln_commits_total",
+        "Group commits of the state database, by result"
+    );
+    describe_histogram!(
+        "kiln_commit_seconds",
+        Unit::Seconds,
+        "Time of one group commit including its flush"
+    );
+    describe_histogram!(
+        "kiln_commit_batch_size",
+        "Requests folded into one group commit"
+    );
+    describe_counter!(
+        "kiln_events_total",
+        "Events appended to the durable event log"
+    );
+    describe_counter!(
+        "kiln_actor_restarts_total",
+        "Actor restarts by the supervisor, by actor"
+    );
+    describe_gauge!(
+        "kiln_arbiter_lag_seconds",
+        Unit::Seconds,
+        "How late each arbiter's loop ran a 100 ms timer"
+    );
+    describe_histogram!(
+        "kiln_loop_lag_seconds",
+        Unit::Seconds,
+        "Lag seen by the agent sessions' liveness checks"
+    );
+    describe_counter!(
+        "kiln_agents_lost_total",
+        "Agents declared lost after the agent timeout"
+    );
+    describe_gauge!(
+        "kiln_agents",
+        "Agents by status (as of the last agent listing)"
+    );
+    describe_counter!(
+        "kiln_upload_bytes_total",
+        Unit::Bytes,
+        "Bytes of output NARs received"
+    );
+    describe_gauge!("kiln_hook_pending", "Hook runs waiting or running, by hook");
+    describe_counter!(
+        "kiln_hook_runs_total",
+        "Hook runs by hook and result (ok, failed, dead)"
+    );
+    describe_histogram!(
+        "kiln_hook_run_seconds",
+        Unit::Seconds,
+        "Duration of hook runs, by hook"
+    );
+    describe_gauge!(
+        "kiln_state_db_bytes",
+        Unit::Bytes,
+        "Size of the state database on disk"
+    );
+}
