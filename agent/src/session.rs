@@ -1,0 +1,434 @@
+//! The session loop: open a session, then heartbeat, ask for work when a build slot is free,
+//! run each build as its own task, obey the coordinator's commands, and shut down on
+//! SIGTERM/SIGINT.
+//!
+//! Ownership: the [`Agent`] is shared by every task. `stops` holds, per build the agent holds,
+//! the sender that stops it (cancel, abandon, shutdown); the build's task removes its entry
+//! when it lets go of the build. Build slots (a semaphore) are held from assignment until the
+//! outputs are spooled; upload slots (another semaphore) while the results are sent, first
+//! come first served.
+//!
+//! Shutdown: the agent stops asking for work, stops running builders (their dirs are removed:
+//! the coordinator re-runs them) and abandons uploads in flight — their `report.json` stays in
+//! the state dir and is sent when the agent starts again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln::protocol::{
+    AgentCommand, Assignment, BuildId, Heartbeat, HeartbeatReply, HeldPhase, Outcome, StartReport,
+    WorkReply, WorkRequest,
+};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::client::{Coordinator, Held};
+use crate::deliver::{self, Delivered};
+use crate::executor::inputs::{self, InputLocks};
+use crate::executor::{BuildResult, NativeExecutor, StopReason};
+use crate::metrics;
+use crate::retry::CallError;
+use crate::state::{BuildDir, PendingBuild, StateDir, StoredReport};
+
+type StopSender = watch::Sender<Option<StopReason>>;
+
+pub struct Agent {
+    pub coordinator: Coordinator,
+    pub executor: NativeExecutor,
+    pub state: StateDir,
+    pub held: Held,
+    inputs: InputLocks,
+    build_slots: Arc<Semaphore>,
+    upload_slots: Arc<Semaphore>,
+    /// Build id -> (attempt, stop sender) for every build the agent holds.
+    stops: Mutex<HashMap<BuildId, (u32, StopSender)>>,
+    draining: AtomicBool,
+    heartbeat_ms: AtomicU64,
+    /// Set to true once to shut everything down.
+    shutdown: watch::Sender<bool>,
+    /// Why the agent must exit with an error (a refused session), if it must.
+    fatal: Mutex<Option<String>>,
+}
+
+impl Agent {
+    pub fn new(
+        coordinator: Coordinator,
+        executor: NativeExecutor,
+        state: StateDir,
+        held: Held,
+        max_builds: u32,
+        max_uploads: u32,
+    ) -> Arc<Agent> {
+        Arc::new(Agent {
+            coordinator,
+            executor,
+            state,
+            held,
+            inputs: InputLocks::default(),
+            build_slots: Arc::new(Semaphore::new(max_builds as usize)),
+            upload_slots: Arc::new(Semaphore::new(max_uploads as usize)),
+            stops: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            heartbeat_ms: AtomicU64::new(5_000),
+            shutdown: watch::channel(false).0,
+            fatal: Mutex::new(None),
+        })
+    }
+
+    fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    async fn until_shutdown(&self) {
+        let mut rx = self.shutdown.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    fn fail(&self, why: String) {
+        tracing::error!(reason = %why, "stopping the agent");
+        *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.shutdown.send_replace(true);
+    }
+
+    fn register(
+        &self,
+        id: BuildId,
+        attempt: u32,
+        phase: HeldPhase,
+    ) -> watch::Receiver<Option<StopReason>> {
+        let (tx, rx) = watch::channel(None);
+        self.stops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (attempt, tx));
+        self.held.set(id, attempt, phase);
+        rx
+    }
+
+    fn unregister(&self, id: BuildId) {
+        self.stops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        self.held.remove(id);
+    }
+
+    fn stop_build(&self, id: BuildId, attempt: u32, reason: StopReason) {
+        let stops = self.stops.lock().unwrap_or_else(|p| p.into_inner());
+        match stops.get(&id) {
+            Some((a, tx)) if *a == attempt => {
+                tracing::info!(build_id = id, attempt, reason = ?reason, "stopping build");
+                tx.send_replace(Some(reason));
+            }
+            _ => tracing::info!(
+                build_id = id,
+                attempt,
+                "command for a build this agent does not hold"
+            ),
+        }
+    }
+
+    fn handle(&self, c: AgentCommand) {
+        match c {
+            AgentCommand::Cancel { build_id, attempt } => {
+                self.stop_build(build_id, attempt, StopReason::Cancel)
+            }
+            AgentCommand::Abandon { build_id, attempt } => {
+                self.stop_build(build_id, attempt, StopReason::Abandon)
+            }
+            AgentCommand::Drain => {
+                tracing::info!("draining: finishing held builds, asking for no more");
+                self.draining.store(true, Ordering::SeqCst);
+            }
+            AgentCommand::SetHeartbeat { interval_ms } => self
+                .heartbeat_ms
+                .store(interval_ms.max(100), Ordering::SeqCst),
+        }
+    }
+}
+
+/// Fatal refusals of a session: wrong name or secret, or a protocol the coordinator does not
+/// speak.
+fn fatal_reason(e: &CallError) -> Option<String> {
+    match e {
+        CallError::Rejected(api) if api.code == "unauthorized" || api.code == "unsupported_protocol" => {
+            Some(format!("the coordinator refused this agent ({}): {}; check --name, --secret-file and the agent version", api.code, api.message))
+        }
+        _ => None,
+    }
+}
+
+/// Runs the agent until a signal or a fatal refusal; `pending` are builds recovered from the
+/// state dir whose results still have to be sent.
+pub async fn run(
+    agent: Arc<Agent>,
+    mut commands: mpsc::UnboundedReceiver<AgentCommand>,
+    pending: Vec<PendingBuild>,
+) -> anyhow::Result<()> {
+    let mut receivers = Vec::new();
+    for p in pending {
+        let rx = agent.register(p.report.build_id, p.report.attempt, HeldPhase::Uploading);
+        receivers.push((p, rx));
+    }
+    if let Err(e) = agent.coordinator.open_session().await {
+        anyhow::bail!(fatal_reason(&e).unwrap_or_else(|| format!("failed to open a session: {e}")));
+    }
+    let mut tasks = JoinSet::new();
+    for (p, rx) in receivers {
+        tracing::info!(
+            build_id = p.report.build_id,
+            attempt = p.report.attempt,
+            "resending a recovered result"
+        );
+        tasks.spawn(deliver_and_finish(agent.clone(), p.dir, p.report, rx));
+    }
+    let heartbeat = tokio::spawn(heartbeat_loop(agent.clone()));
+    let work = tokio::spawn(work_loop(agent.clone()));
+    let signals = tokio::spawn(wait_for_signal(agent.clone()));
+    loop {
+        tokio::select! {
+            Some(c) = commands.recv() => agent.handle(c),
+            () = agent.until_shutdown() => break,
+        }
+    }
+    for (_, (_, tx)) in agent.stops.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        tx.send_replace(Some(StopReason::Shutdown));
+    }
+    let _ = work.await;
+    heartbeat.abort();
+    signals.abort();
+    // Builders get their SIGTERM/SIGKILL; uploads in flight stay on disk for the next start.
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    if let Some(why) = agent.fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        anyhow::bail!(why);
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+async fn wait_for_signal(agent: Arc<Agent>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("failed to install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+    }
+    agent.shutdown.send_replace(true);
+}
+
+async fn heartbeat_loop(agent: Arc<Agent>) {
+    loop {
+        let wait = Duration::from_millis(agent.heartbeat_ms.load(Ordering::SeqCst));
+        tokio::time::sleep(wait).await;
+        let body = Heartbeat {
+            builds: agent.held.list(),
+        };
+        match agent
+            .coordinator
+            .post::<_, HeartbeatReply>("heartbeat", "heartbeat", &body)
+            .await
+        {
+            Ok(reply) => reply.commands.into_iter().for_each(|c| agent.handle(c)),
+            Err(e) => match fatal_reason(&e) {
+                Some(why) => return agent.fail(why),
+                None => tracing::warn!(error = %e, "heartbeat refused"),
+            },
+        }
+    }
+}
+
+/// About one second, jittered, between empty work requests.
+fn idle_wait() -> Duration {
+    Duration::from_millis(750 + rand::random::<u64>() % 500)
+}
+
+async fn work_loop(agent: Arc<Agent>) {
+    while !agent.shutting_down() && !agent.draining.load(Ordering::SeqCst) {
+        let first = tokio::select! {
+            p = agent.build_slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            () = agent.until_shutdown() => return,
+        };
+        let mut permits = vec![first];
+        while let Ok(p) = agent.build_slots.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        if agent.draining.load(Ordering::SeqCst) {
+            return;
+        }
+        let req = WorkRequest {
+            max_builds: permits.len() as u32,
+        };
+        let reply = tokio::select! {
+            r = agent.coordinator.post::<_, WorkReply>("request work", "work", &req) => r,
+            () = agent.until_shutdown() => return,
+        };
+        match reply {
+            Ok(reply) => {
+                reply.commands.into_iter().for_each(|c| agent.handle(c));
+                let idle = reply.builds.is_empty();
+                for a in reply.builds {
+                    tracing::info!(build_id = a.build_id, attempt = a.attempt, drv = %a.drv_path, "build assigned");
+                    tokio::spawn(run_build(agent.clone(), a, permits.pop()));
+                }
+                drop(permits);
+                if idle {
+                    tokio::select! {
+                        () = tokio::time::sleep(idle_wait()) => {}
+                        () = agent.until_shutdown() => return,
+                    }
+                }
+            }
+            Err(e) => {
+                if let Some(why) = fatal_reason(&e) {
+                    return agent.fail(why);
+                }
+                tracing::warn!(error = %e, "work request refused");
+                tokio::time::sleep(idle_wait()).await;
+            }
+        }
+    }
+}
+
+/// The life of one assigned build on this agent.
+async fn run_build(agent: Arc<Agent>, a: Assignment, permit: Option<OwnedSemaphorePermit>) {
+    let permit = match permit {
+        Some(p) => p,
+        // More builds than asked for: they wait for a slot like any other.
+        None => match agent.build_slots.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return,
+        },
+    };
+    let (id, attempt) = (a.build_id, a.attempt);
+    let mut stop = agent.register(id, attempt, HeldPhase::Building);
+    let dir = agent.state.build_dir(id, attempt);
+    metrics::RUNNING_BUILDS.inc();
+    let result = build(&agent, &a, &dir, &mut stop).await;
+    metrics::RUNNING_BUILDS.dec();
+    drop(permit);
+    let outcome = match result {
+        Ok(BuildResult::Built(outputs)) => Outcome::Succeeded { outputs },
+        Ok(BuildResult::Failed(reason)) => Outcome::Failed { reason },
+        Ok(BuildResult::Stopped(StopReason::Cancel)) => Outcome::Failed {
+            reason: "canceled".into(),
+        },
+        Ok(BuildResult::Stopped(reason)) => {
+            if reason == StopReason::Abandon {
+                metrics::BUILDS_ABANDONED.inc();
+            }
+            tracing::info!(build_id = id, attempt, reason = ?reason, "dropping build");
+            dir.remove();
+            return agent.unregister(id);
+        }
+        Err(e) => Outcome::Failed {
+            reason: format!("agent error: {e:#}"),
+        },
+    };
+    let report = StoredReport::new(id, attempt, outcome, dir.log().exists());
+    if let Err(e) = dir.write_report(&report) {
+        tracing::error!(
+            build_id = id,
+            error = format!("{e:#}"),
+            "failed to store the report, dropping the build"
+        );
+        dir.remove();
+        return agent.unregister(id);
+    }
+    deliver_and_finish(agent, dir, report, stop).await;
+}
+
+/// Prepares and runs the build; `Stopped(Abandon)` also when the coordinator refuses the start.
+async fn build(
+    agent: &Agent,
+    a: &Assignment,
+    dir: &BuildDir,
+    stop: &mut watch::Receiver<Option<StopReason>>,
+) -> anyhow::Result<BuildResult> {
+    dir.create()?;
+    dir.write_assignment(a)?;
+    let start = StartReport { attempt: a.attempt };
+    let path = format!("builds/{}/start", a.build_id);
+    if let Err(e) = agent
+        .coordinator
+        .post::<_, serde::de::IgnoredAny>("report start", &path, &start)
+        .await
+    {
+        tracing::warn!(build_id = a.build_id, error = %e, "coordinator refused the start");
+        return Ok(BuildResult::Stopped(StopReason::Abandon));
+    }
+    let fetched = tokio::select! {
+        r = inputs::fetch_all(&agent.coordinator, &agent.inputs, &a.inputs, |p| agent.executor.local_path(p)) => r,
+        r = stop.wait_for(Option::is_some) => {
+            let reason = r.ok().and_then(|s| *s).unwrap_or(StopReason::Shutdown);
+            return Ok(BuildResult::Stopped(reason));
+        }
+    };
+    if let Err(reason) = fetched {
+        return Ok(BuildResult::Failed(reason));
+    }
+    agent.executor.run(a, dir, stop).await
+}
+
+/// Sends the result (uploads first), then lets go of the build.
+async fn deliver_and_finish(
+    agent: Arc<Agent>,
+    dir: BuildDir,
+    report: StoredReport,
+    mut stop: watch::Receiver<Option<StopReason>>,
+) {
+    let (id, attempt) = (report.build_id, report.attempt);
+    agent.held.set(id, attempt, HeldPhase::Uploading);
+    let result = tokio::select! {
+        r = async {
+            let _slot = agent.upload_slots.acquire().await;
+            deliver::deliver(&agent.coordinator, &dir, report.clone()).await
+        } => r,
+        r = stop.wait_for(|s| matches!(s, Some(StopReason::Abandon | StopReason::Shutdown))) => {
+            if matches!(r.ok().and_then(|s| *s), Some(StopReason::Abandon)) {
+                metrics::BUILDS_ABANDONED.inc();
+                dir.remove();
+            }
+            return agent.unregister(id);
+        }
+    };
+    match result {
+        Ok(Delivered::Acknowledged { duplicate }) => {
+            let counter = match &report.outcome {
+                Outcome::Succeeded { .. } => &metrics::BUILDS_SUCCEEDED,
+                Outcome::Failed { reason } if reason == "canceled" => &metrics::BUILDS_CANCELED,
+                Outcome::Failed { .. } => &metrics::BUILDS_FAILED,
+            };
+            counter.inc();
+            tracing::info!(build_id = id, attempt, duplicate, "result acknowledged");
+        }
+        Ok(Delivered::Stale) => {
+            metrics::BUILDS_ABANDONED.inc();
+            tracing::info!(
+                build_id = id,
+                attempt,
+                "attempt is stale, dropping the build"
+            );
+        }
+        Err(e) => {
+            if let Some(why) = fatal_reason(&e) {
+                agent.fail(why);
+                return agent.unregister(id);
+            }
+            tracing::error!(build_id = id, attempt, error = %e, "coordinator refused the result, dropping the build");
+        }
+    }
+    dir.remove();
+    agent.unregister(id);
+}

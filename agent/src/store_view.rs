@@ -1,0 +1,134 @@
+//! Each agent's private view of the store dir.
+//!
+//! Store paths are absolute, so two agents on one host must not share a writable store dir by
+//! accident. As root on Linux the agent enters its own mount namespace and bind-mounts
+//! `<state-dir>/store` over `--store-dir`: every agent sees its own store, and what an agent
+//! built is visible from outside at `<state-dir>/store/<hash>-<name>` (an interface: tests and
+//! operators read outputs there). Otherwise the agent takes an exclusive `flock` on
+//! `<store-dir>/.kiln-agent.lock` and refuses to start when another agent holds it.
+//!
+//! `unshare(CLONE_NEWNS)` fails once a process has several threads, so [`establish`] must run
+//! before the tokio runtime (or anything else that spawns threads) starts.
+
+use std::fs::{self, File};
+use std::os::unix::io::AsRawFd as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+/// How this agent keeps its store to itself. The lock file must live as long as the agent.
+#[derive(Debug)]
+pub enum StoreView {
+    /// A private mount namespace with `<state-dir>/store` bind-mounted over the store dir.
+    Namespace { backing: PathBuf },
+    /// An exclusive lock on the shared store dir.
+    Locked(File),
+}
+
+/// Sets up the private view; must run while the process is single-threaded.
+pub fn establish(store_dir: &Path, state_dir: &Path) -> anyhow::Result<StoreView> {
+    fs::create_dir_all(store_dir)
+        .with_context(|| format!("failed to create the store dir {}", store_dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if cfg!(target_os = "linux") && root {
+        match namespace(store_dir, state_dir) {
+            Ok(backing) => {
+                tracing::info!(store_dir = %store_dir.display(), backing = %backing.display(), "private store view: mount namespace");
+                return Ok(StoreView::Namespace { backing });
+            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "failed to set up a mount namespace, falling back to a lock"
+            ),
+        }
+    }
+    let lock = lock_exclusive(&store_dir.join(".kiln-agent.lock")).with_context(|| {
+        format!(
+            "another kiln-agent uses the store dir {}: give each agent its own --store-dir, or run as root on Linux for a private view",
+            store_dir.display()
+        )
+    })?;
+    tracing::info!(store_dir = %store_dir.display(), "private store view: lock file");
+    Ok(StoreView::Locked(lock))
+}
+
+#[cfg(target_os = "linux")]
+fn namespace(store_dir: &Path, state_dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt as _;
+    let backing = state_dir.join("store");
+    fs::create_dir_all(&backing)
+        .with_context(|| format!("failed to create {}", backing.display()))?;
+    let backing = backing
+        .canonicalize()
+        .context("failed to resolve the backing store dir")?;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("path contains a NUL byte");
+    let (src, dst, slash) = (c(&backing)?, c(store_dir)?, c(Path::new("/"))?);
+    // SAFETY: plain syscalls on NUL-terminated strings that outlive the calls.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("failed to unshare the mount namespace");
+        }
+        let none = std::ptr::null();
+        if libc::mount(
+            none,
+            slash.as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("failed to make / private");
+        }
+        if libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            none,
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .context("failed to bind-mount the private store");
+        }
+    }
+    Ok(backing)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn namespace(_: &Path, _: &Path) -> anyhow::Result<PathBuf> {
+    anyhow::bail!("mount namespaces exist only on Linux")
+}
+
+/// Takes an exclusive, non-blocking flock on `path` (created if missing).
+pub fn lock_exclusive(path: &Path) -> anyhow::Result<File> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("failed to open {}", path.display()))?;
+    // SAFETY: flock on a valid descriptor owned by `f`.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("failed to lock {}", path.display()));
+    }
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("l");
+        let first = lock_exclusive(&p).unwrap();
+        assert!(lock_exclusive(&p).is_err());
+        drop(first);
+        assert!(lock_exclusive(&p).is_ok());
+    }
+}
