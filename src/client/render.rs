@@ -16,8 +16,14 @@ pub fn summary_line(out: &mut dyn Write, b: &BuildSummary) -> anyhow::Result<()>
     } else {
         ""
     };
-    writeln!(out, "{:<6} {:<10} {}{existing}", b.id, b.state, b.drv_path)
-        .context("failed to write to stdout")
+    writeln!(
+        out,
+        "{:<6} {:<10} {}{existing}",
+        b.id,
+        b.state.as_str(),
+        b.drv_path
+    )
+    .context("failed to write to stdout")
 }
 
 /// The table of `kiln builds`.
@@ -42,7 +48,11 @@ pub fn builds_table(out: &mut dyn Write, builds: &[BuildSummary]) -> anyhow::Res
         writeln!(
             out,
             "{:<6} {:<10} {:>5} {:<sys_w$} {}",
-            b.id, b.state, b.priority, b.system, b.drv_path
+            b.id,
+            b.state.as_str(),
+            b.priority,
+            b.system,
+            b.drv_path
         )
         .context("failed to write to stdout")?;
     }
