@@ -29,7 +29,9 @@ fn nix_corpus() -> (String, Vec<PathBuf>) {
         .arg(&expr)
         .env("NIX_CONF_DIR", conf.path())
         .output()
-        .unwrap_or_else(|e| panic!("nix-instantiate not found ({e}): run scripts/test, which installs nix-bin"));
+        .unwrap_or_else(|e| {
+            panic!("nix-instantiate not found ({e}): run scripts/test, which installs nix-bin")
+        });
     assert!(
         out.status.success(),
         "nix-instantiate {} failed: {}",
@@ -93,9 +95,16 @@ fn main() {
     });
     let secs = t.as_secs_f64();
     let mb = (bytes as f64 * passes as f64) / 1e6;
-    println!("parse: {:.1} MB/s ({:.0} derivations/s)", mb / secs, (corpus.len() as u64 * passes) as f64 / secs);
+    println!(
+        "parse: {:.1} MB/s ({:.0} derivations/s)",
+        mb / secs,
+        (corpus.len() as u64 * passes) as f64 / secs
+    );
 
-    let parsed: Vec<Derivation> = corpus.iter().filter_map(|c| Derivation::parse(c).ok()).collect();
+    let parsed: Vec<Derivation> = corpus
+        .iter()
+        .filter_map(|c| Derivation::parse(c).ok())
+        .collect();
     let (passes, t) = measure(|| {
         for d in &parsed {
             black_box(black_box(d).print());

@@ -71,7 +71,11 @@ fn lossy(b: &[u8]) -> String {
     if b.len() <= MAX {
         return String::from_utf8_lossy(b).into_owned();
     }
-    format!("{}… ({} bytes)", String::from_utf8_lossy(&b[..MAX]), b.len())
+    format!(
+        "{}… ({} bytes)",
+        String::from_utf8_lossy(&b[..MAX]),
+        b.len()
+    )
 }
 
 /// Duplicate detection that costs one comparison per key while keys arrive sorted (as in
