@@ -4,8 +4,11 @@
 //! accident. As root on Linux the agent enters its own mount namespace and bind-mounts
 //! `<state-dir>/store` over `--store-dir`: every agent sees its own store, and what an agent
 //! built is visible from outside at `<state-dir>/store/<hash>-<name>` (an interface: tests and
-//! operators read outputs there). Otherwise the agent takes an exclusive `flock` on
-//! `<store-dir>/.kiln-agent.lock` and refuses to start when another agent holds it.
+//! operators read outputs there). Not as root, it does the same inside an unprivileged user
+//! namespace that maps its own uid and gid to themselves (files it creates belong to the user
+//! outside too). Where neither works (not Linux, or user namespaces disabled), the agent takes
+//! an exclusive `flock` on `<store-dir>/.kiln-agent.lock` and refuses to start when another
+//! agent holds it.
 //!
 //! `unshare(CLONE_NEWNS)` fails once a process has several threads, so [`establish`] must run
 //! before the tokio runtime (or anything else that spawns threads) starts.
@@ -31,8 +34,8 @@ pub fn establish(store_dir: &Path, state_dir: &Path) -> anyhow::Result<StoreView
         .with_context(|| format!("failed to create the store dir {}", store_dir.display()))?;
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if cfg!(target_os = "linux") && root {
-        match namespace(store_dir, state_dir) {
+    if cfg!(target_os = "linux") {
+        match namespace(store_dir, state_dir, !root) {
             Ok(backing) => {
                 tracing::info!(store_dir = %store_dir.display(), backing = %backing.display(), "private store view: mount namespace");
                 return Ok(StoreView::Namespace { backing });
@@ -54,7 +57,7 @@ pub fn establish(store_dir: &Path, state_dir: &Path) -> anyhow::Result<StoreView
 }
 
 #[cfg(target_os = "linux")]
-fn namespace(store_dir: &Path, state_dir: &Path) -> anyhow::Result<PathBuf> {
+fn namespace(store_dir: &Path, state_dir: &Path, unprivileged: bool) -> anyhow::Result<PathBuf> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt as _;
     let backing = state_dir.join("store");
@@ -65,12 +68,28 @@ fn namespace(store_dir: &Path, state_dir: &Path) -> anyhow::Result<PathBuf> {
         .context("failed to resolve the backing store dir")?;
     let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("path contains a NUL byte");
     let (src, dst, slash) = (c(&backing)?, c(store_dir)?, c(Path::new("/"))?);
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let flags = if unprivileged {
+        libc::CLONE_NEWUSER | libc::CLONE_NEWNS
+    } else {
+        libc::CLONE_NEWNS
+    };
+    // SAFETY: unshare takes flags only.
+    if unsafe { libc::unshare(flags) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("failed to unshare the mount namespace");
+    }
+    if unprivileged {
+        // Map our own ids to themselves; setgroups must be denied before gid_map is written.
+        fs::write("/proc/self/setgroups", "deny").context("failed to deny setgroups")?;
+        fs::write("/proc/self/uid_map", format!("{uid} {uid} 1"))
+            .context("failed to write uid_map")?;
+        fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))
+            .context("failed to write gid_map")?;
+    }
     // SAFETY: plain syscalls on NUL-terminated strings that outlive the calls.
     unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("failed to unshare the mount namespace");
-        }
         let none = std::ptr::null();
         if libc::mount(
             none,
@@ -98,7 +117,7 @@ fn namespace(store_dir: &Path, state_dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn namespace(_: &Path, _: &Path) -> anyhow::Result<PathBuf> {
+fn namespace(_: &Path, _: &Path, _: bool) -> anyhow::Result<PathBuf> {
     anyhow::bail!("mount namespaces exist only on Linux")
 }
 
