@@ -95,3 +95,46 @@ fn describe() {
         "Size of the state database on disk"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// Names following each of `markers` in the Rust files under `dir`.
+    fn names(dir: &Path, markers: &[&str], out: &mut BTreeSet<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                names(&p, markers, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                for m in markers {
+                    for (i, _) in text.match_indices(m) {
+                        let rest = text[i + m.len()..].trim_start();
+                        if let Some(r) = rest.strip_prefix('"') {
+                            let name = r.split('"').next().unwrap();
+                            if name.bytes().all(|c| c.is_ascii_lowercase() || c == b'_') {
+                                out.insert(name.to_string());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// promtool accepts `/metrics` only when every metric is described: every metric the code
+    /// records must have a description here.
+    #[test]
+    fn every_recorded_metric_is_described() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut used = BTreeSet::new();
+        names(&src, &["metrics::counter!(", "metrics::gauge!(", "metrics::histogram!("], &mut used);
+        let mut described = BTreeSet::new();
+        names(&src, &["describe_counter!(", "describe_gauge!(", "describe_histogram!("], &mut described);
+        assert!(used.len() > 10, "the scan found the metrics: {used:?}");
+        let missing: Vec<_> = used.difference(&described).collect();
+        assert!(missing.is_empty(), "metrics recorded but not described: {missing:?}");
+    }
+}
