@@ -409,6 +409,15 @@ fn kiln_verifies_nix_signatures_and_signs_identically() {
     // same path, signed with the same key, is identical to Nix's (ed25519 is deterministic).
     let parsed = NarInfo::parse(&nix_text).unwrap();
     assert_eq!(parsed.to_string(), nix_text);
+    let shown = run(kiln().args(["narinfo", "show"]).arg(&narinfo_file)).stdout;
+    assert_eq!(String::from_utf8(shown).unwrap(), nix_text);
+    let json = run(kiln()
+        .args(["narinfo", "show", "--json"])
+        .arg(&narinfo_file))
+    .stdout;
+    let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(json["nar_size"], parsed.nar_size);
+    assert_eq!(json["nar_hash"], parsed.nar_hash.to_string());
     let (mut ours, nar_bytes) = kiln_narinfo(&path);
     ours.sign(&SecretKey::parse(&secret).unwrap()).unwrap();
     assert_eq!(

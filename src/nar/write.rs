@@ -17,8 +17,11 @@ use super::hashing::HashingWriter;
 use super::{padding, NarSummary, MAX_DEPTH, NAR_MAGIC};
 
 /// Size of the write buffer. File contents are read straight into it, so this is also the size
-/// of each `read(2)` on a large file. 128 KiB measured best in `benches/nar_write.rs`.
-const BUF_SIZE: usize = 128 * 1024;
+/// of each `read(2)` on a large file. 64 KiB, Linux's default pipe capacity, measured best of
+/// 32, 64, 128 and 512 KiB in `benches/nar_write.rs`: into a pipe, a write larger than the
+/// pipe cannot complete until the reader has drained it, so 128 KiB was 1.5x and 512 KiB 6x
+/// slower there; into a sink or a file the size hardly matters.
+const BUF_SIZE: usize = 64 * 1024;
 
 /// Write the NAR serialisation of `path` (which is not followed if it is a symlink) to `out`.
 ///
