@@ -118,6 +118,14 @@ fn main() {
     let store = Store::open(tmp.path(), &opts).unwrap();
     let open_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
+    let mut scanned = 0u64;
+    for kv in store.scan::<BuildRecord>(TreeId::Builds) {
+        kv.unwrap();
+        scanned += 1;
+    }
+    let scan_s = t.elapsed().as_secs_f64();
+    assert_eq!(scanned, n);
+    let t = Instant::now();
     let state = QueueState::load(store.clone()).unwrap();
     let load_s = t.elapsed().as_secs_f64();
     assert_eq!(state.live().len() as u64, n);
@@ -130,6 +138,7 @@ fn main() {
         "bytes_on_disk": disk,
         "disk_bytes_per_record": disk as f64 / n as f64,
         "open_seconds": open_s,
+        "scan_decode_seconds": scan_s,
         "queue_load_seconds": load_s,
         "cache_capacity_mb": cache_mb,
         "rss_kib_after_open_and_load": rss_after,
