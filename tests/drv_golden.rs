@@ -32,7 +32,10 @@ impl Nix {
             let found = std::env::var_os("PATH")
                 .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
                 .unwrap_or(false);
-            assert!(found, "{tool} not found: run scripts/test, which installs nix-bin");
+            assert!(
+                found,
+                "{tool} not found: run scripts/test, which installs nix-bin"
+            );
         }
         let conf = tempfile::tempdir().expect("temp dir");
         std::fs::write(
@@ -62,7 +65,9 @@ impl Nix {
     }
 
     fn run(&self, mut c: Command) -> Output {
-        let out = c.output().unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"));
+        let out = c
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"));
         assert!(
             out.status.success(),
             "{c:?} failed: {}",
@@ -111,19 +116,28 @@ fn kiln(args: &[&str], files: &[PathBuf], store_dir: Option<&str>) -> Output {
     if let Some(d) = store_dir {
         c.arg("--store-dir").arg(d);
     }
-    c.output().unwrap_or_else(|e| panic!("cannot run {KILN}: {e}"))
+    c.output()
+        .unwrap_or_else(|e| panic!("cannot run {KILN}: {e}"))
 }
 
 /// Compare two `show` outputs: as JSON values when both are UTF-8, and always as bytes.
 fn assert_same_json(kiln: &[u8], nix: &[u8], what: &str) {
     if let (Ok(k), Ok(n)) = (std::str::from_utf8(kiln), std::str::from_utf8(nix)) {
-        let kv: serde_json::Value = serde_json::from_str(k).unwrap_or_else(|e| panic!("{what}: kiln JSON invalid: {e}"));
-        let nv: serde_json::Value = serde_json::from_str(n).unwrap_or_else(|e| panic!("{what}: nix JSON invalid: {e}"));
+        let kv: serde_json::Value =
+            serde_json::from_str(k).unwrap_or_else(|e| panic!("{what}: kiln JSON invalid: {e}"));
+        let nv: serde_json::Value =
+            serde_json::from_str(n).unwrap_or_else(|e| panic!("{what}: nix JSON invalid: {e}"));
         assert_eq!(kv, nv, "{what}: JSON values differ");
     }
     if kiln != nix {
-        let at = kiln.iter().zip(nix).position(|(a, b)| a != b).unwrap_or(kiln.len().min(nix.len()));
-        let ctx = |b: &[u8]| String::from_utf8_lossy(&b[at.saturating_sub(60)..(at + 60).min(b.len())]).into_owned();
+        let at = kiln
+            .iter()
+            .zip(nix)
+            .position(|(a, b)| a != b)
+            .unwrap_or(kiln.len().min(nix.len()));
+        let ctx = |b: &[u8]| {
+            String::from_utf8_lossy(&b[at.saturating_sub(60)..(at + 60).min(b.len())]).into_owned()
+        };
         panic!(
             "{what}: kiln drv show differs from nix show-derivation at byte {at}\nkiln: {:?}\nnix:  {:?}",
             ctx(kiln),
@@ -136,13 +150,18 @@ fn assert_same_json(kiln: &[u8], nix: &[u8], what: &str) {
 fn every_golden_drv_round_trips_byte_for_byte() {
     let nix = Nix::new();
     let drvs = nix.closure(&nix.instantiate_golden());
-    assert!(drvs.len() > 60, "expected the whole closure, got {}", drvs.len());
+    assert!(
+        drvs.len() > 60,
+        "expected the whole closure, got {}",
+        drvs.len()
+    );
     for f in &drvs {
         let bytes = std::fs::read(f).expect("read drv");
         let d = Derivation::parse(&bytes).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         assert!(d.print() == bytes, "{}: print(parse(f)) != f", f.display());
         for (name, o) in &d.outputs {
-            o.kind().unwrap_or_else(|e| panic!("{}: output {name:?}: {e}", f.display()));
+            o.kind()
+                .unwrap_or_else(|e| panic!("{}: output {name:?}: {e}", f.display()));
         }
     }
 }
@@ -173,8 +192,17 @@ fn kiln_show_equals_nix_show_derivation() {
     let drvs = nix.closure(&nix.instantiate_golden());
     for f in &drvs {
         let k = kiln(&["drv", "show"], std::slice::from_ref(f), None);
-        assert!(k.status.success(), "kiln drv show {}: {}", f.display(), String::from_utf8_lossy(&k.stderr));
-        assert_same_json(&k.stdout, &nix.show(std::slice::from_ref(f)), &f.display().to_string());
+        assert!(
+            k.status.success(),
+            "kiln drv show {}: {}",
+            f.display(),
+            String::from_utf8_lossy(&k.stderr)
+        );
+        assert_same_json(
+            &k.stdout,
+            &nix.show(std::slice::from_ref(f)),
+            &f.display().to_string(),
+        );
     }
     // All at once, in reverse order: keys sorted as Nix sorts store paths.
     let mut rev = drvs.clone();
@@ -196,12 +224,28 @@ fn kiln_paths_agree_with_nix() {
     for f in &drvs {
         let d = Derivation::parse(&std::fs::read(f).expect("read")).expect("parse");
         let own = drv_path(&store, &d).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        assert_eq!(Path::new(&store.full_path(&own)), f.as_path(), "drv path of {}", f.display());
-        let paths = computer.output_paths(&d).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert_eq!(
+            Path::new(&store.full_path(&own)),
+            f.as_path(),
+            "drv path of {}",
+            f.display()
+        );
+        let paths = computer
+            .output_paths(&d)
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         for ((name, o), (name2, computed)) in d.outputs.iter().zip(&paths) {
             assert_eq!(name, name2);
-            let computed = computed.as_ref().map(|p| store.full_path(p).into_bytes()).unwrap_or_default();
-            assert_eq!(computed, o.path, "{}: output {}", f.display(), String::from_utf8_lossy(name));
+            let computed = computed
+                .as_ref()
+                .map(|p| store.full_path(p).into_bytes())
+                .unwrap_or_default();
+            assert_eq!(
+                computed,
+                o.path,
+                "{}: output {}",
+                f.display(),
+                String::from_utf8_lossy(name)
+            );
         }
     }
 }
@@ -212,7 +256,11 @@ fn kiln_check_accepts_every_golden_drv() {
     let drvs = nix.closure(&nix.instantiate_golden());
     let out = kiln(&["drv", "check"], &drvs, None);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "kiln drv check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kiln drv check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout.matches(": ok\n").count(), drvs.len(), "{stdout}");
     // Every output path Nix shows appears in the report.
     let shown: serde_json::Value = serde_json::from_slice(&nix.show(&drvs[..1])).expect("json");
@@ -229,12 +277,22 @@ fn kiln_check_accepts_every_golden_drv() {
 fn kiln_check_reports_tampered_files() {
     let nix = Nix::new();
     let drvs = nix.instantiate_golden();
-    let multi = drvs.iter().find(|p| p.to_string_lossy().ends_with("-multi.drv")).expect("multi.drv");
+    let multi = drvs
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with("-multi.drv"))
+        .expect("multi.drv");
     let text = std::fs::read_to_string(multi).expect("read");
     let dir = tempfile::tempdir().expect("tempdir");
     // Change one env value: the file name and output paths no longer match the contents.
     let tampered = dir.path().join("tampered.drv");
-    std::fs::write(&tampered, text.replace("(\"system\",\"x86_64-linux\")", "(\"system\",\"x86_64-linuz\")")).expect("write");
+    std::fs::write(
+        &tampered,
+        text.replace(
+            "(\"system\",\"x86_64-linux\")",
+            "(\"system\",\"x86_64-linuz\")",
+        ),
+    )
+    .expect("write");
     let out = kiln(&["drv", "check"], &[tampered], None);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
@@ -252,11 +310,20 @@ fn custom_store_dir_matches_nix() {
     assert!(k.status.success(), "{}", String::from_utf8_lossy(&k.stderr));
     assert_same_json(&k.stdout, &nix.show(&drvs), "custom store");
     let c = kiln(&["drv", "check"], &drvs, Some(&store_dir));
-    assert!(c.status.success(), "{}\n{}", String::from_utf8_lossy(&c.stdout), String::from_utf8_lossy(&c.stderr));
+    assert!(
+        c.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&c.stdout),
+        String::from_utf8_lossy(&c.stderr)
+    );
     // Without --store-dir, paths outside /gnu/store and /nix/store cannot be guessed.
     let k = kiln(&["drv", "show"], &drvs[..1], None);
     assert!(!k.status.success());
-    assert!(String::from_utf8_lossy(&k.stderr).contains("--store-dir"), "{}", String::from_utf8_lossy(&k.stderr));
+    assert!(
+        String::from_utf8_lossy(&k.stderr).contains("--store-dir"),
+        "{}",
+        String::from_utf8_lossy(&k.stderr)
+    );
 }
 
 /// Pins down the table in docs/derivations.md: files Nix 2.8 accepts although Nix never
@@ -273,12 +340,36 @@ fn odd_files_nix_accepts_are_matched_or_refused_as_documented() {
         )
     };
     let cases = [
-        ("unknown-escape", drv("unknown-escape", r#""a\xb\qc""#, "", ""), None),
-        ("unsorted-env", drv("unsorted-env", "", r#"("z","1"),"#, ""), None),
-        ("missing-comma", drv("missing-comma", r#""a""b""#, "", ""), Some("expected ',' or ']'")),
-        ("leading-comma", drv("leading-comma", r#","a""#, "", ""), Some("expected '\"' starting")),
-        ("trailing-data", drv("trailing-data", "", "", "GARBAGE"), Some("expected end of input")),
-        ("duplicate-env", drv("duplicate-env", "", r#"("v","1"),("v","2"),"#, ""), Some("duplicate environment variable")),
+        (
+            "unknown-escape",
+            drv("unknown-escape", r#""a\xb\qc""#, "", ""),
+            None,
+        ),
+        (
+            "unsorted-env",
+            drv("unsorted-env", "", r#"("z","1"),"#, ""),
+            None,
+        ),
+        (
+            "missing-comma",
+            drv("missing-comma", r#""a""b""#, "", ""),
+            Some("expected ',' or ']'"),
+        ),
+        (
+            "leading-comma",
+            drv("leading-comma", r#","a""#, "", ""),
+            Some("expected '\"' starting"),
+        ),
+        (
+            "trailing-data",
+            drv("trailing-data", "", "", "GARBAGE"),
+            Some("expected end of input"),
+        ),
+        (
+            "duplicate-env",
+            drv("duplicate-env", "", r#"("v","1"),("v","2"),"#, ""),
+            Some("duplicate environment variable"),
+        ),
     ];
     for (name, text, refused) in cases {
         let file = dir.path().join(format!("{name}.drv"));
@@ -288,16 +379,27 @@ fn odd_files_nix_accepts_are_matched_or_refused_as_documented() {
         let added = String::from_utf8(nix.run(add).stdout).expect("utf-8");
         let path = PathBuf::from(added.trim());
         let nix_json = nix.show(std::slice::from_ref(&path));
-        let k = kiln(&["drv", "show"], std::slice::from_ref(&path), Some("/nix/store"));
+        let k = kiln(
+            &["drv", "show"],
+            std::slice::from_ref(&path),
+            Some("/nix/store"),
+        );
         match refused {
             None => {
-                assert!(k.status.success(), "{name}: {}", String::from_utf8_lossy(&k.stderr));
+                assert!(
+                    k.status.success(),
+                    "{name}: {}",
+                    String::from_utf8_lossy(&k.stderr)
+                );
                 assert_same_json(&k.stdout, &nix_json, name);
             }
             Some(msg) => {
                 let err = String::from_utf8_lossy(&k.stderr);
                 assert!(!k.status.success(), "{name}: Kiln accepted it");
-                assert!(err.contains(msg) && err.contains("at byte "), "{name}: {err}");
+                assert!(
+                    err.contains(msg) && err.contains("at byte "),
+                    "{name}: {err}"
+                );
             }
         }
     }

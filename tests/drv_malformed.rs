@@ -87,16 +87,32 @@ fn assert_rejected(dir: &Path, name: &str, input: &[u8], offset: Option<usize>) 
         o.code,
         o.stderr
     );
-    assert!(!o.stderr.contains("panicked"), "{name}: panic: {}", o.stderr);
-    assert!(o.stderr.starts_with("kiln: error: "), "{name}: {}", o.stderr);
-    assert!(o.stderr.len() < 4096, "{name}: error message is {} bytes", o.stderr.len());
+    assert!(
+        !o.stderr.contains("panicked"),
+        "{name}: panic: {}",
+        o.stderr
+    );
+    assert!(
+        o.stderr.starts_with("kiln: error: "),
+        "{name}: {}",
+        o.stderr
+    );
+    assert!(
+        o.stderr.len() < 4096,
+        "{name}: error message is {} bytes",
+        o.stderr.len()
+    );
     match offset {
         Some(at) => assert!(
             o.stderr.contains(&format!("at byte {at}:")),
             "{name}: expected offset {at} in: {}",
             o.stderr
         ),
-        None => assert!(o.stderr.contains("at byte "), "{name}: no offset in: {}", o.stderr),
+        None => assert!(
+            o.stderr.contains("at byte "),
+            "{name}: no offset in: {}",
+            o.stderr
+        ),
     }
     std::fs::remove_file(&file).expect("remove input");
 }
@@ -127,35 +143,154 @@ fn malformed_table() {
         ("not a derivation", b"hello".to_vec(), Some(0)),
         ("wrong keyword", b"Derivx([".to_vec(), Some(5)),
         ("trailing newline", trailing, Some(real.len())),
-        ("unbalanced missing ]", with_output(&format!(r#"("out","{OUT}","","")"#)).into_iter().filter(|&b| b != b']').collect(), None),
-        ("unbalanced extra ]", br#"Derive([]],[],[],"","",[],[])"#.to_vec(), Some(9)),
-        ("unbalanced extra )", br#"Derive([],[],[],"","",[],[]))"#.to_vec(), Some(28)),
-        ("unbalanced open (", br#"Derive([(],[],[],"","",[],[])"#.to_vec(), Some(9)),
-        ("output arity 3", with_output(&format!(r#"("out","{OUT}","")"#)), None),
-        ("output arity 5", with_output(&format!(r#"("out","{OUT}","","","")"#)), None),
-        ("env arity 1", br#"Derive([],[],[],"","",[],[("name")])"#.to_vec(), Some(33)),
-        ("env arity 3", br#"Derive([],[],[],"","",[],[("a","b","c")])"#.to_vec(), Some(34)),
-        ("derive arity 6", br#"Derive([],[],[],"","",[])"#.to_vec(), Some(24)),
-        ("derive arity 8", br#"Derive([],[],[],"","",[],[],[])"#.to_vec(), Some(27)),
-        ("unquoted string", br#"Derive([(out,"/x","","")],[],[],"","",[],[])"#.to_vec(), Some(9)),
-        ("unquoted system", br#"Derive([],[],[],x86_64-linux,"",[],[])"#.to_vec(), Some(16)),
-        ("unknown hash algo", with_output(&format!(r#"("out","{OUT}","sha3","00")"#)), None),
-        ("unknown r: algo", with_output(&format!(r#"("out","{OUT}","r:blake3","00")"#)), None),
-        ("text method", with_output(&format!(r#"("out","{OUT}","text:sha256","00")"#)), None),
-        ("short sha256", with_output(&format!(r#"("out","{OUT}","sha256","{}")"#, "0".repeat(63))), None),
-        ("long md5", with_output(&format!(r#"("out","{OUT}","md5","{}")"#, "0".repeat(33))), None),
-        ("bad base32", with_output(&format!(r#"("out","{OUT}","sha256","{}")"#, "e".repeat(52))), None),
-        ("relative output path", with_output(r#"("out","nix/store/x","","")"#), Some(15)),
-        ("relative input drv", br#"Derive([],[("x.drv",["out"])],[],"","",[],[])"#.to_vec(), Some(12)),
-        ("relative input src", br#"Derive([],[],["src"],"","",[],[])"#.to_vec(), Some(14)),
-        ("floating with path", with_output(&format!(r#"("out","{OUT}","r:sha256","")"#)), None),
-        ("hash without algo", with_output(&format!(r#"("out","{OUT}","","abc")"#)), None),
-        ("duplicate output", with_output(&format!(r#"("out","{OUT}","",""),("out","{OUT}","","")"#)), None),
-        ("duplicate env", br#"Derive([],[],[],"","",[],[("a","1"),("a","2")])"#.to_vec(), Some(37)),
-        ("leading comma", br#"Derive([],[],[],"","",[,"a"],[])"#.to_vec(), Some(23)),
-        ("missing comma", br#"Derive([],[],[],"","",["a""b"],[])"#.to_vec(), Some(26)),
-        ("trailing comma", br#"Derive([],[],[],"","",["a",],[])"#.to_vec(), Some(27)),
-        ("space after comma", br#"Derive([], [],[],"","",[],[])"#.to_vec(), Some(10)),
+        (
+            "unbalanced missing ]",
+            with_output(&format!(r#"("out","{OUT}","","")"#))
+                .into_iter()
+                .filter(|&b| b != b']')
+                .collect(),
+            None,
+        ),
+        (
+            "unbalanced extra ]",
+            br#"Derive([]],[],[],"","",[],[])"#.to_vec(),
+            Some(9),
+        ),
+        (
+            "unbalanced extra )",
+            br#"Derive([],[],[],"","",[],[]))"#.to_vec(),
+            Some(28),
+        ),
+        (
+            "unbalanced open (",
+            br#"Derive([(],[],[],"","",[],[])"#.to_vec(),
+            Some(9),
+        ),
+        (
+            "output arity 3",
+            with_output(&format!(r#"("out","{OUT}","")"#)),
+            None,
+        ),
+        (
+            "output arity 5",
+            with_output(&format!(r#"("out","{OUT}","","","")"#)),
+            None,
+        ),
+        (
+            "env arity 1",
+            br#"Derive([],[],[],"","",[],[("name")])"#.to_vec(),
+            Some(33),
+        ),
+        (
+            "env arity 3",
+            br#"Derive([],[],[],"","",[],[("a","b","c")])"#.to_vec(),
+            Some(34),
+        ),
+        (
+            "derive arity 6",
+            br#"Derive([],[],[],"","",[])"#.to_vec(),
+            Some(24),
+        ),
+        (
+            "derive arity 8",
+            br#"Derive([],[],[],"","",[],[],[])"#.to_vec(),
+            Some(27),
+        ),
+        (
+            "unquoted string",
+            br#"Derive([(out,"/x","","")],[],[],"","",[],[])"#.to_vec(),
+            Some(9),
+        ),
+        (
+            "unquoted system",
+            br#"Derive([],[],[],x86_64-linux,"",[],[])"#.to_vec(),
+            Some(16),
+        ),
+        (
+            "unknown hash algo",
+            with_output(&format!(r#"("out","{OUT}","sha3","00")"#)),
+            None,
+        ),
+        (
+            "unknown r: algo",
+            with_output(&format!(r#"("out","{OUT}","r:blake3","00")"#)),
+            None,
+        ),
+        (
+            "text method",
+            with_output(&format!(r#"("out","{OUT}","text:sha256","00")"#)),
+            None,
+        ),
+        (
+            "short sha256",
+            with_output(&format!(r#"("out","{OUT}","sha256","{}")"#, "0".repeat(63))),
+            None,
+        ),
+        (
+            "long md5",
+            with_output(&format!(r#"("out","{OUT}","md5","{}")"#, "0".repeat(33))),
+            None,
+        ),
+        (
+            "bad base32",
+            with_output(&format!(r#"("out","{OUT}","sha256","{}")"#, "e".repeat(52))),
+            None,
+        ),
+        (
+            "relative output path",
+            with_output(r#"("out","nix/store/x","","")"#),
+            Some(15),
+        ),
+        (
+            "relative input drv",
+            br#"Derive([],[("x.drv",["out"])],[],"","",[],[])"#.to_vec(),
+            Some(12),
+        ),
+        (
+            "relative input src",
+            br#"Derive([],[],["src"],"","",[],[])"#.to_vec(),
+            Some(14),
+        ),
+        (
+            "floating with path",
+            with_output(&format!(r#"("out","{OUT}","r:sha256","")"#)),
+            None,
+        ),
+        (
+            "hash without algo",
+            with_output(&format!(r#"("out","{OUT}","","abc")"#)),
+            None,
+        ),
+        (
+            "duplicate output",
+            with_output(&format!(r#"("out","{OUT}","",""),("out","{OUT}","","")"#)),
+            None,
+        ),
+        (
+            "duplicate env",
+            br#"Derive([],[],[],"","",[],[("a","1"),("a","2")])"#.to_vec(),
+            Some(37),
+        ),
+        (
+            "leading comma",
+            br#"Derive([],[],[],"","",[,"a"],[])"#.to_vec(),
+            Some(23),
+        ),
+        (
+            "missing comma",
+            br#"Derive([],[],[],"","",["a""b"],[])"#.to_vec(),
+            Some(26),
+        ),
+        (
+            "trailing comma",
+            br#"Derive([],[],[],"","",["a",],[])"#.to_vec(),
+            Some(27),
+        ),
+        (
+            "space after comma",
+            br#"Derive([], [],[],"","",[],[])"#.to_vec(),
+            Some(10),
+        ),
         ("escape at end", br#"Derive([],[],[],"\"#.to_vec(), Some(18)),
         ("nul bytes", vec![0u8; 1000], Some(0)),
         ("invalid utf-8", vec![0xffu8; 1000], Some(0)),
@@ -185,7 +320,12 @@ fn huge_and_deep_inputs_are_rejected_quickly() {
     let mut open_string = br#"Derive([("out",""#.to_vec();
     open_string.extend(std::iter::repeat(b'a').take(50 << 20));
     let len = open_string.len();
-    assert_rejected(dir.path(), "unterminated 50 MB string", &open_string, Some(len));
+    assert_rejected(
+        dir.path(),
+        "unterminated 50 MB string",
+        &open_string,
+        Some(len),
+    );
     let mut escapes = br#"Derive([],[],[],"#.to_vec();
     escapes.push(b'"');
     escapes.extend(std::iter::repeat(b"\\n").take(ten_mb / 2).flatten());
@@ -200,9 +340,18 @@ fn huge_and_deep_inputs_are_rejected_quickly() {
 fn paths_outside_the_store_are_rejected() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("outside.drv");
-    std::fs::write(&file, with_output(r#"("out","/tmp/0769psz3b4pc9pxfgxwq3d6j6kj3zllp-x","","")"#)).expect("write");
+    std::fs::write(
+        &file,
+        with_output(r#"("out","/tmp/0769psz3b4pc9pxfgxwq3d6j6kj3zllp-x","","")"#),
+    )
+    .expect("write");
     let o = run_show(&file);
     assert_eq!(o.code, Some(1), "{}", o.stderr);
-    assert!(o.stderr.contains("is not in the store directory /nix/store"), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("is not in the store directory /nix/store"),
+        "{}",
+        o.stderr
+    );
     assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
 }

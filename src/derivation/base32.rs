@@ -12,7 +12,9 @@ pub const ALPHABET: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
 pub enum Base32Error {
     #[error("invalid nix base32 character {0:?} at position {1}")]
     InvalidChar(char, usize),
-    #[error("nix base32 string of length {got} cannot encode {want} bytes (expected length {expected})")]
+    #[error(
+        "nix base32 string of length {got} cannot encode {want} bytes (expected length {expected})"
+    )]
     WrongLength {
         got: usize,
         want: usize,

@@ -90,7 +90,12 @@ pub fn check(
     report
 }
 
-fn check_file_name(store_dir: &StoreDir, file_path: &Path, drv: &Derivation, report: &mut CheckReport) {
+fn check_file_name(
+    store_dir: &StoreDir,
+    file_path: &Path,
+    drv: &Derivation,
+    report: &mut CheckReport,
+) {
     let expected = match drv_path(store_dir, drv) {
         Ok(p) => store_dir.full_path(&p),
         Err(e) => {
@@ -149,7 +154,9 @@ fn check_output(
     // The environment variable Nix sets for the output.
     let expected_env = match (output.kind(), &computed_full) {
         (Ok(OutputKind::Deferred), None) => String::new(),
-        (Ok(OutputKind::Floating { .. } | OutputKind::Impure { .. }), _) => hash_placeholder(&shown),
+        (Ok(OutputKind::Floating { .. } | OutputKind::Impure { .. }), _) => {
+            hash_placeholder(&shown)
+        }
         (_, Some(c)) => c.clone(),
         (_, None) => return,
     };
@@ -221,22 +228,35 @@ mod tests {
         drv.outputs[0].1.path = b"/nix/store/00000000000000000000000000000000-multi-bin".to_vec();
         let report = run(name, &drv);
         let text = report.mismatches.join("\n");
-        assert!(text.contains("file name does not match the contents"), "{text}");
+        assert!(
+            text.contains("file name does not match the contents"),
+            "{text}"
+        );
         assert!(text.contains("output \"bin\" declares path /nix/store/00000000000000000000000000000000-multi-bin but Nix computes"), "{text}");
 
         let mut drv = all[name].clone();
         drv.env.retain(|(k, _)| k != b"dev");
         let report = run(name, &drv);
-        assert!(report.mismatches.iter().any(|m| m.contains("environment variable \"dev\" is missing")), "{report}");
+        assert!(
+            report
+                .mismatches
+                .iter()
+                .any(|m| m.contains("environment variable \"dev\" is missing")),
+            "{report}"
+        );
     }
 
     #[test]
     fn missing_inputs_are_reported() {
         let all = fixtures();
         let drv = all["xbwyx1rbm705dkq0cp44qlrik49zc4hy-uses-outputs.drv"].clone();
-        let mut loader = |p: &StorePath| -> anyhow::Result<Derivation> { anyhow::bail!("{p} is not here") };
+        let mut loader =
+            |p: &StorePath| -> anyhow::Result<Derivation> { anyhow::bail!("{p} is not here") };
         let report = check(&store(), Path::new("x.drv"), &drv, &mut loader);
         assert!(!report.is_ok());
-        assert!(report.mismatches[0].contains("cannot read input derivation"), "{report}");
+        assert!(
+            report.mismatches[0].contains("cannot read input derivation"),
+            "{report}"
+        );
     }
 }

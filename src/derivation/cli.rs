@@ -40,13 +40,18 @@ fn named_paths(drv: &Derivation) -> Vec<&[u8]> {
 
 /// The store directory for `drv` read from `file`: the flag, else `KILN_STORE_DIR`, else the
 /// well-known directory its paths (or, if it names none, the file itself) lie under.
-fn resolve_store_dir(file: &Path, flag: Option<&Path>, drv: &Derivation) -> anyhow::Result<StoreDir> {
+fn resolve_store_dir(
+    file: &Path,
+    flag: Option<&Path>,
+    drv: &Derivation,
+) -> anyhow::Result<StoreDir> {
     let mut paths = named_paths(drv);
     let file_bytes = file.as_os_str().as_encoded_bytes();
     if paths.is_empty() {
         paths.push(file_bytes);
     }
-    StoreDir::resolve(flag, &paths).with_context(|| format!("{}: cannot resolve the store directory", file.display()))
+    StoreDir::resolve(flag, &paths)
+        .with_context(|| format!("{}: cannot resolve the store directory", file.display()))
 }
 
 /// The store path of `file` if it is (or links to) a file directly in the store directory.
@@ -55,13 +60,19 @@ fn file_store_path(store_dir: &StoreDir, file: &Path) -> Option<StorePath> {
         return Some(p);
     }
     let real = std::fs::canonicalize(file).ok()?;
-    store_dir.parse_path(real.as_os_str().as_encoded_bytes()).ok()
+    store_dir
+        .parse_path(real.as_os_str().as_encoded_bytes())
+        .ok()
 }
 
 /// `kiln drv show FILE...`: print the derivations as JSON, keyed by drv path, as
 /// `nix show-derivation` does. A file outside the store is keyed by the path Nix would give
 /// it. Returns the process exit code.
-pub fn show(files: &[PathBuf], store_dir: Option<&Path>, out: &mut dyn Write) -> anyhow::Result<i32> {
+pub fn show(
+    files: &[PathBuf],
+    store_dir: Option<&Path>,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
     // Nix prints a set of derivations: sorted by store path, each once.
     let mut drvs: BTreeMap<StorePath, (StoreDir, Derivation, PathBuf)> = BTreeMap::new();
     for file in files {
@@ -92,14 +103,19 @@ pub fn show(files: &[PathBuf], store_dir: Option<&Path>, out: &mut dyn Write) ->
     }
     w.close(b'}');
     w.out.push(b'\n');
-    out.write_all(&w.out).context("cannot write to standard output")?;
+    out.write_all(&w.out)
+        .context("cannot write to standard output")?;
     Ok(0)
 }
 
 /// `kiln drv check FILE...`: say whether each file's name and output paths match its
 /// contents. Input derivations are read from the store directory. Returns the process exit
 /// code (0 when every file matches, 1 otherwise).
-pub fn check(files: &[PathBuf], store_dir: Option<&Path>, out: &mut dyn Write) -> anyhow::Result<i32> {
+pub fn check(
+    files: &[PathBuf],
+    store_dir: Option<&Path>,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
     let mut all_ok = true;
     for file in files {
         let bytes = std::fs::read(file)

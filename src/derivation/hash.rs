@@ -11,7 +11,9 @@ use thiserror::Error;
 use super::base32;
 
 /// A hash algorithm Nix knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum HashAlgo {
     Md5,
@@ -134,7 +136,9 @@ impl Hash {
             }
             let mut out = Vec::with_capacity(size);
             for i in 0..size {
-                let pair = s.get(i * 2..i * 2 + 2).ok_or_else(|| bad("not ASCII".into()))?;
+                let pair = s
+                    .get(i * 2..i * 2 + 2)
+                    .ok_or_else(|| bad("not ASCII".into()))?;
                 out.push(u8::from_str_radix(pair, 16).map_err(|e| bad(e.to_string()))?);
             }
             out
@@ -145,7 +149,10 @@ impl Hash {
                 .decode(s)
                 .map_err(|e| bad(e.to_string()))?;
             if v.len() != size {
-                return Err(bad(format!("decodes to {} bytes, expected {size}", v.len())));
+                return Err(bad(format!(
+                    "decodes to {} bytes, expected {size}",
+                    v.len()
+                )));
             }
             v
         } else {
@@ -173,7 +180,8 @@ impl FromStr for Hash {
         } else {
             return Err(HashParseError::NoAlgo(s.to_string()));
         };
-        let algo = HashAlgo::from_name(algo).ok_or_else(|| HashParseError::UnknownAlgo(algo.into()))?;
+        let algo =
+            HashAlgo::from_name(algo).ok_or_else(|| HashParseError::UnknownAlgo(algo.into()))?;
         Hash::parse_digest(algo, digest)
     }
 }

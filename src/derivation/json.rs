@@ -163,7 +163,10 @@ pub(crate) fn write_derivation(
     for (p, names) in &drv.input_drvs {
         let sp = store_path(store_dir, "input derivation", p)?;
         // Nix keeps the last of duplicate input derivations.
-        inputs.insert(store_dir.full_path(&sp), names.iter().collect::<BTreeSet<_>>());
+        inputs.insert(
+            store_dir.full_path(&sp),
+            names.iter().collect::<BTreeSet<_>>(),
+        );
     }
     for (p, names) in inputs {
         w.key(p.as_bytes());
@@ -187,7 +190,11 @@ pub(crate) fn write_derivation(
     w.key(b"env");
     w.open(b'{');
     // Nix keeps the last of duplicate environment variables.
-    let env: BTreeMap<&[u8], &[u8]> = drv.env.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+    let env: BTreeMap<&[u8], &[u8]> = drv
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
     for (k, v) in env {
         w.attr(k, v);
     }

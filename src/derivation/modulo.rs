@@ -35,6 +35,9 @@ pub struct DrvHash {
     pub kind: DrvHashKind,
 }
 
+/// An output name and the path Nix computes for it (None when known only after building).
+pub type OutputPath = (Vec<u8>, Option<StorePath>);
+
 /// Loads an input `.drv` file given its store path.
 pub type Loader<'l> = dyn FnMut(&StorePath) -> anyhow::Result<Derivation> + 'l;
 
@@ -167,13 +170,20 @@ impl<'l> PathComputer<'l> {
         mask: bool,
     ) -> Result<DrvHash, PathError> {
         let ty = derivation_type(drv)?;
-        let all = |h: &Hash| drv.outputs.iter().map(|(n, _)| (n.clone(), h.clone())).collect();
+        let all = |h: &Hash| {
+            drv.outputs
+                .iter()
+                .map(|(n, _)| (n.clone(), h.clone()))
+                .collect()
+        };
         match ty {
             DerivationType::Fixed => {
                 let mut hashes = BTreeMap::new();
                 for (n, o) in &drv.outputs {
                     let Ok(OutputKind::Fixed { method, hash, .. }) = o.kind() else {
-                        return Err(PathError::Type("fixed derivation with a non-fixed output".into()));
+                        return Err(PathError::Type(
+                            "fixed derivation with a non-fixed output".into(),
+                        ));
                     };
                     let out_name = output_path_name(name, &String::from_utf8_lossy(n));
                     let path = make_fixed_output_path(&self.store_dir, method, &hash, &out_name)
@@ -235,10 +245,7 @@ impl<'l> PathComputer<'l> {
     /// The path Nix computes for each output, in the derivation's output order; `None` where
     /// the path is not known before the build (floating, impure, or deferred because an input
     /// is). This is what `derivationStrict` would write for a derivation with these inputs.
-    pub fn output_paths(
-        &mut self,
-        drv: &Derivation,
-    ) -> Result<Vec<(Vec<u8>, Option<StorePath>)>, PathError> {
+    pub fn output_paths(&mut self, drv: &Derivation) -> Result<Vec<OutputPath>, PathError> {
         let name = drv.name()?;
         let bad_name = |n: &str| PathError::BadName(n.to_string());
         match derivation_type(drv)? {

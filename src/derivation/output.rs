@@ -181,7 +181,11 @@ impl fmt::Display for OutputKind<'_> {
                 write!(f, "fixed-output ({})", method_algo(*method, hash.algo))
             }
             OutputKind::Floating { method, algo } => {
-                write!(f, "floating content-addressed ({})", method_algo(*method, *algo))
+                write!(
+                    f,
+                    "floating content-addressed ({})",
+                    method_algo(*method, *algo)
+                )
             }
             OutputKind::Deferred => f.write_str("deferred"),
             OutputKind::Impure { method, algo } => {
@@ -208,9 +212,7 @@ mod tests {
         let p = "/nix/store/0000000000000000000000000000000a-x";
         assert_eq!(
             out(p, "", "").kind().unwrap(),
-            OutputKind::InputAddressed {
-                path: p.as_bytes()
-            }
+            OutputKind::InputAddressed { path: p.as_bytes() }
         );
         assert_eq!(out("", "", "").kind().unwrap(), OutputKind::Deferred);
         assert_eq!(

@@ -71,7 +71,11 @@ fn lossy(b: &[u8]) -> String {
     if b.len() <= MAX {
         return String::from_utf8_lossy(b).into_owned();
     }
-    format!("{}… ({} bytes)", String::from_utf8_lossy(&b[..MAX]), b.len())
+    format!(
+        "{}… ({} bytes)",
+        String::from_utf8_lossy(&b[..MAX]),
+        b.len()
+    )
 }
 
 /// Duplicate detection that costs one comparison per key while keys arrive sorted (as in
@@ -83,7 +87,12 @@ struct Keys {
 
 impl Keys {
     /// Whether `key` is new. `earlier` yields every key seen so far, `last` is the latest.
-    fn is_new<'k, I>(&mut self, last: Option<&[u8]>, earlier: impl FnOnce() -> I, key: &[u8]) -> bool
+    fn is_new<'k, I>(
+        &mut self,
+        last: Option<&[u8]>,
+        earlier: impl FnOnce() -> I,
+        key: &[u8],
+    ) -> bool
     where
         I: Iterator<Item = &'k [u8]>,
     {
@@ -204,7 +213,9 @@ impl<'a> Parser<'a> {
             Some(_) => {}
             None => {
                 self.pos = self.input.len();
-                return Err(self.error(self.pos, ParseErrorKind::UnterminatedString { what, start }));
+                return Err(
+                    self.error(self.pos, ParseErrorKind::UnterminatedString { what, start })
+                );
             }
         }
         let mut out = Vec::with_capacity(rest.len().min(64));
@@ -212,7 +223,9 @@ impl<'a> Parser<'a> {
             let rest = &self.input[self.pos..];
             let Some(i) = rest.iter().position(|&b| b == b'"' || b == b'\\') else {
                 self.pos = self.input.len();
-                return Err(self.error(self.pos, ParseErrorKind::UnterminatedString { what, start }));
+                return Err(
+                    self.error(self.pos, ParseErrorKind::UnterminatedString { what, start })
+                );
             };
             out.extend_from_slice(&rest[..i]);
             self.pos += i + 1;
@@ -221,7 +234,9 @@ impl<'a> Parser<'a> {
             }
             // An escape: Nix maps n, r, t and keeps any other byte as it is.
             let Some(&c) = self.input.get(self.pos) else {
-                return Err(self.error(self.pos, ParseErrorKind::UnterminatedString { what, start }));
+                return Err(
+                    self.error(self.pos, ParseErrorKind::UnterminatedString { what, start })
+                );
             };
             self.pos += 1;
             out.push(match c {
@@ -250,7 +265,13 @@ impl<'a> Parser<'a> {
     }
 
     fn duplicate(&self, offset: usize, what: &'static str, key: &[u8]) -> ParseError {
-        self.error(offset, ParseErrorKind::Duplicate { what, key: lossy(key) })
+        self.error(
+            offset,
+            ParseErrorKind::Duplicate {
+                what,
+                key: lossy(key),
+            },
+        )
     }
 
     fn outputs(&mut self, drv: &mut Derivation) -> Result<(), ParseError> {
@@ -288,7 +309,11 @@ impl<'a> Parser<'a> {
                 return Err(self.error(at, ParseErrorKind::Output { name, error }));
             }
             let last = drv.outputs.last().map(|(k, _)| k.as_slice());
-            if !keys.is_new(last, || drv.outputs.iter().map(|(k, _)| k.as_slice()), &name) {
+            if !keys.is_new(
+                last,
+                || drv.outputs.iter().map(|(k, _)| k.as_slice()),
+                &name,
+            ) {
                 return Err(self.duplicate(name_at, "output name", &name));
             }
             drv.outputs.push((name, output));
@@ -316,7 +341,11 @@ impl<'a> Parser<'a> {
             )?;
             self.byte(b')', "closing an input derivation tuple (path,[outputs])")?;
             let last = drv.input_drvs.last().map(|(k, _)| k.as_slice());
-            if !keys.is_new(last, || drv.input_drvs.iter().map(|(k, _)| k.as_slice()), &path) {
+            if !keys.is_new(
+                last,
+                || drv.input_drvs.iter().map(|(k, _)| k.as_slice()),
+                &path,
+            ) {
                 return Err(self.duplicate(path_at, "input derivation", &path));
             }
             drv.input_drvs.push((path, names));
@@ -483,7 +512,9 @@ mod tests {
 
     #[test]
     fn refuses_trailing_data_duplicates_and_bad_lists() {
-        assert!(err(br#"Derive([],[],[],"","",[],[]) "#).to_string().contains("end of input"));
+        assert!(err(br#"Derive([],[],[],"","",[],[]) "#)
+            .to_string()
+            .contains("end of input"));
         let e = err(br#"Derive([],[],[],"","",[],[("a","1"),("b","2"),("a","3")])"#);
         assert!(matches!(e.kind, ParseErrorKind::Duplicate { .. }), "{e}");
         let e = err(br#"Derive([],[],[],"","",[],[("b","1"),("b","2")])"#);

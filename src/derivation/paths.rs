@@ -133,7 +133,12 @@ pub fn make_fixed_output_path(
         hash.algo,
         hash.to_base16()
     );
-    make_store_path(store_dir, "output:out", &Hash::sha256(inner.as_bytes()), name)
+    make_store_path(
+        store_dir,
+        "output:out",
+        &Hash::sha256(inner.as_bytes()),
+        name,
+    )
 }
 
 /// `/<base32 of sha256("nix-output:<output>")>`: what Nix puts in the environment for outputs
@@ -297,17 +302,30 @@ pub(crate) fn nix_unparse(
                 (store_dir.full_path(&p), String::new(), String::new())
             }
             OutputKind::Fixed { method, hash, .. } => {
-                let p = make_fixed_output_path(store_dir, method, &hash, &output_path_name(name, &lossy(n)))
-                    .map_err(|source| PathError::StorePath {
-                        what: "fixed output path",
-                        path: lossy(n),
-                        source,
-                    })?;
-                (store_dir.full_path(&p), method_algo(method, hash.algo), hash.to_base16())
+                let p = make_fixed_output_path(
+                    store_dir,
+                    method,
+                    &hash,
+                    &output_path_name(name, &lossy(n)),
+                )
+                .map_err(|source| PathError::StorePath {
+                    what: "fixed output path",
+                    path: lossy(n),
+                    source,
+                })?;
+                (
+                    store_dir.full_path(&p),
+                    method_algo(method, hash.algo),
+                    hash.to_base16(),
+                )
             }
-            OutputKind::Floating { method, algo } => (String::new(), method_algo(method, algo), String::new()),
+            OutputKind::Floating { method, algo } => {
+                (String::new(), method_algo(method, algo), String::new())
+            }
             OutputKind::Deferred => (String::new(), String::new(), String::new()),
-            OutputKind::Impure { method, algo } => (String::new(), method_algo(method, algo), "impure".into()),
+            OutputKind::Impure { method, algo } => {
+                (String::new(), method_algo(method, algo), "impure".into())
+            }
         };
         out.push(b'(');
         push_raw(&mut out, n);
@@ -328,7 +346,10 @@ pub(crate) fn nix_unparse(
             for (p, names) in &drv.input_drvs {
                 let sp = store_path(store_dir, "input derivation", p)?;
                 // Nix keeps the last of duplicate input derivations.
-                m.insert(store_dir.full_path(&sp).into_bytes(), names.iter().cloned().collect());
+                m.insert(
+                    store_dir.full_path(&sp).into_bytes(),
+                    names.iter().cloned().collect(),
+                );
             }
             owned = m;
             &owned
@@ -358,7 +379,11 @@ pub(crate) fn nix_unparse(
     push_list(&mut out, drv.args.iter().map(Vec::as_slice), push_escaped);
     out.extend_from_slice(b",[");
     // Nix keeps the last of duplicate environment variables.
-    let env: BTreeMap<&[u8], &[u8]> = drv.env.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+    let env: BTreeMap<&[u8], &[u8]> = drv
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
     for (i, (k, v)) in env.iter().enumerate() {
         if i > 0 {
             out.push(b',');
@@ -408,7 +433,10 @@ mod tests {
     fn text_path_matches_nix() {
         // `builtins.toFile "hello" "hello"` in Nix 2.8 with the default store dir.
         let p = make_text_path(&nix(), "hello", b"hello", &[]).unwrap();
-        assert_eq!(nix().full_path(&p), "/nix/store/i4f75pn3bxkxdk2kld86k5qazq4cqj8i-hello");
+        assert_eq!(
+            nix().full_path(&p),
+            "/nix/store/i4f75pn3bxkxdk2kld86k5qazq4cqj8i-hello"
+        );
     }
 
     #[test]

@@ -74,7 +74,11 @@ impl Derivation {
             .iter()
             .map(|(n, o)| n.len() + o.path.len() + o.hash_algo.len() + o.hash.len() + 15)
             .sum();
-        let inputs: usize = self.input_drvs.iter().map(|(p, o)| p.len() + strs(o) + 8).sum();
+        let inputs: usize = self
+            .input_drvs
+            .iter()
+            .map(|(p, o)| p.len() + strs(o) + 8)
+            .sum();
         let env: usize = self.env.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
         // Escapes make the output a little longer; the vector grows if needed.
         64 + outputs

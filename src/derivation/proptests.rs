@@ -26,19 +26,30 @@ fn path() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn algo() -> impl Strategy<Value = HashAlgo> {
-    prop::sample::select(vec![HashAlgo::Md5, HashAlgo::Sha1, HashAlgo::Sha256, HashAlgo::Sha512])
+    prop::sample::select(vec![
+        HashAlgo::Md5,
+        HashAlgo::Sha1,
+        HashAlgo::Sha256,
+        HashAlgo::Sha512,
+    ])
 }
 
 fn method_algo() -> impl Strategy<Value = Vec<u8>> {
-    (any::<bool>(), algo()).prop_map(|(r, a)| format!("{}{a}", if r { "r:" } else { "" }).into_bytes())
+    (any::<bool>(), algo())
+        .prop_map(|(r, a)| format!("{}{a}", if r { "r:" } else { "" }).into_bytes())
 }
 
 /// An output of any kind, valid as Nix 2.8 reads it.
 fn output() -> impl Strategy<Value = DerivationOutput> {
     prop_oneof![
         path().prop_map(DerivationOutput::input_addressed),
-        (path(), any::<bool>(), algo(), prop::collection::vec(any::<u8>(), 64)).prop_map(
-            |(path, r, algo, digest)| {
+        (
+            path(),
+            any::<bool>(),
+            algo(),
+            prop::collection::vec(any::<u8>(), 64)
+        )
+            .prop_map(|(path, r, algo, digest)| {
                 let hash = Hash {
                     algo,
                     bytes: digest[..algo.size()].to_vec(),
@@ -48,8 +59,7 @@ fn output() -> impl Strategy<Value = DerivationOutput> {
                     hash_algo: format!("{}{algo}", if r { "r:" } else { "" }).into_bytes(),
                     hash: hash.to_base16().into_bytes(),
                 }
-            }
-        ),
+            }),
         method_algo().prop_map(|hash_algo| DerivationOutput {
             hash_algo,
             ..DerivationOutput::default()
@@ -68,18 +78,23 @@ fn keyed<V: std::fmt::Debug + Clone>(
     value: impl Strategy<Value = V>,
     max: usize,
 ) -> impl Strategy<Value = Vec<(Vec<u8>, V)>> {
-    (prop::collection::btree_map(bytes(), value, 0..max), any::<bool>()).prop_map(
-        |(m, rev): (BTreeMap<Vec<u8>, V>, bool)| {
+    (
+        prop::collection::btree_map(bytes(), value, 0..max),
+        any::<bool>(),
+    )
+        .prop_map(|(m, rev): (BTreeMap<Vec<u8>, V>, bool)| {
             let mut v: Vec<_> = m.into_iter().collect();
             if rev {
                 v.reverse();
             }
             v
-        },
-    )
+        })
 }
 
-fn unique(strategy: impl Strategy<Value = Vec<u8>>, max: usize) -> impl Strategy<Value = Vec<Vec<u8>>> {
+fn unique(
+    strategy: impl Strategy<Value = Vec<u8>>,
+    max: usize,
+) -> impl Strategy<Value = Vec<Vec<u8>>> {
     prop::collection::btree_set(strategy, 0..max).prop_map(|s| s.into_iter().collect())
 }
 
@@ -103,15 +118,17 @@ fn derivation() -> impl Strategy<Value = Derivation> {
         prop::collection::vec(bytes(), 0..6),
         keyed(bytes(), 12),
     )
-        .prop_map(|(outputs, input_drvs, input_srcs, platform, builder, args, env)| Derivation {
-            outputs,
-            input_drvs,
-            input_srcs,
-            platform,
-            builder,
-            args,
-            env,
-        })
+        .prop_map(
+            |(outputs, input_drvs, input_srcs, platform, builder, args, env)| Derivation {
+                outputs,
+                input_drvs,
+                input_srcs,
+                platform,
+                builder,
+                args,
+                env,
+            },
+        )
 }
 
 proptest! {

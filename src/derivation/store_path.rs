@@ -29,7 +29,9 @@ pub enum StorePathError {
     NotInStore { path: String, store_dir: String },
     #[error("path {0:?} is not canonical (no '.', '..', '//' or trailing '/' allowed)")]
     NotCanonical(String),
-    #[error("store path base name {0:?} is too short (expected a 32-character hash, '-' and a name)")]
+    #[error(
+        "store path base name {0:?} is too short (expected a 32-character hash, '-' and a name)"
+    )]
     TooShort(String),
     #[error("store path {0:?} has an invalid hash part (expected 32 nix base32 characters followed by '-')")]
     BadHashPart(String),
@@ -87,14 +89,21 @@ impl StoreDir {
     pub fn new(path: impl AsRef<Path>) -> Result<StoreDir, StorePathError> {
         let path = path.as_ref();
         let shown = path.to_string_lossy().into_owned();
-        let s = path
-            .to_str()
-            .ok_or(StorePathError::BadStoreDir(shown.clone(), "it is not valid UTF-8"))?;
+        let s = path.to_str().ok_or(StorePathError::BadStoreDir(
+            shown.clone(),
+            "it is not valid UTF-8",
+        ))?;
         if !s.starts_with('/') {
-            return Err(StorePathError::BadStoreDir(shown, "it is not an absolute path"));
+            return Err(StorePathError::BadStoreDir(
+                shown,
+                "it is not an absolute path",
+            ));
         }
         if s == "/" {
-            return Err(StorePathError::BadStoreDir(shown, "it is the root directory"));
+            return Err(StorePathError::BadStoreDir(
+                shown,
+                "it is the root directory",
+            ));
         }
         if !is_canonical(s.as_bytes()) {
             return Err(StorePathError::BadStoreDir(
@@ -134,9 +143,9 @@ impl StoreDir {
                 "there are no store paths to guess it from".into(),
             ));
         };
-        let known = WELL_KNOWN_STORE_DIRS.iter().find(|d| {
-            first.starts_with(d.as_bytes()) && first.get(d.len()) == Some(&b'/')
-        });
+        let known = WELL_KNOWN_STORE_DIRS
+            .iter()
+            .find(|d| first.starts_with(d.as_bytes()) && first.get(d.len()) == Some(&b'/'));
         let Some(dir) = known else {
             return Err(StorePathError::Unresolved(format!(
                 "path {:?} is under neither /gnu/store nor /nix/store",
@@ -158,9 +167,7 @@ impl StoreDir {
     /// Parse a full path that must lie directly in this store directory.
     pub fn parse_path(&self, path: &[u8]) -> Result<StorePath, StorePathError> {
         let dir = self.0.as_bytes();
-        let in_dir = path.len() > dir.len() + 1
-            && path.starts_with(dir)
-            && path[dir.len()] == b'/';
+        let in_dir = path.len() > dir.len() + 1 && path.starts_with(dir) && path[dir.len()] == b'/';
         if !in_dir {
             return Err(StorePathError::NotInStore {
                 path: lossy(path),
@@ -287,7 +294,14 @@ mod tests {
     #[test]
     fn store_dir_must_be_canonical() {
         assert!(StoreDir::new("/gnu/store").is_ok());
-        for bad in ["gnu/store", "/gnu/store/", "/gnu//store", "/gnu/./store", "/", ""] {
+        for bad in [
+            "gnu/store",
+            "/gnu/store/",
+            "/gnu//store",
+            "/gnu/./store",
+            "/",
+            "",
+        ] {
             assert!(StoreDir::new(bad).is_err(), "{bad}");
         }
     }
@@ -306,23 +320,49 @@ mod tests {
     #[test]
     fn refuses_bad_store_paths() {
         let s = nix();
-        let cases: &[(&str, fn(&StorePathError) -> bool)] = &[
-            ("/gnu/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-x", |e| matches!(e, StorePathError::NotInStore { .. })),
-            ("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-x/bin", |e| matches!(e, StorePathError::NotInStore { .. })),
-            ("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-x/", |e| matches!(e, StorePathError::NotCanonical(_))),
-            ("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-", |e| matches!(e, StorePathError::TooShort(_))),
-            ("/nix/store/ejvxqc5hvm4h6kfml5a4k4bhnswm4zjy-x", |e| matches!(e, StorePathError::BadHashPart(_))),
-            ("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy_x", |e| matches!(e, StorePathError::BadHashPart(_))),
-            ("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-a b", |e| matches!(e, StorePathError::BadNameChar { ch: ' ', .. })),
-            ("/nix/store", |e| matches!(e, StorePathError::NotInStore { .. })),
+        type Expect = fn(&StorePathError) -> bool;
+        let cases: &[(&str, Expect)] = &[
+            ("/gnu/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-x", |e| {
+                matches!(e, StorePathError::NotInStore { .. })
+            }),
+            ("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-x/bin", |e| {
+                matches!(e, StorePathError::NotInStore { .. })
+            }),
+            ("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-x/", |e| {
+                matches!(e, StorePathError::NotCanonical(_))
+            }),
+            ("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-", |e| {
+                matches!(e, StorePathError::TooShort(_))
+            }),
+            ("/nix/store/ejvxqc5hvm4h6kfml5a4k4bhnswm4zjy-x", |e| {
+                matches!(e, StorePathError::BadHashPart(_))
+            }),
+            ("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy_x", |e| {
+                matches!(e, StorePathError::BadHashPart(_))
+            }),
+            ("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-a b", |e| {
+                matches!(e, StorePathError::BadNameChar { ch: ' ', .. })
+            }),
+            ("/nix/store", |e| {
+                matches!(e, StorePathError::NotInStore { .. })
+            }),
         ];
         for (path, ok) in cases {
             let e = s.parse_path(path.as_bytes()).expect_err(path);
             assert!(ok(&e), "{path}: {e}");
         }
-        let long = format!("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-{}", "a".repeat(212));
-        assert!(matches!(s.parse_path(long.as_bytes()), Err(StorePathError::NameTooLong(_))));
-        let ok = format!("/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-{}", "a".repeat(211));
+        let long = format!(
+            "/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-{}",
+            "a".repeat(212)
+        );
+        assert!(matches!(
+            s.parse_path(long.as_bytes()),
+            Err(StorePathError::NameTooLong(_))
+        ));
+        let ok = format!(
+            "/nix/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-{}",
+            "a".repeat(211)
+        );
         assert!(s.parse_path(ok.as_bytes()).is_ok());
     }
 
@@ -336,10 +376,21 @@ mod tests {
         };
         assert_eq!(r(None, None, &[g, g]).unwrap().as_str(), "/gnu/store");
         assert_eq!(r(None, None, &[n]).unwrap().as_str(), "/nix/store");
-        assert_eq!(r(Some("/tmp/store"), Some("/x"), &[t]).unwrap().as_str(), "/tmp/store");
-        assert_eq!(r(None, Some("/tmp/store"), &[t]).unwrap().as_str(), "/tmp/store");
+        assert_eq!(
+            r(Some("/tmp/store"), Some("/x"), &[t]).unwrap().as_str(),
+            "/tmp/store"
+        );
+        assert_eq!(
+            r(None, Some("/tmp/store"), &[t]).unwrap().as_str(),
+            "/tmp/store"
+        );
         assert_eq!(r(None, Some(""), &[n]).unwrap().as_str(), "/nix/store");
-        for paths in [&[g, n][..], &[t][..], &[][..], &[b"/gnu/storex/a".as_slice()][..]] {
+        for paths in [
+            &[g, n][..],
+            &[t][..],
+            &[][..],
+            &[b"/gnu/storex/a".as_slice()][..],
+        ] {
             let e = r(None, None, paths).unwrap_err();
             assert!(e.to_string().contains("--store-dir"), "{e}");
         }
