@@ -212,6 +212,18 @@ mod tests {
     }
 
     #[test]
+    fn fixtures_print_back_byte_for_byte() {
+        for (name, bytes) in FIXTURES {
+            let drv = Derivation::parse(bytes).unwrap();
+            assert!(drv.print() == *bytes, "{name}");
+            assert!(
+                super::super::canonical_bytes(&store(), &drv).unwrap() == *bytes,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
     fn every_fixture_checks_out() {
         for (name, drv) in fixtures() {
             let report = run(&name, &drv);
