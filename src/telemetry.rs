@@ -130,11 +130,30 @@ mod tests {
     fn every_recorded_metric_is_described() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let mut used = BTreeSet::new();
-        names(&src, &["metrics::counter!(", "metrics::gauge!(", "metrics::histogram!("], &mut used);
+        names(
+            &src,
+            &[
+                "metrics::counter!(",
+                "metrics::gauge!(",
+                "metrics::histogram!(",
+            ],
+            &mut used,
+        );
         let mut described = BTreeSet::new();
-        names(&src, &["describe_counter!(", "describe_gauge!(", "describe_histogram!("], &mut described);
+        names(
+            &src,
+            &[
+                "describe_counter!(",
+                "describe_gauge!(",
+                "describe_histogram!(",
+            ],
+            &mut described,
+        );
         assert!(used.len() > 10, "the scan found the metrics: {used:?}");
         let missing: Vec<_> = used.difference(&described).collect();
-        assert!(missing.is_empty(), "metrics recorded but not described: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "metrics recorded but not described: {missing:?}"
+        );
     }
 }

@@ -325,3 +325,82 @@ fn custom_store_dir_matches_nix() {
         String::from_utf8_lossy(&k.stderr)
     );
 }
+
+/// Pins down the table in docs/derivations.md: files Nix 2.8 accepts although Nix never
+/// writes them. Kiln shows the ones it matches exactly as Nix does, and refuses the others
+/// with an error naming the byte offset. The files use a floating output, which Nix does not
+/// check when they are added to the store.
+#[test]
+fn odd_files_nix_accepts_are_matched_or_refused_as_documented() {
+    let nix = Nix::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let drv = |name: &str, args: &str, env: &str, tail: &str| {
+        format!(
+            r#"Derive([("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",[{args}],[{env}("name","{name}")]){tail}"#
+        )
+    };
+    let cases = [
+        (
+            "unknown-escape",
+            drv("unknown-escape", r#""a\xb\qc""#, "", ""),
+            None,
+        ),
+        (
+            "unsorted-env",
+            drv("unsorted-env", "", r#"("z","1"),"#, ""),
+            None,
+        ),
+        (
+            "missing-comma",
+            drv("missing-comma", r#""a""b""#, "", ""),
+            Some("expected ',' or ']'"),
+        ),
+        (
+            "leading-comma",
+            drv("leading-comma", r#","a""#, "", ""),
+            Some("expected '\"' starting"),
+        ),
+        (
+            "trailing-data",
+            drv("trailing-data", "", "", "GARBAGE"),
+            Some("expected end of input"),
+        ),
+        (
+            "duplicate-env",
+            drv("duplicate-env", "", r#"("v","1"),("v","2"),"#, ""),
+            Some("duplicate environment variable"),
+        ),
+    ];
+    for (name, text, refused) in cases {
+        let file = dir.path().join(format!("{name}.drv"));
+        std::fs::write(&file, &text).expect("write");
+        let mut add = nix.cmd("nix-store");
+        add.arg("--add").arg(&file);
+        let added = String::from_utf8(nix.run(add).stdout).expect("utf-8");
+        let path = PathBuf::from(added.trim());
+        let nix_json = nix.show(std::slice::from_ref(&path));
+        let k = kiln(
+            &["drv", "show"],
+            std::slice::from_ref(&path),
+            Some("/nix/store"),
+        );
+        match refused {
+            None => {
+                assert!(
+                    k.status.success(),
+                    "{name}: {}",
+                    String::from_utf8_lossy(&k.stderr)
+                );
+                assert_same_json(&k.stdout, &nix_json, name);
+            }
+            Some(msg) => {
+                let err = String::from_utf8_lossy(&k.stderr);
+                assert!(!k.status.success(), "{name}: Kiln accepted it");
+                assert!(
+                    err.contains(msg) && err.contains("at byte "),
+                    "{name}: {err}"
+                );
+            }
+        }
+    }
+}

@@ -130,6 +130,10 @@ impl Hash {
         let b64len = size.div_ceil(3) * 4;
         let bad = |e: String| HashParseError::BadEncoding(s.to_string(), e);
         let bytes = if s.len() == size * 2 {
+            // `from_str_radix` alone would also take a leading `+`; Nix takes hex digits only.
+            if let Some(c) = s.chars().find(|c| !c.is_ascii_hexdigit()) {
+                return Err(bad(format!("invalid base16 character {c:?}")));
+            }
             let mut out = Vec::with_capacity(size);
             for i in 0..size {
                 let pair = s
@@ -233,6 +237,12 @@ mod tests {
         assert!(matches!(
             "sha256:abc".parse::<Hash>(),
             Err(HashParseError::WrongLength { .. })
+        ));
+        // A sign is not a hex digit, even though `from_str_radix` accepts one.
+        let plus = format!("md5:+{}", "0".repeat(31));
+        assert!(matches!(
+            plus.parse::<Hash>(),
+            Err(HashParseError::BadEncoding(..))
         ));
     }
 }

@@ -18,7 +18,7 @@ pub mod store_path;
 
 pub use check::{check, CheckReport};
 pub use hash::{Hash, HashAlgo};
-pub use modulo::{DrvHash, DrvHashKind, Loader, PathComputer};
+pub use modulo::{DrvHash, DrvHashKind, Loader, OutputPath, PathComputer};
 pub use output::{FileIngestionMethod, OutputError, OutputKind};
 pub use parse::{Found, ParseError, ParseErrorKind};
 pub use paths::{

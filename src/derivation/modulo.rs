@@ -35,6 +35,9 @@ pub struct DrvHash {
     pub kind: DrvHashKind,
 }
 
+/// An output name and the path Nix computes for it (None when known only after building).
+pub type OutputPath = (Vec<u8>, Option<StorePath>);
+
 /// Loads an input `.drv` file given its store path.
 pub type Loader<'l> = dyn FnMut(&StorePath) -> anyhow::Result<Derivation> + 'l;
 
@@ -242,10 +245,7 @@ impl<'l> PathComputer<'l> {
     /// The path Nix computes for each output, in the derivation's output order; `None` where
     /// the path is not known before the build (floating, impure, or deferred because an input
     /// is). This is what `derivationStrict` would write for a derivation with these inputs.
-    pub fn output_paths(
-        &mut self,
-        drv: &Derivation,
-    ) -> Result<Vec<(Vec<u8>, Option<StorePath>)>, PathError> {
+    pub fn output_paths(&mut self, drv: &Derivation) -> Result<Vec<OutputPath>, PathError> {
         let name = drv.name()?;
         let bad_name = |n: &str| PathError::BadName(n.to_string());
         match derivation_type(drv)? {

@@ -199,7 +199,10 @@ impl<'a> Parser<'a> {
     /// A quoted string with Nix's escapes; `what` names it in errors.
     fn string(&mut self, what: &'static str) -> Result<Vec<u8>, ParseError> {
         let start = self.pos;
-        self.byte(b'"', &format!("starting the {what} (strings are quoted)"))?;
+        if self.input.get(self.pos) != Some(&b'"') {
+            return Err(self.expected(format!("'\"' starting the {what} (strings are quoted)")));
+        }
+        self.pos += 1;
         let rest = &self.input[self.pos..];
         // Fast path: no escape before the closing quote.
         match rest.iter().position(|&b| b == b'"' || b == b'\\') {

@@ -320,7 +320,8 @@ mod tests {
     #[test]
     fn refuses_bad_store_paths() {
         let s = nix();
-        let cases: &[(&str, fn(&StorePathError) -> bool)] = &[
+        type Expect = fn(&StorePathError) -> bool;
+        let cases: &[(&str, Expect)] = &[
             ("/gnu/store/0jvxqc5hvm4h6kfml5a4k4bhnswm4zjy-x", |e| {
                 matches!(e, StorePathError::NotInStore { .. })
             }),
