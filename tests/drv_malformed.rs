@@ -307,18 +307,18 @@ fn huge_and_deep_inputs_are_rejected_quickly() {
     let brackets = vec![b'['; ten_mb];
     assert_rejected(dir.path(), "10 MB of [", &brackets, Some(0));
     let mut deep = b"Derive(".to_vec();
-    deep.extend(std::iter::repeat(b'[').take(ten_mb));
+    deep.extend(std::iter::repeat_n(b'[', ten_mb));
     assert_rejected(dir.path(), "Derive( and 10 MB of [", &deep, Some(8));
     let mut nested = b"Derive([".to_vec();
-    nested.extend(std::iter::repeat(b"[(").take(ten_mb / 2).flatten());
+    nested.extend(std::iter::repeat_n(b"[(", ten_mb / 2).flatten());
     assert_rejected(dir.path(), "deep nesting", &nested, Some(8));
     let quotes = vec![b'"'; ten_mb];
     assert_rejected(dir.path(), "10 MB of quote", &quotes, Some(0));
     let mut quotes_in = b"Derive([(".to_vec();
-    quotes_in.extend(std::iter::repeat(b'"').take(ten_mb));
+    quotes_in.extend(std::iter::repeat_n(b'"', ten_mb));
     assert_rejected(dir.path(), "quotes in a tuple", &quotes_in, Some(11));
     let mut open_string = br#"Derive([("out",""#.to_vec();
-    open_string.extend(std::iter::repeat(b'a').take(50 << 20));
+    open_string.extend(std::iter::repeat_n(b'a', 50 << 20));
     let len = open_string.len();
     assert_rejected(
         dir.path(),
@@ -328,7 +328,7 @@ fn huge_and_deep_inputs_are_rejected_quickly() {
     );
     let mut escapes = br#"Derive([],[],[],"#.to_vec();
     escapes.push(b'"');
-    escapes.extend(std::iter::repeat(b"\\n").take(ten_mb / 2).flatten());
+    escapes.extend(std::iter::repeat_n(b"\\n", ten_mb / 2).flatten());
     let len = escapes.len();
     assert_rejected(dir.path(), "unterminated escapes", &escapes, Some(len));
     let big_key = "k".repeat(ten_mb);

@@ -544,7 +544,7 @@ mod tests {
     #[test]
     fn survives_deep_brackets() {
         let mut input = b"Derive(".to_vec();
-        input.extend(std::iter::repeat(b'[').take(10 << 20));
+        input.extend(std::iter::repeat_n(b'[', 10 << 20));
         let e = err(&input);
         assert_eq!(e.offset, 8, "{e}");
     }
