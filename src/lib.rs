@@ -15,13 +15,18 @@
 //!
 //! With the default `coordinator` feature:
 //!
-//! - `store`: sled trees, versioned bincode records, the group-commit committer.
+//! - `store`: sled trees, versioned bincode records, the group-commit committer, the NAR
+//!   cache (uploads, verification, narinfos, logs) and `kiln state dump`.
 //! - `actors`: one actor per file: `BuildQueue`, `Allocator`, `AgentSession` (and its
 //!   registry), `HookProcessor`, `EventLog`.
 //! - `supervisor`: starts the actors on their arbiters, restarts them, counts restarts.
 //! - `http`: actix-web routes; handlers only translate HTTP to actor messages and back.
-//! - `client`: the HTTP client behind `kiln submit`, `kiln builds`, ... and `kiln demo`.
+//! - `client`: the HTTP client behind `kiln submit`, `kiln builds`, ... and `kiln demo` (with
+//!   the generator of derivation graphs the demo and the tests build).
 //! - `config`: the coordinator's TOML configuration.
+//! - `coordinator`: `kiln coordinator`: opens the state, starts committer, actors and
+//!   listeners, writes the ready file, shuts down cleanly on SIGTERM.
+//! - `telemetry`: the Prometheus recorder and the description of every metric.
 //!
 //! `protocol`, `derivation` and `nar` never depend on actix or sled: the agent
 //! (`kiln-agent`, in `agent/`) uses `kiln` with default features off.
