@@ -132,15 +132,16 @@ fn farm(fail: &[&str]) -> Farm {
     }
 }
 
-/// drv path -> (id, state), once `done` says the run is over.
+/// drv path -> (id, state), once `done` says the run is over. On timeout, panics with the
+/// builds that did not finish and the end of every log, and keeps the temporary directory.
 fn wait_builds(
     f: &mut Farm,
     done: impl Fn(&HashMap<String, (u64, String)>) -> bool,
 ) -> HashMap<String, (u64, String)> {
     let url = f.coordinator.url("/api/v1/builds");
-    let agents = &mut f.agents;
-    wait_for("the builds to finish", Duration::from_secs(240), || {
-        if let Some(why) = agents.exited() {
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Some(why) = f.agents.exited() {
             panic!("{why}");
         }
         let (code, list) = get(&url);
@@ -159,8 +160,32 @@ fn wait_builds(
                 )
             })
             .collect();
-        done(&m).then_some(m)
-    })
+        if done(&m) {
+            return m;
+        }
+        if std::time::Instant::now() > deadline {
+            let stuck: Vec<_> = m
+                .values()
+                .filter(|(_, s)| s != "succeeded" && s != "failed")
+                .collect();
+            let dir = f._tmp.path().to_path_buf();
+            let mut logs = String::new();
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let p = entry.path();
+                if p.extension().is_some_and(|e| e == "log") {
+                    logs += &format!(
+                        "\n--- {}:\n{}",
+                        p.display(),
+                        kiln::client::procs::log_tail(&p, 40)
+                    );
+                }
+            }
+            let (_, agents) = get(&f.coordinator.url("/api/v1/agents"));
+            let kept = std::mem::replace(&mut f._tmp, tempfile::tempdir().unwrap()).keep();
+            panic!("builds did not finish in 240 s; not finished: {stuck:?}; agents: {agents}; kept {}{logs}", kept.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn stamps(f: &Farm) -> BTreeMap<String, Vec<(String, u128)>> {

@@ -74,6 +74,7 @@ impl BuildQueue {
             unrunnable,
             new_outputs,
         } = fx;
+        let made_available: Vec<String> = new_outputs.iter().map(|o| o.path.clone()).collect();
         let fut = async move {
             if !batch.is_empty() {
                 committer.commit(batch).await?;
@@ -95,10 +96,13 @@ impl BuildQueue {
             }
             Ok(value)
         };
-        Box::pin(fut.into_actor(self).map(|res: Result<T, ActorError>, _act, ctx| {
-            if let Err(ActorError::Commit(e)) = &res {
-                tracing::error!(error = %e, "commit failed; restarting the build queue from sled");
-                ctx.stop();
+        Box::pin(fut.into_actor(self).map(move |res: Result<T, ActorError>, act, ctx| {
+            match &res {
+                Err(ActorError::Commit(e)) => {
+                    tracing::error!(error = %e, "commit failed; restarting the build queue from sled");
+                    ctx.stop();
+                }
+                _ => act.state.committed(&made_available),
             }
             res
         }))

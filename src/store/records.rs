@@ -241,6 +241,71 @@ mod tests {
         );
     }
 
+    /// Pins the v1 encodings of the other records (see `build_record_v1_golden_bytes`).
+    #[test]
+    fn other_records_v1_golden_bytes() {
+        let drv = DrvRecord {
+            contents: vec![0xff, 0x00],
+        };
+        assert_eq!(
+            hex(&encode(&drv).unwrap()),
+            "01 0200000000000000 ff00".replace(' ', "")
+        );
+        let out = OutputRecord {
+            path: "/p".into(),
+            nar_hash: "n".into(),
+            nar_size: 1,
+            file_hash: "f".into(),
+            file_size: 2,
+            references: vec!["/r".into()],
+            deriver: "".into(),
+            system: "s".into(),
+            build_id: 3,
+            created_ms: 4,
+        };
+        assert_eq!(
+            hex(&encode(&out).unwrap()),
+            "01 0200000000000000 2f70 0100000000000000 6e 0100000000000000 0100000000000000 66 \
+             0200000000000000 0100000000000000 0200000000000000 2f72 0000000000000000 \
+             0100000000000000 73 0300000000000000 0400000000000000"
+                .replace([' ', '\\', '\n'], "")
+        );
+        let nar = NarFileRecord {
+            file_size: 1,
+            nar_hash: "h".into(),
+            nar_size: 2,
+            created_ms: 3,
+        };
+        assert_eq!(
+            hex(&encode(&nar).unwrap()),
+            "01 0100000000000000 0100000000000000 68 0200000000000000 0300000000000000"
+                .replace(' ', "")
+        );
+        let agent = AgentRecord {
+            id: 1,
+            name: "a".into(),
+            salt: vec![7],
+            secret_hash: vec![8],
+            systems: vec!["x".into()],
+            created_ms: 2,
+        };
+        assert_eq!(
+            hex(&encode(&agent).unwrap()),
+            "01 0100000000000000 0100000000000000 61 0100000000000000 07 0100000000000000 08 \
+             0100000000000000 0100000000000000 78 0200000000000000"
+                .replace([' ', '\\', '\n'], "")
+        );
+        let work = HookWorkRecord {
+            attempts: 1,
+            next_attempt_ms: 2,
+            last_error: "e".into(),
+        };
+        assert_eq!(
+            hex(&encode(&work).unwrap()),
+            "01 01000000 0200000000000000 0100000000000000 65".replace(' ', "")
+        );
+    }
+
     #[test]
     fn unknown_version_is_a_clear_error() {
         let mut bytes = encode(&HookWorkRecord::default()).unwrap();

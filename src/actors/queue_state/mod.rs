@@ -80,6 +80,12 @@ pub struct QueueState {
     producers: HashMap<String, BuildId>,
     /// drv path -> its live build.
     by_drv: HashMap<String, BuildId>,
+    /// Outputs this state made available whose commit is not confirmed yet. Memory runs ahead
+    /// of sled (a transition changes memory at once and commits later), so availability must
+    /// count them: otherwise two inputs finishing back to back each see the other as missing
+    /// and their dependent stays blocked forever. Cleared by [`QueueState::committed`]; a
+    /// failed commit restarts the actor, which reloads without them.
+    uncommitted_outputs: HashSet<String>,
     next_build_id: u64,
 }
 
@@ -105,6 +111,7 @@ impl QueueState {
             waiting: HashMap::new(),
             producers: HashMap::new(),
             by_drv: HashMap::new(),
+            uncommitted_outputs: HashSet::new(),
         };
         let records: Vec<BuildRecord> = s
             .store
@@ -121,6 +128,18 @@ impl QueueState {
         Ok(s)
     }
 
+    /// Is a store path available, counting outputs whose commit is still under way?
+    pub fn available(&self, path: &str) -> Result<bool, StoreError> {
+        Ok(self.uncommitted_outputs.contains(path) || is_available(&self.store, path)?)
+    }
+
+    /// The commit that made these outputs available is durable: sled answers for them now.
+    pub fn committed(&mut self, outputs: &[String]) {
+        for p in outputs {
+            self.uncommitted_outputs.remove(p);
+        }
+    }
+
     fn index(&mut self, b: &BuildRecord) -> Result<(), StoreError> {
         self.by_drv.insert(b.drv_path.clone(), b.id);
         for (_, p) in &b.outputs {
@@ -128,7 +147,7 @@ impl QueueState {
         }
         if b.state == BuildState::Blocked {
             for need in &b.needs {
-                if !is_available(&self.store, need)? {
+                if !self.available(need)? {
                     self.waiting.entry(need.clone()).or_default().insert(b.id);
                 }
             }
@@ -202,7 +221,7 @@ impl QueueState {
             }
             let mut missing = false;
             for n in &t.needs {
-                if !is_available(&self.store, n)? {
+                if !self.available(n)? {
                     missing = true;
                     break;
                 }
@@ -411,6 +430,7 @@ impl QueueState {
                 self.unindex(&b);
                 self.live.remove(&id);
                 let fresh: HashSet<String> = records.iter().map(|o| o.path.clone()).collect();
+                self.uncommitted_outputs.extend(fresh.iter().cloned());
                 self.unblock(&fresh, &mut fx)?;
                 fx.new_outputs = records;
             }
@@ -508,7 +528,7 @@ impl QueueState {
             }
             let mut ready = true;
             for n in &b.needs {
-                if !fresh.contains(n) && !is_available(&self.store, n)? {
+                if !self.available(n)? {
                     ready = false;
                     break;
                 }
@@ -624,5 +644,113 @@ pub fn summary(b: &BuildRecord) -> BuildSummary {
         state: b.state,
         priority: b.priority,
         existing: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::committer::CommitterOptions;
+    use crate::store::records::{EventRecord, NarFileRecord};
+    use crate::store::{Committer, StoreOptions};
+
+    fn target(name: &str, needs: &[&str]) -> Target {
+        Target {
+            drv_path: format!("/s/{name:a<32}-{name}.drv"),
+            system: "x86_64-linux".into(),
+            outputs: vec![("out".into(), out_path(name))],
+            needs: needs.iter().map(|n| out_path(n)).collect(),
+        }
+    }
+
+    fn out_path(name: &str) -> String {
+        format!("/s/{name:b<32}-{name}")
+    }
+
+    fn built(name: &str) -> Vec<BuiltOutput> {
+        vec![BuiltOutput {
+            name: "out".into(),
+            path: out_path(name),
+            nar_hash: format!("sha256:{name}"),
+            nar_size: 1,
+            file_hash: format!("sha256:file-{name}"),
+            file_size: 1,
+            references: vec![],
+        }]
+    }
+
+    /// Pins the race where two inputs finish before either commit lands: memory runs ahead of
+    /// sled, so the second finish must count the first one's output as available, or the
+    /// dependent stays blocked forever.
+    #[test]
+    fn inputs_finishing_back_to_back_before_their_commits_unblock_the_dependent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let c = Committer::start(
+            store.clone(),
+            CommitterOptions::default(),
+            Box::new(|_: &[EventRecord]| {}),
+        )
+        .unwrap();
+        let mut q = QueueState::load(store.clone()).unwrap();
+        let (fx, builds) = q
+            .submit(
+                vec![target("a", &[]), target("b", &[]), target("c", &["a", "b"])],
+                vec![],
+                0,
+                vec![],
+                1,
+            )
+            .unwrap();
+        c.commit_blocking(fx.batch).unwrap();
+        assert_eq!(builds[2].state, BuildState::Blocked);
+        let (a, b, cid) = (builds[0].id, builds[1].id, builds[2].id);
+        let (fx, leased) = q.allocate(7, &[a, b], 2).unwrap();
+        c.commit_blocking(fx.batch).unwrap();
+        assert_eq!(leased.len(), 2);
+        // The verified uploads.
+        let mut nars = Batch::new();
+        for n in ["a", "b"] {
+            let rec = NarFileRecord {
+                file_size: 1,
+                nar_hash: format!("sha256:{n}"),
+                nar_size: 1,
+                created_ms: 3,
+            };
+            nars.put(
+                TreeId::NarFiles,
+                format!("sha256:file-{n}").as_bytes(),
+                &rec,
+            )
+            .unwrap();
+        }
+        c.commit_blocking(nars).unwrap();
+
+        // Both results are decided before either commit is applied.
+        let (fx_a, _) = q.finish(7, a, 1, Ok(built("a")), 0, 4).unwrap();
+        let (fx_b, _) = q.finish(7, b, 1, Ok(built("b")), 0, 5).unwrap();
+        let runnable: Vec<BuildId> = fx_a
+            .runnable
+            .iter()
+            .chain(&fx_b.runnable)
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(
+            runnable,
+            vec![cid],
+            "the dependent became runnable exactly once"
+        );
+        c.commit_blocking(fx_a.batch).unwrap();
+        c.commit_blocking(fx_b.batch).unwrap();
+        q.committed(&[out_path("a"), out_path("b")]);
+        assert!(q.uncommitted_outputs.is_empty());
+        assert!(
+            q.available(&out_path("a")).unwrap(),
+            "sled answers once committed"
+        );
+        // Reloading from sled agrees.
+        let again = QueueState::load(store).unwrap();
+        assert_eq!(again.live()[&cid].state, BuildState::Runnable);
+        c.shutdown_blocking();
     }
 }

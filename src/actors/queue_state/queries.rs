@@ -2,7 +2,7 @@
 //! waits), listings, and the builds an agent holds. Kept apart from the transitions in
 //! `mod.rs`; none of these change state.
 
-use super::{is_available, summary, QueueError, QueueState};
+use super::{summary, QueueError, QueueState};
 use crate::protocol::{BuildDetail, BuildId, BuildState, BuildSummary, MissingInput, OutputSpec};
 use crate::store::keys::u64_key;
 use crate::store::records::BuildRecord;
@@ -39,7 +39,7 @@ impl QueueState {
         let mut waiting_for = Vec::new();
         if b.state == BuildState::Blocked {
             for n in &b.needs {
-                if is_available(&self.store, n)? {
+                if self.available(n)? {
                     continue;
                 }
                 waiting_for.push(self.missing_input(n)?);
