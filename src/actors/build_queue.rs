@@ -73,6 +73,7 @@ impl BuildQueue {
             runnable,
             unrunnable,
             new_outputs,
+            finished,
         } = fx;
         let made_available: Vec<String> = new_outputs.iter().map(|o| o.path.clone()).collect();
         let fut = async move {
@@ -102,7 +103,7 @@ impl BuildQueue {
                     tracing::error!(error = %e, "commit failed; restarting the build queue from sled");
                     ctx.stop();
                 }
-                _ => act.state.committed(&made_available),
+                _ => act.state.committed(&made_available, &finished),
             }
             res
         }))

@@ -32,6 +32,9 @@ pub struct Effects {
     pub unrunnable: Vec<BuildId>,
     /// Outputs made available (narinfos to write after the commit).
     pub new_outputs: Vec<OutputRecord>,
+    /// Builds whose result this transition accepted (to confirm with
+    /// [`QueueState::committed`] once durable).
+    pub finished: Vec<BuildId>,
 }
 
 /// Why a request was refused. Mapped to HTTP statuses in `http::error`.
@@ -86,6 +89,9 @@ pub struct QueueState {
     /// and their dependent stays blocked forever. Cleared by [`QueueState::committed`]; a
     /// failed commit restarts the actor, which reloads without them.
     uncommitted_outputs: HashSet<String>,
+    /// Results accepted whose commit is not confirmed yet: build -> (attempt, agent,
+    /// succeeded). The same result sent again meanwhile is a duplicate, not a stale report.
+    uncommitted_finishes: HashMap<BuildId, (u32, u64, bool)>,
     next_build_id: u64,
 }
 
@@ -112,6 +118,7 @@ impl QueueState {
             producers: HashMap::new(),
             by_drv: HashMap::new(),
             uncommitted_outputs: HashSet::new(),
+            uncommitted_finishes: HashMap::new(),
         };
         let records: Vec<BuildRecord> = s
             .store
@@ -133,10 +140,14 @@ impl QueueState {
         Ok(self.uncommitted_outputs.contains(path) || is_available(&self.store, path)?)
     }
 
-    /// The commit that made these outputs available is durable: sled answers for them now.
-    pub fn committed(&mut self, outputs: &[String]) {
+    /// The commit that made these outputs available and accepted these results is durable:
+    /// sled answers for them now.
+    pub fn committed(&mut self, outputs: &[String], finished: &[BuildId]) {
         for p in outputs {
             self.uncommitted_outputs.remove(p);
+        }
+        for id in finished {
+            self.uncommitted_finishes.remove(id);
         }
     }
 
@@ -391,6 +402,11 @@ impl QueueState {
         log_attempt: u32,
         now: u64,
     ) -> Result<(Effects, bool), QueueError> {
+        if let Some(&(a, agent, ok)) = self.uncommitted_finishes.get(&id) {
+            if a == attempt && agent == agent_id && ok == outcome.is_ok() {
+                return Ok((Effects::default(), true));
+            }
+        }
         if !self.live.contains_key(&id) {
             if let Some(r) = self
                 .store
@@ -407,6 +423,9 @@ impl QueueState {
         }
         let b = self.leased(agent_id, id, attempt)?.clone();
         let mut fx = Effects::default();
+        fx.finished.push(id);
+        self.uncommitted_finishes
+            .insert(id, (attempt, agent_id, outcome.is_ok()));
         let mut done = b.clone();
         done.finished_ms = now;
         done.log_attempt = log_attempt;
@@ -728,6 +747,9 @@ mod tests {
 
         // Both results are decided before either commit is applied.
         let (fx_a, _) = q.finish(7, a, 1, Ok(built("a")), 0, 4).unwrap();
+        // The same result again before its commit: a duplicate, not a stale report.
+        let (dup, duplicate) = q.finish(7, a, 1, Ok(built("a")), 0, 4).unwrap();
+        assert!(duplicate && dup.batch.is_empty());
         let (fx_b, _) = q.finish(7, b, 1, Ok(built("b")), 0, 5).unwrap();
         let runnable: Vec<BuildId> = fx_a
             .runnable
@@ -742,8 +764,10 @@ mod tests {
         );
         c.commit_blocking(fx_a.batch).unwrap();
         c.commit_blocking(fx_b.batch).unwrap();
-        q.committed(&[out_path("a"), out_path("b")]);
-        assert!(q.uncommitted_outputs.is_empty());
+        q.committed(&[out_path("a"), out_path("b")], &[a, b]);
+        assert!(q.uncommitted_outputs.is_empty() && q.uncommitted_finishes.is_empty());
+        // After the commit, sled answers: still a duplicate.
+        assert!(q.finish(7, a, 1, Ok(built("a")), 0, 6).unwrap().1);
         assert!(
             q.available(&out_path("a")).unwrap(),
             "sled answers once committed"
