@@ -37,7 +37,7 @@ pub struct Args {
     /// The store dir builders see.
     #[arg(long, env = "KILN_STORE_DIR", default_value = "/gnu/store")]
     pub store_dir: PathBuf,
-    /// Buffered reports, spooled uploads, logs (and the private store, as root on Linux).
+    /// Buffered reports, spooled uploads, logs (and the private store view, on Linux).
     #[arg(long)]
     pub state_dir: PathBuf,
     #[arg(long, value_enum, default_value = "native")]
