@@ -48,7 +48,7 @@ pub fn establish(store_dir: &Path, state_dir: &Path) -> anyhow::Result<StoreView
     }
     let lock = lock_exclusive(&store_dir.join(".kiln-agent.lock")).with_context(|| {
         format!(
-            "another kiln-agent uses the store dir {}: give each agent its own --store-dir, or run as root on Linux for a private view",
+            "another kiln-agent uses the store dir {}: give each agent its own --store-dir, or run it on Linux with user namespaces enabled for a private view",
             store_dir.display()
         )
     })?;
