@@ -14,8 +14,6 @@ use crate::protocol::{
     StartReport, UploadQuery, WorkRequest, SESSION_HEADER,
 };
 use crate::store::nar_cache::{valid_output_name, UploadKey};
-use crate::store::records::OutputRecord;
-use crate::store::TreeId;
 
 /// An authenticated agent: the session token named a live session. Every authenticated
 /// request counts as a sign of life.
@@ -265,17 +263,7 @@ async fn path_by_hash(
     _auth: AgentAuth,
     hash: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let rec: Option<OutputRecord> =
-        state
-            .store
-            .get(TreeId::Outputs, hash.as_bytes())
-            .map_err(|e| {
-                ApiError::new(
-                    actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    e.to_string(),
-                )
-            })?;
+    let rec = state.output(&hash)?;
     match rec {
         Some(o) => Ok(HttpResponse::Ok().json(path_info(&o))),
         None => Err(ApiError::not_found(format!(

@@ -21,6 +21,7 @@ use crate::actors::registry::{AgentRegistry, Liveness, Sessions};
 use crate::config::Config;
 use crate::derivation::store_path::StoreDir;
 use crate::store::nar_cache::NarCache;
+use crate::store::records::OutputRecord;
 use crate::store::{meta, Store, TreeId};
 
 /// What every handler can reach.
@@ -50,6 +51,21 @@ impl AppState {
             Ok(None) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
+    }
+}
+
+impl AppState {
+    /// The available store path with this hash part, if any (substitutes and the agent API).
+    pub fn output(&self, hash_part: &str) -> Result<Option<OutputRecord>, error::ApiError> {
+        self.store
+            .get(TreeId::Outputs, hash_part.as_bytes())
+            .map_err(|e| {
+                error::ApiError::new(
+                    actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    e.to_string(),
+                )
+            })
     }
 }
 

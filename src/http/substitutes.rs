@@ -8,8 +8,6 @@ use tokio::io::AsyncReadExt as _;
 use super::error::ApiError;
 use super::AppState;
 use crate::store::nar_cache::cache_info;
-use crate::store::records::OutputRecord;
-use crate::store::TreeId;
 
 #[get("/nix-cache-info")]
 async fn nix_cache_info(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -32,17 +30,7 @@ async fn narinfo(
     if hash.len() != 32 {
         return Err(ApiError::not_found("no such narinfo"));
     }
-    let rec: Option<OutputRecord> =
-        state
-            .store
-            .get(TreeId::Outputs, hash.as_bytes())
-            .map_err(|e| {
-                ApiError::new(
-                    actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    e.to_string(),
-                )
-            })?;
+    let rec = state.output(&hash)?;
     let Some(o) = rec else {
         return Err(ApiError::not_found(format!("no narinfo for {hash}")));
     };
