@@ -244,7 +244,7 @@ pub fn closure(store: &Store, roots: &[String]) -> Result<Vec<PathInfo>, StoreEr
         if seen.contains_key(&p) {
             continue;
         }
-        let key = p.rsplit('/').next().and_then(|b| b.get(..32)).unwrap_or("");
+        let key = crate::store::keys::output_key(&p);
         let Some(o) = store.get::<OutputRecord>(TreeId::Outputs, key.as_bytes())? else {
             continue;
         };

@@ -59,6 +59,25 @@ impl FromRequest for AgentAuth {
     }
 }
 
+/// Check that the agent holds `build_id` at `attempt` (409 `stale_attempt` otherwise) and,
+/// with `to`, move the build forward (start, first upload).
+async fn progress(
+    state: &AppState,
+    auth: &AgentAuth,
+    build_id: u64,
+    attempt: u32,
+    to: Option<BuildState>,
+) -> Result<(), ApiError> {
+    let msg = Progress {
+        agent_id: auth.0,
+        build_id,
+        attempt,
+        to,
+    };
+    state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    Ok(())
+}
+
 #[post("/session")]
 async fn open_session(
     state: web::Data<AppState>,
@@ -124,13 +143,14 @@ async fn start(
     path: web::Path<u64>,
     body: web::Json<StartReport>,
 ) -> Result<HttpResponse, ApiError> {
-    let msg = Progress {
-        agent_id: auth.0,
-        build_id: path.into_inner(),
-        attempt: body.attempt,
-        to: Some(BuildState::Building),
-    };
-    state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    progress(
+        &state,
+        &auth,
+        path.into_inner(),
+        body.attempt,
+        Some(BuildState::Building),
+    )
+    .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({})))
 }
 
@@ -161,13 +181,7 @@ async fn upload_status(
     q: web::Query<UploadQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let (build_id, name) = path.into_inner();
-    let msg = Progress {
-        agent_id: auth.0,
-        build_id,
-        attempt: q.attempt,
-        to: None,
-    };
-    state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    progress(&state, &auth, build_id, q.attempt, None).await?;
     let key = upload_key(build_id, &name, &q)?;
     Ok(HttpResponse::Ok().json(state.nars.upload_status(&key)?))
 }
@@ -193,13 +207,14 @@ async fn upload(
             ),
         ));
     }
-    let msg = Progress {
-        agent_id: auth.0,
+    progress(
+        &state,
+        &auth,
         build_id,
-        attempt: q.attempt,
-        to: Some(BuildState::Uploading),
-    };
-    state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+        q.attempt,
+        Some(BuildState::Uploading),
+    )
+    .await?;
     let status = state.nars.receive(&key, q.offset, body).await?;
     Ok(HttpResponse::Ok().json(status))
 }
@@ -213,13 +228,7 @@ async fn upload_log(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let build_id = path.into_inner();
-    let msg = Progress {
-        agent_id: auth.0,
-        build_id,
-        attempt: q.attempt,
-        to: None,
-    };
-    state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    progress(&state, &auth, build_id, q.attempt, None).await?;
     let limit = state.config.limits.log_mb << 20;
     state
         .nars

@@ -12,6 +12,14 @@ pub fn parse_u64_key(k: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(arr))
 }
 
+/// Key of the `outputs` tree (and name of a narinfo): a store path's 32-character hash
+/// part, taken from its base name. Paths were checked when they entered the state, so a short
+/// base name only happens with corrupt input, and then the whole base name is the key.
+pub fn output_key(path: &str) -> &str {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.get(..32).unwrap_or(base)
+}
+
 /// Key of a hook work item: the hook's name, a 0 byte, then the event sequence number, so one
 /// hook's items are contiguous and in event order.
 pub fn hook_work_key(hook: &str, seq: u64) -> Vec<u8> {

@@ -314,11 +314,7 @@ impl NarCache {
             build_id: 0,
             created_ms: now_ms(),
         };
-        let hash_part = path
-            .rsplit('/')
-            .next()
-            .and_then(|b| b.get(..32))
-            .unwrap_or("");
+        let hash_part = super::keys::output_key(path);
         let mut b = Batch::new();
         b.put(
             TreeId::NarFiles,
@@ -374,12 +370,7 @@ impl NarCache {
     pub fn write_narinfos(&self, outputs: &[OutputRecord]) -> Result<(), UploadError> {
         for o in outputs {
             let ni = self.narinfo(o)?;
-            let hash_part = o
-                .path
-                .rsplit('/')
-                .next()
-                .and_then(|b| b.get(..32))
-                .unwrap_or("");
+            let hash_part = super::keys::output_key(&o.path);
             atomic_write(
                 &self.cache_dir().join(format!("{hash_part}.narinfo")),
                 ni.to_string().as_bytes(),

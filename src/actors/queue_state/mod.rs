@@ -12,7 +12,7 @@ mod queries;
 use thiserror::Error;
 
 use crate::protocol::{BuildId, BuildState, BuildSummary, BuiltOutput};
-use crate::store::keys::u64_key;
+use crate::store::keys::{output_key, u64_key};
 use crate::store::records::{BuildRecord, NarFileRecord, OutputRecord};
 use crate::store::{meta, Batch, Store, StoreError, TreeId};
 
@@ -95,15 +95,10 @@ pub struct QueueState {
     next_build_id: u64,
 }
 
-fn hash_part(path: &str) -> &str {
-    let base = path.rsplit('/').next().unwrap_or(path);
-    base.get(..32).unwrap_or(base)
-}
-
 /// Is a store path available (an output or an uploaded source)?
 pub fn is_available(store: &Store, path: &str) -> Result<bool, StoreError> {
     Ok(store
-        .get::<OutputRecord>(TreeId::Outputs, hash_part(path).as_bytes())?
+        .get::<OutputRecord>(TreeId::Outputs, output_key(path).as_bytes())?
         .is_some_and(|o| o.path == path))
 }
 
@@ -435,7 +430,7 @@ impl QueueState {
                 done.state = BuildState::Succeeded;
                 for o in &records {
                     fx.batch
-                        .put(TreeId::Outputs, hash_part(&o.path).as_bytes(), o)?;
+                        .put(TreeId::Outputs, output_key(&o.path).as_bytes(), o)?;
                 }
                 fx.batch.put(TreeId::Builds, &u64_key(id), &done)?;
                 fx.batch.event(
