@@ -70,6 +70,7 @@ fn record(id: u64) -> BuildRecord {
         finished_ms: 0,
         reason: String::new(),
         log_attempt: 0,
+        request: String::new(),
     }
 }
 

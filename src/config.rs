@@ -52,6 +52,19 @@ pub struct Timeouts {
     pub heartbeat_interval_ms: u64,
     /// An agent silent this long is lost and its leases expire.
     pub agent_timeout_ms: u64,
+    /// A lease its agent's heartbeats do not list ends once it was handed to the agent longer
+    /// ago than this (the work reply that carried it was lost, or the agent dropped it).
+    /// Unset: [`Timeouts::unheld_lease`] picks it.
+    pub unheld_lease_ms: Option<u64>,
+}
+
+impl Timeouts {
+    /// The unheld-lease bound in effect: as set, else two heartbeat intervals but never under
+    /// 30 s, the agent's request timeout (how long a work reply can still be on its way).
+    pub fn unheld_lease(&self) -> u64 {
+        self.unheld_lease_ms
+            .unwrap_or((2 * self.heartbeat_interval_ms).max(30_000))
+    }
 }
 
 impl Default for Timeouts {
@@ -59,6 +72,7 @@ impl Default for Timeouts {
         Timeouts {
             heartbeat_interval_ms: 10_000,
             agent_timeout_ms: 60_000,
+            unheld_lease_ms: None,
         }
     }
 }
@@ -189,15 +203,25 @@ impl Config {
                 h.name
             );
         }
+        let t = &self.timeouts;
         anyhow::ensure!(
-            self.timeouts.agent_timeout_ms >= 1000,
-            "timeouts.agent_timeout_ms must be at least 1000 (1 s)"
+            t.agent_timeout_ms >= 1000,
+            "timeouts.agent_timeout_ms is {} but must be at least 1000 (1 s): raise it",
+            t.agent_timeout_ms
         );
         anyhow::ensure!(
-            self.timeouts.heartbeat_interval_ms > 0
-                && self.timeouts.heartbeat_interval_ms < self.timeouts.agent_timeout_ms,
-            "timeouts.heartbeat_interval_ms must be above 0 and below agent_timeout_ms"
+            t.heartbeat_interval_ms > 0 && t.heartbeat_interval_ms < t.agent_timeout_ms,
+            "timeouts.heartbeat_interval_ms is {} but must be above 0 and below agent_timeout_ms ({}): an agent would be declared lost between two heartbeats",
+            t.heartbeat_interval_ms,
+            t.agent_timeout_ms
         );
+        if let Some(unheld) = t.unheld_lease_ms {
+            anyhow::ensure!(
+                unheld >= 1000 && unheld >= 2 * t.heartbeat_interval_ms,
+                "timeouts.unheld_lease_ms is {unheld} but must be at least 1000 and at least two heartbeat intervals ({}): a heartbeat sent before a work reply arrived would end that reply's leases",
+                2 * t.heartbeat_interval_ms
+            );
+        }
         Ok(())
     }
 }
@@ -213,6 +237,36 @@ mod tests {
         assert_eq!(c.client_listen, "127.0.0.1:8746");
         let err = toml::from_str::<Config>("lissen = 'x'").unwrap_err();
         assert!(err.to_string().contains("lissen"), "{err}");
+    }
+
+    /// Pins the liveness limits: an agent timeout under 1 s, a heartbeat interval not below
+    /// the timeout, and an unheld bound under two heartbeats are refused with the value named.
+    #[test]
+    fn timeouts_are_validated() {
+        let c: Config = toml::from_str("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.timeouts.heartbeat_interval_ms, 10_000);
+        assert_eq!(c.timeouts.agent_timeout_ms, 60_000);
+        assert_eq!(c.timeouts.unheld_lease(), 30_000);
+        let slow: Config = toml::from_str("[timeouts]\nheartbeat_interval_ms = 20000\n").unwrap();
+        slow.validate().unwrap();
+        assert_eq!(slow.timeouts.unheld_lease(), 40_000, "two heartbeats when over 30 s");
+        let ok: Config = toml::from_str(
+            "[timeouts]\nheartbeat_interval_ms = 200\nagent_timeout_ms = 1000\nunheld_lease_ms = 1000\n",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        for (toml, needle) in [
+            ("agent_timeout_ms = 999\nheartbeat_interval_ms = 100", "agent_timeout_ms is 999"),
+            ("agent_timeout_ms = 5000\nheartbeat_interval_ms = 5000", "heartbeat_interval_ms is 5000"),
+            ("agent_timeout_ms = 5000\nheartbeat_interval_ms = 0", "heartbeat_interval_ms is 0"),
+            ("heartbeat_interval_ms = 1000\nunheld_lease_ms = 1999", "unheld_lease_ms is 1999"),
+            ("heartbeat_interval_ms = 100\nunheld_lease_ms = 999", "unheld_lease_ms is 999"),
+        ] {
+            let c: Config = toml::from_str(&format!("[timeouts]\n{toml}\n")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{toml}: {err}");
+        }
     }
 
     #[test]

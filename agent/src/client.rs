@@ -223,6 +223,14 @@ impl Coordinator {
     }
 }
 
+/// A fresh id for one logical work request (`WorkRequest::request_id`): 128 random bits in
+/// hex. The caller sends it on every retry of that request, so the coordinator answers a retry
+/// with the assignments it already leased when the first reply was lost.
+pub fn new_request_id() -> String {
+    let bits: u128 = rand::random();
+    format!("{bits:032x}")
+}
+
 /// Sends a request; returns the body of a 2xx answer, or the classified failure.
 pub async fn send(rb: reqwest::RequestBuilder) -> Result<bytes::Bytes, CallError> {
     let resp = rb.send().await.map_err(|e| classify_transport(&e))?;
@@ -281,4 +289,15 @@ pub fn local_error(path: &Path, e: std::io::Error) -> CallError {
         code: "local_io".into(),
         message: format!("failed to read {}: {e}", path.display()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_fresh_and_valid_on_the_wire() {
+        let (a, b) = (super::new_request_id(), super::new_request_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+    }
 }

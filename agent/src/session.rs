@@ -3,8 +3,15 @@
 //! SIGTERM/SIGINT.
 //!
 //! Ownership: the [`Agent`] is shared by every task. `stops` holds, per build the agent holds,
-//! the sender that stops it (cancel, abandon, shutdown); the build's task removes its entry
-//! when it lets go of the build. Build slots (a semaphore) are held from assignment until the
+//! the sender that stops it (cancel, abandon, shutdown); a build is registered there (and in
+//! the held list every heartbeat reports) as soon as its assignment arrives, and the build's
+//! task removes its entry when it lets go of the build.
+//!
+//! Leases: every work request carries a fresh id, reused on each retry of that request, so a
+//! reply lost on the wire is answered again with the same builds. Heartbeats list every build
+//! held, built anew for each try (a stale list would end leases the agent holds). A refused
+//! result is dropped only when the coordinator has put the build in a defined state (see
+//! [`after_refusal`]). Build slots (a semaphore) are held from assignment until the
 //! outputs are spooled; upload slots (another semaphore) while the results are sent, first
 //! come first served.
 //!
@@ -19,12 +26,12 @@ use std::time::Duration;
 
 use kiln::protocol::{
     AgentCommand, Assignment, BuildId, Heartbeat, HeartbeatReply, HeldPhase, Outcome, StartReport,
-    WorkReply, WorkRequest,
+    WorkReply, WorkRequest, SESSION_HEADER,
 };
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::client::{Coordinator, Held};
+use crate::client::{decode, new_request_id, send, Coordinator, Held};
 use crate::deliver::{self, Delivered};
 use crate::executor::inputs::{self, InputLocks};
 use crate::executor::{BuildResult, NativeExecutor, StopReason};
@@ -105,6 +112,18 @@ impl Agent {
             .insert(id, (attempt, tx));
         self.held.set(id, attempt, phase);
         rx
+    }
+
+    /// Registers an assignment unless this very build and attempt is already held (then
+    /// `None`: a second assignment of it must not start a second builder).
+    fn register_new(&self, id: BuildId, attempt: u32) -> Option<watch::Receiver<Option<StopReason>>> {
+        let held = self
+            .stops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|(a, _)| *a == attempt);
+        (!held).then(|| self.register(id, attempt, HeldPhase::Building))
     }
 
     fn unregister(&self, id: BuildId) {
@@ -229,17 +248,29 @@ async fn wait_for_signal(agent: Arc<Agent>) {
 }
 
 async fn heartbeat_loop(agent: Arc<Agent>) {
+    let url = agent.coordinator.agent_url("heartbeat");
     loop {
         let wait = Duration::from_millis(agent.heartbeat_ms.load(Ordering::SeqCst));
         tokio::time::sleep(wait).await;
-        let body = Heartbeat {
-            builds: agent.held.list(),
-        };
-        match agent
+        // The held list is read again for every try: a list older than a work reply that
+        // arrived meanwhile would tell the coordinator a lease is not held.
+        let reply = agent
             .coordinator
-            .post::<_, HeartbeatReply>("heartbeat", "heartbeat", &body)
-            .await
-        {
+            .call("heartbeat", |token| {
+                let body = Heartbeat {
+                    builds: agent.held.list(),
+                };
+                let rb = agent
+                    .coordinator
+                    .http()
+                    .post(&url)
+                    .header(SESSION_HEADER, token)
+                    .json(&body)
+                    .timeout(Duration::from_secs(30));
+                async move { decode::<HeartbeatReply>(send(rb).await?) }
+            })
+            .await;
+        match reply {
             Ok(reply) => reply.commands.into_iter().for_each(|c| agent.handle(c)),
             Err(e) => match fatal_reason(&e) {
                 Some(why) => return agent.fail(why),
@@ -267,8 +298,10 @@ async fn work_loop(agent: Arc<Agent>) {
         if agent.draining.load(Ordering::SeqCst) {
             return;
         }
+        // One id per logical request; `post` sends this same body on every retry.
         let req = WorkRequest {
             max_builds: permits.len() as u32,
+            request_id: Some(new_request_id()),
         };
         let reply = tokio::select! {
             r = agent.coordinator.post::<_, WorkReply>("request work", "work", &req) => r,
@@ -279,8 +312,14 @@ async fn work_loop(agent: Arc<Agent>) {
                 reply.commands.into_iter().for_each(|c| agent.handle(c));
                 let idle = reply.builds.is_empty();
                 for a in reply.builds {
+                    // Held from now on, so every heartbeat lists it, even while it waits for
+                    // a build slot.
+                    let Some(stop) = agent.register_new(a.build_id, a.attempt) else {
+                        tracing::info!(build_id = a.build_id, attempt = a.attempt, "build assigned again; it already runs here");
+                        continue;
+                    };
                     tracing::info!(build_id = a.build_id, attempt = a.attempt, drv = %a.drv_path, "build assigned");
-                    tokio::spawn(run_build(agent.clone(), a, permits.pop()));
+                    tokio::spawn(run_build(agent.clone(), a, permits.pop(), stop));
                 }
                 drop(permits);
                 if idle {
@@ -301,18 +340,30 @@ async fn work_loop(agent: Arc<Agent>) {
     }
 }
 
-/// The life of one assigned build on this agent.
-async fn run_build(agent: Arc<Agent>, a: Assignment, permit: Option<OwnedSemaphorePermit>) {
+/// The life of one assigned build on this agent (registered by the caller; `stop` is its
+/// stop signal).
+async fn run_build(
+    agent: Arc<Agent>,
+    a: Assignment,
+    permit: Option<OwnedSemaphorePermit>,
+    mut stop: watch::Receiver<Option<StopReason>>,
+) {
+    let (id, attempt) = (a.build_id, a.attempt);
     let permit = match permit {
         Some(p) => p,
         // More builds than asked for: they wait for a slot like any other.
-        None => match agent.build_slots.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => return,
+        None => tokio::select! {
+            p = agent.build_slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return agent.unregister(id),
+            },
+            r = stop.wait_for(Option::is_some) => {
+                let reason = r.ok().and_then(|s| *s);
+                tracing::info!(build_id = id, attempt, reason = ?reason, "dropping build before it started");
+                return agent.unregister(id);
+            }
         },
     };
-    let (id, attempt) = (a.build_id, a.attempt);
-    let mut stop = agent.register(id, attempt, HeldPhase::Building);
     let dir = agent.state.build_dir(id, attempt);
     metrics::RUNNING_BUILDS.inc();
     let result = build(&agent, &a, &dir, &mut stop).await;
@@ -381,54 +432,146 @@ async fn build(
     agent.executor.run(a, dir, stop).await
 }
 
+/// What the agent does after the coordinator refused a delivery with a 4xx.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AfterRefusal {
+    /// The coordinator put the build in a defined state (failed, or back in the queue), or
+    /// the build is not its to hold: drop it.
+    Drop,
+    /// The coordinator changed nothing: report the build failed with this reason instead, so
+    /// it is not left leased to an agent that drops it.
+    ReportFailure(String),
+}
+
+/// The agent's side of each class of refusal of a result (docs/agent.md, docs/protocol.md):
+/// - `bad_result`: the coordinator failed the build with the refusal as reason;
+/// - `output_not_uploaded`: it released the lease, the build is runnable again;
+/// - `no_such_build`: there is nothing to hold;
+/// - anything else (e.g. `bad_request`, `too_large`): nothing changed on the coordinator, so
+///   a success is reported once more as a failure naming the refusal. If that is refused too,
+///   the build is dropped and the coordinator ends the lease when heartbeats stop listing it.
+fn after_refusal(code: &str, message: &str, outcome: &Outcome) -> AfterRefusal {
+    match (code, outcome) {
+        ("bad_result" | "output_not_uploaded" | "no_such_build" | "stale_attempt", _) => {
+            AfterRefusal::Drop
+        }
+        (_, Outcome::Succeeded { .. }) => AfterRefusal::ReportFailure(format!(
+            "the coordinator refused the result ({code}): {message}"
+        )),
+        (_, Outcome::Failed { .. }) => AfterRefusal::Drop,
+    }
+}
+
 /// Sends the result (uploads first), then lets go of the build.
 async fn deliver_and_finish(
     agent: Arc<Agent>,
     dir: BuildDir,
-    report: StoredReport,
+    mut report: StoredReport,
     mut stop: watch::Receiver<Option<StopReason>>,
 ) {
     let (id, attempt) = (report.build_id, report.attempt);
     agent.held.set(id, attempt, HeldPhase::Uploading);
-    let result = tokio::select! {
-        r = async {
-            let _slot = agent.upload_slots.acquire().await;
-            deliver::deliver(&agent.coordinator, &dir, report.clone()).await
-        } => r,
-        r = stop.wait_for(|s| matches!(s, Some(StopReason::Abandon | StopReason::Shutdown))) => {
-            if matches!(r.ok().and_then(|s| *s), Some(StopReason::Abandon)) {
-                metrics::BUILDS_ABANDONED.inc();
-                dir.remove();
-            }
-            return agent.unregister(id);
-        }
-    };
-    match result {
-        Ok(Delivered::Acknowledged { duplicate }) => {
-            let counter = match &report.outcome {
-                Outcome::Succeeded { .. } => &metrics::BUILDS_SUCCEEDED,
-                Outcome::Failed { reason } if reason == "canceled" => &metrics::BUILDS_CANCELED,
-                Outcome::Failed { .. } => &metrics::BUILDS_FAILED,
-            };
-            counter.inc();
-            tracing::info!(build_id = id, attempt, duplicate, "result acknowledged");
-        }
-        Ok(Delivered::Stale) => {
-            metrics::BUILDS_ABANDONED.inc();
-            tracing::info!(
-                build_id = id,
-                attempt,
-                "attempt is stale, dropping the build"
-            );
-        }
-        Err(e) => {
-            if let Some(why) = fatal_reason(&e) {
-                agent.fail(why);
+    loop {
+        let result = tokio::select! {
+            r = async {
+                let _slot = agent.upload_slots.acquire().await;
+                deliver::deliver(&agent.coordinator, &dir, report.clone()).await
+            } => r,
+            r = stop.wait_for(|s| matches!(s, Some(StopReason::Abandon | StopReason::Shutdown))) => {
+                if matches!(r.ok().and_then(|s| *s), Some(StopReason::Abandon)) {
+                    metrics::BUILDS_ABANDONED.inc();
+                    tracing::info!(build_id = id, attempt, "build abandoned, dropping its reports");
+                    dir.remove();
+                }
                 return agent.unregister(id);
             }
-            tracing::error!(build_id = id, attempt, error = %e, "coordinator refused the result, dropping the build");
+        };
+        match result {
+            Ok(Delivered::Acknowledged { duplicate }) => {
+                let counter = match &report.outcome {
+                    Outcome::Succeeded { .. } => &metrics::BUILDS_SUCCEEDED,
+                    Outcome::Failed { reason } if reason == "canceled" => {
+                        &metrics::BUILDS_CANCELED
+                    }
+                    Outcome::Failed { .. } => &metrics::BUILDS_FAILED,
+                };
+                counter.inc();
+                tracing::info!(build_id = id, attempt, duplicate, "result acknowledged");
+            }
+            Ok(Delivered::Stale) => {
+                metrics::BUILDS_ABANDONED.inc();
+                tracing::info!(
+                    build_id = id,
+                    attempt,
+                    "attempt is stale, dropping the build"
+                );
+            }
+            Err(e) => {
+                if let Some(why) = fatal_reason(&e) {
+                    agent.fail(why);
+                    return agent.unregister(id);
+                }
+                let (code, message) = match &e {
+                    CallError::Rejected(api) => (api.code.clone(), api.message.clone()),
+                    other => (String::new(), other.to_string()),
+                };
+                match after_refusal(&code, &message, &report.outcome) {
+                    AfterRefusal::ReportFailure(reason) => {
+                        tracing::warn!(build_id = id, attempt, code = %code, "coordinator refused the result; reporting the build failed instead");
+                        report.outcome = Outcome::Failed { reason };
+                        match dir.write_report(&report) {
+                            Ok(()) => continue,
+                            Err(e) => tracing::error!(build_id = id, error = format!("{e:#}"), "failed to store the report, dropping the build"),
+                        }
+                    }
+                    AfterRefusal::Drop => {
+                        tracing::error!(build_id = id, attempt, code = %code, error = %e, "coordinator refused the result, dropping the build")
+                    }
+                }
+            }
         }
+        break;
     }
     dir.remove();
     agent.unregister(id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn success() -> Outcome {
+        Outcome::Succeeded { outputs: vec![] }
+    }
+
+    fn failure() -> Outcome {
+        Outcome::Failed {
+            reason: "builder exited with status 1".into(),
+        }
+    }
+
+    /// Pins the agent's side of each refusal class: it drops a build only where the
+    /// coordinator settled it, and turns any other refused success into a failure report.
+    #[test]
+    fn each_refusal_class_has_its_reaction() {
+        for code in [
+            "bad_result",
+            "output_not_uploaded",
+            "no_such_build",
+            "stale_attempt",
+        ] {
+            assert_eq!(after_refusal(code, "m", &success()), AfterRefusal::Drop, "{code}");
+            assert_eq!(after_refusal(code, "m", &failure()), AfterRefusal::Drop, "{code}");
+        }
+        for code in ["bad_request", "too_large", ""] {
+            match after_refusal(code, "why", &success()) {
+                AfterRefusal::ReportFailure(r) => {
+                    assert!(r.contains(code) && r.contains("why"), "{r}")
+                }
+                other => panic!("{code}: {other:?}"),
+            }
+            // A refused failure report is not turned into anything else.
+            assert_eq!(after_refusal(code, "why", &failure()), AfterRefusal::Drop);
+        }
+    }
 }

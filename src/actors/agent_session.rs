@@ -1,9 +1,14 @@
 //! `AgentSession`: one per agent that opened a session, supervised one-for-one by the
 //! [`super::registry::AgentRegistry`]. It owns the agent's liveness and its requests for work:
 //! it asks the allocator for candidates, the build queue for leases, and turns leases into
-//! assignments (the `.drv` and the closure of inputs to fetch). An agent silent for the agent
-//! timeout is lost: its leases expire. Time the coordinator's own loop spent lagging is not
-//! counted against the agent.
+//! assignments (the `.drv` and the closure of inputs to fetch). Each heartbeat's list of held
+//! builds goes to the build queue, which reconciles it with the agent's leases. An agent silent
+//! for the agent timeout is lost: its leases expire. Time the coordinator's own loop spent
+//! lagging is not counted against the agent.
+//!
+//! Every lease has an end that needs no message from its holder: a heartbeat that does not
+//! list it (after the unheld bound), the agent timeout (a silent agent), and, for an agent that
+//! talks but sends no heartbeats, the unheld bound on leases never started.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -12,9 +17,12 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::allocator::{Allocator, TakeWork};
-use super::build_queue::{AgentLost, Allocate, BuildQueue};
+use super::build_queue::{AgentLost, Allocate, BuildQueue, Reconcile, ReleaseUnstarted};
+use super::queue_state::Unheld;
 use super::ActorError;
-use crate::protocol::{AgentCommand, Assignment, Bytes64, OutputSpec, PathInfo, WorkReply};
+use crate::protocol::{
+    AgentCommand, Assignment, Bytes64, HeldBuild, OutputSpec, PathInfo, WorkReply,
+};
 use crate::store::records::{BuildRecord, DrvRecord, OutputRecord};
 use crate::store::{Store, StoreError, TreeId};
 use crate::supervisor::Restarts;
@@ -35,6 +43,13 @@ pub struct AgentSession {
     /// Shared with the HTTP layer, which stamps every authenticated request of this agent.
     liveness: Arc<Liveness>,
     timeout: Duration,
+    /// A lease the agent's heartbeats do not list ends once it was handed to the agent longer
+    /// ago than this (`timeouts.unheld_lease_ms`).
+    unheld: Duration,
+    /// When the last heartbeat (or the session opening) was handled.
+    last_beat: Instant,
+    /// When leases never started were last checked for an agent without heartbeats.
+    last_unstarted_check: Instant,
     /// When the last tick ran, to detect (and forgive) loop lag.
     last_tick: Instant,
     /// Time the agent is excused for because the coordinator could not run its loop.
@@ -56,6 +71,7 @@ impl AgentSession {
         restarts: Arc<Restarts>,
         liveness: Arc<Liveness>,
         timeout: Duration,
+        unheld: Duration,
     ) -> AgentSession {
         AgentSession {
             agent_id,
@@ -67,6 +83,9 @@ impl AgentSession {
             restarts,
             liveness,
             timeout,
+            unheld,
+            last_beat: Instant::now(),
+            last_unstarted_check: Instant::now(),
             last_tick: Instant::now(),
             forgiven: Duration::ZERO,
             lost: false,
@@ -103,6 +122,26 @@ impl AgentSession {
             self.lost = false;
             self.liveness.set_lost(self.agent_id, false);
         }
+        self.check_unstarted(seen, now);
+    }
+
+    /// An agent heard from (by other requests) after more than the unheld bound without a
+    /// heartbeat: heartbeats cannot end its unreceived leases, so leases it never started end
+    /// after the bound. Checked at most once per bound.
+    fn check_unstarted(&mut self, seen: Instant, now: Instant) {
+        let beats_missing = seen.saturating_duration_since(self.last_beat) > self.unheld;
+        if self.lost
+            || !beats_missing
+            || now.duration_since(self.last_unstarted_check) < self.unheld
+        {
+            return;
+        }
+        self.last_unstarted_check = now;
+        tracing::warn!(agent = %self.name, "agent sends no heartbeats; its leases never started end after the unheld bound");
+        self.queue.do_send(ReleaseUnstarted {
+            agent_id: self.agent_id,
+            bound_ms: self.unheld.as_millis() as u64,
+        });
     }
 }
 
@@ -137,33 +176,68 @@ impl Handler<Opened> for AgentSession {
     fn handle(&mut self, msg: Opened, _ctx: &mut Context<Self>) {
         self.systems = msg.systems;
         self.lost = false;
+        self.last_beat = Instant::now();
         self.pending.extend(msg.commands);
     }
 }
 
-/// A heartbeat: answer pending commands.
+/// A heartbeat with the builds the agent holds: reconciled by the build queue; answers the
+/// commands that come of it and those pending.
 #[derive(Message)]
-#[rtype(result = "Vec<AgentCommand>")]
-pub struct Beat;
+#[rtype(result = "Result<Vec<AgentCommand>, ActorError>")]
+pub struct Beat {
+    pub held: Vec<HeldBuild>,
+}
 
 impl Handler<Beat> for AgentSession {
-    type Result = MessageResult<Beat>;
-    fn handle(&mut self, _msg: Beat, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.pending.drain(..).collect())
+    type Result = ResponseActFuture<Self, Result<Vec<AgentCommand>, ActorError>>;
+
+    fn handle(&mut self, msg: Beat, _ctx: &mut Context<Self>) -> Self::Result {
+        self.last_beat = Instant::now();
+        let ask = self.queue.send(Reconcile {
+            agent_id: self.agent_id,
+            held: msg.held,
+            unheld: Unheld::ReleaseAfter(self.unheld.as_millis() as u64),
+        });
+        Box::pin(async move { ask.await }.into_actor(self).map(|r, act, _ctx| {
+            let from_queue = r
+                .map_err(|_| ActorError::Unavailable("the build queue is restarting; retry".into()))??;
+            // Pending commands leave only with an answer that carries them.
+            let mut commands: Vec<AgentCommand> = act.pending.drain(..).collect();
+            commands.extend(from_queue);
+            Ok(commands)
+        }))
     }
 }
 
-/// The agent asks for up to `max` builds.
+/// Longest work request id accepted.
+const MAX_REQUEST_ID: usize = 128;
+
+/// The agent asks for up to `max` builds. `request` names the logical request: a retry with
+/// the same id gets the same assignments.
 #[derive(Message)]
 #[rtype(result = "Result<WorkReply, ActorError>")]
 pub struct RequestWork {
     pub max: u32,
+    pub request: Option<String>,
 }
 
 impl Handler<RequestWork> for AgentSession {
     type Result = ResponseFuture<Result<WorkReply, ActorError>>;
 
     fn handle(&mut self, msg: RequestWork, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(r) = &msg.request {
+            let ok = !r.is_empty()
+                && r.len() <= MAX_REQUEST_ID
+                && r.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+            if !ok {
+                let r = r.chars().take(MAX_REQUEST_ID + 1).collect::<String>();
+                return Box::pin(std::future::ready(Err(ActorError::BadRequest(format!(
+                    "work request id {r:?} is not valid: use 1 to {MAX_REQUEST_ID} letters, digits, '.', '_' or '-' (or null)"
+                )))));
+            }
+        }
         let commands: Vec<AgentCommand> = self.pending.drain(..).collect();
         let allocator = self.allocator.clone();
         let queue = self.queue.clone();
@@ -171,35 +245,42 @@ impl Handler<RequestWork> for AgentSession {
         let systems = self.systems.clone();
         let agent_id = self.agent_id;
         let max = msg.max.min(64) as usize;
+        let request = msg.request;
         Box::pin(async move {
             let mut builds = Vec::new();
+            let mut ids = Vec::new();
             if max > 0 {
                 let unavailable =
                     |_| ActorError::Unavailable("the allocator is restarting; retry".into());
-                let ids = allocator
+                ids = allocator
                     .send(TakeWork { systems, max })
                     .await
                     .map_err(unavailable)?;
-                if !ids.is_empty() {
-                    let leased = queue
-                        .send(Allocate {
-                            agent_id,
-                            candidates: ids,
-                        })
-                        .await
-                        .map_err(|_| {
-                            ActorError::Unavailable("the build queue is restarting; retry".into())
-                        })
-                        .and_then(|r| r);
-                    let leased = match leased {
-                        Ok(l) => l,
-                        Err(e) => {
-                            // The proposed builds left the index but were not leased: rebuild
-                            // the index from sled so none of them is forgotten.
-                            allocator.do_send(super::allocator::Resync);
-                            return Err(e);
-                        }
-                    };
+            }
+            // A request with an id always reaches the queue: it may be the retry of one whose
+            // reply was lost, to be answered with the same leases.
+            if !ids.is_empty() || request.is_some() {
+                let leased = queue
+                    .send(Allocate {
+                        agent_id,
+                        request,
+                        candidates: ids,
+                    })
+                    .await
+                    .map_err(|_| {
+                        ActorError::Unavailable("the build queue is restarting; retry".into())
+                    })
+                    .and_then(|r| r);
+                let leased = match leased {
+                    Ok(l) => l,
+                    Err(e) => {
+                        // The proposed builds left the index but were not leased: rebuild
+                        // the index from sled so none of them is forgotten.
+                        allocator.do_send(super::allocator::Resync);
+                        return Err(e);
+                    }
+                };
+                if !leased.is_empty() {
                     builds = tokio::task::spawn_blocking(move || assignments(&store, leased))
                         .await
                         .map_err(|e| ActorError::Internal(e.to_string()))??;

@@ -4,19 +4,19 @@
 //! runnable and writes narinfos for new outputs. A failed commit stops the actor, and the
 //! restart reloads memory from sled, so memory never keeps a change sled refused.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
 
 use super::allocator::{Allocator, BuildsRunnable, BuildsUnrunnable, Resync};
-use super::queue_state::{Effects, QueueState};
+use super::queue_state::{Effects, FinishAnswer, QueueState, Unheld};
 use super::submission::prepare;
 use super::{guarded, ActorError};
 use crate::derivation::store_path::StoreDir;
 use crate::protocol::{
-    AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, BuiltOutput, ResultAck,
-    SubmitBuilds, Submitted,
+    AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, BuiltOutput, HeldBuild,
+    ResultAck, SubmitBuilds, Submitted,
 };
 use crate::store::nar_cache::NarCache;
 use crate::store::records::{AgentRecord, BuildRecord};
@@ -58,8 +58,9 @@ impl BuildQueue {
         })
     }
 
-    /// Commit a transition's effects; answer `value` after the flush. A failed commit stops
-    /// the actor (memory is ahead of sled), and the supervisor restarts it from sled.
+    /// Commit a transition's effects; answer `value` after the flush (and, for a request that
+    /// repeats one still in flight, after that one's commit too). A failed commit stops the
+    /// actor (memory is ahead of sled), and the supervisor restarts it from sled.
     fn commit<T: 'static>(
         &mut self,
         fx: Effects,
@@ -74,14 +75,22 @@ impl BuildQueue {
             unrunnable,
             new_outputs,
             finished,
+            requests,
+            landing,
+            after,
         } = fx;
+        if !unrunnable.is_empty() {
+            // Before the commit: nobody is proposed a build this transition took. If the
+            // commit fails, the restart resyncs the allocator from sled.
+            allocator.do_send(BuildsUnrunnable(unrunnable));
+        }
         let made_available: Vec<String> = new_outputs.iter().map(|o| o.path.clone()).collect();
+        // Yields the answer, and whether this transition's own writes landed.
         let fut = async move {
             if !batch.is_empty() {
-                committer.commit(batch).await?;
-            }
-            if !unrunnable.is_empty() {
-                allocator.do_send(BuildsUnrunnable(unrunnable));
+                if let Err(e) = committer.commit(batch).await {
+                    return (Err(ActorError::Commit(e)), false);
+                }
             }
             if !runnable.is_empty() {
                 allocator.do_send(BuildsRunnable(runnable));
@@ -95,18 +104,35 @@ impl BuildQueue {
                     tracing::error!(error = %e, "failed to write narinfo files");
                 }
             }
-            Ok(value)
-        };
-        Box::pin(fut.into_actor(self).map(move |res: Result<T, ActorError>, act, ctx| {
-            match &res {
-                Err(ActorError::Commit(e)) => {
-                    tracing::error!(error = %e, "commit failed; restarting the build queue from sled");
-                    ctx.stop();
+            if let Some(first) = after {
+                // The committer applies commits in order, so the first one has landed or
+                // failed by now; this reads its outcome.
+                if !first.landed().await {
+                    return (
+                        Err(ActorError::Unavailable(
+                            "the first copy of this request could not be recorded; retry".into(),
+                        )),
+                        true,
+                    );
                 }
-                _ => act.state.committed(&made_available, &finished),
             }
-            res
-        }))
+            (Ok(value), true)
+        };
+        Box::pin(
+            fut.into_actor(self)
+                .map(move |(res, landed), act, ctx| {
+                    if landed {
+                        act.state.committed(&made_available, &finished, &requests);
+                    } else {
+                        tracing::error!(error = ?res.as_ref().err(), "commit failed; restarting the build queue from sled");
+                        ctx.stop();
+                    }
+                    if let Some(tx) = landing {
+                        tx.send_replace(Some(landed));
+                    }
+                    res
+                }),
+        )
     }
 
     fn ready<T: 'static>(
@@ -234,11 +260,13 @@ impl Handler<Submit> for BuildQueue {
     }
 }
 
-/// Lease proposed builds to an agent; answers the leased records.
+/// Lease proposed builds to an agent; answers the leased records. With a work request id the
+/// agent already used, answers that request's leases again (see `QueueState::allocate`).
 #[derive(Message)]
 #[rtype(result = "Result<Vec<BuildRecord>, ActorError>")]
 pub struct Allocate {
     pub agent_id: u64,
+    pub request: Option<String>,
     pub candidates: Vec<BuildId>,
 }
 
@@ -247,12 +275,15 @@ impl Handler<Allocate> for BuildQueue {
 
     fn handle(&mut self, msg: Allocate, ctx: &mut Context<Self>) -> Self::Result {
         let r = guarded::<Self, _>(NAME, ctx, |_| {
-            Ok(self
-                .state
-                .allocate(msg.agent_id, &msg.candidates, now_ms())?)
+            Ok(self.state.allocate(
+                msg.agent_id,
+                msg.request.as_deref(),
+                &msg.candidates,
+                now_ms(),
+            )?)
         });
         match r {
-            Ok((fx, leased)) => self.commit(fx, leased),
+            Ok((fx, a)) => self.commit(fx, a.leased),
             Err(e) => Self::ready(Err(e)),
         }
     }
@@ -319,18 +350,20 @@ impl Handler<Finish> for BuildQueue {
             )?)
         });
         match r {
-            Ok((fx, duplicate)) => {
-                if !duplicate {
-                    let result = if fx.new_outputs.is_empty() {
-                        "failed"
-                    } else {
-                        "succeeded"
-                    };
-                    metrics::counter!("kiln_builds_finished_total", "result" => result)
-                        .increment(1);
-                }
-                self.commit(fx, ResultAck { duplicate })
+            Ok((fx, FinishAnswer::Duplicate)) => self.commit(fx, ResultAck { duplicate: true }),
+            Ok((fx, FinishAnswer::Accepted)) => {
+                let result = if fx.new_outputs.is_empty() {
+                    "failed"
+                } else {
+                    "succeeded"
+                };
+                metrics::counter!("kiln_builds_finished_total", "result" => result).increment(1);
+                self.commit(fx, ResultAck { duplicate: false })
             }
+            Ok((fx, FinishAnswer::Refused(e))) => Box::pin(
+                self.commit(fx, ())
+                    .map(move |r, _, _| r.and_then(|()| Err(ActorError::Queue(e)))),
+            ),
             Err(e) => Self::ready(Err(e)),
         }
     }
@@ -368,33 +401,24 @@ impl Handler<AgentLost> for BuildQueue {
     type Result = ResponseActFuture<Self, Result<(), ActorError>>;
 
     fn handle(&mut self, msg: AgentLost, ctx: &mut Context<Self>) -> Self::Result {
-        let r = guarded::<Self, _>(NAME, ctx, |_| {
-            Ok(self
-                .state
-                .release(msg.agent_id, &HashSet::new(), "agent lost")?)
-        });
+        let r = guarded::<Self, _>(NAME, ctx, |_| Ok(self.state.agent_lost(msg.agent_id)?));
         match r {
-            Ok(mut fx) => {
-                fx.batch.event(
-                    "agent-lost",
-                    0,
-                    msg.agent_id,
-                    serde_json::json!({"agent_id": msg.agent_id}),
-                );
-                self.commit(fx, ())
-            }
+            Ok(fx) => self.commit(fx, ()),
             Err(e) => Self::ready(Err(e)),
         }
     }
 }
 
-/// An agent (re)opened its session holding `held` builds: builds leased to it that it no
-/// longer holds go back to the queue; builds it holds that are not its own must be abandoned.
+/// An agent says which builds it holds: at a session opening (`unheld = Release`) or on a
+/// heartbeat (`ReleaseAfter(bound)`). Leases it holds are kept, builds it still runs that
+/// nobody else took are re-adopted, leases it does not hold end (per `unheld`), and builds it
+/// holds that are not its own come back as `abandon` commands.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<AgentCommand>, ActorError>")]
 pub struct Reconcile {
     pub agent_id: u64,
-    pub held: Vec<(BuildId, u32)>,
+    pub held: Vec<HeldBuild>,
+    pub unheld: Unheld,
 }
 
 impl Handler<Reconcile> for BuildQueue {
@@ -402,19 +426,37 @@ impl Handler<Reconcile> for BuildQueue {
 
     fn handle(&mut self, msg: Reconcile, ctx: &mut Context<Self>) -> Self::Result {
         let r = guarded::<Self, _>(NAME, ctx, |_| {
-            let foreign = self.state.foreign(msg.agent_id, &msg.held);
-            let keep: HashSet<(BuildId, u32)> = msg.held.iter().copied().collect();
-            let fx = self
+            Ok(self
                 .state
-                .release(msg.agent_id, &keep, "agent reconnected without it")?;
-            let cmds = foreign
-                .into_iter()
-                .map(|(build_id, attempt)| AgentCommand::Abandon { build_id, attempt })
-                .collect();
-            Ok((fx, cmds))
+                .reconcile(msg.agent_id, &msg.held, msg.unheld, now_ms())?)
         });
         match r {
             Ok((fx, cmds)) => self.commit(fx, cmds),
+            Err(e) => Self::ready(Err(e)),
+        }
+    }
+}
+
+/// The agent is heard from but has sent no heartbeat for `bound_ms`: its leases that were
+/// never started and were handed to it longer ago than that end.
+#[derive(Message)]
+#[rtype(result = "Result<(), ActorError>")]
+pub struct ReleaseUnstarted {
+    pub agent_id: u64,
+    pub bound_ms: u64,
+}
+
+impl Handler<ReleaseUnstarted> for BuildQueue {
+    type Result = ResponseActFuture<Self, Result<(), ActorError>>;
+
+    fn handle(&mut self, msg: ReleaseUnstarted, ctx: &mut Context<Self>) -> Self::Result {
+        let r = guarded::<Self, _>(NAME, ctx, |_| {
+            Ok(self
+                .state
+                .release_unstarted(msg.agent_id, msg.bound_ms, now_ms())?)
+        });
+        match r {
+            Ok(fx) => self.commit(fx, ()),
             Err(e) => Self::ready(Err(e)),
         }
     }

@@ -15,6 +15,7 @@ use sha2::{Digest as _, Sha256};
 use super::agent_session::{AgentSession, Opened};
 use super::allocator::Allocator;
 use super::build_queue::{BuildQueue, LeasedTo, Reconcile};
+use super::queue_state::Unheld;
 use super::ActorError;
 use crate::protocol::{
     AgentCreated, AgentId, AgentInfo, NewAgent, OpenSession, SessionOpened, PROTOCOL_VERSION,
@@ -116,6 +117,8 @@ pub struct AgentRegistry {
     liveness: Arc<Liveness>,
     agent_timeout: Duration,
     heartbeat_interval: Duration,
+    /// `timeouts.unheld_lease_ms`, for each agent's session.
+    unheld_lease: Duration,
     actors: HashMap<AgentId, Addr<AgentSession>>,
     /// The next agent id, once read from sled; ids are handed out here, one at a time, so two
     /// concurrent registrations cannot get the same id.
@@ -137,6 +140,7 @@ impl AgentRegistry {
         liveness: Arc<Liveness>,
         agent_timeout: Duration,
         heartbeat_interval: Duration,
+        unheld_lease: Duration,
     ) -> AgentRegistry {
         AgentRegistry {
             store,
@@ -148,6 +152,7 @@ impl AgentRegistry {
             liveness,
             agent_timeout,
             heartbeat_interval,
+            unheld_lease,
             actors: HashMap::new(),
             next_agent_id: None,
             reserved_names: HashSet::new(),
@@ -166,14 +171,15 @@ impl AgentRegistry {
             self.allocator.clone(),
             self.store.clone(),
         );
-        let (restarts, liveness, timeout) = (
+        let (restarts, liveness, timeout, unheld) = (
             self.restarts.clone(),
             self.liveness.clone(),
             self.agent_timeout,
+            self.unheld_lease,
         );
         let addr = actix::Supervisor::start(move |_| {
             AgentSession::new(
-                id, name, systems, queue, allocator, store, restarts, liveness, timeout,
+                id, name, systems, queue, allocator, store, restarts, liveness, timeout, unheld,
             )
         });
         self.actors.insert(rec.id, addr.clone());
@@ -383,7 +389,7 @@ impl Handler<Open> for AgentRegistry {
             req.systems.clone()
         };
         let session = self.session_actor(&rec, systems.clone());
-        let held: Vec<(u64, u32)> = req.builds.iter().map(|b| (b.build_id, b.attempt)).collect();
+        let held = req.builds.clone();
         let queue = self.queue.clone();
         let (hb, timeout) = (self.heartbeat_interval, self.agent_timeout);
         tracing::info!(agent = %rec.name, held = held.len(), "agent session opened");
@@ -391,7 +397,11 @@ impl Handler<Open> for AgentRegistry {
         Box::pin(
             async move {
                 let commands = queue
-                    .send(Reconcile { agent_id, held })
+                    .send(Reconcile {
+                        agent_id,
+                        held,
+                        unheld: Unheld::Release,
+                    })
                     .await
                     .map_err(|_| {
                         ActorError::Unavailable("the build queue is restarting; retry".into())

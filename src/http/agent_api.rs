@@ -95,18 +95,30 @@ async fn open_session(
 async fn heartbeat(
     state: web::Data<AppState>,
     auth: AgentAuth,
-    _body: web::Json<Heartbeat>,
+    body: web::Json<Heartbeat>,
 ) -> Result<HttpResponse, ApiError> {
     let session = state
         .registry
         .send(SessionOf(auth.0))
         .await
-        .map_err(ApiError::mailbox)?;
-    let commands = match session {
-        Some(s) => s.send(Beat).await.map_err(ApiError::mailbox)?,
-        None => Vec::new(),
-    };
+        .map_err(ApiError::mailbox)?
+        .ok_or_else(no_session)?;
+    let commands = session
+        .send(Beat {
+            held: body.into_inner().builds,
+        })
+        .await
+        .map_err(ApiError::mailbox)??;
     Ok(HttpResponse::Ok().json(HeartbeatReply { commands }))
+}
+
+/// A token without a session actor (cannot happen after a successful opening).
+fn no_session() -> ApiError {
+    ApiError::new(
+        actix_web::http::StatusCode::UNAUTHORIZED,
+        "session_unknown",
+        "open a session first",
+    )
 }
 
 #[post("/work")]
@@ -120,16 +132,12 @@ async fn work(
         .send(SessionOf(auth.0))
         .await
         .map_err(ApiError::mailbox)?
-        .ok_or_else(|| {
-            ApiError::new(
-                actix_web::http::StatusCode::UNAUTHORIZED,
-                "session_unknown",
-                "open a session first",
-            )
-        })?;
+        .ok_or_else(no_session)?;
+    let body = body.into_inner();
     let reply = session
         .send(RequestWork {
             max: body.max_builds,
+            request: body.request_id,
         })
         .await
         .map_err(ApiError::mailbox)??;

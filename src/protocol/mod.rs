@@ -170,6 +170,9 @@ pub enum AgentCommand {
 /// `POST /api/agent/v1/heartbeat`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Heartbeat {
+    /// Every build the agent holds, in any phase. A lease not listed ends once it was handed
+    /// to the agent longer ago than the coordinator's unheld bound; a listed build that is not
+    /// the agent's any more is answered with `abandon`.
     #[serde(default)]
     pub builds: Vec<HeldBuild>,
 }
@@ -184,6 +187,12 @@ pub struct HeartbeatReply {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkRequest {
     pub max_builds: u32,
+    /// Names one logical request: the agent sends a fresh id per request and the same id on
+    /// every retry of it, and a retry is answered with the same assignments (same builds, same
+    /// attempts), so a reply lost on the wire strands no lease. 1 to 128 letters, digits, `.`,
+    /// `_` or `-`. `null` (or absent, as older agents send it): every request allocates anew.
+    #[serde(default)]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -302,7 +311,8 @@ pub struct BuiltOutput {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResultAck {
-    /// True when this exact result had already been accepted (the report is idempotent).
+    /// True when this exact result had already been accepted (the report is idempotent). Never
+    /// answered before the first acceptance is durable.
     pub duplicate: bool,
 }
 
@@ -430,4 +440,27 @@ pub struct MissingInput {
 pub struct BuildsQuery {
     pub state: Option<String>,
     pub limit: Option<usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent from before request ids (no `request_id` field) still parses, and the field
+    /// travels as `null` when unset.
+    #[test]
+    fn work_request_id_is_optional_on_the_wire() {
+        let old: WorkRequest = serde_json::from_str(r#"{"max_builds": 2}"#).unwrap();
+        assert_eq!(old.max_builds, 2);
+        assert_eq!(old.request_id, None);
+        let new: WorkRequest =
+            serde_json::from_str(r#"{"max_builds": 1, "request_id": "r-1"}"#).unwrap();
+        assert_eq!(new.request_id.as_deref(), Some("r-1"));
+        let none = serde_json::to_value(WorkRequest {
+            max_builds: 1,
+            request_id: None,
+        })
+        .unwrap();
+        assert_eq!(none, serde_json::json!({"max_builds": 1, "request_id": null}));
+    }
 }

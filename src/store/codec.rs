@@ -16,6 +16,14 @@ pub trait Record: Serialize + DeserializeOwned {
     const VERSION: u8;
     /// Name used in errors and `kiln state dump`.
     const NAME: &'static str;
+
+    /// Decode an older version of this record (`version` below [`Record::VERSION`]) into the
+    /// current one; `None` when the version is not known. Implementations decode the old
+    /// layout with [`decode_body`] and convert it.
+    fn decode_older(version: u8, body: &[u8]) -> Option<Result<Self, StoreError>> {
+        let _ = (version, body);
+        None
+    }
 }
 
 /// Encode a record with its version byte.
@@ -28,15 +36,29 @@ pub fn encode<R: Record>(record: &R) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
-/// Decode a record, checking its version byte.
+/// Decode the bincode body of a record (what follows the version byte) as `T`: for
+/// [`Record::decode_older`], which names the old layout of a record as `T`.
+pub fn decode_body<T: DeserializeOwned>(record: &'static str, body: &[u8]) -> Result<T, StoreError> {
+    bincode::deserialize(body).map_err(|e| StoreError::Codec {
+        record,
+        message: e.to_string(),
+    })
+}
+
+/// Decode a record, checking its version byte; older versions the record knows are converted.
 pub fn decode<R: Record>(bytes: &[u8]) -> Result<R, StoreError> {
     match bytes.split_first() {
-        Some((&v, rest)) if v == R::VERSION => {
-            bincode::deserialize(rest).map_err(|e| StoreError::Codec {
+        Some((&v, rest)) if v == R::VERSION => decode_body(R::NAME, rest),
+        Some((&v, rest)) if v < R::VERSION => match R::decode_older(v, rest) {
+            Some(r) => r,
+            None => Err(StoreError::Codec {
                 record: R::NAME,
-                message: e.to_string(),
-            })
-        }
+                message: format!(
+                    "version {v} is no longer readable by this kiln (it reads version {}); use an older kiln to migrate this state dir",
+                    R::VERSION
+                ),
+            }),
+        },
         Some((&v, _)) => Err(StoreError::Codec {
             record: R::NAME,
             message: format!(

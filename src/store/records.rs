@@ -4,10 +4,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::codec::Record;
+use super::codec::{decode_body, Record};
+use super::StoreError;
 use crate::protocol::BuildState;
 
 /// A build: the state machine's record. Key: build id (big-endian u64).
+///
+/// Version 2 added `request`; version 1 records decode with `request` empty (see
+/// [`v1::BuildRecordV1`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildRecord {
     pub id: u64,
@@ -19,7 +23,10 @@ pub struct BuildRecord {
     pub state: BuildState,
     /// The fencing token: raised each time the build is allocated; 0 = never allocated.
     pub attempt: u32,
-    /// The agent holding the lease (0 = none). A lease grant is persisted; heartbeats are not.
+    /// The agent holding the lease while the build is leased; once a lease is released (the
+    /// build is `runnable` again, same attempt) the agent that last held it, which alone may
+    /// re-adopt it at that attempt. 0 = never leased. A lease grant is persisted; heartbeats
+    /// are not.
     pub agent_id: u64,
     /// Output name -> full store path.
     pub outputs: Vec<(String, String)>,
@@ -34,11 +41,76 @@ pub struct BuildRecord {
     pub reason: String,
     /// The attempt whose log is stored (0 = no log).
     pub log_attempt: u32,
+    /// The id of the agent's work request that leased the current attempt ("" = none, or an
+    /// agent that sends no request ids). A retry of that request by that agent is answered
+    /// with the same assignments, also after a coordinator restart. (v2)
+    pub request: String,
 }
 
 impl Record for BuildRecord {
-    const VERSION: u8 = 1;
+    const VERSION: u8 = 2;
     const NAME: &'static str = "build";
+
+    fn decode_older(version: u8, body: &[u8]) -> Option<Result<Self, StoreError>> {
+        match version {
+            1 => Some(decode_body::<v1::BuildRecordV1>(Self::NAME, body).map(Into::into)),
+            _ => None,
+        }
+    }
+}
+
+/// The layout of version 1 of [`BuildRecord`], kept to read state dirs written before v2.
+pub mod v1 {
+    use serde::{Deserialize, Serialize};
+
+    use super::{state_code, BuildRecord};
+    use crate::protocol::BuildState;
+
+    /// `BuildRecord` version 1: everything up to `log_attempt`, no `request`.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct BuildRecordV1 {
+        pub id: u64,
+        pub drv_path: String,
+        pub system: String,
+        pub priority: i32,
+        pub tags: Vec<(String, String)>,
+        #[serde(with = "state_code")]
+        pub state: BuildState,
+        pub attempt: u32,
+        pub agent_id: u64,
+        pub outputs: Vec<(String, String)>,
+        pub needs: Vec<String>,
+        pub created_ms: u64,
+        pub allocated_ms: u64,
+        pub started_ms: u64,
+        pub finished_ms: u64,
+        pub reason: String,
+        pub log_attempt: u32,
+    }
+
+    impl From<BuildRecordV1> for BuildRecord {
+        fn from(r: BuildRecordV1) -> BuildRecord {
+            BuildRecord {
+                id: r.id,
+                drv_path: r.drv_path,
+                system: r.system,
+                priority: r.priority,
+                tags: r.tags,
+                state: r.state,
+                attempt: r.attempt,
+                agent_id: r.agent_id,
+                outputs: r.outputs,
+                needs: r.needs,
+                created_ms: r.created_ms,
+                allocated_ms: r.allocated_ms,
+                started_ms: r.started_ms,
+                finished_ms: r.finished_ms,
+                reason: r.reason,
+                log_attempt: r.log_attempt,
+                request: String::new(),
+            }
+        }
+    }
 }
 
 /// A `.drv` file's bytes. Key: the drv path.
@@ -179,11 +251,61 @@ mod tests {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
-    /// Pins the v1 encoding of a build record: if this fails, the on-disk format changed and
-    /// needs a new version with a migration, not an edit of this test.
+    fn sample_build() -> BuildRecord {
+        BuildRecord {
+            id: 7,
+            drv_path: "/s/a.drv".into(),
+            system: "x".into(),
+            priority: -1,
+            tags: vec![("k".into(), "v".into())],
+            state: BuildState::Runnable,
+            attempt: 2,
+            agent_id: 3,
+            outputs: vec![("out".into(), "/s/o".into())],
+            needs: vec!["/s/i".into()],
+            created_ms: 1,
+            allocated_ms: 2,
+            started_ms: 3,
+            finished_ms: 4,
+            reason: "".into(),
+            log_attempt: 0,
+            request: "".into(),
+        }
+    }
+
+    /// The v1 bytes of `sample_build` (pinned when v1 was current, in [2/8]).
+    const BUILD_V1_HEX: &str = "01\
+         0700000000000000\
+         0800000000000000 2f732f612e647276\
+         0100000000000000 78\
+         ffffffff\
+         0100000000000000 0100000000000000 6b 0100000000000000 76\
+         02\
+         02000000\
+         0300000000000000\
+         0100000000000000 0300000000000000 6f7574 0400000000000000 2f732f6f\
+         0100000000000000 0400000000000000 2f732f69\
+         0100000000000000 0200000000000000 0300000000000000 0400000000000000\
+         0000000000000000\
+         00000000";
+
+    fn unhex(h: &str) -> Vec<u8> {
+        let h: String = h.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+        (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// A state dir written by a kiln with v1 build records still reads: the v1 bytes decode
+    /// to the same build with no work request.
     #[test]
-    fn build_record_v1_golden_bytes() {
-        let r = BuildRecord {
+    fn build_record_v1_bytes_still_decode() {
+        let bytes = unhex(BUILD_V1_HEX);
+        assert_eq!(bytes[0], 1);
+        assert_eq!(decode::<BuildRecord>(&bytes).unwrap(), sample_build());
+        // And v1 is what the v1 layout encodes to (the old layout is kept exactly).
+        let old = v1::BuildRecordV1 {
             id: 7,
             drv_path: "/s/a.drv".into(),
             system: "x".into(),
@@ -201,24 +323,22 @@ mod tests {
             reason: "".into(),
             log_attempt: 0,
         };
+        let mut v1_bytes = vec![1u8];
+        v1_bytes.extend(bincode::serialize(&old).unwrap());
+        assert_eq!(v1_bytes, bytes);
+    }
+
+    /// Pins the v2 encoding of a build record: if this fails, the on-disk format changed and
+    /// needs a new version with a decoder for this one, not an edit of this test.
+    #[test]
+    fn build_record_v2_golden_bytes() {
+        let mut r = sample_build();
+        r.request = "r1".into();
         let bytes = encode(&r).unwrap();
+        let v1_body = &BUILD_V1_HEX.replace(' ', "")[2..];
         assert_eq!(
             hex(&bytes),
-            "01\
-             0700000000000000\
-             0800000000000000 2f732f612e647276\
-             0100000000000000 78\
-             ffffffff\
-             0100000000000000 0100000000000000 6b 0100000000000000 76\
-             02\
-             02000000\
-             0300000000000000\
-             0100000000000000 0300000000000000 6f7574 0400000000000000 2f732f6f\
-             0100000000000000 0400000000000000 2f732f69\
-             0100000000000000 0200000000000000 0300000000000000 0400000000000000\
-             0000000000000000\
-             00000000"
-                .replace(' ', "")
+            format!("02{v1_body}0200000000000000 7231").replace(' ', "")
         );
         assert_eq!(decode::<BuildRecord>(&bytes).unwrap(), r);
     }

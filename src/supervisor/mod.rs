@@ -118,7 +118,8 @@ pub fn start(
         let (se, l) = (sessions.clone(), liveness.clone());
         let timeout = Duration::from_millis(config.timeouts.agent_timeout_ms);
         let hb = Duration::from_millis(config.timeouts.heartbeat_interval_ms);
-        move |_| AgentRegistry::new(s, c, q, a, r, se, l, timeout, hb)
+        let unheld = Duration::from_millis(config.timeouts.unheld_lease());
+        move |_| AgentRegistry::new(s, c, q, a, r, se, l, timeout, hb, unheld)
     });
     Ok(Actors {
         queue,

@@ -1,19 +1,30 @@
 //! The build state machine, as plain data: the live (non-terminal) builds in memory, indexes
-//! of who waits for which store path, and one method per transition. Each transition changes
-//! memory and returns the [`Effects`] to commit (records, events) and to announce (builds that
-//! became runnable or stopped being runnable). [`super::build_queue::BuildQueue`] is the thin
-//! actor around it; on restart it rebuilds this from sled with [`QueueState::load`], which is
-//! why memory never holds anything sled does not.
+//! of who waits for which store path and of who holds which lease, and one method per
+//! transition. Each transition changes memory and returns the [`Effects`] to commit (records,
+//! events) and to announce (builds that became runnable or stopped being runnable).
+//! [`super::build_queue::BuildQueue`] is the thin actor around it; on restart it rebuilds this
+//! from sled with [`QueueState::load`], which is why memory never holds anything sled does not
+//! (apart from the markers of commits still in flight, which a restart drops with the commits).
+//!
+//! The transitions are split by subject: submission, allocation, progress and cancel here;
+//! results in `finish.rs`; lease ends, reconciliation and re-adoption in `leases.rs`;
+//! read-only queries in `queries.rs`.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+mod finish;
+mod leases;
 mod queries;
 
 use thiserror::Error;
+use tokio::sync::watch;
 
-use crate::protocol::{BuildId, BuildState, BuildSummary, BuiltOutput};
+pub use finish::FinishAnswer;
+pub use leases::Unheld;
+
+use crate::protocol::{AgentId, BuildId, BuildState, BuildSummary};
 use crate::store::keys::{output_key, u64_key};
-use crate::store::records::{BuildRecord, NarFileRecord, OutputRecord};
+use crate::store::records::{BuildRecord, OutputRecord};
 use crate::store::{meta, Batch, Store, StoreError, TreeId};
 
 /// A build the allocator may hand out.
@@ -24,17 +35,73 @@ pub struct RunnableEntry {
     pub priority: i32,
 }
 
+/// A work request, as the agent that sent it names it.
+pub type RequestKey = (AgentId, String);
+
+/// The outcome of a commit in flight, for a request that must not be answered before it lands
+/// (a result sent again, a work request retried): `true` once durable, `false` if the commit
+/// failed or the actor stopped before it landed (the sender was dropped unsent).
+#[derive(Debug, Clone)]
+pub struct Landing(watch::Receiver<Option<bool>>);
+
+/// The sending half of a [`Landing`], owned by the commit's future in the actor.
+pub type LandingSender = watch::Sender<Option<bool>>;
+
+impl Landing {
+    pub fn channel() -> (LandingSender, Landing) {
+        let (tx, rx) = watch::channel(None);
+        (tx, Landing(rx))
+    }
+
+    /// `None` while the commit is in flight.
+    pub fn outcome(&self) -> Option<bool> {
+        *self.0.borrow()
+    }
+
+    /// Wait until the commit landed (`true`) or failed (`false`).
+    pub async fn landed(mut self) -> bool {
+        match self.0.wait_for(Option::is_some).await {
+            Ok(v) => v.unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+}
+
 /// What a transition asks the actor to do: commit `batch`, then tell the allocator.
 #[derive(Debug, Default)]
 pub struct Effects {
     pub batch: Batch,
     pub runnable: Vec<RunnableEntry>,
+    /// Builds to take out of the allocator's index; sent before the commit, so nobody is
+    /// proposed a build this transition took (the queue would refuse it anyway).
     pub unrunnable: Vec<BuildId>,
     /// Outputs made available (narinfos to write after the commit).
     pub new_outputs: Vec<OutputRecord>,
     /// Builds whose result this transition accepted (to confirm with
     /// [`QueueState::committed`] once durable).
     pub finished: Vec<BuildId>,
+    /// Work requests whose leases this transition records (confirmed the same way).
+    pub requests: Vec<RequestKey>,
+    /// Signalled when this transition's commit lands or fails; repeats of its requests that
+    /// arrive meanwhile wait on it.
+    pub landing: Option<LandingSender>,
+    /// Answer only after this earlier commit landed: the request repeats one whose commit is
+    /// still in flight.
+    pub after: Option<Landing>,
+}
+
+impl Effects {
+    /// A [`Landing`] for this transition's commit (one channel per commit).
+    fn landing(&mut self) -> Landing {
+        match &self.landing {
+            Some(tx) => Landing(tx.subscribe()),
+            None => {
+                let (tx, l) = Landing::channel();
+                self.landing = Some(tx);
+                l
+            }
+        }
+    }
 }
 
 /// Why a request was refused. Mapped to HTTP statuses in `http::error`.
@@ -53,7 +120,7 @@ pub enum QueueError {
     WrongState(BuildId, BuildState, String),
     #[error("{0}")]
     BadResult(String),
-    #[error("output {output} of build {build} was not uploaded and verified (file {file_hash}): upload it first")]
+    #[error("output {output} of build {build} was not uploaded and verified (file {file_hash}): the build goes back to the queue and runs again; drop it")]
     NotUploaded {
         build: BuildId,
         output: String,
@@ -72,6 +139,15 @@ pub struct Target {
     pub needs: Vec<String>,
 }
 
+/// A result accepted whose commit is not confirmed yet.
+#[derive(Debug, Clone)]
+struct Accepted {
+    attempt: u32,
+    agent_id: AgentId,
+    succeeded: bool,
+    landing: Landing,
+}
+
 /// The in-memory state of the queue.
 pub struct QueueState {
     store: Store,
@@ -83,15 +159,27 @@ pub struct QueueState {
     producers: HashMap<String, BuildId>,
     /// drv path -> its live build.
     by_drv: HashMap<String, BuildId>,
+    /// Agent -> the builds leased to it -> when the lease was last handed to it (ms since the
+    /// epoch: its allocation, a replay of its work request, or its re-adoption). The lease
+    /// clock of heartbeat reconciliation starts there. Rebuilt at load (from `allocated_ms`);
+    /// every transition that leases or unleases a build keeps it in step, so nothing that
+    /// concerns one agent's leases scans every build.
+    leases: HashMap<AgentId, BTreeMap<BuildId, u64>>,
+    /// (agent, work request id) -> live builds leased under that request, including builds
+    /// whose lease was released but not reallocated (the agent may re-adopt them by retrying
+    /// the request). Rebuilt at load from the records' `request`.
+    requests: HashMap<RequestKey, BTreeSet<BuildId>>,
+    /// Work requests whose leases are not durable yet: a retry waits for their commit.
+    uncommitted_requests: HashMap<RequestKey, Landing>,
     /// Outputs this state made available whose commit is not confirmed yet. Memory runs ahead
     /// of sled (a transition changes memory at once and commits later), so availability must
     /// count them: otherwise two inputs finishing back to back each see the other as missing
     /// and their dependent stays blocked forever. Cleared by [`QueueState::committed`]; a
     /// failed commit restarts the actor, which reloads without them.
     uncommitted_outputs: HashSet<String>,
-    /// Results accepted whose commit is not confirmed yet: build -> (attempt, agent,
-    /// succeeded). The same result sent again meanwhile is a duplicate, not a stale report.
-    uncommitted_finishes: HashMap<BuildId, (u32, u64, bool)>,
+    /// Results accepted (verified) whose commit is not confirmed yet. The same result sent
+    /// again meanwhile waits for that commit and is then a duplicate, not a stale report.
+    uncommitted_finishes: HashMap<BuildId, Accepted>,
     next_build_id: u64,
 }
 
@@ -112,6 +200,9 @@ impl QueueState {
             waiting: HashMap::new(),
             producers: HashMap::new(),
             by_drv: HashMap::new(),
+            leases: HashMap::new(),
+            requests: HashMap::new(),
+            uncommitted_requests: HashMap::new(),
             uncommitted_outputs: HashSet::new(),
             uncommitted_finishes: HashMap::new(),
         };
@@ -124,6 +215,11 @@ impl QueueState {
             s.next_build_id = s.next_build_id.max(b.id + 1);
             if !b.state.is_terminal() {
                 s.index(&b)?;
+                if b.state.is_leased() {
+                    s.lease_on(&b, b.allocated_ms);
+                } else if b.state == BuildState::Runnable {
+                    s.remember_request(&b);
+                }
                 s.live.insert(b.id, b);
             }
         }
@@ -135,14 +231,17 @@ impl QueueState {
         Ok(self.uncommitted_outputs.contains(path) || is_available(&self.store, path)?)
     }
 
-    /// The commit that made these outputs available and accepted these results is durable:
-    /// sled answers for them now.
-    pub fn committed(&mut self, outputs: &[String], finished: &[BuildId]) {
+    /// The commit that made these outputs available, accepted these results and recorded the
+    /// leases of these work requests is durable: sled answers for them now.
+    pub fn committed(&mut self, outputs: &[String], finished: &[BuildId], requests: &[RequestKey]) {
         for p in outputs {
             self.uncommitted_outputs.remove(p);
         }
         for id in finished {
             self.uncommitted_finishes.remove(id);
+        }
+        for r in requests {
+            self.uncommitted_requests.remove(r);
         }
     }
 
@@ -176,6 +275,49 @@ impl QueueState {
                 if set.is_empty() {
                     self.waiting.remove(need);
                 }
+            }
+        }
+    }
+
+    /// `b` is leased to `b.agent_id` from `handed` on: index the lease and its request.
+    fn lease_on(&mut self, b: &BuildRecord, handed: u64) {
+        self.leases
+            .entry(b.agent_id)
+            .or_default()
+            .insert(b.id, handed);
+        self.remember_request(b);
+    }
+
+    /// `id` is no longer leased to `agent_id`.
+    fn lease_off(&mut self, agent_id: AgentId, id: BuildId) {
+        if let Some(m) = self.leases.get_mut(&agent_id) {
+            m.remove(&id);
+            if m.is_empty() {
+                self.leases.remove(&agent_id);
+            }
+        }
+    }
+
+    fn remember_request(&mut self, b: &BuildRecord) {
+        if !b.request.is_empty() && b.agent_id != 0 {
+            self.requests
+                .entry((b.agent_id, b.request.clone()))
+                .or_default()
+                .insert(b.id);
+        }
+    }
+
+    /// `b` no longer answers a retry of the work request that leased it (it finished, was
+    /// canceled, or is leased under another request).
+    fn forget_request(&mut self, b: &BuildRecord) {
+        if b.request.is_empty() {
+            return;
+        }
+        let key = (b.agent_id, b.request.clone());
+        if let Some(set) = self.requests.get_mut(&key) {
+            set.remove(&b.id);
+            if set.is_empty() {
+                self.requests.remove(&key);
             }
         }
     }
@@ -255,6 +397,7 @@ impl QueueState {
                 finished_ms: 0,
                 reason: String::new(),
                 log_attempt: 0,
+                request: String::new(),
             };
             fx.batch.put(TreeId::Builds, &u64_key(id), &b)?;
             fx.batch.event(
@@ -277,38 +420,6 @@ impl QueueState {
             &self.next_build_id.to_be_bytes(),
         );
         Ok((fx, out))
-    }
-
-    /// Lease runnable builds to an agent; builds no longer runnable are skipped.
-    pub fn allocate(
-        &mut self,
-        agent_id: u64,
-        candidates: &[BuildId],
-        now: u64,
-    ) -> Result<(Effects, Vec<BuildRecord>), QueueError> {
-        let mut fx = Effects::default();
-        let mut leased = Vec::new();
-        for id in candidates {
-            let Some(b) = self.live.get_mut(id) else {
-                continue;
-            };
-            if b.state != BuildState::Runnable {
-                continue;
-            }
-            b.state = BuildState::Allocated;
-            b.attempt += 1;
-            b.agent_id = agent_id;
-            b.allocated_ms = now;
-            fx.batch.put(TreeId::Builds, &u64_key(*id), &*b)?;
-            fx.batch.event(
-                "build-allocated",
-                *id,
-                agent_id,
-                serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": agent_id}),
-            );
-            leased.push(b.clone());
-        }
-        Ok((fx, leased))
     }
 
     /// The live build leased to `agent_id` at `attempt`, or why not.
@@ -370,7 +481,7 @@ impl QueueState {
             return Ok(fx); // a repeated report: nothing to do
         }
         b.state = to;
-        if to == BuildState::Building {
+        if to == BuildState::Building || b.started_ms == 0 {
             b.started_ms = now;
         }
         fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
@@ -384,177 +495,6 @@ impl QueueState {
             );
         }
         Ok(fx)
-    }
-
-    /// Accept a result. Returns `duplicate = true`, changing nothing, when this attempt's
-    /// result was already accepted.
-    pub fn finish(
-        &mut self,
-        agent_id: u64,
-        id: BuildId,
-        attempt: u32,
-        outcome: Result<Vec<BuiltOutput>, String>,
-        log_attempt: u32,
-        now: u64,
-    ) -> Result<(Effects, bool), QueueError> {
-        if let Some(&(a, agent, ok)) = self.uncommitted_finishes.get(&id) {
-            if a == attempt && agent == agent_id && ok == outcome.is_ok() {
-                return Ok((Effects::default(), true));
-            }
-        }
-        if !self.live.contains_key(&id) {
-            if let Some(r) = self
-                .store
-                .get::<BuildRecord>(TreeId::Builds, &u64_key(id))?
-            {
-                let same_end = match &outcome {
-                    Ok(_) => r.state == BuildState::Succeeded,
-                    Err(_) => r.state == BuildState::Failed,
-                };
-                if same_end && r.attempt == attempt && r.agent_id == agent_id {
-                    return Ok((Effects::default(), true));
-                }
-            }
-        }
-        let b = self.leased(agent_id, id, attempt)?.clone();
-        let mut fx = Effects::default();
-        fx.finished.push(id);
-        self.uncommitted_finishes
-            .insert(id, (attempt, agent_id, outcome.is_ok()));
-        let mut done = b.clone();
-        done.finished_ms = now;
-        done.log_attempt = log_attempt;
-        match outcome {
-            Ok(outputs) => {
-                let records = self.verify_outputs(&b, &outputs, now)?;
-                done.state = BuildState::Succeeded;
-                for o in &records {
-                    fx.batch
-                        .put(TreeId::Outputs, output_key(&o.path).as_bytes(), o)?;
-                }
-                fx.batch.put(TreeId::Builds, &u64_key(id), &done)?;
-                fx.batch.event(
-                    "build-succeeded",
-                    id,
-                    agent_id,
-                    serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id,
-                        "drv_path": b.drv_path,
-                        "outputs": records.iter().map(|o| &o.path).collect::<Vec<_>>()}),
-                );
-                self.unindex(&b);
-                self.live.remove(&id);
-                let fresh: HashSet<String> = records.iter().map(|o| o.path.clone()).collect();
-                self.uncommitted_outputs.extend(fresh.iter().cloned());
-                self.unblock(&fresh, &mut fx)?;
-                fx.new_outputs = records;
-            }
-            Err(reason) => {
-                done.state = BuildState::Failed;
-                done.reason = reason.clone();
-                fx.batch.put(TreeId::Builds, &u64_key(id), &done)?;
-                fx.batch.event(
-                    "build-failed",
-                    id,
-                    agent_id,
-                    serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id,
-                        "drv_path": b.drv_path, "reason": reason}),
-                );
-                self.unindex(&b);
-                self.live.remove(&id);
-            }
-        }
-        Ok((fx, false))
-    }
-
-    /// Check a success report against the build's outputs and the verified uploads.
-    fn verify_outputs(
-        &self,
-        b: &BuildRecord,
-        outputs: &[BuiltOutput],
-        now: u64,
-    ) -> Result<Vec<OutputRecord>, QueueError> {
-        let mut records = Vec::new();
-        for (name, path) in &b.outputs {
-            let o = outputs.iter().find(|o| &o.name == name).ok_or_else(|| {
-                QueueError::BadResult(format!(
-                    "the result of build {} does not list output {name:?} ({path})",
-                    b.id
-                ))
-            })?;
-            if &o.path != path {
-                return Err(QueueError::BadResult(format!(
-                    "output {name:?} of build {} is {path}, not {}",
-                    b.id, o.path
-                )));
-            }
-            let nar: Option<NarFileRecord> =
-                self.store.get(TreeId::NarFiles, o.file_hash.as_bytes())?;
-            let nar = nar.ok_or_else(|| QueueError::NotUploaded {
-                build: b.id,
-                output: name.clone(),
-                file_hash: o.file_hash.clone(),
-            })?;
-            if nar.nar_hash != o.nar_hash || nar.nar_size != o.nar_size {
-                return Err(QueueError::BadResult(format!(
-                    "output {name:?} of build {}: the report claims NarHash {} ({} bytes) but the uploaded file holds {} ({} bytes)",
-                    b.id, o.nar_hash, o.nar_size, nar.nar_hash, nar.nar_size
-                )));
-            }
-            records.push(OutputRecord {
-                path: path.clone(),
-                nar_hash: nar.nar_hash,
-                nar_size: nar.nar_size,
-                file_hash: o.file_hash.clone(),
-                file_size: nar.file_size,
-                references: o.references.clone(),
-                deriver: b.drv_path.clone(),
-                system: b.system.clone(),
-                build_id: b.id,
-                created_ms: now,
-            });
-        }
-        if outputs.len() != b.outputs.len() {
-            return Err(QueueError::BadResult(format!(
-                "the result of build {} lists {} outputs; the derivation has {}",
-                b.id,
-                outputs.len(),
-                b.outputs.len()
-            )));
-        }
-        Ok(records)
-    }
-
-    /// Make runnable every blocked build whose last missing input is among `fresh`. Costs time
-    /// proportional to the number of builds waiting on those paths.
-    fn unblock(&mut self, fresh: &HashSet<String>, fx: &mut Effects) -> Result<(), QueueError> {
-        let mut candidates = BTreeSet::new();
-        for p in fresh {
-            if let Some(set) = self.waiting.remove(p) {
-                candidates.extend(set);
-            }
-        }
-        for id in candidates {
-            let Some(b) = self.live.get(&id) else {
-                continue;
-            };
-            if b.state != BuildState::Blocked {
-                continue;
-            }
-            let mut ready = true;
-            for n in &b.needs {
-                if !self.available(n)? {
-                    ready = false;
-                    break;
-                }
-            }
-            if ready {
-                let b = self.live.get_mut(&id).ok_or(QueueError::NoSuchBuild(id))?;
-                b.state = BuildState::Runnable;
-                fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
-                fx.runnable.push(entry(b));
-            }
-        }
-        Ok(())
     }
 
     /// Cancel a build that is not running.
@@ -576,6 +516,7 @@ impl QueueState {
         let mut b = b.clone();
         let was_runnable = b.state == BuildState::Runnable;
         self.unindex(&b);
+        self.forget_request(&b);
         self.live.remove(&id);
         b.state = BuildState::Canceled;
         b.finished_ms = now;
@@ -592,53 +533,6 @@ impl QueueState {
             fx.unrunnable.push(id);
         }
         Ok((fx, summary(&b)))
-    }
-
-    /// Return builds leased to `agent_id` to the queue: all of them (the agent is lost), or
-    /// those not in `keep` (the agent reconnected and does not hold them). The attempt is not
-    /// raised here; it rises when the build is allocated again.
-    pub fn release(
-        &mut self,
-        agent_id: u64,
-        keep: &HashSet<(BuildId, u32)>,
-        why: &str,
-    ) -> Result<Effects, QueueError> {
-        let mut fx = Effects::default();
-        let mine: Vec<BuildId> = self
-            .live
-            .values()
-            .filter(|b| b.agent_id == agent_id && b.state.is_leased())
-            .filter(|b| !keep.contains(&(b.id, b.attempt)))
-            .map(|b| b.id)
-            .collect();
-        for id in mine {
-            let Some(b) = self.live.get_mut(&id) else {
-                continue;
-            };
-            b.state = BuildState::Runnable;
-            b.agent_id = 0;
-            fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
-            fx.batch.event(
-                "lease-expired",
-                id,
-                agent_id,
-                serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": agent_id, "reason": why}),
-            );
-            fx.runnable.push(entry(b));
-        }
-        Ok(fx)
-    }
-
-    /// Which of the builds an agent says it holds are no longer its own (to abandon).
-    pub fn foreign(&self, agent_id: u64, held: &[(BuildId, u32)]) -> Vec<(BuildId, u32)> {
-        held.iter()
-            .filter(|(id, attempt)| {
-                !self.live.get(id).is_some_and(|b| {
-                    b.agent_id == agent_id && b.attempt == *attempt && b.state.is_leased()
-                })
-            })
-            .copied()
-            .collect()
     }
 }
 
@@ -658,118 +552,5 @@ pub fn summary(b: &BuildRecord) -> BuildSummary {
         state: b.state,
         priority: b.priority,
         existing: false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::committer::CommitterOptions;
-    use crate::store::records::{EventRecord, NarFileRecord};
-    use crate::store::{Committer, StoreOptions};
-
-    fn target(name: &str, needs: &[&str]) -> Target {
-        Target {
-            drv_path: format!("/s/{name:a<32}-{name}.drv"),
-            system: "x86_64-linux".into(),
-            outputs: vec![("out".into(), out_path(name))],
-            needs: needs.iter().map(|n| out_path(n)).collect(),
-        }
-    }
-
-    fn out_path(name: &str) -> String {
-        format!("/s/{name:b<32}-{name}")
-    }
-
-    fn built(name: &str) -> Vec<BuiltOutput> {
-        vec![BuiltOutput {
-            name: "out".into(),
-            path: out_path(name),
-            nar_hash: format!("sha256:{name}"),
-            nar_size: 1,
-            file_hash: format!("sha256:file-{name}"),
-            file_size: 1,
-            references: vec![],
-        }]
-    }
-
-    /// Pins the race where two inputs finish before either commit lands: memory runs ahead of
-    /// sled, so the second finish must count the first one's output as available, or the
-    /// dependent stays blocked forever.
-    #[test]
-    fn inputs_finishing_back_to_back_before_their_commits_unblock_the_dependent() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-        let c = Committer::start(
-            store.clone(),
-            CommitterOptions::default(),
-            Box::new(|_: &[EventRecord]| {}),
-        )
-        .unwrap();
-        let mut q = QueueState::load(store.clone()).unwrap();
-        let (fx, builds) = q
-            .submit(
-                vec![target("a", &[]), target("b", &[]), target("c", &["a", "b"])],
-                vec![],
-                0,
-                vec![],
-                1,
-            )
-            .unwrap();
-        c.commit_blocking(fx.batch).unwrap();
-        assert_eq!(builds[2].state, BuildState::Blocked);
-        let (a, b, cid) = (builds[0].id, builds[1].id, builds[2].id);
-        let (fx, leased) = q.allocate(7, &[a, b], 2).unwrap();
-        c.commit_blocking(fx.batch).unwrap();
-        assert_eq!(leased.len(), 2);
-        // The verified uploads.
-        let mut nars = Batch::new();
-        for n in ["a", "b"] {
-            let rec = NarFileRecord {
-                file_size: 1,
-                nar_hash: format!("sha256:{n}"),
-                nar_size: 1,
-                created_ms: 3,
-            };
-            nars.put(
-                TreeId::NarFiles,
-                format!("sha256:file-{n}").as_bytes(),
-                &rec,
-            )
-            .unwrap();
-        }
-        c.commit_blocking(nars).unwrap();
-
-        // Both results are decided before either commit is applied.
-        let (fx_a, _) = q.finish(7, a, 1, Ok(built("a")), 0, 4).unwrap();
-        // The same result again before its commit: a duplicate, not a stale report.
-        let (dup, duplicate) = q.finish(7, a, 1, Ok(built("a")), 0, 4).unwrap();
-        assert!(duplicate && dup.batch.is_empty());
-        let (fx_b, _) = q.finish(7, b, 1, Ok(built("b")), 0, 5).unwrap();
-        let runnable: Vec<BuildId> = fx_a
-            .runnable
-            .iter()
-            .chain(&fx_b.runnable)
-            .map(|e| e.id)
-            .collect();
-        assert_eq!(
-            runnable,
-            vec![cid],
-            "the dependent became runnable exactly once"
-        );
-        c.commit_blocking(fx_a.batch).unwrap();
-        c.commit_blocking(fx_b.batch).unwrap();
-        q.committed(&[out_path("a"), out_path("b")], &[a, b]);
-        assert!(q.uncommitted_outputs.is_empty() && q.uncommitted_finishes.is_empty());
-        // After the commit, sled answers: still a duplicate.
-        assert!(q.finish(7, a, 1, Ok(built("a")), 0, 6).unwrap().1);
-        assert!(
-            q.available(&out_path("a")).unwrap(),
-            "sled answers once committed"
-        );
-        // Reloading from sled agrees.
-        let again = QueueState::load(store).unwrap();
-        assert_eq!(again.live()[&cid].state, BuildState::Runnable);
-        c.shutdown_blocking();
     }
 }

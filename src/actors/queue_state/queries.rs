@@ -9,16 +9,12 @@ use crate::store::records::BuildRecord;
 use crate::store::TreeId;
 
 impl QueueState {
-    /// Builds currently leased to an agent.
+    /// Builds currently leased to an agent, in id order (from the lease index: no scan).
     pub fn leased_to(&self, agent_id: u64) -> Vec<BuildId> {
-        let mut v: Vec<BuildId> = self
-            .live
-            .values()
-            .filter(|b| b.agent_id == agent_id && b.state.is_leased())
-            .map(|b| b.id)
-            .collect();
-        v.sort_unstable();
-        v
+        self.leases
+            .get(&agent_id)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// The record of any build, live or finished.

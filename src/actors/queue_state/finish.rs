@@ -1,0 +1,296 @@
+//! Results: accepting a report (and unblocking dependents), recognising the same report sent
+//! again, and refusing a report in a way that leaves the build in a defined state.
+//!
+//! - Accepted: the build is `succeeded` or `failed` with the agent's reason. Its marker (for
+//!   duplicates) is set only once the report passed verification.
+//! - The same report again: `duplicate`, answered only after the first one's commit landed (a
+//!   repeat that arrives while it is in flight waits for it; if it fails, 503).
+//! - Refused for good (`bad_result`: an output missing or extra, a path or NarHash that is
+//!   not the verified upload's): the build is `failed`, its reason the refusal.
+//! - Refused for now (`output_not_uploaded`: no verified upload with that file hash, e.g. the
+//!   upload's file vanished): the lease is released, the build is `runnable` again at the
+//!   same attempt, and runs again on the next allocation.
+//!
+//! Either refusal is committed like any transition (record, event, hook work) before the
+//! agent is answered, so an agent that drops the build on that answer leaves nothing behind.
+
+use std::collections::{BTreeSet, HashSet};
+
+use super::{entry, Accepted, Effects, QueueError, QueueState};
+use crate::protocol::{BuildId, BuildState, BuiltOutput};
+use crate::store::keys::{output_key, u64_key};
+use crate::store::records::{BuildRecord, NarFileRecord, OutputRecord};
+use crate::store::TreeId;
+
+/// Failure reasons the coordinator writes when it refuses a result start with this.
+pub const REFUSED: &str = "result refused: ";
+
+/// How a result report was answered.
+#[derive(Debug)]
+pub enum FinishAnswer {
+    /// Recorded now: answer after the commit.
+    Accepted,
+    /// Already recorded (or being recorded: then `Effects::after` holds the first commit).
+    Duplicate,
+    /// Refused; the build's new state is in the effects. Answer the error after the commit.
+    Refused(QueueError),
+}
+
+impl QueueState {
+    /// Take a result report.
+    pub fn finish(
+        &mut self,
+        agent_id: u64,
+        id: BuildId,
+        attempt: u32,
+        outcome: Result<Vec<BuiltOutput>, String>,
+        log_attempt: u32,
+        now: u64,
+    ) -> Result<(Effects, FinishAnswer), QueueError> {
+        let mut fx = Effects::default();
+        if let Some(a) = self.uncommitted_finishes.get(&id) {
+            if a.attempt == attempt && a.agent_id == agent_id && a.succeeded == outcome.is_ok() {
+                fx.after = Some(a.landing.clone());
+                return Ok((fx, FinishAnswer::Duplicate));
+            }
+        }
+        if !self.live.contains_key(&id) {
+            if let Some(r) = self
+                .store
+                .get::<BuildRecord>(TreeId::Builds, &u64_key(id))?
+            {
+                let same_end = match &outcome {
+                    Ok(_) => r.state == BuildState::Succeeded,
+                    // A failure the coordinator wrote when it refused a report is not a
+                    // failure this agent reported.
+                    Err(_) => r.state == BuildState::Failed && !r.reason.starts_with(REFUSED),
+                };
+                if same_end && r.attempt == attempt && r.agent_id == agent_id {
+                    return Ok((fx, FinishAnswer::Duplicate));
+                }
+            }
+        }
+        let b = self.leased(agent_id, id, attempt)?.clone();
+        let mut done = b.clone();
+        done.finished_ms = now;
+        done.log_attempt = log_attempt;
+        match outcome {
+            Ok(outputs) => {
+                let records = match self.verify_outputs(&b, &outputs, now) {
+                    Ok(r) => r,
+                    Err(e @ QueueError::BadResult(_)) => {
+                        self.refuse_for_good(&mut fx, done, &e)?;
+                        return Ok((fx, FinishAnswer::Refused(e)));
+                    }
+                    Err(e @ QueueError::NotUploaded { .. }) => {
+                        self.refuse_for_now(&mut fx, id, &e)?;
+                        return Ok((fx, FinishAnswer::Refused(e)));
+                    }
+                    Err(e) => return Err(e),
+                };
+                done.state = BuildState::Succeeded;
+                for o in &records {
+                    fx.batch
+                        .put(TreeId::Outputs, output_key(&o.path).as_bytes(), o)?;
+                }
+                fx.batch.put(TreeId::Builds, &u64_key(id), &done)?;
+                fx.batch.event(
+                    "build-succeeded",
+                    id,
+                    agent_id,
+                    serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id,
+                        "drv_path": b.drv_path,
+                        "outputs": records.iter().map(|o| &o.path).collect::<Vec<_>>()}),
+                );
+                self.retire(&b);
+                let fresh: HashSet<String> = records.iter().map(|o| o.path.clone()).collect();
+                self.uncommitted_outputs.extend(fresh.iter().cloned());
+                self.unblock(&fresh, &mut fx)?;
+                fx.new_outputs = records;
+            }
+            Err(reason) => {
+                done.state = BuildState::Failed;
+                done.reason = reason.clone();
+                fx.batch.put(TreeId::Builds, &u64_key(id), &done)?;
+                fx.batch.event(
+                    "build-failed",
+                    id,
+                    agent_id,
+                    serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id,
+                        "drv_path": b.drv_path, "reason": reason}),
+                );
+                self.retire(&b);
+            }
+        }
+        // The marker of an accepted result, only now that it passed verification.
+        let landing = fx.landing();
+        self.uncommitted_finishes.insert(
+            id,
+            Accepted {
+                attempt,
+                agent_id,
+                succeeded: done.state == BuildState::Succeeded,
+                landing,
+            },
+        );
+        fx.finished.push(id);
+        Ok((fx, FinishAnswer::Accepted))
+    }
+
+    /// `b` leaves the live builds (it finished).
+    fn retire(&mut self, b: &BuildRecord) {
+        self.unindex(b);
+        self.lease_off(b.agent_id, b.id);
+        self.forget_request(b);
+        self.live.remove(&b.id);
+    }
+
+    /// A report that can never be right for this attempt: the build fails with the refusal as
+    /// its reason. Its dependents stay blocked, as after any failure.
+    fn refuse_for_good(
+        &mut self,
+        fx: &mut Effects,
+        mut done: BuildRecord,
+        e: &QueueError,
+    ) -> Result<(), QueueError> {
+        let reason = format!("{REFUSED}{e}");
+        done.state = BuildState::Failed;
+        done.reason = reason.clone();
+        fx.batch.put(TreeId::Builds, &u64_key(done.id), &done)?;
+        fx.batch.event(
+            "build-failed",
+            done.id,
+            done.agent_id,
+            serde_json::json!({"build_id": done.id, "attempt": done.attempt,
+                "agent_id": done.agent_id, "drv_path": done.drv_path, "reason": reason,
+                "refused": true}),
+        );
+        tracing::warn!(build_id = done.id, attempt = done.attempt, agent_id = done.agent_id, reason = %reason, "result refused; the build fails");
+        self.retire(&done);
+        Ok(())
+    }
+
+    /// A report that may be right next time (an upload is missing): the lease is released and
+    /// the build is runnable again, same attempt; no later retry of the old work request gets
+    /// it back (the agent dropped it).
+    fn refuse_for_now(
+        &mut self,
+        fx: &mut Effects,
+        id: BuildId,
+        e: &QueueError,
+    ) -> Result<(), QueueError> {
+        let Some(b) = self.live.get(&id).cloned() else {
+            return Err(QueueError::NoSuchBuild(id));
+        };
+        self.forget_request(&b);
+        self.lease_off(b.agent_id, id);
+        let Some(b) = self.live.get_mut(&id) else {
+            return Err(QueueError::NoSuchBuild(id));
+        };
+        b.state = BuildState::Runnable;
+        b.request.clear();
+        let why = format!("{REFUSED}{e}");
+        fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
+        fx.batch.event(
+            "lease-expired",
+            id,
+            b.agent_id,
+            serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": b.agent_id,
+                "reason": why}),
+        );
+        fx.runnable.push(entry(b));
+        tracing::warn!(build_id = id, attempt = b.attempt, agent_id = b.agent_id, reason = %why, "result refused; the build goes back to the queue");
+        Ok(())
+    }
+
+    /// Check a success report against the build's outputs and the verified uploads.
+    fn verify_outputs(
+        &self,
+        b: &BuildRecord,
+        outputs: &[BuiltOutput],
+        now: u64,
+    ) -> Result<Vec<OutputRecord>, QueueError> {
+        if outputs.len() != b.outputs.len() {
+            return Err(QueueError::BadResult(format!(
+                "the result of build {} lists {} outputs; the derivation has {}",
+                b.id,
+                outputs.len(),
+                b.outputs.len()
+            )));
+        }
+        let mut records = Vec::new();
+        for (name, path) in &b.outputs {
+            let o = outputs.iter().find(|o| &o.name == name).ok_or_else(|| {
+                QueueError::BadResult(format!(
+                    "the result of build {} does not list output {name:?} ({path})",
+                    b.id
+                ))
+            })?;
+            if &o.path != path {
+                return Err(QueueError::BadResult(format!(
+                    "output {name:?} of build {} is {path}, not {}",
+                    b.id, o.path
+                )));
+            }
+            let nar: Option<NarFileRecord> =
+                self.store.get(TreeId::NarFiles, o.file_hash.as_bytes())?;
+            let nar = nar.ok_or_else(|| QueueError::NotUploaded {
+                build: b.id,
+                output: name.clone(),
+                file_hash: o.file_hash.clone(),
+            })?;
+            if nar.nar_hash != o.nar_hash || nar.nar_size != o.nar_size {
+                return Err(QueueError::BadResult(format!(
+                    "output {name:?} of build {}: the report claims NarHash {} ({} bytes) but the uploaded file holds {} ({} bytes)",
+                    b.id, o.nar_hash, o.nar_size, nar.nar_hash, nar.nar_size
+                )));
+            }
+            records.push(OutputRecord {
+                path: path.clone(),
+                nar_hash: nar.nar_hash,
+                nar_size: nar.nar_size,
+                file_hash: o.file_hash.clone(),
+                file_size: nar.file_size,
+                references: o.references.clone(),
+                deriver: b.drv_path.clone(),
+                system: b.system.clone(),
+                build_id: b.id,
+                created_ms: now,
+            });
+        }
+        Ok(records)
+    }
+
+    /// Make runnable every blocked build whose last missing input is among `fresh`. Costs time
+    /// proportional to the number of builds waiting on those paths.
+    fn unblock(&mut self, fresh: &HashSet<String>, fx: &mut Effects) -> Result<(), QueueError> {
+        let mut candidates = BTreeSet::new();
+        for p in fresh {
+            if let Some(set) = self.waiting.remove(p) {
+                candidates.extend(set);
+            }
+        }
+        for id in candidates {
+            let Some(b) = self.live.get(&id) else {
+                continue;
+            };
+            if b.state != BuildState::Blocked {
+                continue;
+            }
+            let mut ready = true;
+            for n in &b.needs {
+                if !self.available(n)? {
+                    ready = false;
+                    break;
+                }
+            }
+            if ready {
+                let b = self.live.get_mut(&id).ok_or(QueueError::NoSuchBuild(id))?;
+                b.state = BuildState::Runnable;
+                fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
+                fx.runnable.push(entry(b));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,338 @@
+//! Leases: how they start (allocation, and the replay of a retried work request), how they end
+//! without a result (agent lost, not held by its agent, never started), and how an agent gets
+//! back a build it still runs (re-adoption). Every lookup goes through the per-agent lease
+//! index and the per-request index of [`QueueState`], never through every build.
+//!
+//! The rules, in one place (docs/runtime-semantics.md states them for operators):
+//! - A work request with an id is answered once: a retry of the same id by the same agent gets
+//!   the same builds at the same attempts, as long as they are still leased to it (or released
+//!   and not reallocated: then the retry re-adopts them).
+//! - A lease the agent does not list in a heartbeat ends once it was handed to the agent more
+//!   than the bound ago ([`Unheld::ReleaseAfter`]); at a session opening, at once.
+//! - A build the agent lists that is runnable at that very attempt, last held by that agent,
+//!   is re-adopted: leased to it again, same attempt. Anything else it lists that is not its
+//!   own is answered with `abandon`.
+
+use std::collections::HashSet;
+
+use super::{entry, Effects, QueueError, QueueState};
+use crate::protocol::{AgentCommand, AgentId, BuildId, BuildState, HeldBuild, HeldPhase};
+use crate::store::keys::u64_key;
+use crate::store::records::BuildRecord;
+use crate::store::TreeId;
+
+/// What becomes of a lease the agent does not list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unheld {
+    /// Release it now (a session opening: the agent says what it holds after a restart).
+    Release,
+    /// Release it when it was handed to the agent more than this many ms ago (a heartbeat:
+    /// a work reply may still be on its way to the agent).
+    ReleaseAfter(u64),
+}
+
+/// What a work request got: the leased builds, in the order of the assignments.
+#[derive(Debug, Default)]
+pub struct Allocation {
+    pub leased: Vec<BuildRecord>,
+    /// True when this answers a retry of a request already leased.
+    pub replayed: bool,
+}
+
+impl QueueState {
+    /// Lease runnable builds to an agent; builds no longer runnable are skipped. With a work
+    /// request id that already leased builds, the candidates are given back to the allocator
+    /// and the request's builds are answered again (the retry of a reply lost on the wire).
+    pub fn allocate(
+        &mut self,
+        agent_id: AgentId,
+        request: Option<&str>,
+        candidates: &[BuildId],
+        now: u64,
+    ) -> Result<(Effects, Allocation), QueueError> {
+        let request = request.filter(|r| !r.is_empty());
+        if let Some(r) = request {
+            let key = (agent_id, r.to_string());
+            if self.requests.contains_key(&key) {
+                return self.replay(key, candidates, now);
+            }
+        }
+        let mut fx = Effects::default();
+        let mut leased = Vec::new();
+        for id in candidates {
+            let Some(b) = self.live.get(id) else {
+                continue;
+            };
+            if b.state != BuildState::Runnable {
+                continue;
+            }
+            let old = b.clone();
+            self.forget_request(&old);
+            let Some(b) = self.live.get_mut(id) else {
+                continue;
+            };
+            b.state = BuildState::Allocated;
+            b.attempt += 1;
+            b.agent_id = agent_id;
+            b.allocated_ms = now;
+            b.started_ms = 0;
+            b.request = request.unwrap_or_default().to_string();
+            fx.batch.put(TreeId::Builds, &u64_key(*id), &*b)?;
+            fx.batch.event(
+                "build-allocated",
+                *id,
+                agent_id,
+                serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": agent_id}),
+            );
+            let b = b.clone();
+            self.lease_on(&b, now);
+            leased.push(b);
+        }
+        if let (Some(r), false) = (request, leased.is_empty()) {
+            let key = (agent_id, r.to_string());
+            let landing = fx.landing();
+            self.uncommitted_requests.insert(key.clone(), landing);
+            fx.requests.push(key);
+        }
+        Ok((
+            fx,
+            Allocation {
+                leased,
+                replayed: false,
+            },
+        ))
+    }
+
+    /// Answer a retried work request with the builds it leased: those still leased to the
+    /// agent under it, and those released since and not reallocated (re-adopted here). The
+    /// new candidates go back to the allocator. The answer waits for the first commit.
+    fn replay(
+        &mut self,
+        key: (AgentId, String),
+        candidates: &[BuildId],
+        now: u64,
+    ) -> Result<(Effects, Allocation), QueueError> {
+        let (agent_id, request) = (key.0, key.1.as_str());
+        let mut fx = Effects::default();
+        for id in candidates {
+            if let Some(b) = self.live.get(id).filter(|b| b.state == BuildState::Runnable) {
+                fx.runnable.push(entry(b));
+            }
+        }
+        fx.after = self.uncommitted_requests.get(&key).cloned();
+        let ids: Vec<BuildId> = self
+            .requests
+            .get(&key)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let mut leased = Vec::new();
+        for id in ids {
+            let Some(b) = self.live.get(&id).cloned() else {
+                continue;
+            };
+            let mine = b.agent_id == agent_id && b.request == request;
+            if mine && b.state.is_leased() {
+                self.lease_on(&b, now);
+                leased.push(b);
+            } else if mine && b.state == BuildState::Runnable && b.attempt > 0 {
+                self.readopt(&mut fx, id, None, "work request retried", now)?;
+                leased.push(self.live[&id].clone());
+            }
+        }
+        tracing::info!(agent_id, request, builds = leased.len(), "work request retried: answering its leases again");
+        Ok((
+            fx,
+            Allocation {
+                leased,
+                replayed: true,
+            },
+        ))
+    }
+
+    /// Lease a released build (runnable at its attempt, last held by `b.agent_id`) to that
+    /// agent again, at the same attempt, in the state its phase says.
+    fn readopt(
+        &mut self,
+        fx: &mut Effects,
+        id: BuildId,
+        phase: Option<HeldPhase>,
+        why: &str,
+        now: u64,
+    ) -> Result<(), QueueError> {
+        let Some(b) = self.live.get_mut(&id) else {
+            return Err(QueueError::NoSuchBuild(id));
+        };
+        b.state = match (b.started_ms, phase) {
+            (0, _) => BuildState::Allocated,
+            (_, Some(HeldPhase::Uploading | HeldPhase::Reporting)) => BuildState::Uploading,
+            _ => BuildState::Building,
+        };
+        fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
+        fx.batch.event(
+            "lease-readopted",
+            id,
+            b.agent_id,
+            serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": b.agent_id,
+                "state": b.state, "reason": why}),
+        );
+        fx.unrunnable.push(id);
+        tracing::info!(build_id = id, attempt = b.attempt, agent_id = b.agent_id, reason = why, "lease re-adopted");
+        let b = b.clone();
+        self.lease_on(&b, now);
+        Ok(())
+    }
+
+    /// Return one leased build to the queue: runnable, same attempt, the agent kept as its
+    /// last holder (which alone may re-adopt it).
+    fn release_one(&mut self, fx: &mut Effects, id: BuildId, why: &str) -> Result<(), QueueError> {
+        let Some(b) = self.live.get_mut(&id) else {
+            return Ok(());
+        };
+        if !b.state.is_leased() {
+            return Ok(());
+        }
+        let agent_id = b.agent_id;
+        b.state = BuildState::Runnable;
+        fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
+        fx.batch.event(
+            "lease-expired",
+            id,
+            agent_id,
+            serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": agent_id, "reason": why}),
+        );
+        fx.runnable.push(entry(b));
+        tracing::info!(build_id = id, attempt = b.attempt, agent_id, reason = why, "lease released");
+        self.lease_off(agent_id, id);
+        Ok(())
+    }
+
+    /// The agent is lost: every lease it holds expires. The attempt is not raised here; it
+    /// rises when the build is allocated again.
+    pub fn agent_lost(&mut self, agent_id: AgentId) -> Result<Effects, QueueError> {
+        let mut fx = Effects::default();
+        for id in self.leased_to(agent_id) {
+            self.release_one(&mut fx, id, "agent lost")?;
+        }
+        fx.batch.event(
+            "agent-lost",
+            0,
+            agent_id,
+            serde_json::json!({"agent_id": agent_id}),
+        );
+        Ok(fx)
+    }
+
+    /// An agent that is heard from but sends no heartbeats: its leases still `allocated`
+    /// (never started) that were handed to it more than `bound_ms` ago end. Started builds
+    /// were received, and the agent timeout covers an agent that falls silent.
+    pub fn release_unstarted(
+        &mut self,
+        agent_id: AgentId,
+        bound_ms: u64,
+        now: u64,
+    ) -> Result<Effects, QueueError> {
+        let mut fx = Effects::default();
+        let old: Vec<BuildId> = self
+            .leases
+            .get(&agent_id)
+            .into_iter()
+            .flatten()
+            .filter(|(_, handed)| now.saturating_sub(**handed) > bound_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in old {
+            if self.live.get(&id).map(|b| b.state) == Some(BuildState::Allocated) {
+                self.release_one(&mut fx, id, "never started and no heartbeat")?;
+            }
+        }
+        Ok(fx)
+    }
+
+    /// Reconcile what an agent says it holds (session opening, heartbeat) with its leases:
+    /// keep what it holds, re-adopt what it still runs and nobody else took, release what it
+    /// does not hold (per `unheld`), and answer `abandon` for what is not its own.
+    pub fn reconcile(
+        &mut self,
+        agent_id: AgentId,
+        held: &[HeldBuild],
+        unheld: Unheld,
+        now: u64,
+    ) -> Result<(Effects, Vec<AgentCommand>), QueueError> {
+        let mut fx = Effects::default();
+        let mut commands = Vec::new();
+        let listed: HashSet<(BuildId, u32)> =
+            held.iter().map(|h| (h.build_id, h.attempt)).collect();
+        for h in held {
+            match self.held_verdict(agent_id, h)? {
+                Verdict::Keep => {}
+                Verdict::Readopt => {
+                    self.readopt(&mut fx, h.build_id, Some(h.phase), "agent still runs it", now)?
+                }
+                Verdict::Abandon => commands.push(AgentCommand::Abandon {
+                    build_id: h.build_id,
+                    attempt: h.attempt,
+                }),
+            }
+        }
+        let (bound, why) = match unheld {
+            Unheld::Release => (None, "agent reconnected without it"),
+            Unheld::ReleaseAfter(ms) => (Some(ms), "not held by its agent"),
+        };
+        let mine: Vec<(BuildId, u64)> = self
+            .leases
+            .get(&agent_id)
+            .into_iter()
+            .flatten()
+            .map(|(id, handed)| (*id, *handed))
+            .collect();
+        for (id, handed) in mine {
+            let Some(b) = self.live.get(&id) else {
+                continue;
+            };
+            if listed.contains(&(id, b.attempt)) {
+                continue;
+            }
+            if bound.is_none_or(|ms| now.saturating_sub(handed) > ms) {
+                self.release_one(&mut fx, id, why)?;
+            }
+        }
+        Ok((fx, commands))
+    }
+
+    /// What to do with one build an agent says it holds.
+    fn held_verdict(&self, agent_id: AgentId, h: &HeldBuild) -> Result<Verdict, QueueError> {
+        if let Some(b) = self.live.get(&h.build_id) {
+            let same = b.agent_id == agent_id && b.attempt == h.attempt;
+            return Ok(match b.state {
+                s if s.is_leased() && same => Verdict::Keep,
+                BuildState::Runnable if same && b.attempt > 0 => Verdict::Readopt,
+                _ => Verdict::Abandon,
+            });
+        }
+        // Its result was accepted (its commit may still be in flight): the agent gets or got
+        // the acknowledgement; nothing to command.
+        if let Some(a) = self.uncommitted_finishes.get(&h.build_id) {
+            if a.agent_id == agent_id && a.attempt == h.attempt {
+                return Ok(Verdict::Keep);
+            }
+        }
+        // Finished by this agent's own report at this attempt: the same.
+        let rec: Option<BuildRecord> = self.store.get(TreeId::Builds, &u64_key(h.build_id))?;
+        Ok(match rec {
+            Some(r)
+                if matches!(r.state, BuildState::Succeeded | BuildState::Failed)
+                    && r.agent_id == agent_id
+                    && r.attempt == h.attempt =>
+            {
+                Verdict::Keep
+            }
+            _ => Verdict::Abandon,
+        })
+    }
+}
+
+enum Verdict {
+    Keep,
+    Readopt,
+    Abandon,
+}
