@@ -15,6 +15,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 mod finish;
 mod leases;
 mod queries;
+#[cfg(test)]
+mod tests;
 
 use thiserror::Error;
 use tokio::sync::watch;

@@ -1,0 +1,501 @@
+//! Unit tests of the queue's transitions on a real sled store and a real committer: lease
+//! replays of retried work requests, heartbeat reconciliation, re-adoption, refused results,
+//! and duplicates that wait for the first commit. Times are explicit (`now` arguments).
+
+use super::*;
+use crate::protocol::{AgentCommand, BuiltOutput, HeldBuild, HeldPhase};
+use crate::store::committer::CommitterOptions;
+use crate::store::records::{EventRecord, NarFileRecord};
+use crate::store::{Committer, StoreOptions};
+
+fn target(name: &str, needs: &[&str]) -> Target {
+    Target {
+        drv_path: format!("/s/{name:a<32}-{name}.drv"),
+        system: "x86_64-linux".into(),
+        outputs: vec![("out".into(), out_path(name))],
+        needs: needs.iter().map(|n| out_path(n)).collect(),
+    }
+}
+
+fn out_path(name: &str) -> String {
+    format!("/s/{name:b<32}-{name}")
+}
+
+fn built(name: &str) -> Vec<BuiltOutput> {
+    vec![BuiltOutput {
+        name: "out".into(),
+        path: out_path(name),
+        nar_hash: format!("sha256:{name}"),
+        nar_size: 1,
+        file_hash: format!("sha256:file-{name}"),
+        file_size: 1,
+        references: vec![],
+    }]
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Store,
+    c: Committer,
+    q: QueueState,
+}
+
+impl Fixture {
+    /// A queue with the given builds submitted (all runnable) and committed; their ids.
+    fn new(names: &[&str]) -> (Fixture, Vec<BuildId>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let c = Committer::start(
+            store.clone(),
+            CommitterOptions::default(),
+            Box::new(|_: &[EventRecord]| {}),
+        )
+        .unwrap();
+        let mut q = QueueState::load(store.clone()).unwrap();
+        let (fx, builds) = q
+            .submit(
+                names.iter().map(|n| target(n, &[])).collect(),
+                vec![],
+                0,
+                vec![],
+                1,
+            )
+            .unwrap();
+        let mut f = Fixture {
+            _dir: dir,
+            store,
+            c,
+            q,
+        };
+        f.commit(fx);
+        (f, builds.iter().map(|b| b.id).collect())
+    }
+
+    /// Commit like the actor does: flush, then confirm, then signal the landing.
+    fn commit(&mut self, fx: Effects) {
+        self.c.commit_blocking(fx.batch).unwrap();
+        let outputs: Vec<String> = fx.new_outputs.iter().map(|o| o.path.clone()).collect();
+        self.q.committed(&outputs, &fx.finished, &fx.requests);
+        if let Some(tx) = fx.landing {
+            tx.send_replace(Some(true));
+        }
+    }
+
+    /// The verified upload of `name`'s output, as the upload route commits it.
+    fn uploaded(&mut self, name: &str) {
+        let mut b = Batch::new();
+        let rec = NarFileRecord {
+            file_size: 1,
+            nar_hash: format!("sha256:{name}"),
+            nar_size: 1,
+            created_ms: 3,
+        };
+        b.put(
+            TreeId::NarFiles,
+            format!("sha256:file-{name}").as_bytes(),
+            &rec,
+        )
+        .unwrap();
+        self.c.commit_blocking(b).unwrap();
+    }
+
+    fn state(&self, id: BuildId) -> BuildState {
+        self.q.record(id).unwrap().unwrap().state
+    }
+
+    fn reload(&mut self) {
+        self.q = QueueState::load(self.store.clone()).unwrap();
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.c.shutdown_blocking();
+    }
+}
+
+fn kinds(fx: &Effects) -> Vec<&str> {
+    fx.batch.events.iter().map(|e| e.kind.as_str()).collect()
+}
+
+fn held(id: BuildId, attempt: u32, phase: HeldPhase) -> HeldBuild {
+    HeldBuild {
+        build_id: id,
+        attempt,
+        phase,
+    }
+}
+
+fn attempts(leased: &[BuildRecord]) -> Vec<(BuildId, u32)> {
+    leased.iter().map(|b| (b.id, b.attempt)).collect()
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Pins the race where two inputs finish before either commit lands: memory runs ahead of
+/// sled, so the second finish must count the first one's output as available, or the
+/// dependent stays blocked forever.
+#[test]
+fn inputs_finishing_back_to_back_before_their_commits_unblock_the_dependent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let c = Committer::start(
+        store.clone(),
+        CommitterOptions::default(),
+        Box::new(|_: &[EventRecord]| {}),
+    )
+    .unwrap();
+    let mut q = QueueState::load(store.clone()).unwrap();
+    let (fx, builds) = q
+        .submit(
+            vec![target("a", &[]), target("b", &[]), target("c", &["a", "b"])],
+            vec![],
+            0,
+            vec![],
+            1,
+        )
+        .unwrap();
+    c.commit_blocking(fx.batch).unwrap();
+    assert_eq!(builds[2].state, BuildState::Blocked);
+    let (a, b, cid) = (builds[0].id, builds[1].id, builds[2].id);
+    let (fx, got) = q.allocate(7, None, &[a, b], 2).unwrap();
+    c.commit_blocking(fx.batch).unwrap();
+    assert_eq!(got.leased.len(), 2);
+    let mut nars = Batch::new();
+    for n in ["a", "b"] {
+        let rec = NarFileRecord {
+            file_size: 1,
+            nar_hash: format!("sha256:{n}"),
+            nar_size: 1,
+            created_ms: 3,
+        };
+        nars.put(
+            TreeId::NarFiles,
+            format!("sha256:file-{n}").as_bytes(),
+            &rec,
+        )
+        .unwrap();
+    }
+    c.commit_blocking(nars).unwrap();
+
+    // Both results are decided before either commit is applied.
+    let (fx_a, _) = q.finish(7, a, 1, Ok(built("a")), 0, 4).unwrap();
+    let (fx_b, _) = q.finish(7, b, 1, Ok(built("b")), 0, 5).unwrap();
+    let runnable: Vec<BuildId> = fx_a
+        .runnable
+        .iter()
+        .chain(&fx_b.runnable)
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(
+        runnable,
+        vec![cid],
+        "the dependent became runnable exactly once"
+    );
+    c.commit_blocking(fx_a.batch).unwrap();
+    c.commit_blocking(fx_b.batch).unwrap();
+    q.committed(&[out_path("a"), out_path("b")], &[a, b], &[]);
+    assert!(q.uncommitted_outputs.is_empty() && q.uncommitted_finishes.is_empty());
+    // After the commit, sled answers: the same result again is a duplicate.
+    let (dup, answer) = q.finish(7, a, 1, Ok(built("a")), 0, 6).unwrap();
+    assert!(matches!(answer, FinishAnswer::Duplicate) && dup.after.is_none());
+    assert!(
+        q.available(&out_path("a")).unwrap(),
+        "sled answers once committed"
+    );
+    let again = QueueState::load(store).unwrap();
+    assert_eq!(again.live()[&cid].state, BuildState::Runnable);
+    c.shutdown_blocking();
+}
+
+/// Pins item 4: a repeat of a result whose commit is in flight is answered `duplicate` only
+/// once that commit landed, and not at all (503) if it failed.
+#[test]
+fn a_duplicate_result_waits_for_the_first_commit() {
+    let (mut f, ids) = Fixture::new(&["a", "b"]);
+    let (fx, _) = f.q.allocate(7, None, &ids, 10).unwrap();
+    f.commit(fx);
+    f.uploaded("a");
+    let (first, answer) = f.q.finish(7, ids[0], 1, Ok(built("a")), 0, 11).unwrap();
+    assert!(matches!(answer, FinishAnswer::Accepted));
+    let (dup, answer) = f.q.finish(7, ids[0], 1, Ok(built("a")), 0, 12).unwrap();
+    assert!(matches!(answer, FinishAnswer::Duplicate));
+    assert!(dup.batch.is_empty(), "a duplicate changes nothing");
+    let wait = dup.after.expect("the duplicate waits for the first commit");
+    assert_eq!(wait.outcome(), None, "not answered while the first is in flight");
+    f.commit(first);
+    assert_eq!(wait.outcome(), Some(true));
+    assert!(block_on(wait.landed()));
+
+    // The first commit fails (its sender is dropped unsent, as when the actor stops).
+    let (first, _) = f.q.finish(7, ids[1], 1, Err("boom".into()), 0, 13).unwrap();
+    let (dup, _) = f.q.finish(7, ids[1], 1, Err("boom".into()), 0, 14).unwrap();
+    let wait = dup.after.expect("waits");
+    drop(first);
+    assert!(!block_on(wait.landed()), "a failed first commit is no duplicate");
+}
+
+/// Pins item 1: a retry of a work request gets the same builds at the same attempts, gives
+/// the new candidates back, and holds across a reload from sled (a coordinator restart).
+#[test]
+fn a_retried_work_request_gets_the_same_leases_also_after_a_reload() {
+    let (mut f, ids) = Fixture::new(&["a", "b", "c"]);
+    let (fx, first) = f.q.allocate(7, Some("r1"), &ids[..2], 10).unwrap();
+    assert_eq!(kinds(&fx), vec!["build-allocated", "build-allocated"]);
+    let first = attempts(&first.leased);
+    assert_eq!(first, vec![(ids[0], 1), (ids[1], 1)]);
+    f.commit(fx);
+
+    let (fx, again) = f.q.allocate(7, Some("r1"), &ids[2..], 20).unwrap();
+    assert!(again.replayed);
+    assert_eq!(attempts(&again.leased), first);
+    assert!(fx.batch.is_empty(), "a replay leases nothing new");
+    assert_eq!(
+        fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![ids[2]],
+        "the new candidate goes back to the allocator"
+    );
+    assert_eq!(f.state(ids[2]), BuildState::Runnable);
+
+    f.reload();
+    let (_, after_restart) = f.q.allocate(7, Some("r1"), &[], 30).unwrap();
+    assert_eq!(attempts(&after_restart.leased), first, "recorded with the lease in sled");
+    assert_eq!(f.q.leased_to(7), vec![ids[0], ids[1]], "lease index rebuilt");
+
+    // The id belongs to the agent: another agent's request with it is a new request.
+    let (fx, other) = f.q.allocate(8, Some("r1"), &ids[2..], 40).unwrap();
+    assert!(!other.replayed);
+    assert_eq!(attempts(&other.leased), vec![(ids[2], 1)]);
+    f.commit(fx);
+    // Once the builds finished, a retry finds nothing to answer and leases nothing new.
+    f.uploaded("a");
+    let (fx, _) = f.q.finish(7, ids[0], 1, Ok(built("a")), 0, 50).unwrap();
+    f.commit(fx);
+    let (fx, _) = f.q.finish(7, ids[1], 1, Err("no".into()), 0, 51).unwrap();
+    f.commit(fx);
+    assert!(!f.q.requests.contains_key(&(7, "r1".to_string())));
+}
+
+/// A retry that arrives while the first lease commit is in flight waits for that commit.
+#[test]
+fn a_retry_while_the_lease_commit_is_in_flight_waits_for_it() {
+    let (mut f, ids) = Fixture::new(&["a"]);
+    let (fx, _) = f.q.allocate(7, Some("r1"), &ids, 10).unwrap();
+    let (retry, again) = f.q.allocate(7, Some("r1"), &[], 11).unwrap();
+    assert_eq!(attempts(&again.leased), vec![(ids[0], 1)]);
+    let wait = retry.after.expect("the retry waits");
+    assert_eq!(wait.outcome(), None);
+    f.commit(fx);
+    assert_eq!(wait.outcome(), Some(true));
+    assert!(f.q.uncommitted_requests.is_empty());
+}
+
+/// A build released from its agent (lost) and not reallocated comes back to that agent when
+/// it retries the work request that leased it: same attempt, out of the runnable index.
+#[test]
+fn a_retry_readopts_a_released_build_nobody_took() {
+    let (mut f, ids) = Fixture::new(&["a"]);
+    let (fx, _) = f.q.allocate(7, Some("r1"), &ids, 10).unwrap();
+    f.commit(fx);
+    let fx = f.q.agent_lost(7).unwrap();
+    assert_eq!(kinds(&fx), vec!["lease-expired", "agent-lost"]);
+    f.commit(fx);
+    assert_eq!(f.state(ids[0]), BuildState::Runnable);
+    let (fx, again) = f.q.allocate(7, Some("r1"), &[], 20).unwrap();
+    assert_eq!(attempts(&again.leased), vec![(ids[0], 1)]);
+    assert_eq!(kinds(&fx), vec!["lease-readopted"]);
+    assert_eq!(fx.unrunnable, vec![ids[0]]);
+    f.commit(fx);
+    assert_eq!(f.state(ids[0]), BuildState::Allocated);
+}
+
+/// Pins item 2: a lease the heartbeats do not list ends only after the bound, counted from
+/// when it was handed out; a listed build that is not the agent's is abandoned.
+#[test]
+fn heartbeats_end_unheld_leases_after_the_bound_and_abandon_foreign_builds() {
+    let (mut f, ids) = Fixture::new(&["a", "b"]);
+    let (fx, _) = f.q.allocate(7, Some("r1"), &ids, 1_000).unwrap();
+    f.commit(fx);
+    let beat = [
+        held(ids[0], 1, HeldPhase::Building),
+        held(999, 1, HeldPhase::Building),
+    ];
+    let (fx, cmds) = f
+        .q
+        .reconcile(7, &beat, Unheld::ReleaseAfter(500), 1_400)
+        .unwrap();
+    assert!(fx.batch.is_empty(), "within the bound: kept");
+    assert_eq!(
+        cmds,
+        vec![AgentCommand::Abandon {
+            build_id: 999,
+            attempt: 1
+        }]
+    );
+    // A replay hands the lease out again: its clock restarts.
+    let (_, _) = f.q.allocate(7, Some("r1"), &[], 1_400).unwrap();
+    let (fx, _) = f
+        .q
+        .reconcile(7, &beat, Unheld::ReleaseAfter(500), 1_800)
+        .unwrap();
+    assert!(fx.batch.is_empty(), "the replay restarted the clock");
+    let (fx, _) = f
+        .q
+        .reconcile(7, &beat, Unheld::ReleaseAfter(500), 1_901)
+        .unwrap();
+    assert_eq!(kinds(&fx), vec!["lease-expired"]);
+    assert_eq!(fx.batch.events[0].payload["reason"], "not held by its agent");
+    assert_eq!(fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(), vec![ids[1]]);
+    f.commit(fx);
+    let b = f.q.record(ids[1]).unwrap().unwrap();
+    assert_eq!((b.state, b.attempt), (BuildState::Runnable, 1), "attempt unchanged");
+    assert_eq!(f.q.leased_to(7), vec![ids[0]]);
+    // Held in any phase counts, and the wrong attempt does not.
+    let (fx, cmds) = f
+        .q
+        .reconcile(7, &[held(ids[0], 2, HeldPhase::Reporting)], Unheld::Release, 2_000)
+        .unwrap();
+    assert_eq!(kinds(&fx), vec!["lease-expired"]);
+    assert_eq!(
+        cmds,
+        vec![AgentCommand::Abandon {
+            build_id: ids[0],
+            attempt: 2
+        }]
+    );
+}
+
+/// Pins item 6: a lost agent that comes back listing a build nobody took keeps it (same
+/// attempt, its phase); once the build moved on to another agent, it gets `abandon`.
+#[test]
+fn a_lost_agent_readopts_what_nobody_took_and_abandons_what_moved_on() {
+    let (mut f, ids) = Fixture::new(&["a"]);
+    let a = ids[0];
+    let (fx, _) = f.q.allocate(7, None, &ids, 10).unwrap();
+    f.commit(fx);
+    let fx = f.q.advance(7, a, 1, BuildState::Building, 11).unwrap();
+    f.commit(fx);
+    let fx = f.q.agent_lost(7).unwrap();
+    f.commit(fx);
+    let (fx, cmds) = f
+        .q
+        .reconcile(7, &[held(a, 1, HeldPhase::Building)], Unheld::ReleaseAfter(500), 20)
+        .unwrap();
+    assert!(cmds.is_empty());
+    assert_eq!(kinds(&fx), vec!["lease-readopted"]);
+    assert_eq!(fx.unrunnable, vec![a], "out of the allocator's index");
+    f.commit(fx);
+    let b = f.q.record(a).unwrap().unwrap();
+    assert_eq!((b.state, b.attempt, b.agent_id), (BuildState::Building, 1, 7));
+
+    // Lost again; this time another agent takes the build.
+    let fx = f.q.agent_lost(7).unwrap();
+    f.commit(fx);
+    let (fx, got) = f.q.allocate(8, None, &ids, 30).unwrap();
+    assert_eq!(attempts(&got.leased), vec![(a, 2)]);
+    f.commit(fx);
+    // Another agent cannot adopt what agent 7 was released from, either.
+    let (fx, cmds) = f
+        .q
+        .reconcile(7, &[held(a, 1, HeldPhase::Uploading)], Unheld::Release, 40)
+        .unwrap();
+    assert!(fx.batch.is_empty());
+    assert_eq!(cmds, vec![AgentCommand::Abandon { build_id: a, attempt: 1 }]);
+    assert_eq!(f.q.leased_to(8), vec![a]);
+    // A late report of the old attempt is refused and changes nothing.
+    assert!(matches!(
+        f.q.finish(7, a, 1, Err("late".into()), 0, 41),
+        Err(QueueError::StaleAttempt { current: 2, .. })
+    ));
+}
+
+/// An agent whose result for a build was accepted is not told to abandon it while the
+/// acknowledgement is on its way (before and after the commit).
+#[test]
+fn a_build_finished_by_its_agent_gets_no_abandon() {
+    let (mut f, ids) = Fixture::new(&["a"]);
+    let (fx, _) = f.q.allocate(7, None, &ids, 10).unwrap();
+    f.commit(fx);
+    let (fx, _) = f.q.finish(7, ids[0], 1, Err("no".into()), 0, 11).unwrap();
+    let beat = [held(ids[0], 1, HeldPhase::Reporting)];
+    let (_, cmds) = f.q.reconcile(7, &beat, Unheld::Release, 12).unwrap();
+    assert!(cmds.is_empty(), "in flight: {cmds:?}");
+    f.commit(fx);
+    let (_, cmds) = f.q.reconcile(7, &beat, Unheld::Release, 13).unwrap();
+    assert!(cmds.is_empty(), "committed: {cmds:?}");
+    let (_, cmds) = f.q.reconcile(8, &beat, Unheld::Release, 14).unwrap();
+    assert_eq!(cmds.len(), 1, "another agent listing it must drop it");
+}
+
+/// Pins item 3: a refused result leaves the build in a defined state and no "accepted"
+/// marker, so a later report is never answered as a duplicate of the refused one.
+#[test]
+fn refused_results_settle_the_build() {
+    let (mut f, ids) = Fixture::new(&["a", "b"]);
+    let (fx, _) = f.q.allocate(7, None, &ids, 10).unwrap();
+    f.commit(fx);
+    f.uploaded("a");
+
+    // NarHash that is not the upload's: refused for good, the build fails.
+    let mut wrong = built("a");
+    wrong[0].nar_hash = "sha256:other".into();
+    let (fx, answer) = f.q.finish(7, ids[0], 1, Ok(wrong), 0, 11).unwrap();
+    assert!(matches!(answer, FinishAnswer::Refused(QueueError::BadResult(_))));
+    assert_eq!(kinds(&fx), vec!["build-failed"]);
+    assert_eq!(fx.batch.events[0].payload["refused"], true);
+    assert!(fx.finished.is_empty() && f.q.uncommitted_finishes.is_empty());
+    f.commit(fx);
+    let r = f.q.record(ids[0]).unwrap().unwrap();
+    assert_eq!(r.state, BuildState::Failed);
+    assert!(r.reason.starts_with(finish::REFUSED), "{}", r.reason);
+    // The correct report afterwards is not a duplicate (nor is a failure report).
+    for outcome in [Ok(built("a")), Err("it failed".to_string())] {
+        assert!(matches!(
+            f.q.finish(7, ids[0], 1, outcome, 0, 12),
+            Err(QueueError::StaleAttempt { .. })
+        ));
+    }
+
+    // An output never uploaded: refused for now, the build is runnable again.
+    let (fx, answer) = f.q.finish(7, ids[1], 1, Ok(built("b")), 0, 13).unwrap();
+    assert!(matches!(answer, FinishAnswer::Refused(QueueError::NotUploaded { .. })));
+    assert_eq!(kinds(&fx), vec!["lease-expired"]);
+    assert_eq!(fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(), vec![ids[1]]);
+    f.commit(fx);
+    assert!(f.q.leased_to(7).is_empty(), "never left leased to the agent");
+    f.uploaded("b");
+    assert!(matches!(
+        f.q.finish(7, ids[1], 1, Ok(built("b")), 0, 14),
+        Err(QueueError::StaleAttempt { .. })
+    ));
+    let (fx, got) = f.q.allocate(8, None, &[ids[1]], 15).unwrap();
+    assert_eq!(attempts(&got.leased), vec![(ids[1], 2)]);
+    f.commit(fx);
+    let (fx, answer) = f.q.finish(8, ids[1], 2, Ok(built("b")), 0, 16).unwrap();
+    assert!(matches!(answer, FinishAnswer::Accepted));
+    f.commit(fx);
+    assert_eq!(f.state(ids[1]), BuildState::Succeeded);
+}
+
+/// An agent that talks but sends no heartbeats: its leases never started end after the
+/// bound; started ones stay.
+#[test]
+fn unstarted_leases_of_an_agent_without_heartbeats_end() {
+    let (mut f, ids) = Fixture::new(&["a", "b"]);
+    let (fx, _) = f.q.allocate(7, None, &ids, 1_000).unwrap();
+    f.commit(fx);
+    let fx = f.q.advance(7, ids[1], 1, BuildState::Building, 1_100).unwrap();
+    f.commit(fx);
+    assert!(f.q.release_unstarted(7, 500, 1_400).unwrap().batch.is_empty());
+    let fx = f.q.release_unstarted(7, 500, 1_600).unwrap();
+    assert_eq!(kinds(&fx), vec!["lease-expired"]);
+    assert_eq!(fx.runnable[0].id, ids[0]);
+    f.commit(fx);
+    assert_eq!(f.q.leased_to(7), vec![ids[1]]);
+}
