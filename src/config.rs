@@ -250,18 +250,37 @@ mod tests {
         assert_eq!(c.timeouts.unheld_lease(), 30_000);
         let slow: Config = toml::from_str("[timeouts]\nheartbeat_interval_ms = 20000\n").unwrap();
         slow.validate().unwrap();
-        assert_eq!(slow.timeouts.unheld_lease(), 40_000, "two heartbeats when over 30 s");
+        assert_eq!(
+            slow.timeouts.unheld_lease(),
+            40_000,
+            "two heartbeats when over 30 s"
+        );
         let ok: Config = toml::from_str(
             "[timeouts]\nheartbeat_interval_ms = 200\nagent_timeout_ms = 1000\nunheld_lease_ms = 1000\n",
         )
         .unwrap();
         ok.validate().unwrap();
         for (toml, needle) in [
-            ("agent_timeout_ms = 999\nheartbeat_interval_ms = 100", "agent_timeout_ms is 999"),
-            ("agent_timeout_ms = 5000\nheartbeat_interval_ms = 5000", "heartbeat_interval_ms is 5000"),
-            ("agent_timeout_ms = 5000\nheartbeat_interval_ms = 0", "heartbeat_interval_ms is 0"),
-            ("heartbeat_interval_ms = 1000\nunheld_lease_ms = 1999", "unheld_lease_ms is 1999"),
-            ("heartbeat_interval_ms = 100\nunheld_lease_ms = 999", "unheld_lease_ms is 999"),
+            (
+                "agent_timeout_ms = 999\nheartbeat_interval_ms = 100",
+                "agent_timeout_ms is 999",
+            ),
+            (
+                "agent_timeout_ms = 5000\nheartbeat_interval_ms = 5000",
+                "heartbeat_interval_ms is 5000",
+            ),
+            (
+                "agent_timeout_ms = 5000\nheartbeat_interval_ms = 0",
+                "heartbeat_interval_ms is 0",
+            ),
+            (
+                "heartbeat_interval_ms = 1000\nunheld_lease_ms = 1999",
+                "unheld_lease_ms is 1999",
+            ),
+            (
+                "heartbeat_interval_ms = 100\nunheld_lease_ms = 999",
+                "unheld_lease_ms is 999",
+            ),
         ] {
             let c: Config = toml::from_str(&format!("[timeouts]\n{toml}\n")).unwrap();
             let err = c.validate().unwrap_err().to_string();

@@ -1,13 +1,23 @@
-//! Leases across a coordinator restart (SIGKILL): they are in sled, and their agents get the
-//! agent timeout as a grace period. An agent that comes back in time keeps its lease (same
-//! attempt); one that does not is lost, and its builds are leased again with a new attempt.
+//! Leases over real HTTP to a real coordinator, with the agent played by the test so replies
+//! can be lost on purpose:
+//! - across a coordinator restart (SIGKILL) leases are in sled, and their agents get the agent
+//!   timeout as a grace period: back in time, the lease is kept (same attempt); not back, the
+//!   agent is lost and its builds are leased again with a new attempt;
+//! - a work request retried with the same id gets the same assignments, also after a restart;
+//! - a lease whose work reply never reached its agent ends within the unheld bound (its
+//!   heartbeats do not list it) and the build is then built by a real agent;
+//! - a refused result leaves the build in a defined state, and a later report is not taken
+//!   for a duplicate of the refused one.
 
 mod common;
+mod leases_common;
 
 use std::time::Duration;
 
 use common::*;
 use kiln::derivation::store_path::StoreDir;
+use leases_common::{events, events_of, register, submit, AgentProc, Nar, RawAgent};
+use serde_json::json;
 
 struct Setup {
     c: Coordinator,
@@ -35,12 +45,7 @@ fn work(c: &Coordinator, token: &str) -> serde_json::Value {
     .1
 }
 
-fn state_of(c: &Coordinator, id: u64) -> String {
-    get(&c.url(&format!("/api/v1/builds/{id}"))).1["summary"]["state"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
+use leases_common::state_of;
 
 /// One agent holds one build at attempt 1; then the coordinator is SIGKILLed and restarted.
 fn leased_then_restarted(agent_timeout_ms: u64) -> Setup {
@@ -123,5 +128,220 @@ fn an_agent_that_does_not_come_back_loses_its_leases_after_the_timeout() {
     assert_eq!(
         w["builds"][0]["attempt"], 2,
         "allocating again raises the attempt"
+    );
+}
+
+/// A coordinator with one derivation store, and the given `[timeouts]`.
+fn coordinator(timeouts: &str) -> (Coordinator, StoreDir, std::path::PathBuf, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let sd = StoreDir::new(&store).unwrap();
+    let c = Coordinator::start(tmp.path(), &store, &format!("[timeouts]\n{timeouts}\n"));
+    (c, sd, store, tmp)
+}
+
+/// Pins item 1 of [3/8]: a work reply lost after the lease was committed strands nothing. The
+/// retry (same request id) gets the same assignments; after a coordinator SIGKILL the agent
+/// reopens its session without the build (it never got it), and the retry still gets it back,
+/// same attempt.
+#[test]
+fn a_retried_work_request_gets_the_same_assignments_also_after_a_restart() {
+    let (mut c, sd, _store, _tmp) =
+        coordinator("heartbeat_interval_ms = 200\nagent_timeout_ms = 60000");
+    let secret = register(&c, "a1");
+    let ids = submit(
+        &c,
+        &[
+            simple_drv(&sd, "one", "echo one > $out"),
+            simple_drv(&sd, "two", "echo two > $out"),
+        ],
+    );
+    let (mut a, _) = RawAgent::open(&c, "a1", &secret, json!([]));
+    // The reply to this request is "lost": the test only keeps it to compare.
+    let lost = a.work(Some("req-1"), 1);
+    let x = lost["builds"][0]["build_id"].as_u64().unwrap();
+    assert_eq!(lost["builds"].as_array().unwrap().len(), 1, "{lost}");
+    assert_eq!(lost["builds"][0]["attempt"], 1);
+    let again = a.work(Some("req-1"), 1);
+    assert_eq!(
+        again["builds"], lost["builds"],
+        "the retry gets the same assignments"
+    );
+    assert_eq!(
+        events_of(&events(&c), "build-allocated", x).len(),
+        1,
+        "leased once"
+    );
+    // The other build is still runnable: a new request gets it.
+    let y = ids.iter().copied().find(|i| *i != x).unwrap();
+    let other = a.work(Some("req-2"), 1);
+    assert_eq!(other["builds"][0]["build_id"].as_u64(), Some(y));
+
+    c.kill9();
+    c.spawn();
+    a.base = c.agent_url.clone();
+    a.reopen(json!([{"build_id": y, "attempt": 1, "phase": "building"}]));
+    assert_eq!(
+        state_of(&c, x),
+        "runnable",
+        "released at the reopening: not held"
+    );
+    let after = a.work(Some("req-1"), 1);
+    assert_eq!(
+        after["builds"], lost["builds"],
+        "same build, same attempt after a restart"
+    );
+    assert_eq!(state_of(&c, x), "allocated");
+    let ev = events(&c);
+    assert_eq!(events_of(&ev, "build-allocated", x).len(), 1);
+    assert_eq!(events_of(&ev, "lease-readopted", x).len(), 1);
+    let (code, r) = a.start(x, 1);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        state_of(&c, y),
+        "allocated",
+        "the held build kept its lease"
+    );
+}
+
+/// Pins item 2: a lease whose work reply never reached the agent ends once the agent's
+/// heartbeats have not listed it for the unheld bound (measured from the allocation), with a
+/// `lease-expired` event, the attempt unchanged; then a real agent builds it.
+#[test]
+fn a_lease_the_agent_never_received_is_released_within_its_bound_then_built() {
+    let (c, sd, store, tmp) = coordinator(
+        "heartbeat_interval_ms = 200\nagent_timeout_ms = 60000\nunheld_lease_ms = 2000",
+    );
+    let secret = register(&c, "ghost");
+    let ids = submit(&c, &[simple_drv(&sd, "unheld", "echo > $out")]);
+    let (ghost, _) = RawAgent::open(&c, "ghost", &secret, json!([]));
+    let w = ghost.work(Some("lost-reply"), 1);
+    assert_eq!(w["builds"][0]["build_id"].as_u64(), Some(ids[0]));
+    // The agent never got the reply: its heartbeats list nothing.
+    wait_for("the unheld lease to end", Duration::from_secs(60), || {
+        ghost.heartbeat(json!([]));
+        (state_of(&c, ids[0]) == "runnable").then_some(())
+    });
+    let ev = events(&c);
+    let expired = events_of(&ev, "lease-expired", ids[0]);
+    assert_eq!(expired.len(), 1, "{ev:?}");
+    assert_eq!(expired[0]["data"]["reason"], "not held by its agent");
+    assert_eq!(expired[0]["data"]["attempt"], 1);
+    let allocated = &events_of(&ev, "build-allocated", ids[0])[0];
+    let held_for = expired[0]["time_ms"].as_u64().unwrap() - allocated["time_ms"].as_u64().unwrap();
+    assert!(
+        held_for >= 2000,
+        "released after {held_for} ms, before its bound"
+    );
+
+    let builder = register(&c, "builder");
+    let _agent = AgentProc::start(tmp.path(), &c.agent_url, &store, "builder", &builder);
+    wait_for("a real agent to build it", Duration::from_secs(120), || {
+        (state_of(&c, ids[0]) == "succeeded").then_some(())
+    });
+    let b = leases_common::build(&c, ids[0]);
+    assert_eq!(b["attempt"], 2);
+    assert_eq!(b["agent"], "builder");
+}
+
+/// Pins item 3: a refused result settles the build (failed with the refusal as reason, or
+/// runnable again when the refusal was transient), and leaves no "accepted" marker: a later
+/// correct report is not answered `duplicate`.
+#[test]
+fn a_refused_result_settles_the_build_and_a_later_report_is_no_duplicate() {
+    let (c, sd, _store, tmp) = coordinator("heartbeat_interval_ms = 200\nagent_timeout_ms = 60000");
+    let secret = register(&c, "a1");
+    let ids = submit(
+        &c,
+        &[
+            simple_drv(&sd, "refused", "echo > $out"),
+            simple_drv(&sd, "transient", "echo t > $out"),
+        ],
+    );
+    let (a, _) = RawAgent::open(&c, "a1", &secret, json!([]));
+    let w = a.work(Some("w1"), 2);
+    let out_of = |id: u64| -> String {
+        w["builds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["build_id"].as_u64() == Some(id))
+            .unwrap()["outputs"][0]["path"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (x, y) = (ids[0], ids[1]);
+    for id in [x, y] {
+        assert_eq!(a.start(id, 1).0, 200);
+    }
+
+    // A NarHash that is not the verified upload's: refused for good.
+    let nar = Nar::of_file(tmp.path(), b"refused output");
+    let (code, up) = a.upload(x, 1, &nar);
+    assert_eq!((code, &up["verified"]), (200, &json!(true)), "{up}");
+    let mut wrong = nar.success(&out_of(x));
+    wrong["outputs"][0]["nar_hash"] = json!(Nar::of_file(tmp.path(), b"other").nar_hash);
+    let (code, r) = a.result(x, 1, wrong);
+    assert_eq!(
+        (code, r["error"]["code"].as_str()),
+        (422, Some("bad_result")),
+        "{r}"
+    );
+    let b = leases_common::build(&c, x);
+    assert_eq!(b["summary"]["state"], "failed");
+    assert!(
+        b["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("result refused: "),
+        "{b}"
+    );
+    let (code, r) = a.result(x, 1, nar.success(&out_of(x)));
+    assert_eq!(code, 409, "a later report is stale, not a duplicate: {r}");
+    assert_eq!(r["error"]["code"], "stale_attempt");
+    assert_eq!(state_of(&c, x), "failed");
+
+    // An output never uploaded: refused for now, the build goes back to the queue.
+    let nar_y = Nar::of_file(tmp.path(), b"transient output");
+    let (code, r) = a.result(y, 1, nar_y.success(&out_of(y)));
+    assert_eq!(
+        (code, r["error"]["code"].as_str()),
+        (422, Some("output_not_uploaded")),
+        "{r}"
+    );
+    assert_eq!(
+        state_of(&c, y),
+        "runnable",
+        "never left leased to an agent that dropped it"
+    );
+    assert_eq!(a.upload(y, 1, &nar_y).0, 409, "the lease is gone");
+    let w2 = a.work(Some("w2"), 1);
+    assert_eq!(w2["builds"][0]["build_id"].as_u64(), Some(y));
+    assert_eq!(w2["builds"][0]["attempt"], 2);
+    assert_eq!(a.start(y, 2).0, 200);
+    assert_eq!(a.upload(y, 2, &nar_y).0, 200);
+    let (code, r) = a.result(y, 2, nar_y.success(&out_of(y)));
+    assert_eq!((code, &r["duplicate"]), (200, &json!(false)), "{r}");
+    let (code, r) = a.result(y, 2, nar_y.success(&out_of(y)));
+    assert_eq!((code, &r["duplicate"]), (200, &json!(true)), "{r}");
+    assert_eq!(state_of(&c, y), "succeeded");
+
+    let ev = events(&c);
+    let failed = events_of(&ev, "build-failed", x);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["data"]["refused"], true);
+    assert!(events_of(&ev, "build-succeeded", x).is_empty());
+    let expired = events_of(&ev, "lease-expired", y);
+    assert_eq!(expired.len(), 1);
+    assert!(expired[0]["data"]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("result refused: "));
+    assert_eq!(
+        events_of(&ev, "build-succeeded", y).len(),
+        1,
+        "accepted once"
     );
 }

@@ -116,7 +116,11 @@ impl Agent {
 
     /// Registers an assignment unless this very build and attempt is already held (then
     /// `None`: a second assignment of it must not start a second builder).
-    fn register_new(&self, id: BuildId, attempt: u32) -> Option<watch::Receiver<Option<StopReason>>> {
+    fn register_new(
+        &self,
+        id: BuildId,
+        attempt: u32,
+    ) -> Option<watch::Receiver<Option<StopReason>>> {
         let held = self
             .stops
             .lock()
@@ -315,7 +319,11 @@ async fn work_loop(agent: Arc<Agent>) {
                     // Held from now on, so every heartbeat lists it, even while it waits for
                     // a build slot.
                     let Some(stop) = agent.register_new(a.build_id, a.attempt) else {
-                        tracing::info!(build_id = a.build_id, attempt = a.attempt, "build assigned again; it already runs here");
+                        tracing::info!(
+                            build_id = a.build_id,
+                            attempt = a.attempt,
+                            "build assigned again; it already runs here"
+                        );
                         continue;
                     };
                     tracing::info!(build_id = a.build_id, attempt = a.attempt, drv = %a.drv_path, "build assigned");
@@ -490,9 +498,7 @@ async fn deliver_and_finish(
             Ok(Delivered::Acknowledged { duplicate }) => {
                 let counter = match &report.outcome {
                     Outcome::Succeeded { .. } => &metrics::BUILDS_SUCCEEDED,
-                    Outcome::Failed { reason } if reason == "canceled" => {
-                        &metrics::BUILDS_CANCELED
-                    }
+                    Outcome::Failed { reason } if reason == "canceled" => &metrics::BUILDS_CANCELED,
                     Outcome::Failed { .. } => &metrics::BUILDS_FAILED,
                 };
                 counter.inc();
@@ -521,7 +527,11 @@ async fn deliver_and_finish(
                         report.outcome = Outcome::Failed { reason };
                         match dir.write_report(&report) {
                             Ok(()) => continue,
-                            Err(e) => tracing::error!(build_id = id, error = format!("{e:#}"), "failed to store the report, dropping the build"),
+                            Err(e) => tracing::error!(
+                                build_id = id,
+                                error = format!("{e:#}"),
+                                "failed to store the report, dropping the build"
+                            ),
                         }
                     }
                     AfterRefusal::Drop => {
@@ -560,8 +570,16 @@ mod tests {
             "no_such_build",
             "stale_attempt",
         ] {
-            assert_eq!(after_refusal(code, "m", &success()), AfterRefusal::Drop, "{code}");
-            assert_eq!(after_refusal(code, "m", &failure()), AfterRefusal::Drop, "{code}");
+            assert_eq!(
+                after_refusal(code, "m", &success()),
+                AfterRefusal::Drop,
+                "{code}"
+            );
+            assert_eq!(
+                after_refusal(code, "m", &failure()),
+                AfterRefusal::Drop,
+                "{code}"
+            );
         }
         for code in ["bad_request", "too_large", ""] {
             match after_refusal(code, "why", &success()) {

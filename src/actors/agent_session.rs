@@ -55,6 +55,11 @@ pub struct AgentSession {
     /// Time the agent is excused for because the coordinator could not run its loop.
     forgiven: Duration,
     lost: bool,
+    /// Set when the agent is declared lost; cleared by its next heartbeat or session opening.
+    /// Until then its work requests get no new builds: a build released when it was lost must
+    /// first be offered back to it (re-adoption, decided by the build queue on that heartbeat),
+    /// or it would be handed to the same agent again under a new attempt and built twice.
+    must_reconcile: bool,
     /// Commands to deliver with the next heartbeat or work reply.
     pending: VecDeque<AgentCommand>,
 }
@@ -89,6 +94,7 @@ impl AgentSession {
             last_tick: Instant::now(),
             forgiven: Duration::ZERO,
             lost: false,
+            must_reconcile: false,
             pending: VecDeque::new(),
         }
     }
@@ -112,6 +118,7 @@ impl AgentSession {
         let silent = now.duration_since(seen).saturating_sub(self.forgiven);
         if !self.lost && silent > self.timeout {
             self.lost = true;
+            self.must_reconcile = true;
             self.liveness.set_lost(self.agent_id, true);
             tracing::warn!(agent = %self.name, silent_ms = silent.as_millis() as u64, "agent lost; its leases expire");
             metrics::counter!("kiln_agents_lost_total").increment(1);
@@ -176,6 +183,7 @@ impl Handler<Opened> for AgentSession {
     fn handle(&mut self, msg: Opened, _ctx: &mut Context<Self>) {
         self.systems = msg.systems;
         self.lost = false;
+        self.must_reconcile = false;
         self.last_beat = Instant::now();
         self.pending.extend(msg.commands);
     }
@@ -194,19 +202,27 @@ impl Handler<Beat> for AgentSession {
 
     fn handle(&mut self, msg: Beat, _ctx: &mut Context<Self>) -> Self::Result {
         self.last_beat = Instant::now();
+        // The reconciliation is in the queue's mailbox before any allocation a later work
+        // request of this agent can send, so new work may flow again.
+        self.must_reconcile = false;
         let ask = self.queue.send(Reconcile {
             agent_id: self.agent_id,
             held: msg.held,
             unheld: Unheld::ReleaseAfter(self.unheld.as_millis() as u64),
         });
-        Box::pin(async move { ask.await }.into_actor(self).map(|r, act, _ctx| {
-            let from_queue = r
-                .map_err(|_| ActorError::Unavailable("the build queue is restarting; retry".into()))??;
-            // Pending commands leave only with an answer that carries them.
-            let mut commands: Vec<AgentCommand> = act.pending.drain(..).collect();
-            commands.extend(from_queue);
-            Ok(commands)
-        }))
+        Box::pin(
+            async move { ask.await }
+                .into_actor(self)
+                .map(|r, act, _ctx| {
+                    let from_queue = r.map_err(|_| {
+                        ActorError::Unavailable("the build queue is restarting; retry".into())
+                    })??;
+                    // Pending commands leave only with an answer that carries them.
+                    let mut commands: Vec<AgentCommand> = act.pending.drain(..).collect();
+                    commands.extend(from_queue);
+                    Ok(commands)
+                }),
+        )
     }
 }
 
@@ -244,7 +260,12 @@ impl Handler<RequestWork> for AgentSession {
         let store = self.store.clone();
         let systems = self.systems.clone();
         let agent_id = self.agent_id;
-        let max = msg.max.min(64) as usize;
+        let max = if self.must_reconcile {
+            tracing::info!(agent = %self.name, "agent back from lost: no new work before its heartbeat says what it holds");
+            0
+        } else {
+            msg.max.min(64) as usize
+        };
         let request = msg.request;
         Box::pin(async move {
             let mut builds = Vec::new();

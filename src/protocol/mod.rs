@@ -461,6 +461,9 @@ mod tests {
             request_id: None,
         })
         .unwrap();
-        assert_eq!(none, serde_json::json!({"max_builds": 1, "request_id": null}));
+        assert_eq!(
+            none,
+            serde_json::json!({"max_builds": 1, "request_id": null})
+        );
     }
 }

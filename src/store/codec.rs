@@ -38,7 +38,10 @@ pub fn encode<R: Record>(record: &R) -> Result<Vec<u8>, StoreError> {
 
 /// Decode the bincode body of a record (what follows the version byte) as `T`: for
 /// [`Record::decode_older`], which names the old layout of a record as `T`.
-pub fn decode_body<T: DeserializeOwned>(record: &'static str, body: &[u8]) -> Result<T, StoreError> {
+pub fn decode_body<T: DeserializeOwned>(
+    record: &'static str,
+    body: &[u8],
+) -> Result<T, StoreError> {
     bincode::deserialize(body).map_err(|e| StoreError::Codec {
         record,
         message: e.to_string(),

@@ -115,7 +115,11 @@ impl QueueState {
         let (agent_id, request) = (key.0, key.1.as_str());
         let mut fx = Effects::default();
         for id in candidates {
-            if let Some(b) = self.live.get(id).filter(|b| b.state == BuildState::Runnable) {
+            if let Some(b) = self
+                .live
+                .get(id)
+                .filter(|b| b.state == BuildState::Runnable)
+            {
                 fx.runnable.push(entry(b));
             }
         }
@@ -139,7 +143,12 @@ impl QueueState {
                 leased.push(self.live[&id].clone());
             }
         }
-        tracing::info!(agent_id, request, builds = leased.len(), "work request retried: answering its leases again");
+        tracing::info!(
+            agent_id,
+            request,
+            builds = leased.len(),
+            "work request retried: answering its leases again"
+        );
         Ok((
             fx,
             Allocation {
@@ -176,7 +185,13 @@ impl QueueState {
                 "state": b.state, "reason": why}),
         );
         fx.unrunnable.push(id);
-        tracing::info!(build_id = id, attempt = b.attempt, agent_id = b.agent_id, reason = why, "lease re-adopted");
+        tracing::info!(
+            build_id = id,
+            attempt = b.attempt,
+            agent_id = b.agent_id,
+            reason = why,
+            "lease re-adopted"
+        );
         let b = b.clone();
         self.lease_on(&b, now);
         Ok(())
@@ -201,7 +216,13 @@ impl QueueState {
             serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": agent_id, "reason": why}),
         );
         fx.runnable.push(entry(b));
-        tracing::info!(build_id = id, attempt = b.attempt, agent_id, reason = why, "lease released");
+        tracing::info!(
+            build_id = id,
+            attempt = b.attempt,
+            agent_id,
+            reason = why,
+            "lease released"
+        );
         self.lease_off(agent_id, id);
         Ok(())
     }
@@ -265,9 +286,13 @@ impl QueueState {
         for h in held {
             match self.held_verdict(agent_id, h)? {
                 Verdict::Keep => {}
-                Verdict::Readopt => {
-                    self.readopt(&mut fx, h.build_id, Some(h.phase), "agent still runs it", now)?
-                }
+                Verdict::Readopt => self.readopt(
+                    &mut fx,
+                    h.build_id,
+                    Some(h.phase),
+                    "agent still runs it",
+                    now,
+                )?,
                 Verdict::Abandon => commands.push(AgentCommand::Abandon {
                     build_id: h.build_id,
                     attempt: h.attempt,

@@ -228,7 +228,11 @@ fn a_duplicate_result_waits_for_the_first_commit() {
     assert!(matches!(answer, FinishAnswer::Duplicate));
     assert!(dup.batch.is_empty(), "a duplicate changes nothing");
     let wait = dup.after.expect("the duplicate waits for the first commit");
-    assert_eq!(wait.outcome(), None, "not answered while the first is in flight");
+    assert_eq!(
+        wait.outcome(),
+        None,
+        "not answered while the first is in flight"
+    );
     f.commit(first);
     assert_eq!(wait.outcome(), Some(true));
     assert!(block_on(wait.landed()));
@@ -238,7 +242,10 @@ fn a_duplicate_result_waits_for_the_first_commit() {
     let (dup, _) = f.q.finish(7, ids[1], 1, Err("boom".into()), 0, 14).unwrap();
     let wait = dup.after.expect("waits");
     drop(first);
-    assert!(!block_on(wait.landed()), "a failed first commit is no duplicate");
+    assert!(
+        !block_on(wait.landed()),
+        "a failed first commit is no duplicate"
+    );
 }
 
 /// Pins item 1: a retry of a work request gets the same builds at the same attempts, gives
@@ -265,8 +272,16 @@ fn a_retried_work_request_gets_the_same_leases_also_after_a_reload() {
 
     f.reload();
     let (_, after_restart) = f.q.allocate(7, Some("r1"), &[], 30).unwrap();
-    assert_eq!(attempts(&after_restart.leased), first, "recorded with the lease in sled");
-    assert_eq!(f.q.leased_to(7), vec![ids[0], ids[1]], "lease index rebuilt");
+    assert_eq!(
+        attempts(&after_restart.leased),
+        first,
+        "recorded with the lease in sled"
+    );
+    assert_eq!(
+        f.q.leased_to(7),
+        vec![ids[0], ids[1]],
+        "lease index rebuilt"
+    );
 
     // The id belongs to the agent: another agent's request with it is a new request.
     let (fx, other) = f.q.allocate(8, Some("r1"), &ids[2..], 40).unwrap();
@@ -326,10 +341,9 @@ fn heartbeats_end_unheld_leases_after_the_bound_and_abandon_foreign_builds() {
         held(ids[0], 1, HeldPhase::Building),
         held(999, 1, HeldPhase::Building),
     ];
-    let (fx, cmds) = f
-        .q
-        .reconcile(7, &beat, Unheld::ReleaseAfter(500), 1_400)
-        .unwrap();
+    let (fx, cmds) =
+        f.q.reconcile(7, &beat, Unheld::ReleaseAfter(500), 1_400)
+            .unwrap();
     assert!(fx.batch.is_empty(), "within the bound: kept");
     assert_eq!(
         cmds,
@@ -340,26 +354,38 @@ fn heartbeats_end_unheld_leases_after_the_bound_and_abandon_foreign_builds() {
     );
     // A replay hands the lease out again: its clock restarts.
     let (_, _) = f.q.allocate(7, Some("r1"), &[], 1_400).unwrap();
-    let (fx, _) = f
-        .q
-        .reconcile(7, &beat, Unheld::ReleaseAfter(500), 1_800)
-        .unwrap();
+    let (fx, _) =
+        f.q.reconcile(7, &beat, Unheld::ReleaseAfter(500), 1_800)
+            .unwrap();
     assert!(fx.batch.is_empty(), "the replay restarted the clock");
-    let (fx, _) = f
-        .q
-        .reconcile(7, &beat, Unheld::ReleaseAfter(500), 1_901)
-        .unwrap();
+    let (fx, _) =
+        f.q.reconcile(7, &beat, Unheld::ReleaseAfter(500), 1_901)
+            .unwrap();
     assert_eq!(kinds(&fx), vec!["lease-expired"]);
-    assert_eq!(fx.batch.events[0].payload["reason"], "not held by its agent");
-    assert_eq!(fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(), vec![ids[1]]);
+    assert_eq!(
+        fx.batch.events[0].payload["reason"],
+        "not held by its agent"
+    );
+    assert_eq!(
+        fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![ids[1]]
+    );
     f.commit(fx);
     let b = f.q.record(ids[1]).unwrap().unwrap();
-    assert_eq!((b.state, b.attempt), (BuildState::Runnable, 1), "attempt unchanged");
+    assert_eq!(
+        (b.state, b.attempt),
+        (BuildState::Runnable, 1),
+        "attempt unchanged"
+    );
     assert_eq!(f.q.leased_to(7), vec![ids[0]]);
     // Held in any phase counts, and the wrong attempt does not.
-    let (fx, cmds) = f
-        .q
-        .reconcile(7, &[held(ids[0], 2, HeldPhase::Reporting)], Unheld::Release, 2_000)
+    let (fx, cmds) =
+        f.q.reconcile(
+            7,
+            &[held(ids[0], 2, HeldPhase::Reporting)],
+            Unheld::Release,
+            2_000,
+        )
         .unwrap();
     assert_eq!(kinds(&fx), vec!["lease-expired"]);
     assert_eq!(
@@ -383,16 +409,23 @@ fn a_lost_agent_readopts_what_nobody_took_and_abandons_what_moved_on() {
     f.commit(fx);
     let fx = f.q.agent_lost(7).unwrap();
     f.commit(fx);
-    let (fx, cmds) = f
-        .q
-        .reconcile(7, &[held(a, 1, HeldPhase::Building)], Unheld::ReleaseAfter(500), 20)
+    let (fx, cmds) =
+        f.q.reconcile(
+            7,
+            &[held(a, 1, HeldPhase::Building)],
+            Unheld::ReleaseAfter(500),
+            20,
+        )
         .unwrap();
     assert!(cmds.is_empty());
     assert_eq!(kinds(&fx), vec!["lease-readopted"]);
     assert_eq!(fx.unrunnable, vec![a], "out of the allocator's index");
     f.commit(fx);
     let b = f.q.record(a).unwrap().unwrap();
-    assert_eq!((b.state, b.attempt, b.agent_id), (BuildState::Building, 1, 7));
+    assert_eq!(
+        (b.state, b.attempt, b.agent_id),
+        (BuildState::Building, 1, 7)
+    );
 
     // Lost again; this time another agent takes the build.
     let fx = f.q.agent_lost(7).unwrap();
@@ -401,12 +434,17 @@ fn a_lost_agent_readopts_what_nobody_took_and_abandons_what_moved_on() {
     assert_eq!(attempts(&got.leased), vec![(a, 2)]);
     f.commit(fx);
     // Another agent cannot adopt what agent 7 was released from, either.
-    let (fx, cmds) = f
-        .q
-        .reconcile(7, &[held(a, 1, HeldPhase::Uploading)], Unheld::Release, 40)
-        .unwrap();
+    let (fx, cmds) =
+        f.q.reconcile(7, &[held(a, 1, HeldPhase::Uploading)], Unheld::Release, 40)
+            .unwrap();
     assert!(fx.batch.is_empty());
-    assert_eq!(cmds, vec![AgentCommand::Abandon { build_id: a, attempt: 1 }]);
+    assert_eq!(
+        cmds,
+        vec![AgentCommand::Abandon {
+            build_id: a,
+            attempt: 1
+        }]
+    );
     assert_eq!(f.q.leased_to(8), vec![a]);
     // A late report of the old attempt is refused and changes nothing.
     assert!(matches!(
@@ -446,7 +484,10 @@ fn refused_results_settle_the_build() {
     let mut wrong = built("a");
     wrong[0].nar_hash = "sha256:other".into();
     let (fx, answer) = f.q.finish(7, ids[0], 1, Ok(wrong), 0, 11).unwrap();
-    assert!(matches!(answer, FinishAnswer::Refused(QueueError::BadResult(_))));
+    assert!(matches!(
+        answer,
+        FinishAnswer::Refused(QueueError::BadResult(_))
+    ));
     assert_eq!(kinds(&fx), vec!["build-failed"]);
     assert_eq!(fx.batch.events[0].payload["refused"], true);
     assert!(fx.finished.is_empty() && f.q.uncommitted_finishes.is_empty());
@@ -464,11 +505,20 @@ fn refused_results_settle_the_build() {
 
     // An output never uploaded: refused for now, the build is runnable again.
     let (fx, answer) = f.q.finish(7, ids[1], 1, Ok(built("b")), 0, 13).unwrap();
-    assert!(matches!(answer, FinishAnswer::Refused(QueueError::NotUploaded { .. })));
+    assert!(matches!(
+        answer,
+        FinishAnswer::Refused(QueueError::NotUploaded { .. })
+    ));
     assert_eq!(kinds(&fx), vec!["lease-expired"]);
-    assert_eq!(fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(), vec![ids[1]]);
+    assert_eq!(
+        fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![ids[1]]
+    );
     f.commit(fx);
-    assert!(f.q.leased_to(7).is_empty(), "never left leased to the agent");
+    assert!(
+        f.q.leased_to(7).is_empty(),
+        "never left leased to the agent"
+    );
     f.uploaded("b");
     assert!(matches!(
         f.q.finish(7, ids[1], 1, Ok(built("b")), 0, 14),
@@ -490,9 +540,16 @@ fn unstarted_leases_of_an_agent_without_heartbeats_end() {
     let (mut f, ids) = Fixture::new(&["a", "b"]);
     let (fx, _) = f.q.allocate(7, None, &ids, 1_000).unwrap();
     f.commit(fx);
-    let fx = f.q.advance(7, ids[1], 1, BuildState::Building, 1_100).unwrap();
+    let fx =
+        f.q.advance(7, ids[1], 1, BuildState::Building, 1_100)
+            .unwrap();
     f.commit(fx);
-    assert!(f.q.release_unstarted(7, 500, 1_400).unwrap().batch.is_empty());
+    assert!(f
+        .q
+        .release_unstarted(7, 500, 1_400)
+        .unwrap()
+        .batch
+        .is_empty());
     let fx = f.q.release_unstarted(7, 500, 1_600).unwrap();
     assert_eq!(kinds(&fx), vec!["lease-expired"]);
     assert_eq!(fx.runnable[0].id, ids[0]);
