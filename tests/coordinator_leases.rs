@@ -345,3 +345,40 @@ fn a_refused_result_settles_the_build_and_a_later_report_is_no_duplicate() {
         "accepted once"
     );
 }
+
+/// Pins item 6 at the HTTP level, deterministically: an agent declared lost that comes back
+/// gets no new work until a heartbeat said what it holds (else the build it still runs would
+/// be handed to it again under a new attempt and built twice); its heartbeat re-adopts the
+/// build at the same attempt.
+#[test]
+fn a_lost_agent_that_comes_back_readopts_before_it_gets_new_work() {
+    let (c, sd, _store, _tmp) = coordinator("heartbeat_interval_ms = 200\nagent_timeout_ms = 1500");
+    let secret = register(&c, "a1");
+    let ids = submit(&c, &[simple_drv(&sd, "readopt", "echo > $out")]);
+    let (a, _) = RawAgent::open(&c, "a1", &secret, json!([]));
+    let w = a.work(Some("w1"), 1);
+    assert_eq!(w["builds"][0]["build_id"].as_u64(), Some(ids[0]));
+    assert_eq!(a.start(ids[0], 1).0, 200);
+    // Silence: the agent is lost and its lease expires.
+    wait_for("the agent to be lost", Duration::from_secs(60), || {
+        (state_of(&c, ids[0]) == "runnable").then_some(())
+    });
+    let w = a.work(Some("w2"), 1);
+    assert_eq!(
+        w["builds"],
+        json!([]),
+        "no new work before the heartbeat: {w}"
+    );
+    assert_eq!(state_of(&c, ids[0]), "runnable");
+    let r = a.heartbeat(json!([{"build_id": ids[0], "attempt": 1, "phase": "building"}]));
+    assert_eq!(r["commands"], json!([]), "{r}");
+    let b = leases_common::build(&c, ids[0]);
+    assert_eq!(
+        (b["summary"]["state"].as_str(), b["attempt"].as_u64()),
+        (Some("building"), Some(1)),
+        "{b}"
+    );
+    assert_eq!(events_of(&events(&c), "lease-readopted", ids[0]).len(), 1);
+    // Work flows again after the heartbeat; nothing else is runnable.
+    assert_eq!(a.work(Some("w3"), 1)["builds"], json!([]));
+}

@@ -494,10 +494,11 @@ pub fn runs(file: &Path) -> Vec<String> {
 }
 
 /// A `/bin/sh -c` builder that appends its PID (its process group) to `runs`, waits until
-/// `go` exists (at most 600 s), then writes its output.
+/// `go` exists (at most 600 s), then writes its output. Builders get no `PATH` of their own
+/// (as in Nix), hence the one set here for `sleep`.
 pub fn waiting_script(runs: &Path, go: &Path) -> String {
     format!(
-        "echo $$ >> {runs}; i=0; while [ $i -lt 6000 ] && [ ! -e {go} ]; do sleep 0.1; i=$((i+1)); done; echo built > $out",
+        "PATH=/usr/bin:/bin; echo $$ >> {runs}; i=0; while [ $i -lt 6000 ] && [ ! -e {go} ]; do sleep 0.1; i=$((i+1)); done; echo built > $out",
         runs = runs.display(),
         go = go.display()
     )
