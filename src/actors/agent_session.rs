@@ -202,27 +202,23 @@ impl Handler<Beat> for AgentSession {
 
     fn handle(&mut self, msg: Beat, _ctx: &mut Context<Self>) -> Self::Result {
         self.last_beat = Instant::now();
-        // The reconciliation is in the queue's mailbox before any allocation a later work
-        // request of this agent can send, so new work may flow again.
-        self.must_reconcile = false;
         let ask = self.queue.send(Reconcile {
             agent_id: self.agent_id,
             held: msg.held,
             unheld: Unheld::ReleaseAfter(self.unheld.as_millis() as u64),
         });
-        Box::pin(
-            async move { ask.await }
-                .into_actor(self)
-                .map(|r, act, _ctx| {
-                    let from_queue = r.map_err(|_| {
-                        ActorError::Unavailable("the build queue is restarting; retry".into())
-                    })??;
-                    // Pending commands leave only with an answer that carries them.
-                    let mut commands: Vec<AgentCommand> = act.pending.drain(..).collect();
-                    commands.extend(from_queue);
-                    Ok(commands)
-                }),
-        )
+        Box::pin(ask.into_actor(self).map(|r, act, _ctx| {
+            let from_queue = r.map_err(|_| {
+                ActorError::Unavailable("the build queue is restarting; retry".into())
+            })??;
+            // Reconciled (and committed): what the agent still runs is its own again,
+            // so new work may flow.
+            act.must_reconcile = false;
+            // Pending commands leave only with an answer that carries them.
+            let mut commands: Vec<AgentCommand> = act.pending.drain(..).collect();
+            commands.extend(from_queue);
+            Ok(commands)
+        }))
     }
 }
 
