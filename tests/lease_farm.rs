@@ -235,7 +235,8 @@ fn a_cut_longer_after_the_build_went_elsewhere_kills_the_old_builder_and_refuses
 
 #[test]
 fn a_coordinator_killed_during_builds_loses_no_result_and_runs_no_builder_twice() {
-    let mut f = Farm::new("heartbeat_interval_ms = 500\nagent_timeout_ms = 10000");
+    // A long agent timeout: agents back after a restart on a slow machine keep their leases.
+    let mut f = Farm::new("heartbeat_interval_ms = 500\nagent_timeout_ms = 30000");
     // Agents reach the coordinator through a proxy that follows it to its new port.
     let proxy = Proxy::start(&f.c.agent_url, 0);
     let mut agents = [f.agent("a1", &proxy.url), f.agent("a2", &proxy.url)];
