@@ -388,3 +388,40 @@ fn a_lost_agent_that_comes_back_readopts_before_it_gets_new_work() {
     // Work flows again after the heartbeat; nothing else is runnable.
     assert_eq!(a.work(Some("w3"), 1)["builds"], json!([]));
 }
+
+/// Every lease has an end that needs no message from its holder: an agent that talks (here:
+/// empty work requests) but sends no heartbeats loses the leases it never started after the
+/// unheld bound; a lease it started stays.
+#[test]
+fn an_agent_without_heartbeats_loses_the_leases_it_never_started() {
+    let (c, sd, _store, _tmp) = coordinator(
+        "heartbeat_interval_ms = 200\nagent_timeout_ms = 60000\nunheld_lease_ms = 1000",
+    );
+    let secret = register(&c, "quiet");
+    let ids = submit(
+        &c,
+        &[
+            simple_drv(&sd, "started", "echo s > $out"),
+            simple_drv(&sd, "never-started", "echo n > $out"),
+        ],
+    );
+    let (a, _) = RawAgent::open(&c, "quiet", &secret, json!([]));
+    let w = a.work(Some("q1"), 2);
+    assert_eq!(w["builds"].as_array().unwrap().len(), 2, "{w}");
+    assert_eq!(a.start(ids[0], 1).0, 200);
+    wait_for(
+        "the unstarted lease to end",
+        Duration::from_secs(60),
+        || {
+            a.work(None, 0); // a sign of life that is not a heartbeat
+            (state_of(&c, ids[1]) == "runnable").then_some(())
+        },
+    );
+    let expired = events_of(&events(&c), "lease-expired", ids[1]);
+    assert_eq!(expired.len(), 1);
+    assert_eq!(
+        expired[0]["data"]["reason"],
+        "never started and no heartbeat"
+    );
+    assert_eq!(state_of(&c, ids[0]), "building", "a started lease stays");
+}
