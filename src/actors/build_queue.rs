@@ -105,8 +105,9 @@ impl BuildQueue {
                 }
             }
             if let Some(first) = after {
-                // The committer applies commits in order, so the first one has landed or
-                // failed by now; this reads its outcome.
+                // A repeat of a request whose commit was in flight: answer only once that
+                // commit landed. (When this transition wrote something too, the committer
+                // applied it after the first, so this merely reads the outcome.)
                 if !first.landed().await {
                     return (
                         Err(ActorError::Unavailable(
