@@ -106,10 +106,22 @@ impl Agent {
         phase: HeldPhase,
     ) -> watch::Receiver<Option<StopReason>> {
         let (tx, rx) = watch::channel(None);
-        self.stops
+        let old = self
+            .stops
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, (attempt, tx));
+        if let Some((old_attempt, old_tx)) = old.filter(|(a, _)| *a != attempt) {
+            // The coordinator leased the build again: the older attempt is stale, and its
+            // builder must not outlive it (nor be mistaken for the new one's).
+            tracing::info!(
+                build_id = id,
+                old_attempt,
+                attempt,
+                "newer attempt assigned; abandoning the older one"
+            );
+            old_tx.send_replace(Some(StopReason::Abandon));
+        }
         self.held.set(id, attempt, phase);
         rx
     }
@@ -130,12 +142,14 @@ impl Agent {
         (!held).then(|| self.register(id, attempt, HeldPhase::Building))
     }
 
-    fn unregister(&self, id: BuildId) {
-        self.stops
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        self.held.remove(id);
+    /// Lets go of `id` at `attempt`; an entry of another attempt (a newer assignment of the
+    /// same build) stays.
+    fn unregister(&self, id: BuildId, attempt: u32) {
+        let mut stops = self.stops.lock().unwrap_or_else(|p| p.into_inner());
+        if stops.get(&id).is_some_and(|(a, _)| *a == attempt) {
+            stops.remove(&id);
+            self.held.remove(id);
+        }
     }
 
     fn stop_build(&self, id: BuildId, attempt: u32, reason: StopReason) {
@@ -363,12 +377,12 @@ async fn run_build(
         None => tokio::select! {
             p = agent.build_slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
-                Err(_) => return agent.unregister(id),
+                Err(_) => return agent.unregister(id, attempt),
             },
             r = stop.wait_for(Option::is_some) => {
                 let reason = r.ok().and_then(|s| *s);
                 tracing::info!(build_id = id, attempt, reason = ?reason, "dropping build before it started");
-                return agent.unregister(id);
+                return agent.unregister(id, attempt);
             }
         },
     };
@@ -389,7 +403,7 @@ async fn run_build(
             }
             tracing::info!(build_id = id, attempt, reason = ?reason, "dropping build");
             dir.remove();
-            return agent.unregister(id);
+            return agent.unregister(id, attempt);
         }
         Err(e) => Outcome::Failed {
             reason: format!("agent error: {e:#}"),
@@ -403,7 +417,7 @@ async fn run_build(
             "failed to store the report, dropping the build"
         );
         dir.remove();
-        return agent.unregister(id);
+        return agent.unregister(id, attempt);
     }
     deliver_and_finish(agent, dir, report, stop).await;
 }
@@ -491,7 +505,7 @@ async fn deliver_and_finish(
                     tracing::info!(build_id = id, attempt, "build abandoned, dropping its reports");
                     dir.remove();
                 }
-                return agent.unregister(id);
+                return agent.unregister(id, attempt);
             }
         };
         match result {
@@ -515,7 +529,7 @@ async fn deliver_and_finish(
             Err(e) => {
                 if let Some(why) = fatal_reason(&e) {
                     agent.fail(why);
-                    return agent.unregister(id);
+                    return agent.unregister(id, attempt);
                 }
                 let (code, message) = match &e {
                     CallError::Rejected(api) => (api.code.clone(), api.message.clone()),
@@ -543,7 +557,7 @@ async fn deliver_and_finish(
         break;
     }
     dir.remove();
-    agent.unregister(id);
+    agent.unregister(id, attempt);
 }
 
 #[cfg(test)]
