@@ -171,8 +171,9 @@ impl QueueState {
     }
 
     /// A report that may be right next time (an upload is missing): the lease is released and
-    /// the build is runnable again, same attempt; no later retry of the old work request gets
-    /// it back (the agent dropped it).
+    /// the build is runnable again, same attempt. The agent drops it on this answer, so it is
+    /// nobody's to re-adopt: no last holder, no work request (a heartbeat sent before the agent
+    /// read the refusal gets `abandon`, not the lease back).
     fn refuse_for_now(
         &mut self,
         fx: &mut Effects,
@@ -189,17 +190,18 @@ impl QueueState {
         };
         b.state = BuildState::Runnable;
         b.request.clear();
+        let agent_id = std::mem::take(&mut b.agent_id);
         let why = format!("{REFUSED}{e}");
         fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
         fx.batch.event(
             "lease-expired",
             id,
-            b.agent_id,
-            serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": b.agent_id,
+            agent_id,
+            serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": agent_id,
                 "reason": why}),
         );
         fx.runnable.push(entry(b));
-        tracing::warn!(build_id = id, attempt = b.attempt, agent_id = b.agent_id, reason = %why, "result refused; the build goes back to the queue");
+        tracing::warn!(build_id = id, attempt = b.attempt, agent_id, reason = %why, "result refused; the build goes back to the queue");
         Ok(())
     }
 

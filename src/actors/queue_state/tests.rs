@@ -519,6 +519,19 @@ fn refused_results_settle_the_build() {
         f.q.leased_to(7).is_empty(),
         "never left leased to the agent"
     );
+    // A heartbeat the agent sent before it read the refusal does not take the build back.
+    let beat = [held(ids[1], 1, HeldPhase::Reporting)];
+    let (fx, cmds) =
+        f.q.reconcile(7, &beat, Unheld::ReleaseAfter(500), 13)
+            .unwrap();
+    assert!(fx.batch.is_empty());
+    assert_eq!(
+        cmds,
+        vec![AgentCommand::Abandon {
+            build_id: ids[1],
+            attempt: 1
+        }]
+    );
     f.uploaded("b");
     assert!(matches!(
         f.q.finish(7, ids[1], 1, Ok(built("b")), 0, 14),
