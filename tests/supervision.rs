@@ -53,7 +53,7 @@ fn a_stopped_build_queue_restarts_from_sled_and_a_panic_is_a_restart() {
         CommitterOptions {
             fsync: false,
             max_batch: 64,
-            hook_routes: Default::default(),
+            ..Default::default()
         },
         kiln::supervisor::event_listener(sink.clone()),
     )

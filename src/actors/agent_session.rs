@@ -4,6 +4,11 @@
 //! assignments (the `.drv` and the closure of inputs to fetch). An agent silent for the agent
 //! timeout is lost: its leases expire. Time the coordinator's own loop spent lagging is not
 //! counted against the agent.
+//!
+//! Supervision: every handler and the liveness tick run under the panic guard. A restart
+//! builds a fresh session for the same agent and systems: it owns nothing in sled (its leases
+//! are the build queue's), so what it loses is its pending commands and its lag allowance; its
+//! liveness verdict is recomputed from the shared last-seen time at the next tick.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -13,11 +18,14 @@ use actix::prelude::*;
 
 use super::allocator::{Allocator, TakeWork};
 use super::build_queue::{AgentLost, Allocate, BuildQueue};
+use super::guard::{catch, guard_future, Guarded, Rebuild};
+use super::restarts::Restarts;
 use super::ActorError;
 use crate::protocol::{AgentCommand, Assignment, Bytes64, OutputSpec, PathInfo, WorkReply};
 use crate::store::records::{BuildRecord, DrvRecord, OutputRecord};
 use crate::store::{Store, StoreError, TreeId};
-use crate::supervisor::Restarts;
+
+const NAME: &str = "agent session";
 
 use super::registry::Liveness;
 
@@ -111,16 +119,37 @@ impl Actor for AgentSession {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.last_tick = Instant::now();
-        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+        ctx.run_interval(TICK, |act, ctx| {
+            catch(NAME, ctx, |ctx| act.tick(ctx));
+        });
+    }
+}
+
+impl Rebuild for AgentSession {
+    const ACTOR: &'static str = "agent_session";
+
+    fn restarts(&self) -> Arc<Restarts> {
+        self.restarts.clone()
+    }
+
+    fn rebuild(&self) -> Result<AgentSession, ActorError> {
+        Ok(AgentSession::new(
+            self.agent_id,
+            self.name.clone(),
+            self.systems.clone(),
+            self.queue.clone(),
+            self.allocator.clone(),
+            self.store.clone(),
+            self.restarts.clone(),
+            self.liveness.clone(),
+            self.timeout,
+        ))
     }
 }
 
 impl Supervised for AgentSession {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        self.restarts.record("agent_session");
-        self.pending.clear();
-        self.forgiven = Duration::ZERO;
-        self.last_tick = Instant::now();
+        super::guard::restart(self);
     }
 }
 
@@ -134,10 +163,12 @@ pub struct Opened {
 
 impl Handler<Opened> for AgentSession {
     type Result = ();
-    fn handle(&mut self, msg: Opened, _ctx: &mut Context<Self>) {
-        self.systems = msg.systems;
-        self.lost = false;
-        self.pending.extend(msg.commands);
+    fn handle(&mut self, msg: Opened, ctx: &mut Context<Self>) {
+        catch(NAME, ctx, |_| {
+            self.systems = msg.systems;
+            self.lost = false;
+            self.pending.extend(msg.commands);
+        });
     }
 }
 
@@ -147,9 +178,9 @@ impl Handler<Opened> for AgentSession {
 pub struct Beat;
 
 impl Handler<Beat> for AgentSession {
-    type Result = MessageResult<Beat>;
-    fn handle(&mut self, _msg: Beat, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.pending.drain(..).collect())
+    type Result = Guarded<Beat>;
+    fn handle(&mut self, _msg: Beat, ctx: &mut Context<Self>) -> Self::Result {
+        Guarded::run(NAME, ctx, |_| self.pending.drain(..).collect())
     }
 }
 
@@ -161,17 +192,20 @@ pub struct RequestWork {
 }
 
 impl Handler<RequestWork> for AgentSession {
-    type Result = ResponseFuture<Result<WorkReply, ActorError>>;
+    type Result = ResponseActFuture<Self, Result<WorkReply, ActorError>>;
 
-    fn handle(&mut self, msg: RequestWork, _ctx: &mut Context<Self>) -> Self::Result {
-        let commands: Vec<AgentCommand> = self.pending.drain(..).collect();
+    fn handle(&mut self, msg: RequestWork, ctx: &mut Context<Self>) -> Self::Result {
+        let Some(commands) = catch(NAME, ctx, |_| self.pending.drain(..).collect::<Vec<_>>())
+        else {
+            return Box::pin(actix::fut::ready(Err(super::guard::unavailable(NAME))));
+        };
         let allocator = self.allocator.clone();
         let queue = self.queue.clone();
         let store = self.store.clone();
         let systems = self.systems.clone();
         let agent_id = self.agent_id;
         let max = msg.max.min(64) as usize;
-        Box::pin(async move {
+        Box::pin(guard_future::<Self, _, _>(NAME, async move {
             let mut builds = Vec::new();
             if max > 0 {
                 let unavailable =
@@ -206,7 +240,40 @@ impl Handler<RequestWork> for AgentSession {
                 }
             }
             Ok(WorkReply { builds, commands })
-        })
+        }))
+    }
+}
+
+/// Fault point `agent_session.corrupt_memory_and_stop`: queue commands nobody decided and a
+/// huge lag allowance, then stop. After the restart the session delivers none of them.
+#[cfg(feature = "fault-points")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CorruptMemoryAndStop;
+
+#[cfg(feature = "fault-points")]
+impl Handler<CorruptMemoryAndStop> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, _msg: CorruptMemoryAndStop, ctx: &mut Context<Self>) {
+        tracing::warn!(agent = %self.name, "fault point agent_session.corrupt_memory_and_stop fired");
+        self.pending.push_back(AgentCommand::Abandon {
+            build_id: u64::MAX,
+            attempt: u32::MAX,
+        });
+        self.forgiven = Duration::from_secs(3600);
+        ctx.stop();
+    }
+}
+
+#[cfg(feature = "fault-points")]
+impl Handler<super::guard::faults::InjectPanic> for AgentSession {
+    type Result = ResponseActFuture<Self, Result<(), ActorError>>;
+    fn handle(
+        &mut self,
+        m: super::guard::faults::InjectPanic,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        super::guard::faults::inject_panic(NAME, m.0, ctx)
     }
 }
 
