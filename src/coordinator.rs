@@ -43,8 +43,11 @@ pub struct CoordinatorArgs {
 pub fn init_logging(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    // Colours only on a terminal: a log file or a journal gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if format == "json" {
         builder.json().try_init()
@@ -206,9 +209,11 @@ async fn serve(
                 "stopping the listeners: an actor went past the restart intensity"
             );
             // Graceful: requests in flight get their answers (bounded by the servers'
-            // shutdown timeout).
-            tokio::join!(agent_handle.stop(true), client_handle.stop(true));
-            let (a, c) = servers.await;
+            // shutdown timeout). The stop commands are sent now; the servers' own futures
+            // carry them out, so they are awaited together.
+            let stopped =
+                futures_util::future::join(agent_handle.stop(true), client_handle.stop(true));
+            let ((a, c), _) = futures_util::future::join(servers, stopped).await;
             (a, c, EXIT_RESTART_INTENSITY)
         }
     };

@@ -173,6 +173,14 @@ struct Request {
     permit: Option<Permit>,
 }
 
+impl Request {
+    /// The committer took the request: its place in the queue is free again.
+    fn taken(mut self) -> Request {
+        self.permit = None;
+        self
+    }
+}
+
 enum Message {
     Commit(Request),
     /// Finish what was sent before, close the database handle, then answer.
@@ -369,8 +377,9 @@ impl Thread {
         let max_batch = self.options.max_batch.max(1);
         let mut stop: Option<mpsc::Sender<()>> = None;
         while stop.is_none() {
+            // A request taken off the channel gives its place in the queue back.
             let first = match rx.recv() {
-                Ok(Message::Commit(r)) => r,
+                Ok(Message::Commit(r)) => r.taken(),
                 Ok(Message::Stop(ack)) => {
                     stop = Some(ack);
                     break;
@@ -382,17 +391,13 @@ impl Thread {
             self.faults.wait_while_stalled();
             while requests.len() < max_batch {
                 match rx.try_recv() {
-                    Ok(Message::Commit(r)) => requests.push(r),
+                    Ok(Message::Commit(r)) => requests.push(r.taken()),
                     Ok(Message::Stop(ack)) => {
                         stop = Some(ack);
                         break;
                     }
                     Err(_) => break,
                 }
-            }
-            // Taken: their places in the queue are free again.
-            for r in &mut requests {
-                r.permit = None;
             }
             self.group_commit(requests);
         }
