@@ -296,7 +296,7 @@ impl Store {
         let from = keys::u64_key(since.saturating_add(1));
         self.tree(TreeId::Events)
             .range(from..)
-            .map(|kv| Ok(codec::decode(&kv?.1)?))
+            .map(|kv| codec::decode(&kv?.1))
     }
 
     /// Every pending hook run: (hook name, event sequence number, record), grouped by hook
