@@ -25,9 +25,9 @@ use crate::protocol::{AgentCommand, Assignment, Bytes64, OutputSpec, PathInfo, W
 use crate::store::records::{BuildRecord, DrvRecord, OutputRecord};
 use crate::store::{Store, StoreError, TreeId};
 
-const NAME: &str = "agent session";
-
 use super::registry::Liveness;
+
+const NAME: &str = "agent session";
 
 /// How often liveness is checked.
 const TICK: Duration = Duration::from_millis(250);

@@ -27,8 +27,7 @@
 //!   transaction's writes reached the disk.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -187,18 +186,41 @@ enum Message {
     Stop(mpsc::Sender<()>),
 }
 
+/// Writes admitted (permits taken) and not yet taken by the committer thread. A mutex rather
+/// than an atomic so that the `kiln_commit_queue_depth` gauge is set in the same order as the
+/// count changes (an uncontended lock costs about as much as the atomic it replaces).
+#[derive(Debug, Default)]
+struct Depth(Mutex<usize>);
+
+impl Depth {
+    fn change(&self, f: impl FnOnce(&mut usize) -> bool) -> (bool, usize) {
+        let mut n = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = f(&mut n);
+        if changed {
+            metrics::gauge!("kiln_commit_queue_depth").set(*n as f64);
+        }
+        (changed, *n)
+    }
+
+    fn get(&self) -> usize {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// A place in the committer's bounded queue, taken with [`Committer::reserve`]; dropping it
 /// unused gives the place back.
 #[derive(Debug)]
 pub struct Permit {
     tx: mpsc::Sender<Message>,
-    queued: Arc<AtomicUsize>,
+    depth: Arc<Depth>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let left = self.queued.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
-        metrics::gauge!("kiln_commit_queue_depth").set(left as f64);
+        self.depth.change(|n| {
+            *n = n.saturating_sub(1);
+            true
+        });
     }
 }
 
@@ -223,8 +245,7 @@ impl Permit {
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::Sender<Message>,
-    /// Batches admitted (permits taken) and not yet taken by the committer thread.
-    queued: Arc<AtomicUsize>,
+    depth: Arc<Depth>,
     max_queued: usize,
     #[cfg(feature = "fault-points")]
     faults: Arc<faults::Faults>,
@@ -264,7 +285,7 @@ impl Committer {
             })?;
         Ok(Committer {
             tx,
-            queued: Arc::new(AtomicUsize::new(0)),
+            depth: Arc::new(Depth::default()),
             max_queued,
             #[cfg(feature = "fault-points")]
             faults,
@@ -274,35 +295,27 @@ impl Committer {
     /// Take a place in the queue, or be refused at once when it is full. Take it before
     /// changing memory that the batch will make durable.
     pub fn reserve(&self) -> Result<Permit, CommitError> {
-        let mut now = self.queued.load(Ordering::Acquire);
-        loop {
-            if now >= self.max_queued {
-                metrics::counter!("kiln_commits_total", "result" => "overloaded").increment(1);
-                return Err(CommitError::Overloaded {
-                    queued: now,
-                    max: self.max_queued,
-                });
+        let max = self.max_queued;
+        let (taken, queued) = self.depth.change(|n| {
+            let room = *n < max;
+            if room {
+                *n += 1;
             }
-            match self.queued.compare_exchange_weak(
-                now,
-                now + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => break,
-                Err(actual) => now = actual,
-            }
+            room
+        });
+        if !taken {
+            metrics::counter!("kiln_commits_total", "result" => "overloaded").increment(1);
+            return Err(CommitError::Overloaded { queued, max });
         }
-        metrics::gauge!("kiln_commit_queue_depth").set((now + 1) as f64);
         Ok(Permit {
             tx: self.tx.clone(),
-            queued: self.queued.clone(),
+            depth: self.depth.clone(),
         })
     }
 
     /// Batches waiting for the committer now.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.depth.get()
     }
 
     /// Commit a batch; resolves after the flush that covers it. Refused at once with
