@@ -762,23 +762,33 @@ fn a_full_committer_queue_refuses_writes_with_503_and_retry_after() {
     .unwrap();
     c.spawn();
     assert_eq!(fire(&c, "committer.stall").0, 200);
-    // Three writers: the committer takes one and holds it; two wait in the queue.
-    let writers: Vec<_> = (0..3)
-        .map(|i| {
-            let (url, sd) = (c.url("/api/v1/builds"), sd.clone());
-            std::thread::spawn(move || {
-                let (path, bytes) = simple_drv(&sd, &format!("held-{i}"), "echo > $out");
-                let body = serde_json::json!({
-                    "derivations": [{"path": path, "contents": b64(&bytes)}],
-                    "builds": [path],
-                });
-                call("POST", &url, None, Some(&body))
-            })
+    // Three writers: the committer takes the first and holds it; two wait in the queue. They
+    // start one at a time, so the queue is never full before the committer took the first.
+    let writer = |i: usize| {
+        let (url, sd) = (c.url("/api/v1/builds"), sd.clone());
+        std::thread::spawn(move || {
+            let (path, bytes) = simple_drv(&sd, &format!("held-{i}"), "echo > $out");
+            let body = serde_json::json!({
+                "derivations": [{"path": path, "contents": b64(&bytes)}],
+                "builds": [path],
+            });
+            call("POST", &url, None, Some(&body))
         })
-        .collect();
-    wait_for("two writes queued behind the stalled one", LIMIT, || {
-        (metric(&c, "kiln_commit_queue_depth")? == 2.0).then_some(())
+    };
+    let mut writers = vec![writer(0)];
+    wait_for("the committer to hold the first write", LIMIT, || {
+        c.log()
+            .contains("fault point committer.stall: holding a batch")
+            .then_some(())
     });
+    for i in 1..=2 {
+        writers.push(writer(i));
+        wait_for(
+            &format!("{i} write(s) queued behind the held one"),
+            LIMIT,
+            || (metric(&c, "kiln_commit_queue_depth")? == i as f64).then_some(()),
+        );
+    }
     let (code, retry_after, body) = submit_one(&c, &sd, "refused");
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["error"]["code"], "overloaded", "{body}");

@@ -613,6 +613,12 @@ pub mod faults {
         pub(super) fn wait_while_stalled(&self) {
             let deadline = Instant::now() + MAX_STALL;
             let mut stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+            if *stalled {
+                // Tests wait for this line before they fill the queue behind the held batch.
+                tracing::warn!(
+                    "fault point committer.stall: holding a batch until committer.resume"
+                );
+            }
             while *stalled {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
