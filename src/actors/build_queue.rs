@@ -229,7 +229,7 @@ impl Handler<Submit> for BuildQueue {
             .await;
             r.map_err(|e| ActorError::Internal(format!("submission check failed: {e}")))
         };
-        Box::pin(check.into_actor(self).then(guard_map(
+        Box::pin(guard_future::<Self, _, _>(NAME, check).then(guard_map(
             NAME,
             || Self::ready(Err(unavailable(NAME))),
             |checked: Checked, act: &mut Self, ctx: &mut Context<Self>| {
