@@ -93,7 +93,7 @@ fn main() {
             CommitterOptions {
                 fsync: false,
                 max_batch: 64,
-                hook_routes: Default::default(),
+                ..Default::default()
             },
             Box::new(|_: &[EventRecord]| {}),
         )

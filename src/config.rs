@@ -23,6 +23,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub store: StoreConfig,
     pub limits: Limits,
+    pub supervision: SupervisionConfig,
     /// Hooks, each run on the events it names.
     pub hooks: Vec<HookConfig>,
     /// Optional narinfo signing key file (Nix's `name:base64` secret key format).
@@ -39,6 +40,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             store: StoreConfig::default(),
             limits: Limits::default(),
+            supervision: SupervisionConfig::default(),
             hooks: Vec::new(),
             signing_key_file: None,
         }
@@ -90,6 +92,9 @@ pub struct StoreConfig {
     pub cache_capacity_mb: u64,
     /// Most writes folded into one group commit.
     pub max_batch: usize,
+    /// Most writes waiting for the committer; a write beyond it is refused at once with 503
+    /// and `Retry-After`.
+    pub max_queued: usize,
 }
 
 impl Default for StoreConfig {
@@ -99,6 +104,25 @@ impl Default for StoreConfig {
             fsync: false,
             cache_capacity_mb: 64,
             max_batch: 1024,
+            max_queued: 8192,
+        }
+    }
+}
+
+/// The restart intensity: past `max_restarts` restarts of one actor within `window_s`, the
+/// coordinator shuts down with a non-zero exit instead of restarting it again.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    pub max_restarts: u32,
+    pub window_s: u64,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig {
+            max_restarts: 5,
+            window_s: 60,
         }
     }
 }
@@ -222,6 +246,14 @@ impl Config {
                 2 * t.heartbeat_interval_ms
             );
         }
+        anyhow::ensure!(
+            self.supervision.window_s > 0,
+            "supervision.window_s must be at least 1 (s)"
+        );
+        anyhow::ensure!(
+            self.store.max_queued > 0,
+            "store.max_queued must be at least 1"
+        );
         Ok(())
     }
 }
@@ -286,6 +318,28 @@ mod tests {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(needle), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn supervision_and_queue_limits_parse_and_are_checked() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(
+            (c.supervision.max_restarts, c.supervision.window_s),
+            (5, 60)
+        );
+        assert_eq!(c.store.max_queued, 8192);
+        let c: Config = toml::from_str(
+            "[supervision]\nmax_restarts = 2\nwindow_s = 10\n[store]\nmax_queued = 3\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.supervision.max_restarts, c.store.max_queued), (2, 3));
+        let c: Config = toml::from_str("[supervision]\nwindow_s = 0\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("supervision.window_s"), "{err}");
+        let c: Config = toml::from_str("[store]\nmax_queued = 0\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("store.max_queued"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `kiln coordinator`: opens the state, starts the committer, the actors and both listeners,
 //! writes the ready file, and runs until SIGINT/SIGTERM (then stops the listeners, lets the
-//! committer finish, and exits 0).
+//! committer finish, and exits 0) — or until an actor goes past the restart intensity (then the
+//! same clean shutdown, with exit status 70), or a commit's flush fails (the committer stops the
+//! process at once with exit status 74, answering no one).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -12,6 +14,7 @@ use crate::derivation::store_path::StoreDir;
 use crate::store::committer::CommitterOptions;
 use crate::store::nar_cache::{atomic_write, NarCache};
 use crate::store::{meta, Committer, Store, StoreOptions, TreeId};
+use crate::supervisor::EXIT_RESTART_INTENSITY;
 
 /// Command-line overrides of the config file.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -40,8 +43,11 @@ pub struct CoordinatorArgs {
 pub fn init_logging(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    // Colours only on a terminal: a log file or a journal gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if format == "json" {
         builder.json().try_init()
@@ -73,6 +79,7 @@ pub fn effective_config(args: &CoordinatorArgs) -> anyhow::Result<Config> {
 /// Run the coordinator until it is told to stop.
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<i32> {
     init_logging(&args.log_format);
+    crate::supervisor::install_panic_hook();
     let config = effective_config(&args)?;
     let prometheus = crate::telemetry::install()?;
     let system = actix::System::new();
@@ -99,8 +106,7 @@ async fn serve(
         )
     })?;
     let store_dir = resolve_store_dir(&config, &store)?;
-    let unrecorded =
-        store_dir.is_some() && store.tree(TreeId::Meta).get(meta::STORE_DIR)?.is_none();
+    let unrecorded = store_dir.is_some() && store.meta_str(meta::STORE_DIR)?.is_none();
     let mut hook_routes: std::collections::HashMap<String, Vec<String>> = Default::default();
     for h in &config.hooks {
         for e in &h.events {
@@ -116,6 +122,7 @@ async fn serve(
         CommitterOptions {
             fsync: config.store.fsync,
             max_batch: config.store.max_batch,
+            max_queued: config.store.max_queued,
             hook_routes,
         },
         crate::supervisor::event_listener(sink.clone()),
@@ -173,6 +180,12 @@ async fn serve(
         store: store.clone(),
         config: config.clone(),
         prometheus,
+        #[cfg(feature = "fault-points")]
+        faults: crate::http::faults::Targets {
+            allocator: actors.allocator.clone(),
+            hooks: actors.hooks.clone(),
+            committer: committer.clone(),
+        },
     });
     let (agent_srv, client_srv, listen, client_listen) =
         crate::http::bind(state, &config.listen, &config.client_listen)?;
@@ -182,17 +195,45 @@ async fn serve(
             serde_json::json!({"listen": listen, "client_listen": client_listen}).to_string();
         write_ready_file(f, &body)?;
     }
-    let (a, c) = tokio::join!(agent_srv, client_srv);
+    let (agent_handle, client_handle) = (agent_srv.handle(), client_srv.handle());
+    let servers = Box::pin(async move { tokio::join!(agent_srv, client_srv) });
+    let restarts = actors.restarts.clone();
+    let escalation = Box::pin(async move { restarts.gave_up().await });
+    use futures_util::future::{select, Either};
+    let (a, c, exit) = match select(servers, escalation).await {
+        Either::Left(((a, c), _)) => (a, c, 0),
+        Either::Right((gave_up, servers)) => {
+            tracing::error!(
+                actor = gave_up.actor,
+                restarts = gave_up.restarts,
+                "stopping the listeners: an actor went past the restart intensity"
+            );
+            // Graceful: requests in flight get their answers (bounded by the servers'
+            // shutdown timeout). The stop commands are sent now; the servers' own futures
+            // carry them out, so they are awaited together.
+            let stopped =
+                futures_util::future::join(agent_handle.stop(true), client_handle.stop(true));
+            let ((a, c), _) = futures_util::future::join(servers, stopped).await;
+            (a, c, EXIT_RESTART_INTENSITY)
+        }
+    };
     a.context("agent listener failed")?;
     c.context("client listener failed")?;
     tracing::info!("listeners stopped; finishing pending commits");
     let c2 = committer.clone();
     let _ = tokio::task::spawn_blocking(move || c2.shutdown_blocking()).await;
+    tracing::info!("committer drained");
     for arb in actors.arbiters {
         arb.stop();
     }
     actix::System::current().stop();
-    Ok(0)
+    if exit != 0 {
+        tracing::error!(
+            exit_status = exit,
+            "coordinator stopped after the restart intensity was exceeded; see the error above for the actor and its restarts"
+        );
+    }
+    Ok(exit)
 }
 
 fn write_ready_file(path: &Path, body: &str) -> anyhow::Result<()> {
@@ -206,10 +247,7 @@ fn write_ready_file(path: &Path, body: &str) -> anyhow::Result<()> {
 /// The store dir: from the config (or KILN_STORE_DIR), else the one recorded in the state dir
 /// by an earlier submission; a config that contradicts the recorded one is an error.
 fn resolve_store_dir(config: &Config, store: &Store) -> anyhow::Result<Option<StoreDir>> {
-    let recorded = store
-        .tree(TreeId::Meta)
-        .get(meta::STORE_DIR)?
-        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    let recorded = store.meta_str(meta::STORE_DIR)?;
     let configured = match &config.store_dir {
         Some(d) => {
             Some(StoreDir::new(d).map_err(|e| anyhow::anyhow!("store_dir {}: {e}", d.display()))?)

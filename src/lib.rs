@@ -18,8 +18,10 @@
 //! - `store`: sled trees, versioned bincode records, the group-commit committer, the NAR
 //!   cache (uploads, verification, narinfos, logs) and `kiln state dump`.
 //! - `actors`: one actor per file: `BuildQueue`, `Allocator`, `AgentSession` (and its
-//!   registry), `HookProcessor`, `EventLog`.
-//! - `supervisor`: starts the actors on their arbiters, restarts them, counts restarts.
+//!   registry), `HookProcessor`, `EventLog`; plus the panic guard and the rebuild every restart
+//!   does (`guard`), and the restart counters with the restart intensity (`restarts`).
+//! - `supervisor`: builds the actors from their factories and starts them supervised on their
+//!   arbiters; installs the panic hook.
 //! - `http`: actix-web routes; handlers only translate HTTP to actor messages and back.
 //! - `client`: the HTTP client behind `kiln submit`, `kiln builds`, ... and `kiln demo` (with
 //!   the generator of derivation graphs the demo and the tests build).

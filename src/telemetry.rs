@@ -37,7 +37,11 @@ fn describe() {
     );
     describe_counter!(
         "kiln_commits_total",
-        "Group commits of the state database, by result"
+        "Group commits of the state database, by result (ok, error; overloaded: a write refused because the queue was full)"
+    );
+    describe_gauge!(
+        "kiln_commit_queue_depth",
+        "Writes waiting for the committer (bounded by store.max_queued)"
     );
     describe_histogram!(
         "kiln_commit_seconds",

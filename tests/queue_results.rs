@@ -52,9 +52,8 @@ fn a_duplicate_result_is_answered_only_after_the_first_commit() {
     let committer = Committer::start(
         store.clone(),
         CommitterOptions {
-            fsync: false,
             max_batch: 64,
-            hook_routes: Default::default(),
+            ..Default::default()
         },
         listener,
     )

@@ -9,6 +9,12 @@
 //! Every lease has an end that needs no message from its holder: a heartbeat that does not
 //! list it (after the unheld bound), the agent timeout (a silent agent), and, for an agent that
 //! talks but sends no heartbeats, the unheld bound on leases never started.
+//!
+//! Supervision: every handler and the liveness tick run under the panic guard. A restart
+//! builds a fresh session for the same agent and systems: it owns nothing in sled (its leases
+//! are the build queue's), so what it loses is its pending commands, its lag allowance and
+//! its `must_reconcile` flag; its liveness verdict is recomputed from the shared last-seen
+//! time at the next tick.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -18,16 +24,19 @@ use actix::prelude::*;
 
 use super::allocator::{Allocator, TakeWork};
 use super::build_queue::{AgentLost, Allocate, BuildQueue, Reconcile, ReleaseUnstarted};
+use super::guard::{catch, guard_future, guard_map, unavailable, Rebuild};
 use super::queue_state::Unheld;
+use super::restarts::Restarts;
 use super::ActorError;
 use crate::protocol::{
     AgentCommand, Assignment, Bytes64, HeldBuild, OutputSpec, PathInfo, WorkReply,
 };
 use crate::store::records::{BuildRecord, DrvRecord, OutputRecord};
 use crate::store::{Store, StoreError, TreeId};
-use crate::supervisor::Restarts;
 
 use super::registry::Liveness;
+
+const NAME: &str = "agent session";
 
 /// How often liveness is checked.
 const TICK: Duration = Duration::from_millis(250);
@@ -157,16 +166,38 @@ impl Actor for AgentSession {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.last_tick = Instant::now();
-        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+        ctx.run_interval(TICK, |act, ctx| {
+            catch(NAME, ctx, |ctx| act.tick(ctx));
+        });
+    }
+}
+
+impl Rebuild for AgentSession {
+    const ACTOR: &'static str = "agent_session";
+
+    fn restarts(&self) -> Arc<Restarts> {
+        self.restarts.clone()
+    }
+
+    fn rebuild(&self) -> Result<AgentSession, ActorError> {
+        Ok(AgentSession::new(
+            self.agent_id,
+            self.name.clone(),
+            self.systems.clone(),
+            self.queue.clone(),
+            self.allocator.clone(),
+            self.store.clone(),
+            self.restarts.clone(),
+            self.liveness.clone(),
+            self.timeout,
+            self.unheld,
+        ))
     }
 }
 
 impl Supervised for AgentSession {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        self.restarts.record("agent_session");
-        self.pending.clear();
-        self.forgiven = Duration::ZERO;
-        self.last_tick = Instant::now();
+        super::guard::restart(self);
     }
 }
 
@@ -180,12 +211,14 @@ pub struct Opened {
 
 impl Handler<Opened> for AgentSession {
     type Result = ();
-    fn handle(&mut self, msg: Opened, _ctx: &mut Context<Self>) {
-        self.systems = msg.systems;
-        self.lost = false;
-        self.must_reconcile = false;
-        self.last_beat = Instant::now();
-        self.pending.extend(msg.commands);
+    fn handle(&mut self, msg: Opened, ctx: &mut Context<Self>) {
+        catch(NAME, ctx, |_| {
+            self.systems = msg.systems;
+            self.lost = false;
+            self.must_reconcile = false;
+            self.last_beat = Instant::now();
+            self.pending.extend(msg.commands);
+        });
     }
 }
 
@@ -200,25 +233,37 @@ pub struct Beat {
 impl Handler<Beat> for AgentSession {
     type Result = ResponseActFuture<Self, Result<Vec<AgentCommand>, ActorError>>;
 
-    fn handle(&mut self, msg: Beat, _ctx: &mut Context<Self>) -> Self::Result {
-        self.last_beat = Instant::now();
-        let ask = self.queue.send(Reconcile {
-            agent_id: self.agent_id,
-            held: msg.held,
-            unheld: Unheld::ReleaseAfter(self.unheld.as_millis() as u64),
+    fn handle(&mut self, msg: Beat, ctx: &mut Context<Self>) -> Self::Result {
+        let asked = catch(NAME, ctx, |_| {
+            self.last_beat = Instant::now();
+            self.queue.send(Reconcile {
+                agent_id: self.agent_id,
+                held: msg.held,
+                unheld: Unheld::ReleaseAfter(self.unheld.as_millis() as u64),
+            })
         });
-        Box::pin(ask.into_actor(self).map(|r, act, _ctx| {
-            let from_queue = r.map_err(|_| {
+        let Some(ask) = asked else {
+            return Box::pin(actix::fut::ready(Err(unavailable(NAME))));
+        };
+        let reconciled = async move {
+            ask.await.map_err(|_| {
                 ActorError::Unavailable("the build queue is restarting; retry".into())
-            })??;
-            // Reconciled (and committed): what the agent still runs is its own again,
-            // so new work may flow.
-            act.must_reconcile = false;
-            // Pending commands leave only with an answer that carries them.
-            let mut commands: Vec<AgentCommand> = act.pending.drain(..).collect();
-            commands.extend(from_queue);
-            Ok(commands)
-        }))
+            })?
+        };
+        Box::pin(guard_future::<Self, _, _>(NAME, reconciled).map(guard_map(
+            NAME,
+            || Err(unavailable(NAME)),
+            |r: Result<Vec<AgentCommand>, ActorError>, act: &mut Self, _ctx: &mut Context<Self>| {
+                let from_queue = r?;
+                // Reconciled (and committed): what the agent still runs is its own again, so
+                // new work may flow.
+                act.must_reconcile = false;
+                // Pending commands leave only with an answer that carries them.
+                let mut commands: Vec<AgentCommand> = act.pending.drain(..).collect();
+                commands.extend(from_queue);
+                Ok(commands)
+            },
+        )))
     }
 }
 
@@ -235,9 +280,9 @@ pub struct RequestWork {
 }
 
 impl Handler<RequestWork> for AgentSession {
-    type Result = ResponseFuture<Result<WorkReply, ActorError>>;
+    type Result = ResponseActFuture<Self, Result<WorkReply, ActorError>>;
 
-    fn handle(&mut self, msg: RequestWork, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: RequestWork, ctx: &mut Context<Self>) -> Self::Result {
         if let Some(r) = &msg.request {
             let ok = !r.is_empty()
                 && r.len() <= MAX_REQUEST_ID
@@ -245,12 +290,15 @@ impl Handler<RequestWork> for AgentSession {
                     .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
             if !ok {
                 let r = r.chars().take(MAX_REQUEST_ID + 1).collect::<String>();
-                return Box::pin(std::future::ready(Err(ActorError::BadRequest(format!(
+                return Box::pin(actix::fut::ready(Err(ActorError::BadRequest(format!(
                     "work request id {r:?} is not valid: use 1 to {MAX_REQUEST_ID} letters, digits, '.', '_' or '-' (or null)"
                 )))));
             }
         }
-        let commands: Vec<AgentCommand> = self.pending.drain(..).collect();
+        let Some(commands) = catch(NAME, ctx, |_| self.pending.drain(..).collect::<Vec<_>>())
+        else {
+            return Box::pin(actix::fut::ready(Err(unavailable(NAME))));
+        };
         let allocator = self.allocator.clone();
         let queue = self.queue.clone();
         let store = self.store.clone();
@@ -263,7 +311,7 @@ impl Handler<RequestWork> for AgentSession {
             msg.max.min(64) as usize
         };
         let request = msg.request;
-        Box::pin(async move {
+        Box::pin(guard_future::<Self, _, _>(NAME, async move {
             let mut builds = Vec::new();
             let mut ids = Vec::new();
             if max > 0 {
@@ -304,7 +352,40 @@ impl Handler<RequestWork> for AgentSession {
                 }
             }
             Ok(WorkReply { builds, commands })
-        })
+        }))
+    }
+}
+
+/// Fault point `agent_session.corrupt_memory_and_stop`: queue commands nobody decided and a
+/// huge lag allowance, then stop. After the restart the session delivers none of them.
+#[cfg(feature = "fault-points")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CorruptMemoryAndStop;
+
+#[cfg(feature = "fault-points")]
+impl Handler<CorruptMemoryAndStop> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, _msg: CorruptMemoryAndStop, ctx: &mut Context<Self>) {
+        tracing::warn!(agent = %self.name, "fault point agent_session.corrupt_memory_and_stop fired");
+        self.pending.push_back(AgentCommand::Abandon {
+            build_id: u64::MAX,
+            attempt: u32::MAX,
+        });
+        self.forgiven = Duration::from_secs(3600);
+        ctx.stop();
+    }
+}
+
+#[cfg(feature = "fault-points")]
+impl Handler<super::guard::faults::InjectPanic> for AgentSession {
+    type Result = ResponseActFuture<Self, Result<(), ActorError>>;
+    fn handle(
+        &mut self,
+        m: super::guard::faults::InjectPanic,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        super::guard::faults::inject_panic(NAME, m.0, ctx)
     }
 }
 

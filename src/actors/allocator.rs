@@ -3,6 +3,9 @@
 //! state of its own: `BuildQueue` tells it what became runnable or stopped being runnable
 //! (after the commit), and on (re)start it rebuilds the index from sled. Taking a build out of
 //! the index is only a proposal: `BuildQueue` decides whether it is still runnable.
+//!
+//! Supervision: every handler runs under the panic guard; a restart replaces the actor with a
+//! fresh one (empty index) and `started` rebuilds the index from the `builds` tree.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
@@ -10,11 +13,15 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+use super::guard::{catch, Guarded, Rebuild};
 use super::queue_state::RunnableEntry;
+use super::restarts::Restarts;
+use super::ActorError;
 use crate::protocol::{BuildId, BuildState};
 use crate::store::records::BuildRecord;
 use crate::store::{Store, TreeId};
-use crate::supervisor::Restarts;
+
+const NAME: &str = "allocator";
 
 /// The index itself: a plain structure, tested without actix.
 #[derive(Debug, Default)]
@@ -92,7 +99,8 @@ impl Allocator {
         }
     }
 
-    fn rebuild(&mut self) {
+    /// Fill the index from the `builds` tree.
+    fn reload_index(&mut self) {
         self.index = RunnableIndex::default();
         for r in self.store.scan::<BuildRecord>(TreeId::Builds) {
             match r {
@@ -112,15 +120,30 @@ impl Allocator {
 impl Actor for Allocator {
     type Context = Context<Self>;
 
-    fn started(&mut self, _ctx: &mut Context<Self>) {
-        self.rebuild();
-        tracing::info!(runnable = self.index.len(), "allocator index built");
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        catch(NAME, ctx, |_| {
+            self.reload_index();
+            tracing::info!(runnable = self.index.len(), "allocator index built");
+        });
+    }
+}
+
+impl Rebuild for Allocator {
+    const ACTOR: &'static str = "allocator";
+
+    fn restarts(&self) -> Arc<Restarts> {
+        self.restarts.clone()
+    }
+
+    /// An empty index; `started` fills it from sled.
+    fn rebuild(&self) -> Result<Allocator, ActorError> {
+        Ok(Allocator::new(self.store.clone(), self.restarts.clone()))
     }
 }
 
 impl Supervised for Allocator {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        self.restarts.record("allocator");
+        super::guard::restart(self);
     }
 }
 
@@ -149,39 +172,97 @@ pub struct TakeWork {
 
 impl Handler<BuildsRunnable> for Allocator {
     type Result = ();
-    fn handle(&mut self, msg: BuildsRunnable, _ctx: &mut Context<Self>) {
-        for e in msg.0 {
-            self.index.insert(e);
-        }
-        metrics::gauge!("kiln_runnable_builds").set(self.index.len() as f64);
+    fn handle(&mut self, msg: BuildsRunnable, ctx: &mut Context<Self>) {
+        catch(NAME, ctx, |_| {
+            for e in msg.0 {
+                self.index.insert(e);
+            }
+            metrics::gauge!("kiln_runnable_builds").set(self.index.len() as f64);
+        });
     }
 }
 
 impl Handler<BuildsUnrunnable> for Allocator {
     type Result = ();
-    fn handle(&mut self, msg: BuildsUnrunnable, _ctx: &mut Context<Self>) {
-        for id in msg.0 {
-            self.index.remove(id);
-        }
-        metrics::gauge!("kiln_runnable_builds").set(self.index.len() as f64);
+    fn handle(&mut self, msg: BuildsUnrunnable, ctx: &mut Context<Self>) {
+        catch(NAME, ctx, |_| {
+            for id in msg.0 {
+                self.index.remove(id);
+            }
+            metrics::gauge!("kiln_runnable_builds").set(self.index.len() as f64);
+        });
     }
 }
 
 impl Handler<Resync> for Allocator {
     type Result = ();
-    fn handle(&mut self, _msg: Resync, _ctx: &mut Context<Self>) {
-        self.rebuild();
+    fn handle(&mut self, _msg: Resync, ctx: &mut Context<Self>) {
+        catch(NAME, ctx, |_| self.reload_index());
     }
 }
 
 impl Handler<TakeWork> for Allocator {
-    type Result = MessageResult<TakeWork>;
-    fn handle(&mut self, msg: TakeWork, _ctx: &mut Context<Self>) -> Self::Result {
-        let started = std::time::Instant::now();
-        let ids = self.index.take(&msg.systems, msg.max);
-        metrics::histogram!("kiln_allocation_seconds").record(started.elapsed().as_secs_f64());
-        metrics::gauge!("kiln_runnable_builds").set(self.index.len() as f64);
-        MessageResult(ids)
+    type Result = Guarded<TakeWork>;
+    fn handle(&mut self, msg: TakeWork, ctx: &mut Context<Self>) -> Self::Result {
+        Guarded::run(NAME, ctx, |_| {
+            let started = std::time::Instant::now();
+            let ids = self.index.take(&msg.systems, msg.max);
+            metrics::histogram!("kiln_allocation_seconds").record(started.elapsed().as_secs_f64());
+            metrics::gauge!("kiln_runnable_builds").set(self.index.len() as f64);
+            ids
+        })
+    }
+}
+
+/// The runnable builds the index holds, sorted (tests compare them with sled).
+#[cfg(feature = "fault-points")]
+#[derive(Message)]
+#[rtype(result = "Vec<BuildId>")]
+pub struct IndexSnapshot;
+
+#[cfg(feature = "fault-points")]
+impl Handler<IndexSnapshot> for Allocator {
+    type Result = Guarded<IndexSnapshot>;
+    fn handle(&mut self, _msg: IndexSnapshot, ctx: &mut Context<Self>) -> Self::Result {
+        Guarded::run(NAME, ctx, |_| {
+            let mut ids: Vec<BuildId> = self.index.entries.keys().copied().collect();
+            ids.sort_unstable();
+            ids
+        })
+    }
+}
+
+/// Fault point `allocator.corrupt_memory_and_stop`: fill the index with builds sled does not
+/// hold as runnable and drop the real ones, then stop, as a bug that leaves memory wrong would.
+#[cfg(feature = "fault-points")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CorruptMemoryAndStop;
+
+#[cfg(feature = "fault-points")]
+impl Handler<CorruptMemoryAndStop> for Allocator {
+    type Result = ();
+    fn handle(&mut self, _msg: CorruptMemoryAndStop, ctx: &mut Context<Self>) {
+        tracing::warn!("fault point allocator.corrupt_memory_and_stop fired");
+        self.index = RunnableIndex::default();
+        self.index.insert(RunnableEntry {
+            id: u64::MAX,
+            system: "fault-point".into(),
+            priority: 0,
+        });
+        ctx.stop();
+    }
+}
+
+#[cfg(feature = "fault-points")]
+impl Handler<super::guard::faults::InjectPanic> for Allocator {
+    type Result = ResponseActFuture<Self, Result<(), ActorError>>;
+    fn handle(
+        &mut self,
+        m: super::guard::faults::InjectPanic,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        super::guard::faults::inject_panic(NAME, m.0, ctx)
     }
 }
 

@@ -10,18 +10,20 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::allocator::{Allocator, BuildsRunnable, BuildsUnrunnable, Resync};
+use super::guard::{catch, guard_future, guard_map, unavailable, Guarded, Rebuild};
 use super::queue_state::{Effects, FinishAnswer, QueueState, Unheld};
-use super::submission::prepare;
+use super::restarts::Restarts;
+use super::submission::{prepare, Prepared, SubmitError};
 use super::{guarded, ActorError};
 use crate::derivation::store_path::StoreDir;
 use crate::protocol::{
     AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, BuiltOutput, HeldBuild,
     ResultAck, SubmitBuilds, Submitted,
 };
+use crate::store::committer::Permit;
 use crate::store::nar_cache::NarCache;
 use crate::store::records::{AgentRecord, BuildRecord};
 use crate::store::{meta, now_ms, Committer, Store, TreeId};
-use crate::supervisor::Restarts;
 
 const NAME: &str = "build queue";
 
@@ -58,15 +60,22 @@ impl BuildQueue {
         })
     }
 
-    /// Commit a transition's effects; answer `value` after the flush (and, for a request that
-    /// repeats one still in flight, after that one's commit too). A failed commit stops the
-    /// actor (memory is ahead of sled), and the supervisor restarts it from sled.
+    /// A place in the committer's queue, taken before a transition changes memory, so a full
+    /// queue refuses the request (503 + `Retry-After`) with memory untouched.
+    fn reserve(&self) -> Result<Permit, ActorError> {
+        Ok(self.committer.reserve()?)
+    }
+
+    /// Commit a transition's effects in the place `permit` holds; answer `value` after the
+    /// flush (and, for a request that repeats one still in flight, after that one's commit
+    /// too). A failed commit stops the actor (memory is ahead of sled), and the supervisor
+    /// rebuilds it from sled.
     fn commit<T: 'static>(
         &mut self,
+        permit: Permit,
         fx: Effects,
         value: T,
     ) -> ResponseActFuture<Self, Result<T, ActorError>> {
-        let committer = self.committer.clone();
         let allocator = self.allocator.clone();
         let nars = self.nars.clone();
         let Effects {
@@ -87,10 +96,10 @@ impl BuildQueue {
         let made_available: Vec<String> = new_outputs.iter().map(|o| o.path.clone()).collect();
         // Yields the answer, and whether this transition's own writes landed.
         let fut = async move {
-            if !batch.is_empty() {
-                if let Err(e) = committer.commit(batch).await {
-                    return (Err(ActorError::Commit(e)), false);
-                }
+            if batch.is_empty() {
+                drop(permit);
+            } else if let Err(e) = permit.commit(batch).await {
+                return Ok((Err(ActorError::from(e)), false));
             }
             if !runnable.is_empty() {
                 allocator.do_send(BuildsRunnable(runnable));
@@ -109,31 +118,39 @@ impl BuildQueue {
                 // commit landed. (When this transition wrote something too, the committer
                 // applied it after the first, so this merely reads the outcome.)
                 if !first.landed().await {
-                    return (
+                    return Ok((
                         Err(ActorError::Unavailable(
                             "the first copy of this request could not be recorded; retry".into(),
                         )),
                         true,
-                    );
+                    ));
                 }
             }
-            (Ok(value), true)
+            Ok((Ok(value), true))
         };
-        Box::pin(
-            fut.into_actor(self)
-                .map(move |(res, landed), act, ctx| {
-                    if landed {
-                        act.state.committed(&made_available, &finished, &requests);
-                    } else {
-                        tracing::error!(error = ?res.as_ref().err(), "commit failed; restarting the build queue from sled");
-                        ctx.stop();
-                    }
-                    if let Some(tx) = landing {
-                        tx.send_replace(Some(landed));
-                    }
-                    res
-                }),
-        )
+        Box::pin(guard_future::<Self, _, _>(NAME, fut).map(guard_map(
+            NAME,
+            || Err(unavailable(NAME)),
+            move |out: Result<(Result<T, ActorError>, bool), ActorError>,
+                  act: &mut Self,
+                  ctx: &mut Context<Self>| {
+                let (res, landed) = match out {
+                    Ok(x) => x,
+                    // A panic in the future: the guard already stopped the actor.
+                    Err(e) => (Err(e), false),
+                };
+                if landed {
+                    act.state.committed(&made_available, &finished, &requests);
+                } else if matches!(res, Err(ActorError::Commit(_))) {
+                    tracing::error!(error = ?res.as_ref().err(), "commit failed; restarting the build queue from sled");
+                    ctx.stop();
+                }
+                if let Some(tx) = landing {
+                    tx.send_replace(Some(landed));
+                }
+                res
+            },
+        )))
     }
 
     fn ready<T: 'static>(
@@ -168,31 +185,55 @@ impl Actor for BuildQueue {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        tracing::info!(live = self.state.live().len(), "build queue started");
-        self.update_gauges();
-        ctx.run_interval(std::time::Duration::from_secs(2), |act, _| {
-            act.update_gauges()
+        catch(NAME, ctx, |ctx| {
+            tracing::info!(live = self.state.live().len(), "build queue started");
+            self.update_gauges();
+            ctx.run_interval(std::time::Duration::from_secs(2), |act, ctx| {
+                catch(NAME, ctx, |_| act.update_gauges());
+            });
         });
+    }
+}
+
+impl Rebuild for BuildQueue {
+    const ACTOR: &'static str = "build_queue";
+
+    fn restarts(&self) -> Arc<Restarts> {
+        self.restarts.clone()
+    }
+
+    /// Lets every write the old actor handed over land, then builds a fresh queue from sled
+    /// (builds and the recorded store dir) and has the allocator rebuild its index, since the
+    /// old actor's notifications after its last commits are lost.
+    fn rebuild(&self) -> Result<BuildQueue, ActorError> {
+        self.committer.barrier_blocking();
+        let store_dir = match self.store.meta_str(meta::STORE_DIR)? {
+            Some(d) => Some(StoreDir::new(&d).map_err(|e| {
+                ActorError::Internal(format!("the recorded store dir {d:?} is not valid: {e}"))
+            })?),
+            None => None,
+        };
+        let fresh = BuildQueue::new(
+            self.store.clone(),
+            self.committer.clone(),
+            self.allocator.clone(),
+            self.nars.clone(),
+            self.restarts.clone(),
+            store_dir,
+        )?;
+        self.allocator.do_send(Resync);
+        Ok(fresh)
     }
 }
 
 impl Supervised for BuildQueue {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        self.restarts.record("build_queue");
-        // Let every write the previous incarnation handed over land, then reload.
-        self.committer.barrier_blocking();
-        match QueueState::load(self.store.clone()) {
-            Ok(s) => self.state = s,
-            Err(e) => tracing::error!(error = %e, "build queue cannot reload its state from sled"),
-        }
-        if let Ok(Some(d)) = self.store.tree(TreeId::Meta).get(meta::STORE_DIR) {
-            if let Ok(sd) = StoreDir::new(String::from_utf8_lossy(&d).as_ref()) {
-                self.store_dir = Some(sd);
-            }
-        }
-        self.allocator.do_send(Resync);
+        super::guard::restart(self);
     }
 }
+
+/// A submission checked on a blocking thread, with its priority and tags.
+type Checked = Result<(Result<Prepared, SubmitError>, i32, Vec<(String, String)>), ActorError>;
 
 /// Queue builds (`POST /api/v1/builds`).
 #[derive(Message)]
@@ -215,49 +256,54 @@ impl Handler<Submit> for BuildQueue {
             .await;
             r.map_err(|e| ActorError::Internal(format!("submission check failed: {e}")))
         };
-        Box::pin(check.into_actor(self).then(|checked, act, ctx| {
-            let (prepared, priority, tags) = match checked {
-                Ok(x) => x,
-                Err(e) => return Self::ready(Err(e)),
-            };
-            let prepared = match prepared {
-                Ok(p) => p,
-                Err(e) => return Self::ready(Err(e.into())),
-            };
-            let r = guarded::<Self, _>(NAME, ctx, |_| {
-                if let Some(d) = &act.store_dir {
-                    if d != &prepared.store_dir {
-                        return Err(ActorError::BadRequest(format!(
-                            "this coordinator serves store dir {}, not {}",
-                            d.as_str(),
-                            prepared.store_dir.as_str()
-                        )));
+        Box::pin(guard_future::<Self, _, _>(NAME, check).then(guard_map(
+            NAME,
+            || Self::ready(Err(unavailable(NAME))),
+            |checked: Checked, act: &mut Self, ctx: &mut Context<Self>| {
+                let (prepared, priority, tags) = match checked {
+                    Ok(x) => x,
+                    Err(e) => return Self::ready(Err(e)),
+                };
+                let prepared = match prepared {
+                    Ok(p) => p,
+                    Err(e) => return Self::ready(Err(e.into())),
+                };
+                let r = guarded::<Self, _>(NAME, ctx, |_| {
+                    let permit = act.reserve()?;
+                    if let Some(d) = &act.store_dir {
+                        if d != &prepared.store_dir {
+                            return Err(ActorError::BadRequest(format!(
+                                "this coordinator serves store dir {}, not {}",
+                                d.as_str(),
+                                prepared.store_dir.as_str()
+                            )));
+                        }
                     }
+                    let (mut fx, builds) = act.state.submit(
+                        prepared.targets,
+                        prepared.new_drvs,
+                        priority,
+                        tags,
+                        now_ms(),
+                    )?;
+                    if act.store_dir.is_none() {
+                        fx.batch.put_raw(
+                            TreeId::Meta,
+                            meta::STORE_DIR,
+                            prepared.store_dir.as_str().as_bytes(),
+                        );
+                        act.store_dir = Some(prepared.store_dir.clone());
+                    }
+                    metrics::counter!("kiln_builds_submitted_total")
+                        .increment(builds.iter().filter(|b| !b.existing).count() as u64);
+                    Ok((permit, fx, builds))
+                });
+                match r {
+                    Ok((permit, fx, builds)) => act.commit(permit, fx, Submitted { builds }),
+                    Err(e) => Self::ready(Err(e)),
                 }
-                let (mut fx, builds) = act.state.submit(
-                    prepared.targets,
-                    prepared.new_drvs,
-                    priority,
-                    tags,
-                    now_ms(),
-                )?;
-                if act.store_dir.is_none() {
-                    fx.batch.put_raw(
-                        TreeId::Meta,
-                        meta::STORE_DIR,
-                        prepared.store_dir.as_str().as_bytes(),
-                    );
-                    act.store_dir = Some(prepared.store_dir.clone());
-                }
-                metrics::counter!("kiln_builds_submitted_total")
-                    .increment(builds.iter().filter(|b| !b.existing).count() as u64);
-                Ok((fx, builds))
-            });
-            match r {
-                Ok((fx, builds)) => act.commit(fx, Submitted { builds }),
-                Err(e) => Self::ready(Err(e)),
-            }
-        }))
+            },
+        )))
     }
 }
 
@@ -276,15 +322,19 @@ impl Handler<Allocate> for BuildQueue {
 
     fn handle(&mut self, msg: Allocate, ctx: &mut Context<Self>) -> Self::Result {
         let r = guarded::<Self, _>(NAME, ctx, |_| {
-            Ok(self.state.allocate(
-                msg.agent_id,
-                msg.request.as_deref(),
-                &msg.candidates,
-                now_ms(),
-            )?)
+            let permit = self.reserve()?;
+            Ok((
+                permit,
+                self.state.allocate(
+                    msg.agent_id,
+                    msg.request.as_deref(),
+                    &msg.candidates,
+                    now_ms(),
+                )?,
+            ))
         });
         match r {
-            Ok((fx, a)) => self.commit(fx, a.leased),
+            Ok((permit, (fx, a))) => self.commit(permit, fx, a.leased),
             Err(e) => Self::ready(Err(e)),
         }
     }
@@ -305,20 +355,23 @@ impl Handler<Progress> for BuildQueue {
     type Result = ResponseActFuture<Self, Result<(), ActorError>>;
 
     fn handle(&mut self, msg: Progress, ctx: &mut Context<Self>) -> Self::Result {
-        let r = guarded::<Self, _>(NAME, ctx, |_| match msg.to {
-            None => {
-                self.state
-                    .check_lease(msg.agent_id, msg.build_id, msg.attempt)?;
-                Ok(Effects::default())
-            }
-            Some(to) => {
-                Ok(self
-                    .state
-                    .advance(msg.agent_id, msg.build_id, msg.attempt, to, now_ms())?)
-            }
+        let r = guarded::<Self, _>(NAME, ctx, |_| {
+            let permit = self.reserve()?;
+            let fx = match msg.to {
+                None => {
+                    self.state
+                        .check_lease(msg.agent_id, msg.build_id, msg.attempt)?;
+                    Effects::default()
+                }
+                Some(to) => {
+                    self.state
+                        .advance(msg.agent_id, msg.build_id, msg.attempt, to, now_ms())?
+                }
+            };
+            Ok((permit, fx))
         });
         match r {
-            Ok(fx) => self.commit(fx, ()),
+            Ok((permit, fx)) => self.commit(permit, fx, ()),
             Err(e) => Self::ready(Err(e)),
         }
     }
@@ -341,28 +394,34 @@ impl Handler<Finish> for BuildQueue {
 
     fn handle(&mut self, msg: Finish, ctx: &mut Context<Self>) -> Self::Result {
         let r = guarded::<Self, _>(NAME, ctx, |_| {
-            Ok(self.state.finish(
-                msg.agent_id,
-                msg.build_id,
-                msg.attempt,
-                msg.outcome,
-                msg.log_attempt,
-                now_ms(),
-            )?)
+            let permit = self.reserve()?;
+            Ok((
+                permit,
+                self.state.finish(
+                    msg.agent_id,
+                    msg.build_id,
+                    msg.attempt,
+                    msg.outcome,
+                    msg.log_attempt,
+                    now_ms(),
+                )?,
+            ))
         });
         match r {
-            Ok((fx, FinishAnswer::Duplicate)) => self.commit(fx, ResultAck { duplicate: true }),
-            Ok((fx, FinishAnswer::Accepted)) => {
+            Ok((permit, (fx, FinishAnswer::Duplicate))) => {
+                self.commit(permit, fx, ResultAck { duplicate: true })
+            }
+            Ok((permit, (fx, FinishAnswer::Accepted))) => {
                 let result = if fx.new_outputs.is_empty() {
                     "failed"
                 } else {
                     "succeeded"
                 };
                 metrics::counter!("kiln_builds_finished_total", "result" => result).increment(1);
-                self.commit(fx, ResultAck { duplicate: false })
+                self.commit(permit, fx, ResultAck { duplicate: false })
             }
-            Ok((fx, FinishAnswer::Refused(e))) => Box::pin(
-                self.commit(fx, ())
+            Ok((permit, (fx, FinishAnswer::Refused(e)))) => Box::pin(
+                self.commit(permit, fx, ())
                     .map(move |r, _, _| r.and_then(|()| Err(ActorError::Queue(e)))),
             ),
             Err(e) => Self::ready(Err(e)),
@@ -379,12 +438,15 @@ impl Handler<Cancel> for BuildQueue {
     type Result = ResponseActFuture<Self, Result<BuildSummary, ActorError>>;
 
     fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) -> Self::Result {
-        let r = guarded::<Self, _>(NAME, ctx, |_| Ok(self.state.cancel(msg.0, now_ms())?));
+        let r = guarded::<Self, _>(NAME, ctx, |_| {
+            let permit = self.reserve()?;
+            Ok((permit, self.state.cancel(msg.0, now_ms())?))
+        });
         match r {
-            Ok((fx, s)) => {
+            Ok((permit, (fx, s))) => {
                 metrics::counter!("kiln_builds_finished_total", "result" => "canceled")
                     .increment(1);
-                self.commit(fx, s)
+                self.commit(permit, fx, s)
             }
             Err(e) => Self::ready(Err(e)),
         }
@@ -402,9 +464,12 @@ impl Handler<AgentLost> for BuildQueue {
     type Result = ResponseActFuture<Self, Result<(), ActorError>>;
 
     fn handle(&mut self, msg: AgentLost, ctx: &mut Context<Self>) -> Self::Result {
-        let r = guarded::<Self, _>(NAME, ctx, |_| Ok(self.state.agent_lost(msg.agent_id)?));
+        let r = guarded::<Self, _>(NAME, ctx, |_| {
+            let permit = self.reserve()?;
+            Ok((permit, self.state.agent_lost(msg.agent_id)?))
+        });
         match r {
-            Ok(fx) => self.commit(fx, ()),
+            Ok((permit, fx)) => self.commit(permit, fx, ()),
             Err(e) => Self::ready(Err(e)),
         }
     }
@@ -427,12 +492,14 @@ impl Handler<Reconcile> for BuildQueue {
 
     fn handle(&mut self, msg: Reconcile, ctx: &mut Context<Self>) -> Self::Result {
         let r = guarded::<Self, _>(NAME, ctx, |_| {
-            Ok(self
+            let permit = self.reserve()?;
+            let (fx, cmds) = self
                 .state
-                .reconcile(msg.agent_id, &msg.held, msg.unheld, now_ms())?)
+                .reconcile(msg.agent_id, &msg.held, msg.unheld, now_ms())?;
+            Ok((permit, fx, cmds))
         });
         match r {
-            Ok((fx, cmds)) => self.commit(fx, cmds),
+            Ok((permit, fx, cmds)) => self.commit(permit, fx, cmds),
             Err(e) => Self::ready(Err(e)),
         }
     }
@@ -452,12 +519,15 @@ impl Handler<ReleaseUnstarted> for BuildQueue {
 
     fn handle(&mut self, msg: ReleaseUnstarted, ctx: &mut Context<Self>) -> Self::Result {
         let r = guarded::<Self, _>(NAME, ctx, |_| {
-            Ok(self
-                .state
-                .release_unstarted(msg.agent_id, msg.bound_ms, now_ms())?)
+            let permit = self.reserve()?;
+            Ok((
+                permit,
+                self.state
+                    .release_unstarted(msg.agent_id, msg.bound_ms, now_ms())?,
+            ))
         });
         match r {
-            Ok(fx) => self.commit(fx, ()),
+            Ok((permit, fx)) => self.commit(permit, fx, ()),
             Err(e) => Self::ready(Err(e)),
         }
     }
@@ -519,10 +589,10 @@ impl Handler<List> for BuildQueue {
 pub struct LeasedTo(pub u64);
 
 impl Handler<LeasedTo> for BuildQueue {
-    type Result = MessageResult<LeasedTo>;
+    type Result = Guarded<LeasedTo>;
 
-    fn handle(&mut self, msg: LeasedTo, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.state.leased_to(msg.0))
+    fn handle(&mut self, msg: LeasedTo, ctx: &mut Context<Self>) -> Self::Result {
+        Guarded::run(NAME, ctx, |_| self.state.leased_to(msg.0))
     }
 }
 
@@ -532,10 +602,10 @@ impl Handler<LeasedTo> for BuildQueue {
 pub struct LiveBuilds;
 
 impl Handler<LiveBuilds> for BuildQueue {
-    type Result = MessageResult<LiveBuilds>;
+    type Result = Guarded<LiveBuilds>;
 
-    fn handle(&mut self, _msg: LiveBuilds, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.state.live().clone())
+    fn handle(&mut self, _msg: LiveBuilds, ctx: &mut Context<Self>) -> Self::Result {
+        Guarded::run(NAME, ctx, |_| self.state.live().clone())
     }
 }
 
@@ -576,5 +646,18 @@ impl Handler<PanicInHandler> for BuildQueue {
         guarded::<Self, _>(NAME, ctx, |_| {
             panic!("fault point build_queue.panic_in_handler fired")
         })
+    }
+}
+
+#[cfg(feature = "fault-points")]
+impl Handler<super::guard::faults::InjectPanic> for BuildQueue {
+    type Result = ResponseActFuture<Self, Result<(), ActorError>>;
+
+    fn handle(
+        &mut self,
+        m: super::guard::faults::InjectPanic,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        super::guard::faults::inject_panic(NAME, m.0, ctx)
     }
 }

@@ -4,6 +4,11 @@
 //! run as child processes on this actor's arbiter, never on the build queue's, up to each
 //! hook's `parallelism` at once; events of one build run in order. A failed run is retried with
 //! exponential backoff; after `max_attempts` the work moves to the dead-letter tree.
+//!
+//! Supervision: every handler, timer and continuation runs under the panic guard. A restart
+//! waits for the committer to land what the old actor handed over, then builds a fresh
+//! `HookProcessor` whose `started` reloads `hook_work` from sled; runs in flight are dropped
+//! (their child is killed on drop) and run again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Stdio;
@@ -14,11 +19,15 @@ use actix::prelude::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::event_log::event_json;
+use super::guard::{catch, guard_map, guard_task, Rebuild};
+use super::restarts::Restarts;
+use super::ActorError;
 use crate::config::HookConfig;
-use crate::store::keys::{hook_work_key, parse_hook_work_key, u64_key};
+use crate::store::keys::{hook_work_key, u64_key};
 use crate::store::records::{EventRecord, HookWorkRecord};
 use crate::store::{Batch, Committer, Store, TreeId};
-use crate::supervisor::Restarts;
+
+const NAME: &str = "hook processor";
 
 /// Most bytes of a hook's output kept for the error message.
 const OUTPUT_CAP: usize = 4096;
@@ -39,6 +48,8 @@ struct HookQueue {
 pub struct HookProcessor {
     store: Store,
     committer: Committer,
+    /// The hook settings this actor was built from (kept for its rebuild).
+    hooks: Vec<HookConfig>,
     queues: HashMap<String, HookQueue>,
     restarts: Arc<Restarts>,
 }
@@ -51,7 +62,8 @@ impl HookProcessor {
         restarts: Arc<Restarts>,
     ) -> HookProcessor {
         let queues = hooks
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|h| {
                 (
                     h.name.clone(),
@@ -67,25 +79,22 @@ impl HookProcessor {
         HookProcessor {
             store,
             committer,
+            hooks,
             queues,
             restarts,
         }
     }
 
-    /// Load every pending hook run from sled.
+    /// Add every pending hook run in sled that memory does not hold yet (all of them on a
+    /// fresh actor). Runs already known keep their state (running, backoff).
     fn load(&mut self) {
-        for q in self.queues.values_mut() {
-            q.pending.clear();
-            q.running = 0;
-            q.running_builds.clear();
-        }
-        for kv in self.store.tree(TreeId::HookWork).iter() {
-            let Ok((k, v)) = kv else { continue };
-            let Some((hook, seq)) = parse_hook_work_key(&k) else {
-                continue;
-            };
-            let Ok(w) = crate::store::codec::decode::<HookWorkRecord>(&v) else {
-                continue;
+        for r in self.store.hook_work() {
+            let (hook, seq, w) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read a hook work record; skipped");
+                    continue;
+                }
             };
             let Some(q) = self.queues.get_mut(&hook) else {
                 tracing::warn!(
@@ -95,6 +104,9 @@ impl HookProcessor {
                 );
                 continue;
             };
+            if q.pending.contains_key(&seq) {
+                continue;
+            }
             let build_id = self
                 .store
                 .get::<EventRecord>(TreeId::Events, &u64_key(seq))
@@ -162,7 +174,7 @@ impl HookProcessor {
         }
         if let Some(w) = next_wake {
             ctx.run_later(w.saturating_duration_since(now), |act, ctx| {
-                act.dispatch(ctx)
+                catch(NAME, ctx, |ctx| act.dispatch(ctx));
             });
         }
     }
@@ -183,9 +195,15 @@ impl HookProcessor {
             };
             run_hook(&config, &event).await
         };
-        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-            act.finished(hook, seq, attempts, res, ctx);
-        }));
+        ctx.spawn(guard_task::<Self, _, _>(NAME, fut).map(guard_map(
+            NAME,
+            || (),
+            move |res: Option<Result<(), String>>, act: &mut Self, ctx: &mut Context<Self>| {
+                if let Some(res) = res {
+                    act.finished(hook, seq, attempts, res, ctx);
+                }
+            },
+        )));
     }
 
     fn finished(
@@ -241,9 +259,10 @@ impl HookProcessor {
             .increment(1);
         let committer = self.committer.clone();
         ctx.spawn(
-            async move { committer.commit(batch).await }
-                .into_actor(self)
-                .map(move |committed, act, ctx| {
+            guard_task::<Self, _, _>(NAME, async move { committer.commit(batch).await }).map(
+                guard_map(NAME, || (), move |committed, act: &mut Self, ctx: &mut Context<Self>| {
+                    // `None`: the commit's future panicked and the actor is stopping.
+                    let Some(committed) = committed else { return };
                     let Some(q) = act.queues.get_mut(&hook) else { return };
                     q.running_builds.remove(&build_id);
                     match committed {
@@ -267,6 +286,7 @@ impl HookProcessor {
                     act.update_gauges();
                     act.dispatch(ctx);
                 }),
+            ),
         );
     }
 }
@@ -373,15 +393,53 @@ impl Actor for HookProcessor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.load();
-        self.dispatch(ctx);
+        catch(NAME, ctx, |ctx| {
+            self.load();
+            self.dispatch(ctx);
+        });
+    }
+}
+
+impl Rebuild for HookProcessor {
+    const ACTOR: &'static str = "hook_processor";
+
+    fn restarts(&self) -> Arc<Restarts> {
+        self.restarts.clone()
+    }
+
+    /// Lets every write the old actor handed over land, then a fresh actor; its `started`
+    /// loads `hook_work`.
+    fn rebuild(&self) -> Result<HookProcessor, ActorError> {
+        self.committer.barrier_blocking();
+        Ok(HookProcessor::new(
+            self.store.clone(),
+            self.committer.clone(),
+            self.hooks.clone(),
+            self.restarts.clone(),
+        ))
     }
 }
 
 impl Supervised for HookProcessor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        self.restarts.record("hook_processor");
-        self.committer.barrier_blocking();
+        super::guard::restart(self);
+    }
+}
+
+/// Add the pending work in sled that memory lacks (sent by a restarting `EventLog`, which may
+/// have lost a `NewEvents` for it).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LoadPending;
+
+impl Handler<LoadPending> for HookProcessor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: LoadPending, ctx: &mut Context<Self>) {
+        catch(NAME, ctx, |ctx| {
+            self.load();
+            self.dispatch(ctx);
+        });
     }
 }
 
@@ -394,19 +452,81 @@ impl Handler<NewEvents> for HookProcessor {
     type Result = ();
 
     fn handle(&mut self, msg: NewEvents, ctx: &mut Context<Self>) {
-        let now = Instant::now();
-        for e in msg.0 {
-            for q in self.queues.values_mut() {
-                if q.config.events.iter().any(|k| k == &e.kind) {
-                    q.pending.entry(e.seq).or_insert(Pending {
-                        build_id: e.build_id,
-                        attempts: 0,
-                        not_before: now,
-                    });
+        catch(NAME, ctx, |ctx| {
+            let now = Instant::now();
+            for e in msg.0 {
+                for q in self.queues.values_mut() {
+                    if q.config.events.iter().any(|k| k == &e.kind) {
+                        q.pending.entry(e.seq).or_insert(Pending {
+                            build_id: e.build_id,
+                            attempts: 0,
+                            not_before: now,
+                        });
+                    }
                 }
             }
+            self.update_gauges();
+            self.dispatch(ctx);
+        });
+    }
+}
+
+/// The pending runs memory holds, by hook, in sequence order (tests compare them with sled).
+#[cfg(feature = "fault-points")]
+#[derive(Message)]
+#[rtype(result = "BTreeMap<String, Vec<u64>>")]
+pub struct PendingSnapshot;
+
+#[cfg(feature = "fault-points")]
+impl Handler<PendingSnapshot> for HookProcessor {
+    type Result = super::guard::Guarded<PendingSnapshot>;
+    fn handle(&mut self, _msg: PendingSnapshot, ctx: &mut Context<Self>) -> Self::Result {
+        super::guard::Guarded::run(NAME, ctx, |_| {
+            self.queues
+                .iter()
+                .map(|(name, q)| (name.clone(), q.pending.keys().copied().collect()))
+                .collect()
+        })
+    }
+}
+
+/// Fault point `hook_processor.corrupt_memory_and_stop`: forget the real pending runs, invent
+/// one, then stop.
+#[cfg(feature = "fault-points")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CorruptMemoryAndStop;
+
+#[cfg(feature = "fault-points")]
+impl Handler<CorruptMemoryAndStop> for HookProcessor {
+    type Result = ();
+    fn handle(&mut self, _msg: CorruptMemoryAndStop, ctx: &mut Context<Self>) {
+        tracing::warn!("fault point hook_processor.corrupt_memory_and_stop fired");
+        let far = Instant::now() + Duration::from_secs(3600);
+        for q in self.queues.values_mut() {
+            q.pending.clear();
+            q.pending.insert(
+                u64::MAX,
+                Pending {
+                    build_id: 0,
+                    attempts: 0,
+                    not_before: far,
+                },
+            );
+            q.running = q.config.parallelism;
         }
-        self.update_gauges();
-        self.dispatch(ctx);
+        ctx.stop();
+    }
+}
+
+#[cfg(feature = "fault-points")]
+impl Handler<super::guard::faults::InjectPanic> for HookProcessor {
+    type Result = ResponseActFuture<Self, Result<(), ActorError>>;
+    fn handle(
+        &mut self,
+        m: super::guard::faults::InjectPanic,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        super::guard::faults::inject_panic(NAME, m.0, ctx)
     }
 }

@@ -3,6 +3,14 @@
 //! restarted alone). Session tokens live in memory only: after a coordinator restart agents
 //! get `session_unknown` and open a new session with their secret, which reconciles the builds
 //! they hold.
+//!
+//! Supervision: every handler runs under the panic guard. A registry restart keeps the three
+//! shared maps — [`Sessions`] (tokens, read by the HTTP layer), [`Liveness`] (stamped by the
+//! HTTP layer) and [`SessionActors`] (its running children) — because they are not the
+//! registry's own state: agents keep their sessions and their session actors keep running
+//! through it. What the registry owns is in sled (agents, names, `meta/next_agent_id`); the
+//! rebuild waits for the committer to land what the old registry handed over, then starts
+//! fresh (the next id is read from sled on first use, no name is reserved).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -15,15 +23,18 @@ use sha2::{Digest as _, Sha256};
 use super::agent_session::{AgentSession, Opened};
 use super::allocator::Allocator;
 use super::build_queue::{BuildQueue, LeasedTo, Reconcile};
+use super::guard::{catch, guard_future, guard_map, unavailable, Guarded, Rebuild};
 use super::queue_state::Unheld;
-use super::ActorError;
+use super::restarts::Restarts;
+use super::{guarded, ActorError};
 use crate::protocol::{
     AgentCreated, AgentId, AgentInfo, NewAgent, OpenSession, SessionOpened, PROTOCOL_VERSION,
 };
-use crate::store::keys::{parse_u64_key, u64_key};
+use crate::store::keys::u64_key;
 use crate::store::records::AgentRecord;
 use crate::store::{meta, now_ms, Batch, Committer, Store, TreeId};
-use crate::supervisor::Restarts;
+
+const NAME: &str = "agent registry";
 
 /// When each agent was last heard from; stamped by the HTTP layer on every authenticated
 /// request, read by the agent's session actor. Not persisted (DESIGN: persist lease grants,
@@ -107,6 +118,31 @@ impl Sessions {
     }
 }
 
+/// The running session actors, by agent: the registry's children. Shared rather than owned,
+/// so a registry restart keeps knowing the children that keep running through it (a second
+/// session actor for one agent would declare it lost on its own clock).
+#[derive(Default)]
+pub struct SessionActors {
+    inner: std::sync::Mutex<HashMap<AgentId, Addr<AgentSession>>>,
+}
+
+impl SessionActors {
+    pub fn get(&self, agent: AgentId) -> Option<Addr<AgentSession>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&agent)
+            .cloned()
+    }
+
+    fn insert(&self, agent: AgentId, addr: Addr<AgentSession>) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(agent, addr);
+    }
+}
+
 pub struct AgentRegistry {
     store: Store,
     committer: Committer,
@@ -119,7 +155,8 @@ pub struct AgentRegistry {
     heartbeat_interval: Duration,
     /// `timeouts.unheld_lease_ms`, for each agent's session.
     unheld_lease: Duration,
-    actors: HashMap<AgentId, Addr<AgentSession>>,
+    /// Shared with the next incarnation (see [`SessionActors`]).
+    actors: Arc<SessionActors>,
     /// The next agent id, once read from sled; ids are handed out here, one at a time, so two
     /// concurrent registrations cannot get the same id.
     next_agent_id: Option<u64>,
@@ -138,6 +175,7 @@ impl AgentRegistry {
         restarts: Arc<Restarts>,
         sessions: Arc<Sessions>,
         liveness: Arc<Liveness>,
+        actors: Arc<SessionActors>,
         agent_timeout: Duration,
         heartbeat_interval: Duration,
         unheld_lease: Duration,
@@ -153,16 +191,16 @@ impl AgentRegistry {
             agent_timeout,
             heartbeat_interval,
             unheld_lease,
-            actors: HashMap::new(),
+            actors,
             next_agent_id: None,
             reserved_names: HashSet::new(),
         }
     }
 
     fn session_actor(&mut self, rec: &AgentRecord, systems: Vec<String>) -> Addr<AgentSession> {
-        if let Some(a) = self.actors.get(&rec.id) {
+        if let Some(a) = self.actors.get(rec.id) {
             if a.connected() {
-                return a.clone();
+                return a;
             }
         }
         let (id, name) = (rec.id, rec.name.clone());
@@ -185,15 +223,11 @@ impl AgentRegistry {
         self.actors.insert(rec.id, addr.clone());
         addr
     }
-}
-
-impl Actor for AgentRegistry {
-    type Context = Context<Self>;
 
     /// Agents that hold leases (from before a restart) get a session actor now, with their
     /// timeout clock started: if they do not come back within the agent timeout, their leases
-    /// expire.
-    fn started(&mut self, _ctx: &mut Context<Self>) {
+    /// expire. Agents that already have a running session actor keep it.
+    fn await_lease_holders(&mut self) {
         let mut holders = HashSet::new();
         for r in self
             .store
@@ -221,9 +255,45 @@ impl Actor for AgentRegistry {
     }
 }
 
+impl Actor for AgentRegistry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        catch(NAME, ctx, |_| self.await_lease_holders());
+    }
+}
+
+impl Rebuild for AgentRegistry {
+    const ACTOR: &'static str = "agent_registry";
+
+    fn restarts(&self) -> Arc<Restarts> {
+        self.restarts.clone()
+    }
+
+    /// Lets every registration the old registry handed over land (so its names are in sled,
+    /// and `meta/next_agent_id` is past its ids), then a fresh registry over the same shared
+    /// maps.
+    fn rebuild(&self) -> Result<AgentRegistry, ActorError> {
+        self.committer.barrier_blocking();
+        Ok(AgentRegistry::new(
+            self.store.clone(),
+            self.committer.clone(),
+            self.queue.clone(),
+            self.allocator.clone(),
+            self.restarts.clone(),
+            self.sessions.clone(),
+            self.liveness.clone(),
+            self.actors.clone(),
+            self.agent_timeout,
+            self.heartbeat_interval,
+            self.unheld_lease,
+        ))
+    }
+}
+
 impl Supervised for AgentRegistry {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        self.restarts.record("agent_registry");
+        super::guard::restart(self);
     }
 }
 
@@ -256,9 +326,9 @@ pub struct CreateAgent(pub NewAgent);
 impl Handler<CreateAgent> for AgentRegistry {
     type Result = ResponseActFuture<Self, Result<AgentCreated, ActorError>>;
 
-    fn handle(&mut self, msg: CreateAgent, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: CreateAgent, ctx: &mut Context<Self>) -> Self::Result {
         let req = msg.0;
-        let checked = (|| -> Result<u64, ActorError> {
+        let checked = guarded::<Self, _>(NAME, ctx, |_| {
             if !valid_agent_name(&req.name) {
                 return Err(ActorError::BadRequest(format!(
                     "agent name {:?} is not valid: use 1 to 128 letters, digits, '.', '_' or '-'",
@@ -286,7 +356,7 @@ impl Handler<CreateAgent> for AgentRegistry {
             };
             self.next_agent_id = Some(id + 1);
             Ok(id)
-        })();
+        });
         let id = match checked {
             Ok(id) => id,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
@@ -323,10 +393,14 @@ impl Handler<CreateAgent> for AgentRegistry {
                 secret,
             })
         };
-        Box::pin(fut.into_actor(self).map(move |r, act, _ctx| {
-            act.reserved_names.remove(&name);
-            r
-        }))
+        Box::pin(guard_future::<Self, _, _>(NAME, fut).map(guard_map(
+            NAME,
+            || Err(unavailable(NAME)),
+            move |r, act: &mut Self, _ctx: &mut Context<Self>| {
+                act.reserved_names.remove(&name);
+                r
+            },
+        )))
     }
 }
 
@@ -338,9 +412,9 @@ pub struct Open(pub OpenSession);
 impl Handler<Open> for AgentRegistry {
     type Result = ResponseActFuture<Self, Result<SessionOpened, ActorError>>;
 
-    fn handle(&mut self, msg: Open, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Open, ctx: &mut Context<Self>) -> Self::Result {
         let req = msg.0;
-        let found = (|| -> Result<AgentRecord, ActorError> {
+        let found = guarded::<Self, _>(NAME, ctx, |_| {
             if req.protocol_version != PROTOCOL_VERSION {
                 return Err(ActorError::BadRequest(format!(
                     "unsupported_protocol: agent speaks protocol {}, this coordinator speaks {PROTOCOL_VERSION}; upgrade the older side",
@@ -353,13 +427,7 @@ impl Handler<Open> for AgentRegistry {
                     req.name
                 ))
             };
-            let id = self
-                .store
-                .tree(TreeId::AgentNames)
-                .get(req.name.as_bytes())
-                .map_err(crate::store::StoreError::from)?
-                .and_then(|v| parse_u64_key(&v))
-                .ok_or_else(refused)?;
+            let id = self.store.agent_id(&req.name)?.ok_or_else(refused)?;
             let rec: AgentRecord = self
                 .store
                 .get(TreeId::Agents, &u64_key(id))?
@@ -373,53 +441,50 @@ impl Handler<Open> for AgentRegistry {
             if diff != 0 || given.len() != rec.secret_hash.len() {
                 return Err(refused());
             }
-            Ok(rec)
-        })();
-        let rec = match found {
+            let token = random_hex(32);
+            self.sessions.replace(rec.id, &token);
+            self.liveness.touch(rec.id);
+            self.liveness.set_lost(rec.id, false);
+            let systems = if req.systems.is_empty() {
+                rec.systems.clone()
+            } else {
+                req.systems.clone()
+            };
+            let session = self.session_actor(&rec, systems.clone());
+            tracing::info!(agent = %rec.name, held = req.builds.len(), "agent session opened");
+            Ok((rec, token, systems, session))
+        });
+        let (rec, token, systems, session) = match found {
             Ok(r) => r,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
-        let token = random_hex(32);
-        self.sessions.replace(rec.id, &token);
-        self.liveness.touch(rec.id);
-        self.liveness.set_lost(rec.id, false);
-        let systems = if req.systems.is_empty() {
-            rec.systems.clone()
-        } else {
-            req.systems.clone()
-        };
-        let session = self.session_actor(&rec, systems.clone());
         let held = req.builds.clone();
         let queue = self.queue.clone();
         let (hb, timeout) = (self.heartbeat_interval, self.agent_timeout);
-        tracing::info!(agent = %rec.name, held = held.len(), "agent session opened");
         let agent_id = rec.id;
-        Box::pin(
-            async move {
-                let commands = queue
-                    .send(Reconcile {
-                        agent_id,
-                        held,
-                        unheld: Unheld::Release,
-                    })
-                    .await
-                    .map_err(|_| {
-                        ActorError::Unavailable("the build queue is restarting; retry".into())
-                    })??;
-                session.do_send(Opened {
-                    systems,
-                    commands: Vec::new(),
-                });
-                Ok(SessionOpened {
+        Box::pin(guard_future::<Self, _, _>(NAME, async move {
+            let commands = queue
+                .send(Reconcile {
                     agent_id,
-                    session_token: token,
-                    heartbeat_interval_ms: hb.as_millis() as u64,
-                    agent_timeout_ms: timeout.as_millis() as u64,
-                    commands,
+                    held,
+                    unheld: Unheld::Release,
                 })
-            }
-            .into_actor(self),
-        )
+                .await
+                .map_err(|_| {
+                    ActorError::Unavailable("the build queue is restarting; retry".into())
+                })??;
+            session.do_send(Opened {
+                systems,
+                commands: Vec::new(),
+            });
+            Ok(SessionOpened {
+                agent_id,
+                session_token: token,
+                heartbeat_interval_ms: hb.as_millis() as u64,
+                agent_timeout_ms: timeout.as_millis() as u64,
+                commands,
+            })
+        }))
     }
 }
 
@@ -429,9 +494,9 @@ impl Handler<Open> for AgentRegistry {
 pub struct SessionOf(pub AgentId);
 
 impl Handler<SessionOf> for AgentRegistry {
-    type Result = MessageResult<SessionOf>;
-    fn handle(&mut self, msg: SessionOf, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.actors.get(&msg.0).cloned())
+    type Result = Guarded<SessionOf>;
+    fn handle(&mut self, msg: SessionOf, ctx: &mut Context<Self>) -> Self::Result {
+        Guarded::run(NAME, ctx, |_| self.actors.get(msg.0))
     }
 }
 
@@ -441,13 +506,13 @@ impl Handler<SessionOf> for AgentRegistry {
 pub struct ListAgents;
 
 impl Handler<ListAgents> for AgentRegistry {
-    type Result = ResponseFuture<Result<Vec<AgentInfo>, ActorError>>;
+    type Result = ResponseActFuture<Self, Result<Vec<AgentInfo>, ActorError>>;
 
     fn handle(&mut self, _msg: ListAgents, _ctx: &mut Context<Self>) -> Self::Result {
         let store = self.store.clone();
         let liveness = self.liveness.clone();
         let queue = self.queue.clone();
-        Box::pin(async move {
+        Box::pin(guard_future::<Self, _, _>(NAME, async move {
             let mut out = Vec::new();
             for r in store.scan::<AgentRecord>(TreeId::Agents) {
                 let (_, a) = r?;
@@ -465,6 +530,55 @@ impl Handler<ListAgents> for AgentRegistry {
             metrics::gauge!("kiln_agents", "status" => "connected")
                 .set(out.iter().filter(|a| a.status == "connected").count() as f64);
             Ok(out)
+        }))
+    }
+}
+
+/// What the registry holds in memory of what sled owns (tests compare it with sled after a
+/// restart): the next agent id, if read yet, and the names being registered.
+#[cfg(feature = "fault-points")]
+#[derive(Message)]
+#[rtype(result = "(Option<u64>, Vec<String>)")]
+pub struct RegistrySnapshot;
+
+#[cfg(feature = "fault-points")]
+impl Handler<RegistrySnapshot> for AgentRegistry {
+    type Result = Guarded<RegistrySnapshot>;
+    fn handle(&mut self, _msg: RegistrySnapshot, ctx: &mut Context<Self>) -> Self::Result {
+        Guarded::run(NAME, ctx, |_| {
+            let mut names: Vec<String> = self.reserved_names.iter().cloned().collect();
+            names.sort();
+            (self.next_agent_id, names)
         })
+    }
+}
+
+/// Fault point `agent_registry.corrupt_memory_and_stop`: a wrong next id and a name reserved
+/// for ever, then a stop.
+#[cfg(feature = "fault-points")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CorruptMemoryAndStop;
+
+#[cfg(feature = "fault-points")]
+impl Handler<CorruptMemoryAndStop> for AgentRegistry {
+    type Result = ();
+    fn handle(&mut self, _msg: CorruptMemoryAndStop, ctx: &mut Context<Self>) {
+        tracing::warn!("fault point agent_registry.corrupt_memory_and_stop fired");
+        self.next_agent_id = Some(1);
+        self.reserved_names.insert("fault-point".into());
+        ctx.stop();
+    }
+}
+
+#[cfg(feature = "fault-points")]
+impl Handler<super::guard::faults::InjectPanic> for AgentRegistry {
+    type Result = ResponseActFuture<Self, Result<(), ActorError>>;
+    fn handle(
+        &mut self,
+        m: super::guard::faults::InjectPanic,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        super::guard::faults::inject_panic(NAME, m.0, ctx)
     }
 }

@@ -7,7 +7,11 @@ use crate::actors::queue_state::QueueError;
 use crate::actors::submission::SubmitError;
 use crate::actors::ActorError;
 use crate::protocol::{ErrorBody, ErrorDetail};
+use crate::store::committer::CommitError;
 use crate::store::nar_cache::UploadError;
+
+/// The `Retry-After` of every 503, in seconds.
+pub const RETRY_AFTER_S: &str = "1";
 
 /// An error answered to an HTTP client.
 #[derive(Debug)]
@@ -55,10 +59,12 @@ impl ResponseError for ApiError {
         self.status
     }
 
+    /// Every 503 (an actor restarting, the committer's queue full, shutting down) tells the
+    /// caller when to come back; `kiln-agent` waits that long instead of its own backoff.
     fn error_response(&self) -> HttpResponse {
         let mut r = HttpResponse::build(self.status);
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            r.insert_header(("Retry-After", "1"));
+            r.insert_header(("Retry-After", RETRY_AFTER_S));
         }
         r.json(ErrorBody {
             error: ErrorDetail {
@@ -102,6 +108,9 @@ impl From<ActorError> for ApiError {
                 }
                 _ => ApiError::new(S::UNPROCESSABLE_ENTITY, "bad_derivation", msg),
             },
+            ActorError::Commit(CommitError::Overloaded { .. }) => {
+                ApiError::new(S::SERVICE_UNAVAILABLE, "overloaded", msg)
+            }
             ActorError::Commit(_) | ActorError::Unavailable(_) => {
                 ApiError::new(S::SERVICE_UNAVAILABLE, "unavailable", msg)
             }

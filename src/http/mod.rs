@@ -7,6 +7,8 @@
 pub mod agent_api;
 pub mod client_api;
 pub mod error;
+#[cfg(feature = "fault-points")]
+pub mod faults;
 pub mod substitutes;
 
 use std::sync::Arc;
@@ -35,6 +37,9 @@ pub struct AppState {
     pub store: Store,
     pub config: Arc<Config>,
     pub prometheus: PrometheusHandle,
+    /// What the fault points reach (test builds only).
+    #[cfg(feature = "fault-points")]
+    pub faults: faults::Targets,
 }
 
 impl AppState {
@@ -44,10 +49,8 @@ impl AppState {
         if let Some(d) = &self.config.store_dir {
             return StoreDir::new(d).map(Some).map_err(|e| e.to_string());
         }
-        match self.store.tree(TreeId::Meta).get(meta::STORE_DIR) {
-            Ok(Some(v)) => StoreDir::new(String::from_utf8_lossy(&v).as_ref())
-                .map(Some)
-                .map_err(|e| e.to_string()),
+        match self.store.meta_str(meta::STORE_DIR) {
+            Ok(Some(v)) => StoreDir::new(&v).map(Some).map_err(|e| e.to_string()),
             Ok(None) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
@@ -107,13 +110,15 @@ pub fn bind(
         let big = web::JsonConfig::default()
             .limit(big_limit)
             .error_handler(error::json_error);
-        App::new()
+        let app = App::new()
             .app_data(s2.clone())
             .app_data(small())
-            .app_data(web::QueryConfig::default().error_handler(error::query_error))
-            .service(
-                web::scope(crate::protocol::CLIENT_API).configure(|c| client_api::routes(c, big)),
-            )
+            .app_data(web::QueryConfig::default().error_handler(error::query_error));
+        #[cfg(feature = "fault-points")]
+        let app = app.service(faults::scope());
+        app.service(
+            web::scope(crate::protocol::CLIENT_API).configure(|c| client_api::routes(c, big)),
+        )
     })
     .workers(2)
     .bind(client_listen)

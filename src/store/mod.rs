@@ -2,6 +2,11 @@
 //! kind, written only through the [`committer::Committer`] (group commit: one transaction and
 //! one flush per batch, replies after the flush). sled is behind this module and bincode
 //! behind [`codec`], so either is a one-module swap (docs/adr/001-storage.md).
+//!
+//! No sled type leaves `src/store/`: other modules read through typed accessors of [`Store`]
+//! (records by key, scans yielding [`Key`]s, the meta values, the event log after a sequence
+//! number, the hook work), and they cannot write at all — only the committer holds the trees.
+//! `tests/storage_boundary.rs` keeps it so.
 
 pub mod codec;
 pub mod committer;
@@ -75,10 +80,15 @@ pub mod meta {
 /// The state dir layout version this kiln writes.
 pub const SCHEMA_VERSION: u64 = 1;
 
+/// An error of the storage engine itself, opaque outside this module.
+#[derive(Debug, Error)]
+#[error(transparent)]
+pub struct EngineError(sled::Error);
+
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("state database error: {0}")]
-    Sled(#[from] sled::Error),
+    Engine(#[from] EngineError),
     #[error("stored {record} record cannot be decoded: {message}")]
     Codec {
         record: &'static str,
@@ -92,6 +102,40 @@ pub enum StoreError {
     Schema { path: PathBuf, found: u64 },
     #[error("I/O error on the state dir: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> StoreError {
+        StoreError::Engine(EngineError(e))
+    }
+}
+
+/// A key as stored: the bytes of a record's key (ids are big-endian, see [`keys`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key(sled::IVec);
+
+impl Key {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The id of a key made by [`keys::u64_key`].
+    pub fn as_u64(&self) -> Option<u64> {
+        keys::parse_u64_key(&self.0)
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Key {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Open options of the store.
@@ -137,7 +181,7 @@ impl Store {
                 sled::Error::Io(ref io) if io.to_string().contains("lock") => {
                     StoreError::Locked { path: path.clone() }
                 }
-                other => StoreError::Sled(other),
+                other => StoreError::from(other),
             })?;
         let trees = TreeId::ALL
             .iter()
@@ -162,15 +206,16 @@ impl Store {
         Ok(store)
     }
 
-    pub fn tree(&self, t: TreeId) -> &sled::Tree {
+    /// The engine's tree: for this module, the committer and the dump only.
+    fn tree(&self, t: TreeId) -> &sled::Tree {
         &self.trees[t as usize]
     }
 
-    pub(crate) fn trees(&self) -> &[sled::Tree] {
+    fn trees(&self) -> &[sled::Tree] {
         &self.trees
     }
 
-    pub(crate) fn db(&self) -> &sled::Db {
+    fn db(&self) -> &sled::Db {
         &self.db
     }
 
@@ -194,11 +239,20 @@ impl Store {
     pub fn scan<R: Record>(
         &self,
         t: TreeId,
-    ) -> impl Iterator<Item = Result<(sled::IVec, R), StoreError>> + '_ {
+    ) -> impl Iterator<Item = Result<(Key, R), StoreError>> + '_ {
         self.tree(t).iter().map(|kv| {
             let (k, v) = kv?;
-            Ok((k, codec::decode(&v)?))
+            Ok((Key(k), codec::decode(&v)?))
         })
+    }
+
+    /// Records in a tree.
+    pub fn len(&self, t: TreeId) -> usize {
+        self.tree(t).len()
+    }
+
+    pub fn is_empty(&self, t: TreeId) -> bool {
+        self.tree(t).is_empty()
     }
 
     /// A big-endian u64 from the meta tree.
@@ -207,6 +261,57 @@ impl Store {
             .tree(TreeId::Meta)
             .get(key)?
             .and_then(|v| keys::parse_u64_key(&v)))
+    }
+
+    /// A UTF-8 string from the meta tree (e.g. [`meta::STORE_DIR`]); bytes that are not UTF-8
+    /// are replaced, as they can only come from a damaged database.
+    pub fn meta_str(&self, key: &[u8]) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree(TreeId::Meta)
+            .get(key)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// The id of the agent registered under `name`.
+    pub fn agent_id(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .tree(TreeId::AgentNames)
+            .get(name.as_bytes())?
+            .and_then(|v| keys::parse_u64_key(&v)))
+    }
+
+    /// The sequence number of the last event in the log (0 when it is empty).
+    pub fn last_event_seq(&self) -> Result<u64, StoreError> {
+        Ok(match self.tree(TreeId::Events).last()? {
+            Some((k, _)) => keys::parse_u64_key(&k).unwrap_or(0),
+            None => 0,
+        })
+    }
+
+    /// The events with a sequence number above `since`, in order.
+    pub fn events_after(
+        &self,
+        since: u64,
+    ) -> impl Iterator<Item = Result<records::EventRecord, StoreError>> + '_ {
+        let from = keys::u64_key(since.saturating_add(1));
+        self.tree(TreeId::Events)
+            .range(from..)
+            .map(|kv| codec::decode(&kv?.1))
+    }
+
+    /// Every pending hook run: (hook name, event sequence number, record), grouped by hook
+    /// and in event order. A key that does not parse is skipped (it cannot be written).
+    pub fn hook_work(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, u64, records::HookWorkRecord), StoreError>> + '_ {
+        self.tree(TreeId::HookWork).iter().filter_map(|kv| {
+            let (k, v) = match kv {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let (hook, seq) = keys::parse_hook_work_key(&k)?;
+            Some(codec::decode(&v).map(|w| (hook, seq, w)))
+        })
     }
 
     /// Size of the database on disk, in bytes.

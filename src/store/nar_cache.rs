@@ -166,14 +166,15 @@ impl NarCache {
     }
 
     /// Append a body at `offset`; once the whole file is there, verify and store it.
-    pub async fn receive<S, E>(
+    pub async fn receive<S, B, E>(
         &self,
         key: &UploadKey,
         offset: u64,
         mut body: S,
     ) -> Result<UploadStatus, UploadError>
     where
-        S: Stream<Item = Result<actix_web::web::Bytes, E>> + Unpin,
+        S: Stream<Item = Result<B, E>> + Unpin,
+        B: AsRef<[u8]>,
         E: std::fmt::Display,
     {
         let name = key.file_name();
@@ -198,13 +199,14 @@ impl NarCache {
         let mut received = offset;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| UploadError::Body(e.to_string()))?;
+            let chunk = chunk.as_ref();
             received += chunk.len() as u64;
             if received > key.file_size {
                 drop(file);
                 let _ = std::fs::remove_file(&part);
                 return Err(UploadError::TooLarge(key.file_size));
             }
-            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut file, chunk).await?;
             metrics::counter!("kiln_upload_bytes_total").increment(chunk.len() as u64);
         }
         tokio::io::AsyncWriteExt::flush(&mut file).await?;
@@ -258,7 +260,7 @@ impl NarCache {
 
     /// Receive an input source as an uncompressed NAR; verify it against `nar_hash`, compress
     /// it into the cache and make the path available.
-    pub async fn receive_source<S, E>(
+    pub async fn receive_source<S, B, E>(
         &self,
         path: &str,
         nar_hash: &Hash,
@@ -267,7 +269,8 @@ impl NarCache {
         mut body: S,
     ) -> Result<OutputRecord, UploadError>
     where
-        S: Stream<Item = Result<actix_web::web::Bytes, E>> + Unpin,
+        S: Stream<Item = Result<B, E>> + Unpin,
+        B: AsRef<[u8]>,
         E: std::fmt::Display,
     {
         let tmp = self
@@ -284,6 +287,7 @@ impl NarCache {
                     return Err(UploadError::Body(e.to_string()));
                 }
             };
+            let chunk = chunk.as_ref();
             size += chunk.len() as u64;
             if size > limit {
                 drop(file);
@@ -292,7 +296,7 @@ impl NarCache {
                     "source NAR is larger than the limit of {limit} bytes (limits.source_nar_mb)"
                 )));
             }
-            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut file, chunk).await?;
         }
         tokio::io::AsyncWriteExt::flush(&mut file).await?;
         drop(file);
@@ -396,7 +400,7 @@ impl NarCache {
     }
 
     /// Store a build log (zstd-compressed bytes as the agent sent them).
-    pub async fn receive_log<S, E>(
+    pub async fn receive_log<S, B, E>(
         &self,
         build_id: u64,
         attempt: u32,
@@ -404,7 +408,8 @@ impl NarCache {
         mut body: S,
     ) -> Result<(), UploadError>
     where
-        S: Stream<Item = Result<actix_web::web::Bytes, E>> + Unpin,
+        S: Stream<Item = Result<B, E>> + Unpin,
+        B: AsRef<[u8]>,
         E: std::fmt::Display,
     {
         let dest = self.log_path(build_id, attempt);
@@ -420,6 +425,7 @@ impl NarCache {
                     return Err(e);
                 }
             };
+            let chunk = chunk.as_ref();
             size += chunk.len() as u64;
             if size > limit {
                 drop(file);
@@ -428,7 +434,7 @@ impl NarCache {
                     "build log is larger than the limit of {limit} bytes (limits.log_mb)"
                 )));
             }
-            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut file, chunk).await?;
         }
         file.sync_all().await?;
         drop(file);

@@ -1,12 +1,16 @@
-//! Starting and restarting the coordinator's actors. Each actor runs under
-//! `actix::Supervisor`, which restarts an actor that stops (keeping its mailbox); every actor's
-//! `Supervised::restarting` counts the restart in [`Restarts`] and reloads its state from sled.
-//! `BuildQueue`, `Allocator` and `HookProcessor` get arbiters (threads) of their own, so a slow
-//! one cannot stall the others; each arbiter's loop lag is measured.
+//! Starting the coordinator's actors under supervision, and the process-wide panic hook.
+//!
+//! Each actor is built by its factory here first (so a state that cannot be loaded is an error
+//! at start, not a panic on an arbiter), then runs under `actix::Supervisor`, which restarts an
+//! actor that stops and keeps its mailbox. Every piece of actor code runs under the panic guard
+//! (`actors::guard`), and every `Supervised::restarting` rebuilds the actor from its factory
+//! and counts the restart in [`Restarts`], which escalates past the restart intensity
+//! (`[supervision]`); `kiln coordinator` waits for that escalation to shut down with a
+//! non-zero exit. `BuildQueue`, `Allocator` and `HookProcessor` get arbiters (threads) of their
+//! own, so a slow one cannot stall the others; each arbiter's loop lag is measured.
+//! docs/adr/003-supervision.md records the design.
 
-mod restarts;
-
-pub use restarts::Restarts;
+pub use crate::actors::restarts::{GaveUp, Intensity, Restarts, EXIT_RESTART_INTENSITY};
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -17,7 +21,7 @@ use crate::actors::allocator::Allocator;
 use crate::actors::build_queue::BuildQueue;
 use crate::actors::event_log::{Committed, EventLog};
 use crate::actors::hook_processor::HookProcessor;
-use crate::actors::registry::{AgentRegistry, Liveness, Sessions};
+use crate::actors::registry::{AgentRegistry, Liveness, SessionActors, Sessions};
 use crate::actors::ActorError;
 use crate::config::Config;
 use crate::derivation::store_path::StoreDir;
@@ -34,6 +38,8 @@ pub struct Actors {
     pub hooks: Addr<HookProcessor>,
     pub sessions: Arc<Sessions>,
     pub liveness: Arc<Liveness>,
+    /// The registry's running session actors (kept across registry restarts).
+    pub session_actors: Arc<SessionActors>,
     pub restarts: Arc<Restarts>,
     /// The arbiters the actors run on; stopped at shutdown.
     pub arbiters: Vec<Arbiter>,
@@ -52,7 +58,19 @@ pub fn event_listener(sink: EventSink) -> crate::store::committer::Listener {
     })
 }
 
-/// Start every actor. Must run inside an actix system.
+/// The actor kinds, as named in `kiln_actor_restarts_total{actor}`.
+pub const ACTORS: [&str; 6] = [
+    "build_queue",
+    "allocator",
+    "agent_registry",
+    "agent_session",
+    "event_log",
+    "hook_processor",
+];
+
+/// Start every actor. Must run inside an actix system. A store dir given here must already be
+/// recorded in sled (`meta/store_dir`; `kiln coordinator` records it before): a restarting
+/// `BuildQueue` reads it from there.
 pub fn start(
     config: &Config,
     store: Store,
@@ -61,7 +79,14 @@ pub fn start(
     store_dir: Option<StoreDir>,
     sink: EventSink,
 ) -> Result<Actors, ActorError> {
-    let restarts = Arc::new(Restarts::new());
+    let restarts = Arc::new(Restarts::new(Intensity {
+        max_restarts: config.supervision.max_restarts,
+        window: Duration::from_secs(config.supervision.window_s),
+    }));
+    for actor in ACTORS {
+        // Exported from the start, so a dashboard sees 0 rather than no series.
+        metrics::counter!("kiln_actor_restarts_total", "actor" => actor).increment(0);
+    }
     let queue_arbiter = Arbiter::new();
     let alloc_arbiter = Arbiter::new();
     let hooks_arbiter = Arbiter::new();
@@ -74,27 +99,24 @@ pub fn start(
     }
     measure_lag_here("system");
 
-    let (s, r) = (store.clone(), restarts.clone());
+    // Each actor is built by its factory before it is started; a restart calls the same
+    // factory again (`Rebuild::rebuild`).
+    let allocator_actor = Allocator::new(store.clone(), restarts.clone());
     let allocator =
-        actix::Supervisor::start_in_arbiter(&alloc_arbiter.handle(), move |_| Allocator::new(s, r));
+        actix::Supervisor::start_in_arbiter(&alloc_arbiter.handle(), move |_| allocator_actor);
 
-    let (s, c, r, h) = (
+    let hooks_actor = HookProcessor::new(
         store.clone(),
         committer.clone(),
-        restarts.clone(),
         config.hooks.clone(),
+        restarts.clone(),
     );
-    let hooks = actix::Supervisor::start_in_arbiter(&hooks_arbiter.handle(), move |_| {
-        HookProcessor::new(s, c, h, r)
-    });
+    let hooks = actix::Supervisor::start_in_arbiter(&hooks_arbiter.handle(), move |_| hooks_actor);
 
-    let event_log = actix::Supervisor::start({
-        let (s, h, r) = (store.clone(), hooks.clone(), restarts.clone());
-        move |_| EventLog::new(s, Some(h), r)
-    });
+    let event_log_actor = EventLog::new(store.clone(), Some(hooks.clone()), restarts.clone());
+    let event_log = actix::Supervisor::start(move |_| event_log_actor);
     let _ = sink.set(event_log.clone().recipient());
 
-    // Built here so a failure to load is an error at start, not a panic in the arbiter.
     let queue_actor = BuildQueue::new(
         store.clone(),
         committer.clone(),
@@ -107,20 +129,21 @@ pub fn start(
 
     let sessions = Arc::new(Sessions::default());
     let liveness = Arc::new(Liveness::default());
-    let registry = actix::Supervisor::start({
-        let (s, c, q, a, r) = (
-            store,
-            committer,
-            queue.clone(),
-            allocator.clone(),
-            restarts.clone(),
-        );
-        let (se, l) = (sessions.clone(), liveness.clone());
-        let timeout = Duration::from_millis(config.timeouts.agent_timeout_ms);
-        let hb = Duration::from_millis(config.timeouts.heartbeat_interval_ms);
-        let unheld = Duration::from_millis(config.timeouts.unheld_lease());
-        move |_| AgentRegistry::new(s, c, q, a, r, se, l, timeout, hb, unheld)
-    });
+    let session_actors = Arc::new(SessionActors::default());
+    let registry_actor = AgentRegistry::new(
+        store,
+        committer,
+        queue.clone(),
+        allocator.clone(),
+        restarts.clone(),
+        sessions.clone(),
+        liveness.clone(),
+        session_actors.clone(),
+        Duration::from_millis(config.timeouts.agent_timeout_ms),
+        Duration::from_millis(config.timeouts.heartbeat_interval_ms),
+        Duration::from_millis(config.timeouts.unheld_lease()),
+    );
+    let registry = actix::Supervisor::start(move |_| registry_actor);
     Ok(Actors {
         queue,
         allocator,
@@ -129,9 +152,32 @@ pub fn start(
         hooks,
         sessions,
         liveness,
+        session_actors,
         restarts,
         arbiters: vec![queue_arbiter, alloc_arbiter, hooks_arbiter],
     })
+}
+
+/// Log every panic through `tracing`, with its place, thread and a backtrace, before it
+/// unwinds (so a panic the actor guard catches is still on the record, with where it came
+/// from). Replaces the default hook, which would print to stderr outside the log format.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let backtrace = std::backtrace::Backtrace::force_capture();
+        let thread = std::thread::current();
+        let payload = crate::actors::guard::panic_message(info.payload());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        tracing::error!(
+            panic = %payload,
+            location = %location,
+            thread = thread.name().unwrap_or("unnamed"),
+            backtrace = %backtrace,
+            "panic"
+        );
+    }));
 }
 
 const LAG_TICK: Duration = Duration::from_millis(100);
