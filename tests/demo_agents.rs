@@ -110,7 +110,11 @@ fn each_agent_option_starts_one_agent_and_the_graph_is_built() {
     logs.sort();
     assert_eq!(logs, ["demo-agent-1.log", "demo-agent-2.log"]);
     // The store dirs are read-only: open them up before removing the directory.
-    let chmod = Command::new("chmod").arg("-R").arg("u+w").arg(&kept).status();
+    let chmod = Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(&kept)
+        .status();
     assert!(chmod.unwrap().success());
     std::fs::remove_dir_all(&kept).unwrap();
 }

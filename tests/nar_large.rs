@@ -51,7 +51,10 @@ fn a_file_over_4_gib_dumps_and_validates_with_nix_hashes() {
     // The writer side (what an agent's spool records as NarHash / NarSize).
     let written = nar::hash_path(&path).unwrap();
     assert_eq!(written.nar_size, NAR_SIZE);
-    assert_eq!(written.nar_hash, want, "NarHash of the dump differs from Nix's");
+    assert_eq!(
+        written.nar_hash, want,
+        "NarHash of the dump differs from Nix's"
+    );
 
     // The reader side (what the coordinator's upload check computes): the dump streamed
     // through a pipe into `validate`, so no 4 GiB buffer exists anywhere.
@@ -69,5 +72,8 @@ fn a_file_over_4_gib_dumps_and_validates_with_nix_hashes() {
     let read = nar::validate(&mut r).unwrap();
     dumper.join().unwrap().unwrap();
     assert_eq!(read.nar_size, NAR_SIZE);
-    assert_eq!(read.nar_hash, want, "NarHash seen by the reader differs from Nix's");
+    assert_eq!(
+        read.nar_hash, want,
+        "NarHash seen by the reader differs from Nix's"
+    );
 }
