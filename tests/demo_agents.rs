@@ -3,6 +3,7 @@
 //! `--agent` starts exactly one agent, in order (`demo-agent-1`, `demo-agent-2`, ...), with the
 //! demo's agent arguments, that `kiln-agent` next to `kiln` is then not used, and that the demo
 //! still builds the whole graph and prints its usual summary.
+#![cfg(feature = "coordinator")]
 
 mod common;
 
