@@ -52,6 +52,12 @@ pub struct Timeouts {
     pub heartbeat_interval_ms: u64,
     /// An agent silent this long is lost and its leases expire.
     pub agent_timeout_ms: u64,
+    /// A request body (output, log or source upload) from which no byte arrives for this long
+    /// is dropped; the bytes of an output upload received so far are kept for resumption.
+    pub transfer_stall_ms: u64,
+    /// A partial output upload nobody resumed for this long is removed, with its lock (also
+    /// at start, judged by the partial file's modification time).
+    pub partial_upload_expiry_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -59,6 +65,8 @@ impl Default for Timeouts {
         Timeouts {
             heartbeat_interval_ms: 10_000,
             agent_timeout_ms: 60_000,
+            transfer_stall_ms: 60_000,
+            partial_upload_expiry_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -100,6 +108,8 @@ pub struct Limits {
     pub output_nar_mb: u64,
     /// Largest compressed build log, in MiB.
     pub log_mb: u64,
+    /// Largest build log once decompressed, in MiB (checked by streaming at upload).
+    pub log_decompressed_mb: u64,
     /// Largest JSON body on the other routes, in KiB.
     pub json_body_kb: u64,
 }
@@ -111,6 +121,7 @@ impl Default for Limits {
             source_nar_mb: 1024,
             output_nar_mb: 16 * 1024,
             log_mb: 64,
+            log_decompressed_mb: 1024,
             json_body_kb: 256,
         }
     }
@@ -192,6 +203,14 @@ impl Config {
         anyhow::ensure!(
             self.timeouts.agent_timeout_ms >= 1000,
             "timeouts.agent_timeout_ms must be at least 1000 (1 s)"
+        );
+        anyhow::ensure!(
+            self.timeouts.transfer_stall_ms >= 100,
+            "timeouts.transfer_stall_ms must be at least 100 (0.1 s)"
+        );
+        anyhow::ensure!(
+            self.timeouts.partial_upload_expiry_ms >= 1000,
+            "timeouts.partial_upload_expiry_ms must be at least 1000 (1 s)"
         );
         anyhow::ensure!(
             self.timeouts.heartbeat_interval_ms > 0

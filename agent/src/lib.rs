@@ -6,7 +6,7 @@
 //! # Layout
 //!
 //! - [`cli`]: the command line.
-//! - [`retry`]: the one retry policy every network call goes through (the `backoff` crate).
+//! - [`retry`]: how every network call is retried, with `kiln::retry`'s one policy.
 //! - [`client`]: the coordinator's agent API over HTTP; sessions and their reopening.
 //! - [`session`]: the session loop: heartbeats, work requests, commands, shutdown.
 //! - [`deliver`]: uploads of outputs and logs, and result reports.
