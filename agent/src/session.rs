@@ -329,7 +329,7 @@ async fn run_build(agent: Arc<Agent>, a: Assignment, permit: Option<OwnedSemapho
                 metrics::BUILDS_ABANDONED.inc();
             }
             tracing::info!(build_id = id, attempt, reason = ?reason, "dropping build");
-            dir.remove();
+            dir.remove().await;
             return agent.unregister(id);
         }
         Err(e) => Outcome::Failed {
@@ -337,13 +337,13 @@ async fn run_build(agent: Arc<Agent>, a: Assignment, permit: Option<OwnedSemapho
         },
     };
     let report = StoredReport::new(id, attempt, outcome, dir.log().exists());
-    if let Err(e) = dir.write_report(&report) {
+    if let Err(e) = dir.write_report(&report).await {
         tracing::error!(
             build_id = id,
             error = format!("{e:#}"),
             "failed to store the report, dropping the build"
         );
-        dir.remove();
+        dir.remove().await;
         return agent.unregister(id);
     }
     deliver_and_finish(agent, dir, report, stop).await;
@@ -356,8 +356,8 @@ async fn build(
     dir: &BuildDir,
     stop: &mut watch::Receiver<Option<StopReason>>,
 ) -> anyhow::Result<BuildResult> {
-    dir.create()?;
-    dir.write_assignment(a)?;
+    dir.create().await?;
+    dir.write_assignment(a).await?;
     let start = StartReport { attempt: a.attempt };
     let path = format!("builds/{}/start", a.build_id);
     if let Err(e) = agent
@@ -395,10 +395,13 @@ async fn deliver_and_finish(
             let _slot = agent.upload_slots.acquire().await;
             deliver::deliver(&agent.coordinator, &dir, report.clone()).await
         } => r,
-        r = stop.wait_for(|s| matches!(s, Some(StopReason::Abandon | StopReason::Shutdown))) => {
-            if matches!(r.ok().and_then(|s| *s), Some(StopReason::Abandon)) {
+        abandoned = async {
+            let r = stop.wait_for(|s| matches!(s, Some(StopReason::Abandon | StopReason::Shutdown))).await;
+            matches!(r.ok().and_then(|s| *s), Some(StopReason::Abandon))
+        } => {
+            if abandoned {
                 metrics::BUILDS_ABANDONED.inc();
-                dir.remove();
+                dir.remove().await;
             }
             return agent.unregister(id);
         }
@@ -429,6 +432,6 @@ async fn deliver_and_finish(
             tracing::error!(build_id = id, attempt, error = %e, "coordinator refused the result, dropping the build");
         }
     }
-    dir.remove();
+    dir.remove().await;
     agent.unregister(id);
 }

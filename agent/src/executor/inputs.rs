@@ -5,6 +5,11 @@
 //! `.<hash>-<name>.tmp-<random>` in the store dir and renamed into place, so nobody ever sees a
 //! half-restored path. A per-path lock makes concurrent builds that need the same input wait
 //! for one download instead of racing.
+//!
+//! A download that breaks off (reset, or no byte for the stall timeout: the progress watchdog
+//! of [`crate::transfer`]) is resumed where it stopped with `Range: bytes=<received>-`; the
+//! decompressing restorer on its blocking thread never notices. Decompression, hashing and file
+//! writes all run on that blocking thread, never on the runtime's (which sends heartbeats).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -15,9 +20,11 @@ use kiln::protocol::PathInfo;
 use tokio::sync::mpsc;
 
 use crate::client::Coordinator;
+use crate::metrics;
 use crate::nario::{self, HashReader, NarError};
-use crate::retry::{ApiError, CallError};
-use crate::state::remove_tree;
+use crate::retry::{ApiError, CallError, Policy};
+use crate::state::{blocking, remove_tree};
+use crate::transfer::{self, Progress};
 
 /// Per-store-path locks, shared by every build of the agent.
 #[derive(Debug, Default, Clone)]
@@ -53,28 +60,13 @@ pub async fn fetch_all(
     Ok(())
 }
 
-/// One try: download, decompress, check and restore; the temporary path is removed on failure.
+/// One try: download (resuming after breaks), decompress, check and restore; the temporary
+/// path is removed on failure.
 async fn fetch_one(
     coordinator: &Coordinator,
     info: &PathInfo,
     dest: &Path,
 ) -> Result<(), CallError> {
-    let resp = coordinator
-        .http()
-        .get(coordinator.url(&info.url))
-        .send()
-        .await
-        .map_err(|e| crate::retry::classify_transport(&e))?;
-    if !resp.status().is_success() {
-        let status = resp.status().as_u16();
-        let ra = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = resp.bytes().await.unwrap_or_default();
-        return Err(crate::retry::classify(status, ra.as_deref(), &body));
-    }
     let base = dest
         .file_name()
         .map(|b| b.to_string_lossy().into_owned())
@@ -85,39 +77,170 @@ async fn fetch_one(
     let (tmp2, dest2) = (tmp.clone(), dest.to_owned());
     let restorer =
         tokio::task::spawn_blocking(move || restore(rx, &tmp2, &dest2, &want_hash, want_size));
-    let mut resp = resp;
-    let streamed = async {
-        loop {
-            let chunk = match resp.chunk().await {
-                Ok(Some(c)) => Ok(c),
-                Ok(None) => return Ok(()),
-                // Tell the restorer the stream broke, so it does not take it for a short NAR.
-                Err(e) => Err(crate::retry::classify_transport(&e)),
-            };
-            let failed = chunk
-                .as_ref()
-                .err()
-                .map(|e| CallError::transient(e.to_string()));
-            if tx.send(chunk.map_err(|_| ())).await.is_err() {
-                return Ok(()); // The restorer stopped early; its error says why.
-            }
-            if let Some(e) = failed {
-                return Err(e);
-            }
-        }
-    }
+    let url = coordinator.url(&info.url);
+    let streamed = download(
+        coordinator.http(),
+        &url,
+        coordinator.transfer_stall(),
+        &Policy::AGENT,
+        &tx,
+    )
     .await;
+    if streamed.is_err() {
+        // Tell the restorer the stream broke, so it does not take it for a short NAR.
+        let _ = tx.send(Err(())).await;
+    }
     drop(tx);
     let restored = restorer
         .await
         .map_err(|e| CallError::transient(format!("restore task failed: {e}")))?;
     if let Err(e) = streamed.and(restored) {
-        if let Err(rm) = remove_tree(&tmp) {
+        let t = tmp.clone();
+        if let Err(rm) = blocking("remove a partial input", move || remove_tree(&t)).await {
             tracing::warn!(path = %tmp.display(), error = format!("{rm:#}"), "failed to remove a partial input");
         }
         return Err(e);
     }
     Ok(())
+}
+
+/// Streams `url` into `tx`, resuming with `Range` after every transient break (a reset, a
+/// 5xx, or no byte for `stall`), waiting between tries as `policy` says (or as `Retry-After`
+/// says). Returns when the body is complete, when the receiver stopped listening (its own
+/// error then says why), or on a permanent failure.
+pub async fn download(
+    http: &reqwest::Client,
+    url: &str,
+    stall: std::time::Duration,
+    policy: &Policy,
+    tx: &mpsc::Sender<Chunk>,
+) -> Result<(), CallError> {
+    let mut received = 0u64;
+    let mut backoff = policy.backoff();
+    loop {
+        let progress = Progress::new();
+        let before = received;
+        let attempt = transfer::watch(
+            "download input",
+            stall,
+            &progress,
+            download_from(http, url, &mut received, &progress, tx),
+        )
+        .await;
+        let (message, retry_after) = match attempt {
+            Ok(()) => return Ok(()),
+            Err(CallError::Transient {
+                message,
+                retry_after,
+            }) => (message, retry_after),
+            Err(e) => return Err(e),
+        };
+        if received > before {
+            // Bytes moved: the link works, so the next break starts its waits afresh.
+            backoff = policy.backoff();
+        }
+        let Some(next) = backoff.next_wait() else {
+            return Err(CallError::Transient {
+                message,
+                retry_after,
+            });
+        };
+        let wait = Policy::wait(next, retry_after);
+        metrics::RETRIES.inc();
+        if received > 0 {
+            metrics::RESUMED_DOWNLOADS.inc();
+        }
+        tracing::warn!(url, received, error = %message, wait_ms = wait.as_millis() as u64, "download broke off; resuming");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One request of a download: from byte `received` on (a `Range` request when above 0),
+/// adding to `received` as chunks are handed to `tx`.
+async fn download_from(
+    http: &reqwest::Client,
+    url: &str,
+    received: &mut u64,
+    progress: &Progress,
+    tx: &mpsc::Sender<Chunk>,
+) -> Result<(), CallError> {
+    let mut rb = http.get(url);
+    if *received > 0 {
+        rb = rb.header(reqwest::header::RANGE, format!("bytes={received}-"));
+    }
+    let mut resp = rb
+        .send()
+        .await
+        .map_err(|e| crate::retry::classify_transport(&e))?;
+    progress.tick();
+    let status = resp.status().as_u16();
+    // Bytes of this answer to drop: those we already have, when the server ignored the range.
+    let mut skip = match status {
+        206 => {
+            let start = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(content_range_start);
+            if start != Some(*received) {
+                return Err(CallError::Rejected(ApiError {
+                    status,
+                    code: "bad_range".into(),
+                    message: format!(
+                        "asked {url} for bytes from {received} on, got Content-Range starting at {start:?}"
+                    ),
+                }));
+            }
+            0
+        }
+        200 => *received,
+        _ => {
+            let ra = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = resp.bytes().await.unwrap_or_default();
+            return Err(crate::retry::classify(status, ra.as_deref(), &body));
+        }
+    };
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                return if skip > 0 {
+                    Err(CallError::transient(format!(
+                        "{url} ended before the {received} bytes already received"
+                    )))
+                } else {
+                    Ok(())
+                };
+            }
+            Err(e) => return Err(crate::retry::classify_transport(&e)),
+        };
+        progress.tick();
+        let mut chunk = chunk;
+        if skip > 0 {
+            let drop_now = skip.min(chunk.len() as u64) as usize;
+            let _ = chunk.split_to(drop_now);
+            skip -= drop_now as u64;
+            if chunk.is_empty() {
+                continue;
+            }
+        }
+        let n = chunk.len() as u64;
+        if tx.send(Ok(chunk)).await.is_err() {
+            return Ok(()); // The restorer stopped early; its error says why.
+        }
+        *received += n;
+    }
+}
+
+/// The first byte position of a `Content-Range: bytes a-b/len` header.
+fn content_range_start(v: &str) -> Option<u64> {
+    let range = v.trim().strip_prefix("bytes ")?;
+    let (a, _) = range.split_once('-')?;
+    a.trim().parse().ok()
 }
 
 /// Blocking: decompress and restore what arrives on `rx`, check it, rename it into place.
@@ -172,7 +295,7 @@ fn restore(
 }
 
 /// A piece of the download, or the news that the download broke.
-type Chunk = Result<bytes::Bytes, ()>;
+pub type Chunk = Result<bytes::Bytes, ()>;
 
 /// A blocking `Read` over the chunks an async task sends.
 struct ChannelReader {
