@@ -133,7 +133,8 @@ impl BuildDir {
             if path.exists() {
                 remove_tree(&path)?;
             }
-            fs::create_dir_all(&path).with_context(|| format!("failed to create {}", path.display()))
+            fs::create_dir_all(&path)
+                .with_context(|| format!("failed to create {}", path.display()))
         })
         .await
     }

@@ -317,3 +317,172 @@ impl Read for ChannelReader {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+    use std::time::Duration;
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+    use tokio::net::TcpListener;
+
+    /// How the test server breaks the first answer after half the body.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Break {
+        /// Close the connection (the client sees the body end early).
+        Close,
+        /// Keep the connection open and send nothing more (only the watchdog can tell).
+        GoSilent,
+    }
+
+    /// A compressed NAR of incompressible data, with its `PathInfo`.
+    fn input(store: &Path) -> (PathInfo, Vec<u8>, Vec<u8>) {
+        let src = store.join("src-tree");
+        std::fs::create_dir_all(&src).unwrap();
+        let data: Vec<u8> = (0..1_500_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(src.join("data"), &data).unwrap();
+        let mut nar = Vec::new();
+        kiln::nar::dump(&src, &mut nar).unwrap();
+        let zst = zstd::encode_all(nar.as_slice(), 1).unwrap();
+        let h = |b: &[u8]| {
+            let mut r = HashReader::new(b);
+            std::io::copy(&mut r, &mut std::io::sink()).unwrap();
+            r.finish()
+        };
+        let (nar_hash, nar_size) = h(&nar);
+        let (file_hash, file_size) = h(&zst);
+        let info = PathInfo {
+            path: format!("{}/0123456789abcdfghijklmnpqrsvwxyz-input", store.display()),
+            nar_hash,
+            nar_size,
+            file_hash,
+            file_size,
+            compression: "zstd".into(),
+            url: "nar/input.nar.zst".into(),
+            references: vec![],
+        };
+        (info, zst, data)
+    }
+
+    /// Serves `file`: the first answer breaks after half of it; later answers honour `Range`.
+    /// Records the `Range` header of every request.
+    async fn serve(
+        listener: TcpListener,
+        file: Vec<u8>,
+        brk: Break,
+        ranges: Arc<StdMutex<Vec<Option<String>>>>,
+    ) {
+        let mut first = true;
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut conn = BufReader::new(sock);
+            let mut range = None;
+            loop {
+                let mut line = String::new();
+                if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    break;
+                }
+                let l = line.trim_end();
+                if l.is_empty() {
+                    break;
+                }
+                if let Some(v) = l
+                    .strip_prefix("range: ")
+                    .or_else(|| l.strip_prefix("Range: "))
+                {
+                    range = Some(v.to_owned());
+                }
+            }
+            ranges.lock().unwrap().push(range.clone());
+            let len = file.len();
+            if first {
+                first = false;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                conn.get_mut().write_all(head.as_bytes()).await.unwrap();
+                conn.get_mut().write_all(&file[..len / 2]).await.unwrap();
+                conn.get_mut().flush().await.unwrap();
+                match brk {
+                    Break::Close => drop(conn),
+                    Break::GoSilent => {
+                        // Hold the connection open, silent, until the test ends.
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(300)).await;
+                            drop(conn);
+                        });
+                    }
+                }
+                continue;
+            }
+            let start: usize = range
+                .as_deref()
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let head = format!(
+                "HTTP/1.1 206 Partial Content\r\ncontent-length: {}\r\ncontent-range: bytes {start}-{}/{len}\r\n\r\n",
+                len - start,
+                len - 1
+            );
+            conn.get_mut().write_all(head.as_bytes()).await.unwrap();
+            conn.get_mut().write_all(&file[start..]).await.unwrap();
+            conn.get_mut().flush().await.unwrap();
+        }
+    }
+
+    async fn resumes_after(brk: Break) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let (info, zst, data) = input(&store);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let ranges = Arc::new(StdMutex::new(Vec::new()));
+        let server = tokio::spawn(serve(listener, zst.clone(), brk, ranges.clone()));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let identity = crate::client::Identity {
+            name: "a1".into(),
+            secret: "s".into(),
+            systems: vec![],
+            max_parallel_builds: 1,
+        };
+        let mut c = Coordinator::new(&base, identity, Default::default(), tx).unwrap();
+        c.set_transfer_stall(Duration::from_millis(1500));
+        let store2 = store.clone();
+        let fetched = tokio::time::timeout(
+            Duration::from_secs(120),
+            fetch_all(
+                &c,
+                &InputLocks::default(),
+                std::slice::from_ref(&info),
+                |p| Ok(store2.join(Path::new(p).file_name().unwrap())),
+            ),
+        )
+        .await
+        .expect("the download ends well within 120 s");
+        assert_eq!(fetched, Ok(()));
+        let restored = std::fs::read(Path::new(&info.path).join("data")).unwrap();
+        assert!(restored == data, "the restored input has the served bytes");
+        let ranges = ranges.lock().unwrap().clone();
+        assert_eq!(
+            ranges,
+            vec![None, Some(format!("bytes={}-", zst.len() / 2))],
+            "one plain request, then one that resumes exactly where the first broke off"
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_download_cut_half_way_resumes_with_range() {
+        resumes_after(Break::Close).await;
+    }
+
+    #[tokio::test]
+    async fn a_download_that_goes_silent_is_aborted_and_resumed_with_range() {
+        resumes_after(Break::GoSilent).await;
+    }
+}

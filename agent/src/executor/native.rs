@@ -97,7 +97,11 @@ impl NativeExecutor {
         if let Some(result) = unfinished {
             // As Nix does: what a failed builder left behind is not an output.
             if let Err(e) = remove_all(&outputs).await {
-                tracing::warn!(build_id = a.build_id, error = format!("{e:#}"), "failed to remove a partial output");
+                tracing::warn!(
+                    build_id = a.build_id,
+                    error = format!("{e:#}"),
+                    "failed to remove a partial output"
+                );
             }
             return Ok(result);
         }
