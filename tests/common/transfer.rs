@@ -2,7 +2,7 @@
 //! compressed NARs with their hashes, and HTTP/1.1 spoken by hand over a raw `TcpStream`, so a
 //! test can send half a body, stop, go silent, or send headers without a body.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -199,33 +199,41 @@ impl RawResponse {
 }
 
 /// Reads one response from `s` (the body by `content-length`; `head` = no body expected).
+/// Reads the head byte by byte, so nothing of a pipelined next response is consumed.
 pub fn read_response(s: &mut TcpStream, head: bool) -> RawResponse {
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).expect("a status line");
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).expect("a response head");
+        assert!(
+            n == 1,
+            "the connection closed after {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let mut lines = text.split("\r\n");
+    let line = lines.next().unwrap_or_default();
     let status: u16 = line
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP status line: {line:?}"));
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).expect("a header line");
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        let (k, v) = h.split_once(':').expect("a header");
-        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-    }
+    let headers: Vec<(String, String)> = lines
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            let (k, v) = h.split_once(':').expect("a header");
+            (k.trim().to_ascii_lowercase(), v.trim().to_string())
+        })
+        .collect();
     let len: usize = headers
         .iter()
         .find(|(k, _)| k == "content-length")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
     let mut body = vec![0u8; if head { 0 } else { len }];
-    r.read_exact(&mut body).expect("the body");
+    s.read_exact(&mut body).expect("the body");
     RawResponse {
         status,
         headers,
