@@ -290,11 +290,11 @@ impl Uploads {
         if written < key.file_size {
             return Ok((written, None));
         }
-        let done = guard.take().map(|w| {
+        // Sending End cannot fail for lack of room: the Sync above emptied the channel (if the
+        // verifier is gone, its result says why).
+        let done = guard.take().inspect(|w| {
             let _ = w.tx.try_send(Msg::End);
-            w
         });
-        // Sending End cannot fail for lack of room: the Sync above emptied the channel.
         let result = match done {
             Some(w) => w.done.await.unwrap_or_else(|_| {
                 Err(UploadError::Commit("the upload's verifier stopped".into()))
