@@ -78,6 +78,8 @@ struct Worker {
     tx: mpsc::Sender<Msg>,
     /// Bytes in the partial file (written by the verifier thread).
     written: Arc<AtomicU64>,
+    /// Whether any chunk was handed over (until then `written` is exact without a sync).
+    sent_any: bool,
     done: oneshot::Receiver<Result<Verified, UploadError>>,
 }
 
@@ -233,7 +235,21 @@ impl Uploads {
         let worker = guard.as_mut().ok_or_else(|| {
             UploadError::Commit("the upload's verifier is missing after its start".into())
         })?;
-        let mut received = worker.written.load(Ordering::SeqCst);
+        // Every chunk an earlier request handed over is written before the offset is judged
+        // (that request may have been dropped with chunks still queued).
+        // (A verifier that was never sent a chunk may still be reading the partial file from
+        // disk after a restart: its count is exact already, and waiting would stall the body.)
+        let known = if worker.sent_any {
+            synced(worker).await
+        } else {
+            Some(worker.written.load(Ordering::SeqCst))
+        };
+        let Some(mut received) = known else {
+            let err = verifier_failure(guard.take()).await;
+            drop(guard);
+            self.forget(key);
+            return Err(err);
+        };
         if offset != received {
             return Err(UploadError::Offset { offset, received });
         }
@@ -256,6 +272,7 @@ impl Uploads {
                 return Err(UploadError::TooLarge(key.file_size));
             }
             metrics::counter!("kiln_upload_bytes_total").increment(chunk.len() as u64);
+            worker.sent_any = true;
             if worker.tx.send(Msg::Data(chunk)).await.is_err() {
                 // The verifier refused the stream (not zstd, not a NAR): say why.
                 let err = verifier_failure(guard.take()).await;
@@ -266,12 +283,7 @@ impl Uploads {
         };
         slot.last_used_ms.store(now_ms(), Ordering::Relaxed);
         // Everything read is written before the answer says how much arrived.
-        let (tx, rx) = oneshot::channel();
-        let written = match worker.tx.send(Msg::Sync(tx)).await {
-            Ok(()) => rx.await.ok(),
-            Err(_) => None,
-        };
-        let Some(written) = written else {
+        let Some(written) = synced(worker).await else {
             let err = verifier_failure(guard.take()).await;
             drop(guard);
             self.forget(key);
@@ -370,6 +382,14 @@ impl Uploads {
     }
 }
 
+/// The number of bytes in the partial file once every chunk sent before is written; `None`
+/// when the verifier has stopped (its result says why).
+async fn synced(worker: &Worker) -> Option<u64> {
+    let (tx, rx) = oneshot::channel();
+    worker.tx.send(Msg::Sync(tx)).await.ok()?;
+    rx.await.ok()
+}
+
 /// The error a failed verifier left, once its thread has ended.
 async fn verifier_failure(worker: Option<Worker>) -> UploadError {
     match worker {
@@ -440,7 +460,12 @@ fn spawn_worker(part: PathBuf) -> Result<Worker, UploadError> {
         .spawn(move || {
             let _ = done_tx.send(verify(reader, &abandoned));
         })?;
-    Ok(Worker { tx, written, done })
+    Ok(Worker {
+        tx,
+        written,
+        sent_any: false,
+        done,
+    })
 }
 
 /// The verifier: FileHash over the compressed bytes, zstd, then the NAR validator. Ends with
