@@ -15,6 +15,7 @@ use kiln::protocol::{
 };
 
 use crate::client::{decode, local_error, send, Coordinator};
+use crate::metrics;
 use crate::retry::CallError;
 use crate::state::{BuildDir, StoredReport};
 use crate::transfer::{self, Progress};
@@ -152,7 +153,12 @@ async fn upload_output(
                 return Ok(());
             }
             let offset = status.received.min(out.file_size);
-            tracing::debug!(build_id = id, output = %out.name, offset, "uploading output");
+            if offset > 0 {
+                metrics::RESUMED_UPLOADS.inc();
+                tracing::info!(build_id = id, output = %out.name, offset, "resuming an upload");
+            } else {
+                tracing::debug!(build_id = id, output = %out.name, "uploading output");
+            }
             let progress = Progress::new();
             let put = c
                 .http()

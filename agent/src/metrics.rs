@@ -44,11 +44,12 @@ pub static RETRIES: Metric = Metric::new();
 pub static RECONNECTS: Metric = Metric::new();
 pub static TRANSFER_STALLS: Metric = Metric::new();
 pub static RESUMED_DOWNLOADS: Metric = Metric::new();
+pub static RESUMED_UPLOADS: Metric = Metric::new();
 
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
     let mut out = String::new();
-    let simple: [(&str, &str, &str, &Metric); 6] = [
+    let simple: [(&str, &str, &str, &Metric); 7] = [
         (
             "kiln_agent_running_builds",
             "gauge",
@@ -84,6 +85,12 @@ pub fn render() -> String {
             "counter",
             "Input downloads continued with a Range request after they broke off.",
             &RESUMED_DOWNLOADS,
+        ),
+        (
+            "kiln_agent_resumed_uploads_total",
+            "counter",
+            "Output uploads continued from the bytes the coordinator already had.",
+            &RESUMED_UPLOADS,
         ),
     ];
     for (name, kind, help, m) in simple {
