@@ -167,6 +167,13 @@ impl Uploads {
         s
     }
 
+    /// Whether `slot` is still the slot of `key` (not removed since it was taken).
+    fn is_current(&self, key: &UploadKey, slot: &Arc<Slot>) -> bool {
+        self.lock_slots()
+            .get(&key.file_name())
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
+    }
+
     /// Removes the slot and the partial file of an upload that is done (verified or failed).
     pub fn forget(&self, key: &UploadKey) {
         let name = key.file_name();
@@ -228,6 +235,11 @@ impl Uploads {
         let mut turn = slot.turn.subscribe();
         turn.mark_unchanged();
         let mut guard = slot.worker.lock().await;
+        if !self.is_current(key, &slot) {
+            // The upload ended (verified, refused, expired) while this request waited: it has
+            // nothing left to append to. The client asks for the status again.
+            return Err(UploadError::Superseded);
+        }
         slot.last_used_ms.store(now_ms(), Ordering::Relaxed);
         if guard.is_none() {
             *guard = Some(spawn_worker(self.part_path(key))?);
@@ -267,6 +279,7 @@ impl Uploads {
             };
             received += chunk.len() as u64;
             if received > key.file_size {
+                drop(guard.take());
                 drop(guard);
                 self.forget(key);
                 return Err(UploadError::TooLarge(key.file_size));
