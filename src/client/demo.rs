@@ -228,13 +228,14 @@ fn status(line: &str) {
     eprintln!("kiln demo: {line}");
 }
 
-struct Binaries {
-    kiln: PathBuf,
-    agent: PathBuf,
+/// Paths of the `kiln` and `kiln-agent` executables (`kiln-chaos` finds them the same way).
+pub struct Binaries {
+    pub kiln: PathBuf,
+    pub agent: PathBuf,
 }
 
 /// `kiln` and `kiln-agent` next to this executable, or in `bin_dir` (`KILN_BIN_DIR`).
-fn find_binaries(bin_dir: Option<std::ffi::OsString>) -> anyhow::Result<Binaries> {
+pub fn find_binaries(bin_dir: Option<std::ffi::OsString>) -> anyhow::Result<Binaries> {
     let (dir, from) = match bin_dir.filter(|d| !d.is_empty()) {
         Some(d) => (PathBuf::from(d), "KILN_BIN_DIR"),
         None => {
