@@ -17,7 +17,7 @@ use crate::report::{InvariantResult, Timing};
 pub struct Loss {
     pub t_ms: u64,
     pub agent: String,
-    /// `kill`, `blackhole` or `partition`.
+    /// `kill`, `partition` or `refuse`.
     pub kind: String,
 }
 
@@ -44,6 +44,8 @@ pub struct Evidence<'a> {
     /// Processes that died without being asked.
     pub crashes: &'a [String],
     pub agent_timeout_ms: u64,
+    /// When the build phase ended: later events (the final checks) are not counted.
+    pub build_end_ms: u64,
 }
 
 /// The events of each build, in order.
@@ -146,7 +148,7 @@ pub fn recovery_counts(ev: &Evidence<'_>) -> BTreeMap<String, u64> {
         .dump
         .events
         .iter()
-        .filter(|e| e.kind == "agent-lost")
+        .filter(|e| e.kind == "agent-lost" && e.time_ms <= ev.build_end_ms)
         .count();
     m.insert("agents_declared_lost".to_string(), agent_lost as u64);
     m
@@ -201,12 +203,18 @@ pub fn loss_timings(ev: &Evidence<'_>) -> (Timing, Timing) {
                 realloc.push(next.time_ms - loss.t_ms);
             }
         }
-        if let Some(lost) = ev
-            .dump
-            .events
+        // The agent-lost event of this loss: before the agent's next loss and the run's end.
+        let until = ev
+            .losses
             .iter()
-            .find(|e| e.kind == "agent-lost" && e.agent() == agent && e.time_ms >= loss.t_ms)
-        {
+            .filter(|l| l.agent == loss.agent && l.t_ms > loss.t_ms)
+            .map(|l| l.t_ms)
+            .min()
+            .unwrap_or(u64::MAX)
+            .min(ev.build_end_ms);
+        if let Some(lost) = ev.dump.events.iter().find(|e| {
+            e.kind == "agent-lost" && e.agent() == agent && e.time_ms >= loss.t_ms && e.time_ms < until
+        }) {
             detect.push(lost.time_ms - loss.t_ms);
         }
     }

@@ -94,8 +94,8 @@ fn timeline(s: &Scenario, seed: u64) -> Vec<(Duration, Step)> {
             };
             let key = (i as u64) << 32 | rep as u64;
             match item.action {
-                ScheduleAction::Blackhole | ScheduleAction::Partition => {
-                    let mode = if item.action == ScheduleAction::Blackhole {
+                ScheduleAction::Partition | ScheduleAction::Refuse => {
+                    let mode = if item.action == ScheduleAction::Partition {
                         Mode::Blackhole
                     } else {
                         Mode::Refuse
@@ -573,9 +573,9 @@ fn apply(
     match step {
         Step::Window { agents, mode } => {
             let kind = if mode == Mode::Blackhole {
-                "blackhole"
-            } else {
                 "partition"
+            } else {
+                "refuse"
             };
             live.bump(&format!("{kind}_windows"));
             for i in agents {
@@ -657,10 +657,10 @@ fn finish(
     key: &SecretKey,
 ) -> anyhow::Result<Report> {
     let h = http();
-    for i in 0..live.farm.agents.len() {
-        live.scrape_agent(&h, i);
-    }
-    live.farm.stop_agents(Duration::from_secs(20));
+    let build_end_ms = now_ms();
+    // The agents stay up until the coordinator has stopped: stopping them first would make
+    // the coordinator declare them lost and expire their leases, hiding the leases the run
+    // left behind.
     if !live.farm.coordinator_running() {
         live.farm.start_coordinator()?;
     }
@@ -720,6 +720,13 @@ fn finish(
         live.notes
             .push("the coordinator did not exit cleanly on SIGTERM".to_string());
     }
+    for i in 0..live.farm.agents.len() {
+        live.scrape_agent(&h, i);
+    }
+    live.farm.stop_agents(Duration::from_secs(20));
+    for (_, why) in live.farm.crashed_agents() {
+        live.crashes.push(why);
+    }
     let dump_text = evidence::state_dump(kiln_bin, &live.farm.state)?;
     std::fs::write(dir.join("state-dump.txt"), &dump_text)
         .with_context(|| format!("failed to write {}", dir.join("state-dump.txt").display()))?;
@@ -770,6 +777,7 @@ fn finish(
         nix: nix_problems.as_deref(),
         crashes: &crashes,
         agent_timeout_ms: s.coordinator.agent_timeout_ms,
+        build_end_ms,
     };
     let mut invariants = check::check(&ev);
     if !live.notes.is_empty() {

@@ -239,12 +239,13 @@ impl RuleSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ScheduleAction {
-    /// Connections of the chosen agents are accepted and nothing is forwarded, both ways, for
-    /// `duration_s` (a silent partition: packets vanish).
-    Blackhole,
-    /// Connections of the chosen agents are reset at the start and refused (accepted and reset
-    /// at once) for `duration_s` (an unreachable network).
+    /// A network partition as the agent sees it: a blackhole window. Connections of the chosen
+    /// agents are accepted and nothing is forwarded, either way, for `duration_s`; afterwards
+    /// connections that lost bytes are reset.
     Partition,
+    /// An unreachable network: live connections of the chosen agents are reset, new ones are
+    /// accepted and reset at once, for `duration_s`.
+    Refuse,
     /// SIGKILL the chosen agents; restart them (same state dir) after `restart_after_s`.
     KillAgent,
     /// SIGKILL the coordinator once at least one build is building and one upload is in
@@ -271,7 +272,7 @@ pub struct ScheduleItem {
     /// ... or this many agents picked at random (by the seed) at each repetition.
     #[serde(default)]
     pub random_agents: usize,
-    /// Length of a blackhole or partition window.
+    /// Length of a partition or refuse window.
     #[serde(default)]
     pub duration_s: f64,
     /// Delay before a killed process is started again, `[min, max]` s drawn per kill;
@@ -440,10 +441,7 @@ impl Scenario {
                 "schedule[{i}] ({:?}) names no agent: set agents or random_agents",
                 s.action
             );
-            let window = matches!(
-                s.action,
-                ScheduleAction::Blackhole | ScheduleAction::Partition
-            );
+            let window = matches!(s.action, ScheduleAction::Partition | ScheduleAction::Refuse);
             anyhow::ensure!(
                 !window || s.duration_s > 0.0,
                 "schedule[{i}] ({:?}) needs duration_s",
