@@ -292,7 +292,10 @@ impl Farm {
             .arg("--state-dir")
             .arg(&a.state)
             .args(["--executor", "native"])
-            .args(["--max-parallel-builds", &spec.max_parallel_builds.to_string()])
+            .args([
+                "--max-parallel-builds",
+                &spec.max_parallel_builds.to_string(),
+            ])
             .args([
                 "--max-parallel-uploads",
                 &spec.max_parallel_uploads.to_string(),

@@ -188,7 +188,11 @@ pub fn generate(
     let blob_len = (max_kib + 64) * 1024;
     let blob_bytes = blob(seed, blob_len);
     let blob_path = text_file(&store_dir, "kiln-chaos-blob", &blob_bytes)?;
-    let script_path = text_file(&store_dir, "kiln-chaos-builder.sh", BUILDER_SCRIPT.as_bytes())?;
+    let script_path = text_file(
+        &store_dir,
+        "kiln-chaos-builder.sh",
+        BUILDER_SCRIPT.as_bytes(),
+    )?;
 
     let plans = plan(spec, seed, system, blob_len);
     let loader_dir = store_dir.clone();
@@ -208,7 +212,10 @@ pub fn generate(
             (b"system".to_vec(), p.system.clone().into_bytes()),
             (b"PATH".to_vec(), b"/usr/bin:/bin".to_vec()),
             (b"inputs".to_vec(), env_inputs.join(" ").into_bytes()),
-            (b"stampDir".to_vec(), stamp_dir.as_os_str().as_encoded_bytes().to_vec()),
+            (
+                b"stampDir".to_vec(),
+                stamp_dir.as_os_str().as_encoded_bytes().to_vec(),
+            ),
             (
                 b"sleep".to_vec(),
                 format!("{}.{:03}", p.sleep_ms / 1000, p.sleep_ms % 1000).into_bytes(),
@@ -228,10 +235,16 @@ pub fn generate(
             .map(|&j| (drvs[j].drv_path.clone().into_bytes(), vec![b"out".to_vec()]))
             .collect();
         input_drvs.sort();
-        let mut input_srcs = vec![script_path.clone().into_bytes(), blob_path.clone().into_bytes()];
+        let mut input_srcs = vec![
+            script_path.clone().into_bytes(),
+            blob_path.clone().into_bytes(),
+        ];
         input_srcs.sort();
         let mut drv = Derivation {
-            outputs: vec![(b"out".to_vec(), DerivationOutput::input_addressed(Vec::new()))],
+            outputs: vec![(
+                b"out".to_vec(),
+                DerivationOutput::input_addressed(Vec::new()),
+            )],
             input_drvs,
             input_srcs,
             platform: p.system.clone().into_bytes(),
@@ -328,7 +341,8 @@ pub fn count_runs(
     let entries = std::fs::read_dir(stamp_dir)
         .with_context(|| format!("failed to read the stamp dir {}", stamp_dir.display()))?;
     for e in entries {
-        let e = e.with_context(|| format!("failed to read the stamp dir {}", stamp_dir.display()))?;
+        let e =
+            e.with_context(|| format!("failed to read the stamp dir {}", stamp_dir.display()))?;
         let file = e.file_name().to_string_lossy().into_owned();
         let Some((name, _)) = file.split_once('.') else {
             continue;
@@ -359,7 +373,14 @@ mod tests {
     fn graphs_are_valid_layered_and_seeded() {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
-        let g = generate(&store, &dir.path().join("stamps"), &spec(24), 5, "x86_64-linux").unwrap();
+        let g = generate(
+            &store,
+            &dir.path().join("stamps"),
+            &spec(24),
+            5,
+            "x86_64-linux",
+        )
+        .unwrap();
         assert_eq!(g.drvs.len(), 24);
         let sd = g.store_dir.clone();
         let mut loader = move |p: &StorePath| -> anyhow::Result<Derivation> {
@@ -385,10 +406,29 @@ mod tests {
         assert!(g.drvs.iter().any(|d| d.size > 8 * 1024));
         assert_eq!(g.root_outputs().len(), g.sinks.len() - 2);
         // The same seed gives the same graph; another seed another one.
-        let again = generate(&dir.path().join("s2"), &dir.path().join("st2"), &spec(24), 5, "x86_64-linux").unwrap();
-        let names = |g: &ChaosGraph| g.drvs.iter().map(|d| (d.inputs.clone(), d.size, d.fails)).collect::<Vec<_>>();
+        let again = generate(
+            &dir.path().join("s2"),
+            &dir.path().join("st2"),
+            &spec(24),
+            5,
+            "x86_64-linux",
+        )
+        .unwrap();
+        let names = |g: &ChaosGraph| {
+            g.drvs
+                .iter()
+                .map(|d| (d.inputs.clone(), d.size, d.fails))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(names(&g), names(&again));
-        let other = generate(&dir.path().join("s3"), &dir.path().join("st3"), &spec(24), 6, "x86_64-linux").unwrap();
+        let other = generate(
+            &dir.path().join("s3"),
+            &dir.path().join("st3"),
+            &spec(24),
+            6,
+            "x86_64-linux",
+        )
+        .unwrap();
         assert_ne!(names(&g), names(&other));
     }
 
@@ -400,14 +440,21 @@ mod tests {
         let store = dir.path().join("store");
         let stamps = dir.path().join("stamps");
         let g = generate(&store, &stamps, &spec(4), 9, "x86_64-linux").unwrap();
-        let d = g.drvs.iter().find(|d| !d.fails && d.inputs.is_empty()).unwrap();
+        let d = g
+            .drvs
+            .iter()
+            .find(|d| !d.fails && d.inputs.is_empty())
+            .unwrap();
         let drv = Derivation::parse(&std::fs::read(&d.drv_path).unwrap()).unwrap();
         let out = dir.path().join("out");
         for _ in 0..2 {
             let mut cmd = std::process::Command::new("/bin/sh");
             cmd.env_clear();
             for (k, v) in &drv.env {
-                cmd.env(String::from_utf8_lossy(k).as_ref(), String::from_utf8_lossy(v).as_ref());
+                cmd.env(
+                    String::from_utf8_lossy(k).as_ref(),
+                    String::from_utf8_lossy(v).as_ref(),
+                );
             }
             cmd.env("out", &out).env("sleep", "0");
             for a in &drv.args {
@@ -416,18 +463,26 @@ mod tests {
             let st = cmd.status().unwrap();
             assert!(st.success());
             std::fs::remove_dir_all(&out).ok();
-            std::thread::sleep(std::time::Duration::from_millis(2));
         }
         let runs = count_runs(&stamps).unwrap();
         assert_eq!(runs[&d.name], (2, 2));
         let mut cmd = std::process::Command::new("/bin/sh");
         for (k, v) in &drv.env {
-            cmd.env(String::from_utf8_lossy(k).as_ref(), String::from_utf8_lossy(v).as_ref());
+            cmd.env(
+                String::from_utf8_lossy(k).as_ref(),
+                String::from_utf8_lossy(v).as_ref(),
+            );
         }
         cmd.env("out", &out).env("sleep", "0");
-        cmd.args(drv.args.iter().map(|a| String::from_utf8_lossy(a).into_owned()));
+        cmd.args(
+            drv.args
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned()),
+        );
         assert!(cmd.status().unwrap().success());
         assert_eq!(std::fs::metadata(out.join("blob")).unwrap().len(), d.size);
-        assert!(std::fs::read_to_string(out.join("data")).unwrap().starts_with(&d.name));
+        assert!(std::fs::read_to_string(out.join("data"))
+            .unwrap()
+            .starts_with(&d.name));
     }
 }

@@ -48,7 +48,9 @@ pub fn install_guards() {
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
         ) else {
-            tracing::warn!("failed to install the signal handlers: children die only by PR_SET_PDEATHSIG");
+            tracing::warn!(
+                "failed to install the signal handlers: children die only by PR_SET_PDEATHSIG"
+            );
             return;
         };
         let code = tokio::select! {
@@ -130,7 +132,9 @@ impl Child {
 
     /// How it ended, if it has.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGKILL the whole group and reap the leader.
@@ -242,7 +246,10 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(30);
         // The grandchild is not our child: init reaps it, which takes a moment.
         while alive(grandchild) {
-            assert!(Instant::now() < deadline, "the group's other process survived");
+            assert!(
+                Instant::now() < deadline,
+                "the group's other process survived"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(!groups().contains(&pid));

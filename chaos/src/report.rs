@@ -146,8 +146,7 @@ impl Report {
                 }
             })
             .collect();
-        self.passed =
-            self.invariants.iter().all(|i| i.held) && self.coverage.iter().all(|c| c.met);
+        self.passed = self.invariants.iter().all(|i| i.held) && self.coverage.iter().all(|c| c.met);
     }
 
     /// The human summary.

@@ -64,7 +64,10 @@ fn now_ms() -> u64 {
 /// A step of the schedule, at an offset from the start.
 #[derive(Debug, Clone)]
 enum Step {
-    Window { agents: Vec<usize>, mode: Mode },
+    Window {
+        agents: Vec<usize>,
+        mode: Mode,
+    },
     Heal {
         agents: Vec<usize>,
     },
@@ -185,15 +188,16 @@ fn submit_batches(
             loop {
                 match submit::submit(&client, &store_dir, &targets, &opts) {
                     Ok(s) => {
-                        let mut acked = out
-                            .acknowledged
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner());
+                        let mut acked = out.acknowledged.lock().unwrap_or_else(|p| p.into_inner());
                         acked.extend(s.builds.into_iter().map(|b| (b.id, b.drv_path)));
                         break;
                     }
                     Err(e) if Instant::now() < deadline => {
-                        tracing::info!(batch = i, error = format!("{e:#}"), "submission failed, retrying");
+                        tracing::info!(
+                            batch = i,
+                            error = format!("{e:#}"),
+                            "submission failed, retrying"
+                        );
                         std::thread::sleep(Duration::from_millis(300));
                     }
                     Err(e) => {
@@ -311,7 +315,9 @@ pub fn run(
 ) -> anyhow::Result<Report> {
     let seed = opts.seed.or(scenario.seed).unwrap_or_else(fresh_seed);
     let bins = kiln::client::demo::find_binaries(
-        opts.bin_dir.clone().or_else(|| std::env::var_os("KILN_BIN_DIR")),
+        opts.bin_dir
+            .clone()
+            .or_else(|| std::env::var_os("KILN_BIN_DIR")),
     )?;
     let kiln_bin = bins.kiln.clone();
     let mut temp = None;
@@ -386,9 +392,16 @@ fn run_in(
 ) -> anyhow::Result<Report> {
     let kiln_bin = bins.kiln.clone();
     let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("failed to create {}", logs.display()))?;
+    std::fs::create_dir_all(&logs)
+        .with_context(|| format!("failed to create {}", logs.display()))?;
     let system = kiln::client::graph::default_system();
-    let graph = graph::generate(&dir.join("store"), &dir.join("stamps"), &s.graph, seed, &system)?;
+    let graph = graph::generate(
+        &dir.join("store"),
+        &dir.join("stamps"),
+        &s.graph,
+        seed,
+        &system,
+    )?;
     let key = SecretKey::generate("kiln-chaos-1").context("failed to generate a signing key")?;
     let key_file = dir.join("signing.key");
     std::fs::write(&key_file, key.to_string())
@@ -396,7 +409,14 @@ fn run_in(
     let hook_file = dir.join("hook-runs");
     crate::procs::touch(&hook_file)?;
 
-    let mut farm = Farm::new(bins, dir, &dir.join("store"), &s.coordinator, &hook_file, &key_file)?;
+    let mut farm = Farm::new(
+        bins,
+        dir,
+        &dir.join("store"),
+        &s.coordinator,
+        &hook_file,
+        &key_file,
+    )?;
     farm.start_coordinator()?;
     let upstream = farm
         .agent_addr
@@ -453,7 +473,18 @@ fn run_in(
     let states = play(s, seed, &graph, &mut live, &subs, t0, deadline)?;
     let build_phase = t0.elapsed();
     let _ = submitter.join();
-    finish(s, seed, &graph, live, &subs, states, build_phase, dir, &kiln_bin, &key)
+    finish(
+        s,
+        seed,
+        &graph,
+        live,
+        &subs,
+        states,
+        build_phase,
+        dir,
+        &kiln_bin,
+        &key,
+    )
 }
 
 /// Play the schedule until the builds are done or the deadline; returns the last states seen.
@@ -518,8 +549,8 @@ fn play(
             let mut done = 0;
             for (id, drv) in &acked {
                 let st = states.get(id).map(String::as_str).unwrap_or("");
-                let doomed_block = st == "blocked"
-                    && graph.by_drv(drv).is_some_and(|d| doomed[d.index]);
+                let doomed_block =
+                    st == "blocked" && graph.by_drv(drv).is_some_and(|d| doomed[d.index]);
                 if matches!(st, "succeeded" | "failed" | "canceled") || doomed_block {
                     done += 1;
                 }
@@ -615,7 +646,9 @@ fn apply(
             if live.farm.agents[i].child.is_none() {
                 match live.farm.start_agent(i, &s.agents) {
                     Ok(()) => live.bump("agent_restarts"),
-                    Err(e) => live.crashes.push(format!("failed to restart agent {}: {e:#}", i + 1)),
+                    Err(e) => live
+                        .crashes
+                        .push(format!("failed to restart agent {}: {e:#}", i + 1)),
                 }
             }
         }
@@ -684,7 +717,11 @@ fn finish(
         .collect();
     let mut served_hashes = Vec::new();
     let mut served_problems = Vec::new();
-    for d in graph.drvs.iter().filter(|d| succeeded.contains(&d.drv_path)) {
+    for d in graph
+        .drvs
+        .iter()
+        .filter(|d| succeeded.contains(&d.drv_path))
+    {
         match served::check_output(&agent_url, d, &scratch) {
             Ok(sh) => served_hashes.push((d.index, sh)),
             Err(e) => served_problems.push(e),
@@ -694,7 +731,12 @@ fn finish(
         let roots: Vec<String> = graph
             .root_outputs()
             .into_iter()
-            .filter(|p| graph.drvs.iter().any(|d| &d.out_path == p && succeeded.contains(&d.drv_path)))
+            .filter(|p| {
+                graph
+                    .drvs
+                    .iter()
+                    .any(|d| &d.out_path == p && succeeded.contains(&d.drv_path))
+            })
             .collect();
         let all_roots = graph.root_outputs().len();
         let expected = served::expected_closure(graph, &roots);

@@ -380,7 +380,10 @@ impl Scenario {
                 self.proxy.connection_reset_after_bytes,
             ),
         ] {
-            anyhow::ensure!(r[0] <= r[1], "{key} = {r:?}: the minimum is above the maximum");
+            anyhow::ensure!(
+                r[0] <= r[1],
+                "{key} = {r:?}: the minimum is above the maximum"
+            );
         }
         for (key, p) in [
             ("graph.large_fraction", g.large_fraction),

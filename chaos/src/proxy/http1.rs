@@ -78,9 +78,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// The body framing the headers give, and whether the message asks to close (`Connection:
 /// close`) or to keep the connection (`Connection: keep-alive`, for HTTP/1.0).
-fn header_framing(
-    headers: &[httparse::Header<'_>],
-) -> Result<(Option<Framing>, bool, bool), Stop> {
+fn header_framing(headers: &[httparse::Header<'_>]) -> Result<(Option<Framing>, bool, bool), Stop> {
     let mut framing = None;
     let mut close = false;
     let mut keep_alive = false;
@@ -91,9 +89,10 @@ fn header_framing(
                 framing = Some(Framing::Chunked);
             }
         } else if h.name.eq_ignore_ascii_case("content-length") && framing.is_none() {
-            let n = value.trim().parse::<u64>().map_err(|_| {
-                Stop::Protocol(format!("content-length {value:?} is not a number"))
-            })?;
+            let n = value
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| Stop::Protocol(format!("content-length {value:?} is not a number")))?;
             framing = Some(Framing::Length(n));
         } else if h.name.eq_ignore_ascii_case("connection") {
             close |= value.split(',').any(|v| v.trim() == "close");
@@ -150,7 +149,8 @@ pub async fn read_response(
     }
     let status = resp.code.unwrap_or(0);
     let (framing, close, keep_alive) = header_framing(resp.headers)?;
-    let no_body = method == "HEAD" || (100..200).contains(&status) || status == 204 || status == 304;
+    let no_body =
+        method == "HEAD" || (100..200).contains(&status) || status == 204 || status == 304;
     let framing = if no_body {
         Framing::None
     } else {

@@ -38,8 +38,8 @@ use crate::rng::Rng;
 use http1::{Framing, RequestHead, Sink};
 pub use log::{ConnCounts, Ending, Exchange, FaultDone, FaultSource};
 pub use route::{Route, RouteSel};
-use wire::{Budget, Cut, Flow, ModeRx, Pacer, Reader, Side, Stop};
 pub use wire::Mode;
+use wire::{Budget, Cut, Flow, ModeRx, Pacer, Reader, Side, Stop};
 
 /// What a fault does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,7 +170,8 @@ impl Shared {
             if rule.phase != phase || !rule.route.matches(route) {
                 continue;
             }
-            if rule.min_assigned > 0 && (route != Route::Work || assigned < rule.min_assigned as usize)
+            if rule.min_assigned > 0
+                && (route != Route::Work || assigned < rule.min_assigned as usize)
             {
                 continue;
             }
@@ -268,7 +269,11 @@ impl Proxy {
     }
 
     pub fn set_upstream(&self, addr: SocketAddr) {
-        *self.shared.upstream.lock().unwrap_or_else(|p| p.into_inner()) = addr;
+        *self
+            .shared
+            .upstream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = addr;
     }
 
     /// Every exchange so far, in the order they ended.
@@ -366,14 +371,12 @@ async fn serve(shared: Arc<Shared>, client: TcpStream, conn: u64) {
     let _ = upstream.set_nodelay(true);
     let plan = &shared.plan;
     let mut rng = Rng::derive(plan.seed, &[shared.index, conn, CONNECTION_SITE]);
-    let budget = rng
-        .chance(plan.connection_reset_probability)
-        .then(|| {
-            rng.between(
-                plan.connection_reset_after_bytes.0,
-                plan.connection_reset_after_bytes.1,
-            )
-        });
+    let budget = rng.chance(plan.connection_reset_probability).then(|| {
+        rng.between(
+            plan.connection_reset_after_bytes.0,
+            plan.connection_reset_after_bytes.1,
+        )
+    });
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
     let mut c = Conn {
@@ -407,15 +410,23 @@ async fn serve(shared: Arc<Shared>, client: TcpStream, conn: u64) {
             if let Ok(s) = client_r.into_half().reunite(client_w) {
                 reset_stream(&s);
             }
-            if let Ok(s) = up_r.into_half().reunite(up_w) {
-                reset_stream(&s);
-            }
+            // The coordinator's side ends with a FIN after exactly the bytes forwarded, and
+            // the proxy reads what it still sends: a reset there could make its kernel drop
+            // bytes it already received, and the fault would cut somewhere else than planned.
+            tokio::spawn(close_gently(up_r, up_w));
         }
         _ => {
             let _ = client_w.shutdown().await;
             let _ = up_w.shutdown().await;
         }
     }
+}
+
+/// Half-close, then read and drop whatever arrives until EOF (at most 10 s).
+async fn close_gently(mut r: Reader, mut w: OwnedWriteHalf) {
+    let _ = w.shutdown().await;
+    let dropped = AtomicU64::new(0);
+    let _ = tokio::time::timeout(Duration::from_secs(10), r.drain(&dropped, false)).await;
 }
 
 fn now_ms() -> u64 {
@@ -446,7 +457,9 @@ enum HoleEnd {
     Client,
     Upstream,
     /// The window ended; `lost` when bytes were swallowed.
-    Window { lost: bool },
+    Window {
+        lost: bool,
+    },
     Refused,
 }
 
@@ -529,16 +542,27 @@ async fn forward_request(
     let result = async {
         if route.is_json() {
             let mut raw = Vec::new();
-            let body =
-                http1::walk_body(client_r, &mut mode, head.framing, &mut Sink::Collect(&mut raw), KEEP)
-                    .await?;
+            let body = http1::walk_body(
+                client_r,
+                &mut mode,
+                head.framing,
+                &mut Sink::Collect(&mut raw),
+                KEEP,
+            )
+            .await?;
             out.decoded = body.decoded;
             flow.send(&head.raw).await?;
             flow.send(&raw).await?;
         } else {
             flow.send(&head.raw).await?;
-            http1::walk_body(client_r, &mut mode, head.framing, &mut Sink::Flow(&mut flow), 0)
-                .await?;
+            http1::walk_body(
+                client_r,
+                &mut mode,
+                head.framing,
+                &mut Sink::Flow(&mut flow),
+                0,
+            )
+            .await?;
         }
         flow.finish().await
     }

@@ -146,7 +146,9 @@ pub fn classify(method: &str, target: &str) -> Target {
 /// `attempt` of a start or result report body.
 pub fn body_attempt(body: &[u8]) -> Option<u32> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v.get("attempt")?.as_u64().and_then(|a| u32::try_from(a).ok())
+    v.get("attempt")?
+        .as_u64()
+        .and_then(|a| u32::try_from(a).ok())
 }
 
 /// What the proxy learns from a reply body: the error code, the `duplicate` flag of a result

@@ -223,7 +223,9 @@ impl Budget {
     const NONE: u64 = u64::MAX;
 
     pub fn new(bytes: Option<u64>) -> Budget {
-        Budget(AtomicU64::new(bytes.map_or(Self::NONE, |b| b.min(Self::NONE - 1))))
+        Budget(AtomicU64::new(
+            bytes.map_or(Self::NONE, |b| b.min(Self::NONE - 1)),
+        ))
     }
 
     fn get(&self) -> Option<u64> {
@@ -306,5 +308,44 @@ impl Flow<'_> {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pins down the bandwidth cap on a paused clock: at 32 KiB/s each 16 KiB chunk waits for
+    /// the one before it to have had its 0.5 s, and idle time does not buy a burst.
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_holds_the_rate_without_bursts() {
+        let mut p = Pacer::new(32 * 1024);
+        let t0 = Instant::now();
+        for _ in 0..4 {
+            p.pace(16 * 1024).await;
+        }
+        // The first chunk goes at once; the next three wait 0.5 s each.
+        assert_eq!(t0.elapsed(), Duration::from_millis(1500));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let t1 = Instant::now();
+        p.pace(16 * 1024).await;
+        p.pace(16 * 1024).await;
+        assert_eq!(t1.elapsed(), Duration::from_millis(500));
+        let mut free = Pacer::new(0);
+        let t2 = Instant::now();
+        free.pace(1 << 30).await;
+        assert_eq!(t2.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn budgets_count_down_and_none_never_fires() {
+        let b = Budget::new(Some(10));
+        b.spend(4);
+        assert_eq!(b.get(), Some(6));
+        b.spend(40);
+        assert_eq!(b.get(), Some(0));
+        let none = Budget::new(None);
+        none.spend(5);
+        assert_eq!(none.get(), None);
     }
 }
