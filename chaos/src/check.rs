@@ -316,6 +316,22 @@ fn none_allocated(ev: &Evidence<'_>) -> InvariantResult {
                 if delivered {
                     line.push_str("; its work reply reached the agent");
                 }
+                // The same agent held an earlier attempt of this build: two attempts of one
+                // build on one agent is where an agent can mix them up.
+                let holder = agent_name(ev, b.agent_id);
+                let earlier: Vec<u32> = ev
+                    .exchanges
+                    .iter()
+                    .filter(|e| e.route == Route::Work && e.agent == holder)
+                    .flat_map(|e| e.assigned.iter())
+                    .filter(|(id, a)| *id == b.id && *a < b.attempt)
+                    .map(|(_, a)| *a)
+                    .collect();
+                if !earlier.is_empty() {
+                    line.push_str(&format!(
+                        "; {holder} had been given attempt {earlier:?} of it before"
+                    ));
+                }
             }
         }
         bad.push(line);

@@ -242,10 +242,14 @@ impl Farm {
         let client = self.client();
         for i in 1..=spec.count {
             let name = format!("agent-{i}");
-            let mut systems = vec![system.to_string()];
-            if spec.alt_agents.contains(&i) {
-                systems.push(crate::graph::ALT_SYSTEM.to_string());
-            }
+            let alt = crate::graph::ALT_SYSTEM.to_string();
+            let systems = if spec.alt_only_agents.contains(&i) {
+                vec![alt]
+            } else if spec.alt_agents.contains(&i) {
+                vec![system.to_string(), alt]
+            } else {
+                vec![system.to_string()]
+            };
             let created = kiln::client::cli::create_agent(&client, &name, &systems)
                 .with_context(|| format!("failed to create {name}"))?;
             let secret = self.dir.join(format!("{name}.secret"));

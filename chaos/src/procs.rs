@@ -153,9 +153,7 @@ impl Child {
     /// SIGTERM the leader; wait up to `grace` for it to exit, then SIGKILL the group. Returns
     /// how it exited (`None` if it had to be killed).
     pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
-        let Some(mut c) = self.child.take() else {
-            return None;
-        };
+        let mut c = self.child.take()?;
         // SAFETY: plain integers.
         unsafe {
             libc::kill(self.pid, libc::SIGTERM);

@@ -319,7 +319,6 @@ pub fn run(
             .clone()
             .or_else(|| std::env::var_os("KILN_BIN_DIR")),
     )?;
-    let kiln_bin = bins.kiln.clone();
     let mut temp = None;
     let dir = match &opts.work_dir {
         Some(d) => {
@@ -340,7 +339,7 @@ pub fn run(
         dir.display()
     );
     let started = Instant::now();
-    let result = run_in(scenario, seed, &dir, bins, rt, opts);
+    let result = run_in(scenario, seed, &dir, bins, rt);
     let mut report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -354,7 +353,6 @@ pub fn run(
             )));
         }
     };
-    let _ = kiln_bin;
     report.total_s = round1(started.elapsed().as_secs_f64());
     let reproduce_path = opts
         .scenario_path
@@ -388,7 +386,6 @@ fn run_in(
     dir: &Path,
     bins: kiln::client::demo::Binaries,
     rt: &tokio::runtime::Runtime,
-    _opts: &RunOptions,
 ) -> anyhow::Result<Report> {
     let kiln_bin = bins.kiln.clone();
     let logs = dir.join("logs");
@@ -524,7 +521,7 @@ fn play(
             let uploading: u64 = live.proxies.iter().map(Proxy::uploads_in_flight).sum();
             if building_seen.1 >= 1 && uploading >= 1 {
                 armed = None;
-                kill_coordinator(s, seed, live, restart, rep)?;
+                kill_coordinator(seed, live, restart, rep)?;
                 building_seen = (Instant::now(), 0);
             }
         }
@@ -659,7 +656,6 @@ fn apply(
 }
 
 fn kill_coordinator(
-    _s: &Scenario,
     seed: u64,
     live: &mut Live,
     restart: Option<[f64; 2]>,

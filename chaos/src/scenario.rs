@@ -144,6 +144,9 @@ pub struct AgentsSpec {
     /// Agents (1-based) that also build the alternative system `kiln-chaos-alt`.
     #[serde(default)]
     pub alt_agents: Vec<usize>,
+    /// Agents (1-based) that build only `kiln-chaos-alt`.
+    #[serde(default)]
+    pub alt_only_agents: Vec<usize>,
 }
 
 fn two() -> u32 {
@@ -157,6 +160,7 @@ impl Default for AgentsSpec {
             max_parallel_builds: 2,
             max_parallel_uploads: 2,
             alt_agents: Vec::new(),
+            alt_only_agents: Vec::new(),
         }
     }
 }
@@ -402,12 +406,24 @@ impl Scenario {
         anyhow::ensure!(n >= 1, "agents.count must be at least 1");
         let in_range = |a: &usize| (1..=n).contains(a);
         anyhow::ensure!(
-            self.agents.alt_agents.iter().all(in_range),
-            "agents.alt_agents names an agent outside 1..={n}"
+            self.agents.alt_agents.iter().all(in_range)
+                && self.agents.alt_only_agents.iter().all(in_range),
+            "agents.alt_agents or agents.alt_only_agents names an agent outside 1..={n}"
         );
         anyhow::ensure!(
-            g.alt_fraction == 0.0 || !self.agents.alt_agents.is_empty(),
-            "graph.alt_fraction is set but no agent builds the alternative system: set agents.alt_agents"
+            g.alt_fraction == 0.0
+                || !self.agents.alt_agents.is_empty()
+                || !self.agents.alt_only_agents.is_empty(),
+            "graph.alt_fraction is set but no agent builds the alternative system: set agents.alt_agents or agents.alt_only_agents"
+        );
+        anyhow::ensure!(
+            g.alt_fraction < 1.0
+                || self.agents.alt_only_agents.len() + self.agents.alt_agents.len() > 0,
+            "graph.alt_fraction = 1 needs agents for the alternative system"
+        );
+        anyhow::ensure!(
+            (1..=n).any(|a| !self.agents.alt_only_agents.contains(&a)) || g.alt_fraction >= 1.0,
+            "every agent is in agents.alt_only_agents: nobody builds the common system"
         );
         anyhow::ensure!(
             self.coordinator.agent_timeout_ms >= 1000
