@@ -63,7 +63,9 @@ fn start(rules: Vec<Rule>) -> One {
     let key_file = dir.path().join("signing.key");
     std::fs::write(
         &key_file,
-        SecretKey::generate("kiln-chaos-test-1").unwrap().to_string(),
+        SecretKey::generate("kiln-chaos-test-1")
+            .unwrap()
+            .to_string(),
     )
     .unwrap();
     let bins = kiln::client::demo::find_binaries(Some(bin_dir().into())).unwrap();
