@@ -562,7 +562,7 @@ fn play(
                 );
             }
             let all_in = subs.done.load(Ordering::SeqCst);
-            if all_in && done == acked.len() && armed.is_none() {
+            if all_in && done == acked.len() {
                 break;
             }
         }
@@ -579,6 +579,18 @@ fn play(
         live.notes.push(format!(
             "a coordinator kill due at {:.1} s never found a build building with an upload in flight",
             due.duration_since(t0).as_secs_f64()
+        ));
+    }
+    let restarts_only = steps
+        .iter()
+        .all(|(_, step)| matches!(step, Step::RestartAgent(_) | Step::Heal { .. }));
+    if !restarts_only {
+        live.notes.push(format!(
+            "{} schedule steps never ran: the build phase ended first",
+            steps
+                .iter()
+                .filter(|(_, st)| !matches!(st, Step::RestartAgent(_) | Step::Heal { .. }))
+                .count()
         ));
     }
     for p in &live.proxies {
