@@ -13,15 +13,19 @@
 //! - [`graph`]: derivation graphs with drawn builder durations, output sizes and failures.
 //! - [`procs`]: child processes in their own process groups, killed with the harness.
 //! - [`farm`]: the coordinator and agents of one run: configs, start, SIGKILL, restart.
-//! - [`run`]: one scenario run: submit, the fault schedule, waiting, the final checks.
+//! - [`run`]: one scenario run: start, play the fault schedule (`schedule`), submit from a
+//!   thread of its own (`submitter`), wait for the builds, end and check (`finish`).
 //! - [`evidence`]: what a run leaves behind, read back (state dump, stamps, hook runs).
 //! - [`check`]: the invariants, from the evidence.
+//! - [`counters`]: the report's fault and recovery counters and lost-agent timings.
 //! - [`served`]: the served NARs and the real Nix client's copy and verify.
 //! - [`report`]: the run's report (JSON and text) and its coverage.
 
 pub mod check;
+pub mod counters;
 pub mod evidence;
 pub mod farm;
+mod finish;
 pub mod graph;
 pub mod procs;
 pub mod proxy;
@@ -29,4 +33,6 @@ pub mod report;
 pub mod rng;
 pub mod run;
 pub mod scenario;
+mod schedule;
 pub mod served;
+mod submitter;

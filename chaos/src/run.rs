@@ -10,28 +10,28 @@
 //! Children are spawned from the calling thread (their parent-death signal follows it), so
 //! call [`run`] from a thread that outlives the run: the harness uses its main thread.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use kiln::client::procs::TempDir;
-use kiln::client::submit::{self, SubmitOptions};
-use kiln::derivation::StorePath;
 use kiln::nar::signing::SecretKey;
 
-use crate::check::{self, Evidence, Loss};
+use crate::check::Loss;
 use crate::evidence;
 use crate::farm::Farm;
+use crate::finish::finish;
 use crate::graph::{self, ChaosGraph};
 use crate::proxy::{FaultPlan, Mode, Proxy, ProxyConfig};
-use crate::report::{BuildCounts, InvariantResult, Report};
+use crate::report::Report;
 use crate::rng::Rng;
-use crate::scenario::{Scenario, ScheduleAction};
-use crate::served;
+use crate::scenario::Scenario;
+use crate::schedule::{timeline, Step};
+use crate::submitter::{submit_batches, Submissions};
 
 /// How to run.
 #[derive(Debug, Clone, Default)]
@@ -57,168 +57,11 @@ pub fn fresh_seed() -> u64 {
     Rng::derive(t, &[u64::from(std::process::id())]).next_u64() % 1_000_000_000
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     kiln::client::cli::now_ms()
 }
 
-/// A step of the schedule, at an offset from the start.
-#[derive(Debug, Clone)]
-enum Step {
-    Window {
-        agents: Vec<usize>,
-        mode: Mode,
-    },
-    Heal {
-        agents: Vec<usize>,
-    },
-    KillAgents {
-        agents: Vec<usize>,
-        restart: Option<[f64; 2]>,
-        rep: u64,
-    },
-    RestartAgent(usize),
-    KillCoordinator {
-        restart: Option<[f64; 2]>,
-        rep: u64,
-    },
-}
-
-/// Expand the scenario's schedule into steps sorted by time.
-fn timeline(s: &Scenario, seed: u64) -> Vec<(Duration, Step)> {
-    let mut steps = Vec::new();
-    for (i, item) in s.schedule.iter().enumerate() {
-        for rep in 0..item.repeat {
-            let at = Duration::from_secs_f64(item.at_s + rep as f64 * item.every_s);
-            let mut rng = Rng::derive(seed, &[0x73_63_68, i as u64, rep as u64]);
-            let agents: Vec<usize> = if item.agents.is_empty() {
-                rng.choose(s.agents.count, item.random_agents)
-            } else {
-                item.agents.iter().map(|a| a - 1).collect()
-            };
-            let key = (i as u64) << 32 | rep as u64;
-            match item.action {
-                ScheduleAction::Partition | ScheduleAction::Refuse => {
-                    let mode = if item.action == ScheduleAction::Partition {
-                        Mode::Blackhole
-                    } else {
-                        Mode::Refuse
-                    };
-                    let until = at + Duration::from_secs_f64(item.duration_s);
-                    steps.push((
-                        at,
-                        Step::Window {
-                            agents: agents.clone(),
-                            mode,
-                        },
-                    ));
-                    steps.push((until, Step::Heal { agents }));
-                }
-                ScheduleAction::KillAgent => steps.push((
-                    at,
-                    Step::KillAgents {
-                        agents,
-                        restart: item.restart_after_s,
-                        rep: key,
-                    },
-                )),
-                ScheduleAction::KillCoordinator => steps.push((
-                    at,
-                    Step::KillCoordinator {
-                        restart: item.restart_after_s,
-                        rep: key,
-                    },
-                )),
-            }
-        }
-    }
-    steps.sort_by_key(|(t, _)| *t);
-    steps
-}
-
-/// What the submitter thread shares with the run.
-#[derive(Default)]
-struct Submissions {
-    acknowledged: Mutex<Vec<(u64, String)>>,
-    problems: Mutex<Vec<String>>,
-    done: AtomicBool,
-}
-
-/// Submit the graph in batches (inputs first), retrying each until acknowledged.
-fn submit_batches(
-    client_url: String,
-    graph: &ChaosGraph,
-    batches: usize,
-    spread: Duration,
-    deadline: Instant,
-    out: Arc<Submissions>,
-) -> std::thread::JoinHandle<()> {
-    let store_dir = graph.store_dir.clone();
-    let n = graph.drvs.len();
-    let per = n.div_ceil(batches.max(1));
-    let chunks: Vec<Vec<String>> = graph
-        .drvs
-        .chunks(per.max(1))
-        .map(|c| c.iter().map(|d| d.drv_path.clone()).collect())
-        .collect();
-    let start = Instant::now();
-    std::thread::spawn(move || {
-        let client = kiln::client::http::Client::new(&client_url, None);
-        let k = chunks.len().max(1) as u32;
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let at = start + spread * i as u32 / k;
-            while Instant::now() < at {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let targets: Result<Vec<StorePath>, _> = chunk
-                .iter()
-                .map(|p| store_dir.parse_path(p.as_bytes()))
-                .collect();
-            let targets = match targets {
-                Ok(t) => t,
-                Err(e) => {
-                    push(&out.problems, format!("batch {i}: bad path: {e}"));
-                    break;
-                }
-            };
-            let opts = SubmitOptions {
-                only_targets: true,
-                ..SubmitOptions::default()
-            };
-            // Bounded by the run's deadline: a refused or unanswered submission is retried.
-            loop {
-                match submit::submit(&client, &store_dir, &targets, &opts) {
-                    Ok(s) => {
-                        let mut acked = out.acknowledged.lock().unwrap_or_else(|p| p.into_inner());
-                        acked.extend(s.builds.into_iter().map(|b| (b.id, b.drv_path)));
-                        break;
-                    }
-                    Err(e) if Instant::now() < deadline => {
-                        tracing::info!(
-                            batch = i,
-                            error = format!("{e:#}"),
-                            "submission failed, retrying"
-                        );
-                        std::thread::sleep(Duration::from_millis(300));
-                    }
-                    Err(e) => {
-                        push(
-                            &out.problems,
-                            format!("batch {i} was never acknowledged: {e:#}"),
-                        );
-                        break;
-                    }
-                }
-            }
-        }
-        out.done.store(true, Ordering::SeqCst);
-    })
-}
-
-fn push(v: &Mutex<Vec<String>>, s: String) {
-    v.lock().unwrap_or_else(|p| p.into_inner()).push(s);
-}
-
-fn http() -> ureq::Agent {
+pub(crate) fn http() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))
@@ -226,7 +69,7 @@ fn http() -> ureq::Agent {
 }
 
 /// Build id -> state, from the client API (`None` while the coordinator is down).
-fn poll_states(h: &ureq::Agent, client_url: &str) -> Option<BTreeMap<u64, String>> {
+pub(crate) fn poll_states(h: &ureq::Agent, client_url: &str) -> Option<BTreeMap<u64, String>> {
     let v: serde_json::Value = h
         .get(&format!("{client_url}/api/v1/builds"))
         .call()
@@ -256,21 +99,24 @@ fn count_building(h: &ureq::Agent, client_url: &str) -> Option<usize> {
     Some(v.as_array()?.len())
 }
 
-fn scrape(h: &ureq::Agent, url: &str) -> Option<String> {
+pub(crate) fn scrape(h: &ureq::Agent, url: &str) -> Option<String> {
     h.get(url).call().ok()?.into_string().ok()
 }
 
 /// Everything mutable the run keeps while it plays.
-struct Live {
-    farm: Farm,
-    proxies: Vec<Proxy>,
-    kills: Vec<Loss>,
-    losses: Vec<Loss>,
-    crashes: Vec<String>,
-    notes: Vec<String>,
+pub(crate) struct Live {
+    pub(crate) farm: Farm,
+    pub(crate) proxies: Vec<Proxy>,
+    /// Agent kills, and every loss (kills and window starts), for the checker.
+    pub(crate) kills: Vec<Loss>,
+    pub(crate) losses: Vec<Loss>,
+    /// Processes that died unasked, and other problems that break `no-process-died-unasked`.
+    pub(crate) crashes: Vec<String>,
+    pub(crate) notes: Vec<String>,
     /// (agent index, incarnation) -> (retries, reconnects) last scraped.
-    agent_metrics: BTreeMap<(usize, u32), (f64, f64)>,
-    faults: BTreeMap<String, u64>,
+    pub(crate) agent_metrics: BTreeMap<(usize, u32), (f64, f64)>,
+    /// Faults the harness itself made (kills, windows), by kind.
+    pub(crate) faults: BTreeMap<String, u64>,
 }
 
 impl Live {
@@ -278,7 +124,7 @@ impl Live {
         *self.faults.entry(k.to_string()).or_default() += 1;
     }
 
-    fn scrape_agent(&mut self, h: &ureq::Agent, i: usize) {
+    pub(crate) fn scrape_agent(&mut self, h: &ureq::Agent, i: usize) {
         let a = &self.farm.agents[i];
         if a.child.is_none() {
             return;
@@ -376,7 +222,7 @@ pub fn run(
     Ok(report)
 }
 
-fn round1(x: f64) -> f64 {
+pub(crate) fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
@@ -681,231 +527,4 @@ fn kill_coordinator(
     live.farm
         .start_coordinator()
         .context("the coordinator did not come back after a SIGKILL")
-}
-
-/// Stop everything, gather the evidence, check, report.
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    s: &Scenario,
-    seed: u64,
-    graph: &ChaosGraph,
-    mut live: Live,
-    subs: &Submissions,
-    states: BTreeMap<u64, String>,
-    build_phase: Duration,
-    dir: &Path,
-    kiln_bin: &Path,
-    key: &SecretKey,
-) -> anyhow::Result<Report> {
-    let h = http();
-    let build_end_ms = now_ms();
-    // The agents stay up until the coordinator has stopped: stopping them first would make
-    // the coordinator declare them lost and expire their leases, hiding the leases the run
-    // left behind.
-    if !live.farm.coordinator_running() {
-        live.farm.start_coordinator()?;
-    }
-    let agent_url = live.farm.agent_url();
-    wait_for_hooks(&h, &agent_url, &dir.join("hook-runs"));
-
-    // Served NARs of every success, fetched like a binary-cache client.
-    let scratch = dir.join("served");
-    std::fs::create_dir_all(&scratch)
-        .with_context(|| format!("failed to create {}", scratch.display()))?;
-    let current = poll_states(&h, &live.farm.client_url()).unwrap_or(states);
-    let acked = subs
-        .acknowledged
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let succeeded: BTreeSet<String> = acked
-        .iter()
-        .filter(|(id, _)| current.get(id).is_some_and(|st| st == "succeeded"))
-        .map(|(_, d)| d.clone())
-        .collect();
-    let mut served_hashes = Vec::new();
-    let mut served_problems = Vec::new();
-    for d in graph
-        .drvs
-        .iter()
-        .filter(|d| succeeded.contains(&d.drv_path))
-    {
-        match served::check_output(&agent_url, d, &scratch) {
-            Ok(sh) => served_hashes.push((d.index, sh)),
-            Err(e) => served_problems.push(e),
-        }
-    }
-    let nix = s.checks.nix.then(|| {
-        let roots: Vec<String> = graph
-            .root_outputs()
-            .into_iter()
-            .filter(|p| {
-                graph
-                    .drvs
-                    .iter()
-                    .any(|d| &d.out_path == p && succeeded.contains(&d.drv_path))
-            })
-            .collect();
-        let all_roots = graph.root_outputs().len();
-        let expected = served::expected_closure(graph, &roots);
-        let mut outcome = served::nix_copy_and_verify(
-            &agent_url,
-            graph.store_dir.as_str(),
-            &key.to_public().to_string(),
-            &roots,
-            &expected,
-            dir,
-        );
-        if roots.len() < all_roots {
-            outcome.problems.push(format!(
-                "{} of {all_roots} roots did not succeed and were not copied",
-                all_roots - roots.len()
-            ));
-        }
-        outcome
-    });
-
-    let clean = live.farm.stop_coordinator(Duration::from_secs(30));
-    if !clean {
-        live.notes
-            .push("the coordinator did not exit cleanly on SIGTERM".to_string());
-    }
-    for i in 0..live.farm.agents.len() {
-        live.scrape_agent(&h, i);
-    }
-    live.farm.stop_agents(Duration::from_secs(20));
-    for (_, why) in live.farm.crashed_agents() {
-        live.crashes.push(why);
-    }
-    let dump_text = evidence::state_dump(kiln_bin, &live.farm.state)?;
-    std::fs::write(dir.join("state-dump.txt"), &dump_text)
-        .with_context(|| format!("failed to write {}", dir.join("state-dump.txt").display()))?;
-    let dump = evidence::parse_dump(&dump_text)?;
-    for (i, sh) in &served_hashes {
-        let d = &graph.drvs[*i];
-        if let Err(e) = served::compare_recorded(d, sh, dump.outputs.get(&d.out_path)) {
-            served_problems.push(e);
-        }
-    }
-    let runs = graph::count_runs(&graph.stamp_dir)?;
-    let hook_runs = evidence::hook_runs(&dir.join("hook-runs"));
-    let mut exchanges = Vec::new();
-    let mut refused = 0;
-    let mut partition_resets = 0;
-    for p in &live.proxies {
-        exchanges.extend(p.exchanges());
-        let c = p.counts();
-        refused += c.refused;
-        partition_resets += c.partition_resets;
-    }
-    let agent_ids: BTreeMap<String, u64> = live
-        .farm
-        .agents
-        .iter()
-        .map(|a| (a.name.clone(), a.id))
-        .collect();
-    let mut crashes = live.crashes.clone();
-    crashes.extend(
-        subs.problems
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned(),
-    );
-    let nix_problems = nix.as_ref().map(|n| n.problems.clone());
-    let ev = Evidence {
-        graph,
-        dump: &dump,
-        exchanges: &exchanges,
-        runs: &runs,
-        hook_runs: &hook_runs,
-        acknowledged: &acked,
-        kills: &live.kills,
-        losses: &live.losses,
-        agent_ids: &agent_ids,
-        served: &served_problems,
-        nix: nix_problems.as_deref(),
-        crashes: &crashes,
-        agent_timeout_ms: s.coordinator.agent_timeout_ms,
-        build_end_ms,
-    };
-    let mut invariants = check::check(&ev);
-    if !live.notes.is_empty() {
-        invariants.push(InvariantResult {
-            name: "harness-notes".to_string(),
-            held: true,
-            details: live.notes.clone(),
-        });
-    }
-    let mut faults = check::fault_counts(&exchanges);
-    for (k, v) in &live.faults {
-        *faults.entry(k.clone()).or_default() += v;
-    }
-    faults.insert("refused_connections".into(), refused);
-    faults.insert("partition_resets".into(), partition_resets);
-    for k in ["agent_kills", "coordinator_kills"] {
-        faults.entry(k.into()).or_default();
-    }
-    let mut recovery = check::recovery_counts(&ev);
-    let (retries, reconnects) = live
-        .agent_metrics
-        .values()
-        .fold((0.0, 0.0), |(r, c), (a, b)| (r + a, c + b));
-    recovery.insert("agent_retries".into(), retries as u64);
-    recovery.insert("agent_reconnects".into(), reconnects as u64);
-    let (realloc, detect) = check::loss_timings(&ev);
-    let doomed = graph.doomed();
-    let mut builds = BuildCounts {
-        total: dump.builds.len(),
-        expected_failures: graph.drvs.iter().filter(|d| d.fails).count(),
-        ..BuildCounts::default()
-    };
-    for b in dump.builds.values() {
-        match b.state.as_str() {
-            "succeeded" => builds.succeeded += 1,
-            "failed" => builds.failed += 1,
-            "canceled" => {}
-            "blocked" if graph.by_drv(&b.drv_path).is_some_and(|d| doomed[d.index]) => {}
-            _ => builds.not_terminal += 1,
-        }
-    }
-    let mut report = Report {
-        scenario: s.name.clone(),
-        seed,
-        passed: false,
-        build_phase_s: round1(build_phase.as_secs_f64()),
-        total_s: 0.0,
-        work_dir: String::new(),
-        builds,
-        faults,
-        recovery,
-        lost_agent_to_reallocation_ms: realloc,
-        lost_agent_detection_ms: detect,
-        coverage: Vec::new(),
-        invariants,
-        reproduce: String::new(),
-    };
-    report.judge(&s.coverage.minimums());
-    Ok(report)
-}
-
-/// Wait (at most 30 s) until the coordinator reports no pending hook run twice in a row and
-/// the hook's output stopped growing.
-fn wait_for_hooks(h: &ureq::Agent, agent_url: &str, hook_file: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut quiet = 0;
-    let mut last_len = 0;
-    while Instant::now() < deadline && quiet < 3 {
-        let pending = scrape(h, &format!("{agent_url}/metrics"))
-            .map(|t| evidence::metric_sum(&t, "kiln_hook_pending").unwrap_or(0.0))
-            .unwrap_or(1.0);
-        let len = std::fs::metadata(hook_file).map(|m| m.len()).unwrap_or(0);
-        if pending == 0.0 && len == last_len {
-            quiet += 1;
-        } else {
-            quiet = 0;
-        }
-        last_len = len;
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }

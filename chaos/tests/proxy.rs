@@ -399,7 +399,10 @@ async fn a_work_reply_reset_after_the_server_answered_is_lost_and_logged() {
     assert_eq!(e.ending, Ending::Reset);
     assert_eq!(e.reply_forwarded, 0);
     assert_eq!(log[1].ending, Ending::Completed);
-    assert_eq!(kiln_chaos::check::reset_kind(e), Some("resets_work_reply"));
+    assert_eq!(
+        kiln_chaos::counters::reset_kind(e),
+        Some("resets_work_reply")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,7 +425,10 @@ async fn an_upload_cut_at_half_reaches_the_server_half() {
     let e = &log[0];
     assert_eq!(e.request_forwarded, 512 * 1024, "{e:?}");
     assert_eq!(e.ending, Ending::Reset);
-    assert_eq!(kiln_chaos::check::reset_kind(e), Some("resets_mid_upload"));
+    assert_eq!(
+        kiln_chaos::counters::reset_kind(e),
+        Some("resets_mid_upload")
+    );
     // The server sees the body end after exactly the forwarded half (a FIN, not a reset).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let seen = loop {
