@@ -110,6 +110,18 @@ pub(crate) fn finish(
         live.scrape_agent(&h, i);
     }
     live.farm.stop_agents(Duration::from_secs(20));
+    // Bulky and not evidence: the agents' private stores (the coordinator keeps every NAR),
+    // the restored NARs and the Nix client's store.
+    let mut bulky = vec![dir.join("served"), dir.join("nix-root")];
+    bulky.extend(live.farm.agents.iter().map(|a| a.state.join("store")));
+    for d in bulky {
+        if d.exists() {
+            served::make_writable(&d);
+            if let Err(e) = std::fs::remove_dir_all(&d) {
+                tracing::warn!(dir = %d.display(), error = %e, "failed to remove a bulky directory");
+            }
+        }
+    }
     for (_, why) in live.farm.crashed_agents() {
         live.crashes.push(why);
     }

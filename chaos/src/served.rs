@@ -139,7 +139,7 @@ fn check_content(d: &ChaosDrv, dest: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn make_writable(dir: &Path) {
+pub(crate) fn make_writable(dir: &Path) {
     use std::os::unix::fs::PermissionsExt as _;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
