@@ -33,6 +33,8 @@ struct Seen {
 struct Server {
     addr: std::net::SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Idle connections the server closed (its keep-alive timeout).
+    idle_closed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 async fn read_body(
@@ -87,21 +89,42 @@ async fn read_body(
 
 impl Server {
     async fn start(reply: fn(&str) -> String, stall_close: Option<Duration>) -> Server {
+        Server::start_with(reply, stall_close, None).await
+    }
+
+    /// Also close a connection idle for `idle_close` between requests.
+    async fn start_with(
+        reply: fn(&str) -> String,
+        stall_close: Option<Duration>,
+        idle_close: Option<Duration>,
+    ) -> Server {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
+        let idle_closed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let closed2 = idle_closed.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = l.accept().await else {
                     return;
                 };
                 let seen = s2.clone();
+                let closed = closed2.clone();
                 tokio::spawn(async move {
                     let (r, mut w) = sock.into_split();
                     let mut r = BufReader::new(r);
                     loop {
                         let mut head = String::new();
+                        let idle = idle_close.unwrap_or(Duration::from_secs(3600));
+                        match tokio::time::timeout(idle, r.fill_buf()).await {
+                            Ok(Ok(b)) if !b.is_empty() => {}
+                            Ok(_) => return,
+                            Err(_) => {
+                                closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                return;
+                            }
+                        }
                         loop {
                             let mut line = String::new();
                             match r.read_line(&mut line).await {
@@ -139,7 +162,11 @@ impl Server {
                 });
             }
         });
-        Server { addr, seen }
+        Server {
+            addr,
+            seen,
+            idle_closed,
+        }
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -555,4 +582,40 @@ async fn a_connection_reset_budget_cuts_the_connection_once() {
     );
     assert_eq!(e.fault.map(|f| f.source), Some(FaultSource::Connection));
     assert!(rest.is_empty(), "no reply after the reset");
+}
+
+/// Pins down that a blackhole window is silent both ways: the coordinator closing an idle
+/// connection during the window does not reach the agent (a reset there would tell the agent
+/// something a partitioned link cannot); the agent's side is reset when the window ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_hides_the_coordinator_closing_an_idle_connection() {
+    let server = Server::start_with(default_reply, None, Some(Duration::from_millis(300))).await;
+    let p = proxy(server.addr, plan(10, vec![])).await;
+    let s = TcpStream::connect(p.addr()).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    w.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut r).await.contains("/a"));
+    p.set_mode(Mode::Blackhole);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while server.idle_closed.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never closed the idle connection"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut buf = [0u8; 16];
+    let quiet = tokio::time::timeout(Duration::from_millis(300), r.read(&mut buf)).await;
+    assert!(
+        quiet.is_err(),
+        "the agent heard of the close during the window: {quiet:?}"
+    );
+    p.set_mode(Mode::Normal);
+    let ended = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf))
+        .await
+        .expect("the connection ends when the window does");
+    assert!(matches!(ended, Ok(0) | Err(_)), "{ended:?}");
 }

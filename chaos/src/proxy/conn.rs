@@ -176,16 +176,31 @@ async fn blackhole(c: &mut Conn, forever: bool, watch_upstream: bool) -> HoleEnd
             }
         }
     };
-    let end = tokio::select! {
-        _ = c.client_r.drain(&dropped, false) => HoleEnd::Client,
-        _ = c.up_r.drain(&up_dropped, watch_upstream) => {
-            if watch_upstream { HoleEnd::Upstream } else { HoleEnd::Client }
+    tokio::pin!(wait_mode);
+    let Conn { client_r, up_r, .. } = c;
+    let up = up_r.drain(&up_dropped, watch_upstream);
+    tokio::pin!(up);
+    // The coordinator closing its side (say, an idle keep-alive timeout) is news the agent
+    // cannot get through a blackhole: unless it ends a request the coordinator waited for, the
+    // hole goes on, and the agent's side is reset only when the hole ends.
+    let mut up_closed = false;
+    // At most two turns: the coordinator's side ends once.
+    let end = loop {
+        tokio::select! {
+            _ = client_r.drain(&dropped, false) => break HoleEnd::Client,
+            _ = &mut up, if !up_closed => {
+                if watch_upstream {
+                    break HoleEnd::Upstream;
+                }
+                up_closed = true;
+            }
+            m = &mut wait_mode => break m,
         }
-        m = wait_mode => m,
     };
     match end {
         HoleEnd::Window { .. } => HoleEnd::Window {
-            lost: dropped.load(Ordering::Relaxed) + up_dropped.load(Ordering::Relaxed) > 0,
+            lost: up_closed
+                || dropped.load(Ordering::Relaxed) + up_dropped.load(Ordering::Relaxed) > 0,
         },
         other => other,
     }
