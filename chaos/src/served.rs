@@ -305,3 +305,37 @@ pub fn nix_copy_and_verify(
     out.ok = out.problems.is_empty();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_expected_closure_follows_inputs_transitively() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec: crate::scenario::GraphSpec =
+            toml::from_str("builds = 12\nlayers = 4\nmax_inputs = 2\n").unwrap();
+        let g = crate::graph::generate(
+            &dir.path().join("store"),
+            &dir.path().join("stamps"),
+            &spec,
+            4,
+            "x86_64-linux",
+        )
+        .unwrap();
+        let last = g.drvs.last().unwrap();
+        let closure = expected_closure(&g, std::slice::from_ref(&last.out_path));
+        assert!(closure.contains(&last.out_path));
+        for &i in &last.inputs {
+            assert!(closure.contains(&g.drvs[i].out_path));
+            for &j in &g.drvs[i].inputs {
+                assert!(closure.contains(&g.drvs[j].out_path), "inputs of inputs");
+            }
+        }
+        // Nothing outside the inputs' closure.
+        let all = expected_closure(&g, &g.root_outputs());
+        assert!(all.len() <= g.drvs.len());
+        assert!(closure.len() <= all.len());
+        assert!(expected_closure(&g, &[]).is_empty());
+    }
+}
