@@ -64,10 +64,9 @@ pub fn recovery_counts(ev: &Evidence<'_>) -> BTreeMap<String, u64> {
         .filter(|e| e.kind == "lease-expired")
         .count();
     m.insert("lease_expiries".to_string(), expiries as u64);
-    m.insert(
-        "readoptions".to_string(),
-        readoptions(&builds, &ev.dump.events),
-    );
+    let (readopted, replayed) = readoptions(&builds);
+    m.insert("readoptions".to_string(), readopted);
+    m.insert("work_requests_replayed".to_string(), replayed);
     let resumed = ev
         .exchanges
         .iter()
@@ -94,17 +93,31 @@ pub fn recovery_counts(ev: &Evidence<'_>) -> BTreeMap<String, u64> {
     m
 }
 
-/// Builds whose lease expired and that the same agent then carried on at the same attempt,
-/// without a new allocation (plus any event whose kind names a re-adoption).
-fn readoptions(builds: &BTreeMap<u64, Vec<&Event>>, all: &[Event]) -> u64 {
-    let mut n = 0;
+/// Re-adoptions: a build whose lease expired and that the same agent then carried on at the
+/// same attempt without a new allocation, whether the coordinator wrote an event for it
+/// (`lease-readopted`, or any kind naming a re-adoption) or only the agent's later reports at
+/// that attempt show it. A re-adoption of a retried work request (reason `work request
+/// retried`) is the idempotent work request, counted as `work_requests_replayed` instead.
+/// Returns (re-adoptions, replayed work requests).
+fn readoptions(builds: &BTreeMap<u64, Vec<&Event>>) -> (u64, u64) {
+    let (mut n, mut replayed) = (0, 0);
     for es in builds.values() {
         let mut expired: Option<(u32, u64)> = None;
         for e in es {
-            match e.kind.as_str() {
+            let kind = e.kind.as_str();
+            if kind.contains("adopt") {
+                let reason = e.data.get("reason").and_then(|r| r.as_str());
+                if reason == Some("work request retried") {
+                    replayed += 1;
+                } else {
+                    n += 1;
+                    expired = None;
+                }
+                continue;
+            }
+            match kind {
                 "lease-expired" => expired = e.attempt().map(|a| (a, e.agent())),
                 "build-allocated" => expired = None,
-                k if k.contains("adopt") => {}
                 _ => {
                     if let (Some((a, agent)), Some(at)) = (expired, e.attempt()) {
                         if at == a && e.agent() == agent {
@@ -116,7 +129,7 @@ fn readoptions(builds: &BTreeMap<u64, Vec<&Event>>, all: &[Event]) -> u64 {
             }
         }
     }
-    n + all.iter().filter(|e| e.kind.contains("adopt")).count() as u64
+    (n, replayed)
 }
 
 /// Lost-agent timings: to each reallocation of its builds, and to the `agent-lost` event.
@@ -163,4 +176,47 @@ pub fn loss_timings(ev: &Evidence<'_>) -> (Timing, Timing) {
     }
     let target = Some(ev.agent_timeout_ms + 1000);
     (Timing::new(realloc, target), Timing::new(detect, target))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(seq: u64, kind: &str, build: u64, attempt: u32, agent: u64, reason: &str) -> Event {
+        Event {
+            seq,
+            time_ms: seq * 10,
+            kind: kind.to_string(),
+            build_id: build,
+            agent_id: agent,
+            data: json!({"build_id": build, "attempt": attempt, "agent_id": agent, "reason": reason}),
+        }
+    }
+
+    /// Pins down that a `lease-readopted` event and the reports after it count one
+    /// re-adoption, not two, and that a replayed work request is not a re-adoption.
+    #[test]
+    fn a_readoption_counts_once_whatever_shows_it() {
+        let events = vec![
+            ev(1, "build-allocated", 1, 1, 2, ""),
+            ev(2, "lease-expired", 1, 1, 2, "agent lost"),
+            ev(3, "lease-readopted", 1, 1, 2, "agent still runs it"),
+            ev(4, "build-succeeded", 1, 1, 2, ""),
+            // Only the reports show it (a coordinator without the event).
+            ev(5, "build-allocated", 2, 1, 3, ""),
+            ev(6, "lease-expired", 2, 1, 3, "agent lost"),
+            ev(7, "build-succeeded", 2, 1, 3, ""),
+            // A retried work request answered with the same lease.
+            ev(8, "build-allocated", 3, 1, 2, ""),
+            ev(9, "lease-readopted", 3, 1, 2, "work request retried"),
+            // Expired and given to another agent: no re-adoption.
+            ev(10, "build-allocated", 4, 1, 2, ""),
+            ev(11, "lease-expired", 4, 1, 2, "agent lost"),
+            ev(12, "build-allocated", 4, 2, 3, ""),
+            ev(13, "build-succeeded", 4, 2, 3, ""),
+        ];
+        let builds = by_build(&events);
+        assert_eq!(readoptions(&builds), (2, 1));
+    }
 }

@@ -18,8 +18,9 @@ use crate::scenario::{AgentsSpec, CoordinatorSpec};
 /// How long a coordinator may take to write its ready file.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Event kinds the recording hook runs on (every kind the coordinator writes today).
-pub const HOOKED_KINDS: [&str; 10] = [
+/// Event kinds the recording hook runs on (every kind the coordinator writes; a kind an older
+/// coordinator does not write never fires).
+pub const HOOKED_KINDS: [&str; 11] = [
     "build-submitted",
     "build-allocated",
     "build-started",
@@ -27,6 +28,7 @@ pub const HOOKED_KINDS: [&str; 10] = [
     "build-failed",
     "build-canceled",
     "lease-expired",
+    "lease-readopted",
     "agent-lost",
     "agent-created",
     "source-added",
