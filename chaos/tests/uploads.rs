@@ -205,6 +205,10 @@ fn an_upload_cut_at_half_resumes_sending_at_most_one_chunk_again() {
     one.served_ok();
 }
 
+/// On a coordinator without a body stall timeout, the agent's 60 s read timeout is what
+/// detects the stall (the test then takes about a minute). Once the coordinator has one
+/// (`timeouts.transfer_stall_ms`, issue [3/8] item 6), set it here to a few seconds through
+/// `CoordinatorSpec::extra_timeouts`: the coordinator then gives up first.
 #[test]
 fn a_blackholed_upload_is_detected_as_stalled_and_resumed() {
     let mut rule = Rule::always(RouteSel::Upload, Phase::Request, Action::Blackhole);
