@@ -119,7 +119,11 @@ fn every_reproducer_replays_to_its_expected_outcome() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // The bugs fixed so far have reproducers: the test cannot pass by finding no files.
-    assert!(replayed >= 4, "only {replayed} reproducers found under {}", dir.display());
+    assert!(
+        replayed >= 4,
+        "only {replayed} reproducers found under {}",
+        dir.display()
+    );
 }
 
 #[test]
@@ -142,7 +146,11 @@ fn every_seed_is_accepted() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert!(replayed >= 20, "only {replayed} seeds found under {}", dir.display());
+    assert!(
+        replayed >= 20,
+        "only {replayed} seeds found under {}",
+        dir.display()
+    );
 }
 
 /// The error of a refused reproducer stays short however long the offending field is: the
@@ -165,7 +173,11 @@ fn long_fields_are_quoted_cut_short() {
         match replay(check, &path) {
             Ok(Outcome::Refused(msg)) => {
                 assert!(len > 10_000, "{file} should hold a field over 10 KB");
-                assert!(msg.len() < 1_000, "{file}: error of {} bytes: {msg}", msg.len());
+                assert!(
+                    msg.len() < 1_000,
+                    "{file}: error of {} bytes: {msg}",
+                    msg.len()
+                );
                 assert!(msg.contains("bytes)") || msg.contains("…"), "{file}: {msg}");
             }
             other => panic!("{file}: expected a refusal, got {other:?}"),

@@ -110,7 +110,10 @@ pub fn drv(data: &[u8]) -> Outcome {
         Err(e) => panic!("drv: the printed form of an accepted derivation does not parse: {e}"),
     };
     assert!(again == drv, "drv: parse(print(d)) != d");
-    assert!(again.print() == printed, "drv: print(parse(print(d))) != print(d)");
+    assert!(
+        again.print() == printed,
+        "drv: print(parse(print(d))) != print(d)"
+    );
     derived(&drv);
     Outcome::Accepted
 }
@@ -154,7 +157,10 @@ fn derived(drv: &Derivation) {
     let mut loader = |p: &StorePath| -> anyhow::Result<Derivation> {
         loads += 1;
         if loads > 16 {
-            anyhow::bail!("{} is not known (the fuzz loader knows 16 inputs)", p.as_str());
+            anyhow::bail!(
+                "{} is not known (the fuzz loader knows 16 inputs)",
+                p.as_str()
+            );
         }
         Ok(leaf.clone())
     };
@@ -274,7 +280,9 @@ fn restore_base() -> &'static Path {
     BASE.get_or_init(|| {
         let shm = Path::new("/dev/shm");
         let made = if shm.is_dir() {
-            tempfile::Builder::new().prefix("kiln-fuzz-").tempdir_in(shm)
+            tempfile::Builder::new()
+                .prefix("kiln-fuzz-")
+                .tempdir_in(shm)
         } else {
             tempfile::Builder::new().prefix("kiln-fuzz-").tempdir()
         };
@@ -296,7 +304,10 @@ pub fn nar_restore(data: &[u8]) -> Outcome {
     let validated = nar::validate(&mut &data[..]);
     let outcome = match (restored, validated) {
         (Ok(r), Ok(v)) => {
-            assert_eq!(r, v, "nar_restore: restore and validate disagree on the summary");
+            assert_eq!(
+                r, v,
+                "nar_restore: restore and validate disagree on the summary"
+            );
             let mut dumped = Vec::with_capacity(data.len());
             if let Err(e) = nar::dump(&dest, &mut dumped) {
                 panic!("nar_restore: cannot dump what was restored: {e}");
@@ -347,12 +358,12 @@ fn remove(dest: &Path) {
 
 fn test_key() -> &'static SecretKey {
     static KEY: OnceLock<SecretKey> = OnceLock::new();
-    KEY.get_or_init(|| {
-        match SecretKey::parse(include_str!("../../tests/data/nar/test-1.secret")) {
+    KEY.get_or_init(
+        || match SecretKey::parse(include_str!("../../tests/data/nar/test-1.secret")) {
             Ok(k) => k,
             Err(e) => panic!("tests/data/nar/test-1.secret does not parse: {e}"),
-        }
-    })
+        },
+    )
 }
 
 /// [`NarInfo::parse`] (input bytes read as lossy UTF-8), printing, fingerprinting, signing and
@@ -381,7 +392,11 @@ pub fn narinfo(data: &[u8]) -> Outcome {
         Err(e) => panic!("narinfo: the printed form of an accepted narinfo does not parse: {e}"),
     };
     assert_eq!(again, info, "narinfo: parse(print(n)) != n");
-    assert_eq!(again.to_string(), printed, "narinfo: printing is not stable");
+    assert_eq!(
+        again.to_string(),
+        printed,
+        "narinfo: printing is not stable"
+    );
     let key = test_key();
     let public = [key.to_public()];
     let _ = info.valid_signatures(&public);
@@ -392,7 +407,10 @@ pub fn narinfo(data: &[u8]) -> Outcome {
             if let Err(e) = signed.sign(key) {
                 panic!("narinfo: fingerprinted but cannot sign: {e}");
             }
-            assert!(signed.verify(&public), "narinfo: own signature does not verify");
+            assert!(
+                signed.verify(&public),
+                "narinfo: own signature does not verify"
+            );
             let reparsed = NarInfo::parse(&signed.to_string());
             assert!(
                 reparsed.as_ref() == Ok(&signed),
@@ -401,7 +419,10 @@ pub fn narinfo(data: &[u8]) -> Outcome {
         }
         Err(e) => {
             let mut signed = info.clone();
-            assert!(signed.sign(key).is_err(), "narinfo: signed without a fingerprint");
+            assert!(
+                signed.sign(key).is_err(),
+                "narinfo: signed without a fingerprint"
+            );
             assert_clear("narinfo", &e.to_string(), "");
         }
     }
@@ -436,7 +457,10 @@ fn json_as<T: Serialize + DeserializeOwned>(data: &[u8], what: &str) -> Option<S
                 Err(e) => panic!("{what}: serialised {text} does not deserialise: {e}"),
             };
             let again = serde_json::to_value(&back).ok();
-            assert!(again.as_ref() == Some(&value), "{what}: JSON does not round-trip: {text}");
+            assert!(
+                again.as_ref() == Some(&value),
+                "{what}: JSON does not round-trip: {text}"
+            );
             None
         }
         Err(e) => {

@@ -237,7 +237,10 @@ fn parse_field(f: &mut Fields, line: usize, name: &str, value: &str) -> Result<(
             for r in &refs {
                 check_base_name(r).map_err(|reason| {
                     // One reference can be the whole line: quote only its start.
-                    let shown: String = r.chars().take(100).collect();
+                    let mut shown: String = r.chars().take(100).collect();
+                    if shown.len() < r.len() {
+                        shown.push('…');
+                    }
                     bad("References", format!("{shown:?}: {reason}"))
                 })?;
             }
