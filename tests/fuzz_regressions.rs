@@ -50,7 +50,7 @@ fn panic_text(p: Box<dyn Any + Send>) -> String {
 }
 
 /// Run `check` on `file`; a panic (a broken property) becomes an `Err` naming the file.
-fn replay(check: fn(&[u8]) -> Outcome, file: &Path) -> Result<Outcome, String> {
+fn replay(check: checks::Check, file: &Path) -> Result<Outcome, String> {
     let data = fs::read(file).unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
     panic::catch_unwind(AssertUnwindSafe(|| check(&data)))
         .map_err(|p| format!("{}: {}", file.display(), panic_text(p)))

@@ -47,9 +47,12 @@ pub enum Outcome {
 /// so a field echoed whole is still caught.
 pub const MAX_ERROR_LEN: usize = 4096;
 
+/// A target's entry point: panics when a property does not hold.
+pub type Check = fn(&[u8]) -> Outcome;
+
 /// The fuzz targets, by name: the names of the fuzz binaries and of the directories under
 /// `tests/data/fuzz-regressions/`.
-pub const TARGETS: &[(&str, fn(&[u8]) -> Outcome)] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("drv", drv),
     ("nar", nar),
     ("nar_restore", nar_restore),
