@@ -458,7 +458,56 @@ fn apply(
     armed: &mut Option<(Instant, Option<[f64; 2]>, u64)>,
 ) {
     match step {
-        Step::Window { agents, mode } => {
+        Step::Window {
+            agents,
+            mode,
+            hold,
+            due,
+            hold_wait,
+            length,
+            control_lag,
+        } => {
+            let now = t0.elapsed();
+            if !hold.is_empty() {
+                let ready = hold
+                    .iter()
+                    .all(|&(i, min)| live.proxies[i].held_builds() >= min);
+                if !ready && now < due + hold_wait {
+                    // Not yet: look again shortly (bounded by `hold_wait`).
+                    let at = now + Duration::from_millis(50);
+                    let pos = steps.partition_point(|(t, _)| *t > at);
+                    let step = Step::Window {
+                        agents,
+                        mode,
+                        hold,
+                        due,
+                        hold_wait,
+                        length,
+                        control_lag,
+                    };
+                    steps.insert(pos, (at, step));
+                    return;
+                }
+                if !ready {
+                    live.notes.push(format!(
+                        "a window due at {:.1} s started after waiting {:.1} s without the agents it waits for holding their builds",
+                        due.as_secs_f64(),
+                        hold_wait.as_secs_f64()
+                    ));
+                }
+                let at = now + length;
+                let pos = steps.partition_point(|(t, _)| *t > at);
+                steps.insert(
+                    pos,
+                    (
+                        at,
+                        Step::Heal {
+                            agents: agents.clone(),
+                            control_lag,
+                        },
+                    ),
+                );
+            }
             let kind = if mode == Mode::Blackhole {
                 "partition"
             } else {
@@ -474,8 +523,14 @@ fn apply(
                 });
             }
         }
-        Step::Heal { agents } => {
+        Step::Heal {
+            agents,
+            control_lag,
+        } => {
             for i in agents {
+                if !control_lag.is_zero() {
+                    live.proxies[i].lag_control(control_lag);
+                }
                 live.proxies[i].set_mode(Mode::Normal);
             }
         }

@@ -283,6 +283,28 @@ pub struct ScheduleItem {
     /// absent: not restarted (agents only; a coordinator is always restarted, after 1 s).
     #[serde(default)]
     pub restart_after_s: Option<[f64; 2]>,
+    /// A `partition` or `refuse` window waits, from `at_s`, until each of these agents
+    /// (1-based) holds at least one build whose result the coordinator has not yet accepted
+    /// (seen in its proxy's log), so that the window is sure to strand work; it starts anyway
+    /// after `hold_wait_s`. Empty: the window starts at `at_s`.
+    #[serde(default)]
+    pub when_holding: Vec<usize>,
+    /// How many builds each agent of `when_holding` must hold (same order; missing: 1).
+    #[serde(default)]
+    pub hold_min: Vec<usize>,
+    /// When a `partition` or `refuse` window ends, the agents' session openings and
+    /// heartbeats stay held this many more seconds while their other requests go through (a
+    /// control connection still in TCP retransmission backoff): their pending uploads and
+    /// results reach the coordinator before a heartbeat tells them what moved on.
+    #[serde(default)]
+    pub control_lag_s: f64,
+    /// The longest a window waits for `when_holding`.
+    #[serde(default = "default_hold_wait")]
+    pub hold_wait_s: f64,
+}
+
+fn default_hold_wait() -> f64 {
+    20.0
 }
 
 /// Minimum counts a run must reach; a run below any of them fails (a vacuous run proves
@@ -453,6 +475,27 @@ impl Scenario {
             anyhow::ensure!(
                 s.agents.iter().all(in_range),
                 "schedule[{i}].agents names an agent outside 1..={n}"
+            );
+            anyhow::ensure!(
+                s.when_holding.iter().all(in_range),
+                "schedule[{i}].when_holding names an agent outside 1..={n}"
+            );
+            anyhow::ensure!(
+                s.when_holding.is_empty()
+                    || matches!(s.action, ScheduleAction::Partition | ScheduleAction::Refuse),
+                "schedule[{i}].when_holding applies only to partition and refuse windows"
+            );
+            anyhow::ensure!(
+                s.hold_min.len() <= s.when_holding.len(),
+                "schedule[{i}].hold_min has more entries than when_holding"
+            );
+            anyhow::ensure!(
+                (0.0..=60.0).contains(&s.control_lag_s),
+                "schedule[{i}].control_lag_s must be between 0 and 60"
+            );
+            anyhow::ensure!(
+                s.hold_wait_s >= 0.0,
+                "schedule[{i}].hold_wait_s is negative"
             );
             let needs_agents = s.action != ScheduleAction::KillCoordinator;
             anyhow::ensure!(

@@ -14,9 +14,19 @@ pub(crate) enum Step {
     Window {
         agents: Vec<usize>,
         mode: Mode,
+        /// (agent (0-based), builds it must hold) before the window starts; when not empty,
+        /// the window's `Heal` is scheduled when it starts, `length` later.
+        hold: Vec<(usize, usize)>,
+        /// When the window was first due (for the `hold_wait` bound).
+        due: Duration,
+        hold_wait: Duration,
+        length: Duration,
+        control_lag: Duration,
     },
     Heal {
         agents: Vec<usize>,
+        /// How long their control exchanges stay held after the heal.
+        control_lag: Duration,
     },
     KillAgents {
         agents: Vec<usize>,
@@ -50,15 +60,36 @@ pub(crate) fn timeline(s: &Scenario, seed: u64) -> Vec<(Duration, Step)> {
                     } else {
                         Mode::Refuse
                     };
-                    let until = at + Duration::from_secs_f64(item.duration_s);
+                    let length = Duration::from_secs_f64(item.duration_s);
+                    let hold: Vec<(usize, usize)> = item
+                        .when_holding
+                        .iter()
+                        .enumerate()
+                        .map(|(k, a)| (a - 1, item.hold_min.get(k).copied().unwrap_or(1)))
+                        .collect();
+                    let heal_now = hold.is_empty();
+                    let control_lag = Duration::from_secs_f64(item.control_lag_s);
                     steps.push((
                         at,
                         Step::Window {
                             agents: agents.clone(),
                             mode,
+                            hold,
+                            due: at,
+                            hold_wait: Duration::from_secs_f64(item.hold_wait_s),
+                            length,
+                            control_lag,
                         },
                     ));
-                    steps.push((until, Step::Heal { agents }));
+                    if heal_now {
+                        steps.push((
+                            at + length,
+                            Step::Heal {
+                                agents,
+                                control_lag,
+                            },
+                        ));
+                    }
                 }
                 ScheduleAction::KillAgent => steps.push((
                     at,
@@ -98,13 +129,13 @@ mod tests {
         let times: Vec<f64> = steps.iter().map(|(t, _)| t.as_secs_f64()).collect();
         assert_eq!(times, [2.0, 5.0, 6.0, 10.0, 15.0]);
         match &steps[1].1 {
-            Step::Window { agents, mode } => {
+            Step::Window { agents, mode, .. } => {
                 assert_eq!(agents, &[0, 2]);
                 assert_eq!(*mode, Mode::Blackhole);
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(&steps[4].1, Step::Heal { agents } if agents == &[0, 2]));
+        assert!(matches!(&steps[4].1, Step::Heal { agents, .. } if agents == &[0, 2]));
         let picks = |seed| -> Vec<Vec<usize>> {
             timeline(&s, seed)
                 .into_iter()

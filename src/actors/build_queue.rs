@@ -360,8 +360,7 @@ impl Handler<Progress> for BuildQueue {
             let fx = match msg.to {
                 None => {
                     self.state
-                        .check_lease(msg.agent_id, msg.build_id, msg.attempt)?;
-                    Effects::default()
+                        .check_lease(msg.agent_id, msg.build_id, msg.attempt, now_ms())?
                 }
                 Some(to) => {
                     self.state

@@ -416,6 +416,15 @@ async fn exchange(shared: &Shared, c: &mut Conn, conn: u64, seq: u64) -> (Next, 
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
+    if matches!(route, Route::Session | Route::Heartbeat) {
+        let until = *shared
+            .control_lag_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(until) = until {
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
 
     let (req, reply) = {
         let Conn {

@@ -133,6 +133,8 @@ struct Shared {
     rule_seen: Vec<AtomicU64>,
     rule_fired: Vec<AtomicU64>,
     uploads_in_flight: AtomicU64,
+    /// Session and heartbeat exchanges wait until then (see [`Proxy::lag_control`]).
+    control_lag_until: Mutex<Option<std::time::Instant>>,
 }
 
 impl Shared {
@@ -241,6 +243,7 @@ impl Proxy {
             rule_seen: (0..n).map(|_| AtomicU64::new(0)).collect(),
             rule_fired: (0..n).map(|_| AtomicU64::new(0)).collect(),
             uploads_in_flight: AtomicU64::new(0),
+            control_lag_until: Mutex::new(None),
         });
         let task = tokio::spawn(accept_loop(shared.clone(), listener));
         Ok(Proxy { shared, addr, task })
@@ -260,6 +263,17 @@ impl Proxy {
 
     pub fn set_mode(&self, mode: Mode) {
         self.shared.mode.send_replace(mode);
+    }
+
+    /// Hold session openings and heartbeats (new ones too) for `d` from now, while every
+    /// other exchange goes through: the agent's control connection is still stalled (TCP
+    /// retransmission backoff after a partition) while its fresh data connections are not.
+    pub fn lag_control(&self, d: Duration) {
+        *self
+            .shared
+            .control_lag_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now() + d);
     }
 
     pub fn mode(&self) -> Mode {
@@ -289,6 +303,25 @@ impl Proxy {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Builds this agent was assigned (work replies it forwarded) whose result the
+    /// coordinator has not accepted yet (as far as this proxy saw).
+    pub fn held_builds(&self) -> usize {
+        let log = self.shared.log.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = std::collections::BTreeSet::new();
+        for e in log.iter() {
+            match e.route {
+                Route::Work if e.status == Some(200) => held.extend(e.assigned.iter().map(|a| a.0)),
+                Route::Result if e.status == Some(200) => {
+                    if let Some(b) = e.build {
+                        held.remove(&b);
+                    }
+                }
+                _ => {}
+            }
+        }
+        held.len()
     }
 
     /// Uploads whose request body is being forwarded right now.

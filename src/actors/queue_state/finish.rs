@@ -17,7 +17,7 @@
 use std::collections::{BTreeSet, HashSet};
 
 use super::{entry, Accepted, Effects, QueueError, QueueState};
-use crate::protocol::{BuildId, BuildState, BuiltOutput};
+use crate::protocol::{BuildId, BuildState, BuiltOutput, HeldPhase};
 use crate::store::keys::{output_key, u64_key};
 use crate::store::records::{BuildRecord, NarFileRecord, OutputRecord};
 use crate::store::TreeId;
@@ -70,6 +70,14 @@ impl QueueState {
                 }
             }
         }
+        self.readopt_reported(
+            &mut fx,
+            agent_id,
+            id,
+            attempt,
+            Some(HeldPhase::Reporting),
+            now,
+        )?;
         let b = self.leased(agent_id, id, attempt)?.clone();
         let mut done = b.clone();
         done.finished_ms = now;

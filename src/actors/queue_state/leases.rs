@@ -160,7 +160,7 @@ impl QueueState {
 
     /// Lease a released build (runnable at its attempt, last held by `b.agent_id`) to that
     /// agent again, at the same attempt, in the state its phase says.
-    fn readopt(
+    pub(super) fn readopt(
         &mut self,
         fx: &mut Effects,
         id: BuildId,

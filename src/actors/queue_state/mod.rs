@@ -24,7 +24,7 @@ use tokio::sync::watch;
 pub use finish::FinishAnswer;
 pub use leases::Unheld;
 
-use crate::protocol::{AgentId, BuildId, BuildState, BuildSummary};
+use crate::protocol::{AgentId, BuildId, BuildState, BuildSummary, HeldPhase};
 use crate::store::keys::{output_key, u64_key};
 use crate::store::records::{BuildRecord, OutputRecord};
 use crate::store::{meta, Batch, Store, StoreError, TreeId};
@@ -457,14 +457,52 @@ impl QueueState {
         Ok(b)
     }
 
-    /// Check a lease without changing anything (uploads and logs).
+    /// A report on a build whose lease ended while its agent was out of touch (lost, or its
+    /// lease never heard of), and that nobody took since: runnable, at the reported attempt,
+    /// this agent its last holder. The report proves the agent still has the build, so it is
+    /// re-adopted (same attempt, no rebuild) instead of refused as stale; a build allocated
+    /// elsewhere meanwhile has a higher attempt and stays refused.
+    fn readopt_reported(
+        &mut self,
+        fx: &mut Effects,
+        agent_id: u64,
+        id: BuildId,
+        attempt: u32,
+        phase: Option<HeldPhase>,
+        now: u64,
+    ) -> Result<(), QueueError> {
+        let mine = self.live.get(&id).is_some_and(|b| {
+            b.state == BuildState::Runnable
+                && b.attempt == attempt
+                && attempt > 0
+                && b.agent_id == agent_id
+        });
+        if mine {
+            self.readopt(fx, id, phase, "agent reported on it", now)?;
+        }
+        Ok(())
+    }
+
+    /// Check a lease (uploads and logs); a lease that ended while the agent was out of touch
+    /// and that nobody took since is re-adopted (see `readopt_reported`).
     pub fn check_lease(
         &mut self,
         agent_id: u64,
         id: BuildId,
         attempt: u32,
-    ) -> Result<(), QueueError> {
-        self.leased(agent_id, id, attempt).map(|_| ())
+        now: u64,
+    ) -> Result<Effects, QueueError> {
+        let mut fx = Effects::default();
+        self.readopt_reported(
+            &mut fx,
+            agent_id,
+            id,
+            attempt,
+            Some(HeldPhase::Uploading),
+            now,
+        )?;
+        self.leased(agent_id, id, attempt)?;
+        Ok(fx)
     }
 
     /// The agent started the build (or moved on to uploading it).
@@ -476,8 +514,10 @@ impl QueueState {
         to: BuildState,
         now: u64,
     ) -> Result<Effects, QueueError> {
-        let b = self.leased(agent_id, id, attempt)?;
         let mut fx = Effects::default();
+        let phase = (to == BuildState::Uploading).then_some(HeldPhase::Uploading);
+        self.readopt_reported(&mut fx, agent_id, id, attempt, phase, now)?;
+        let b = self.leased(agent_id, id, attempt)?;
         let order = |s: BuildState| s as u8;
         if order(b.state) >= order(to) {
             return Ok(fx); // a repeated report: nothing to do

@@ -453,6 +453,63 @@ fn a_lost_agent_readopts_what_nobody_took_and_abandons_what_moved_on() {
     ));
 }
 
+/// A lost agent's upload or result for a build nobody took re-adopts it (same attempt, no
+/// rebuild) instead of being refused as stale, before any heartbeat of its return; another
+/// agent's report, or one after the build moved on, stays refused.
+#[test]
+fn a_report_from_a_lost_agent_readopts_what_nobody_took() {
+    let (mut f, ids) = Fixture::new(&["a", "b"]);
+    let (a, b) = (ids[0], ids[1]);
+    let (fx, _) = f.q.allocate(7, None, &ids, 10).unwrap();
+    f.commit(fx);
+    for id in [a, b] {
+        let fx = f.q.advance(7, id, 1, BuildState::Building, 11).unwrap();
+        f.commit(fx);
+    }
+    let fx = f.q.agent_lost(7).unwrap();
+    f.commit(fx);
+    assert_eq!(f.state(a), BuildState::Runnable);
+
+    // Another agent's report on it is refused and changes nothing.
+    assert!(matches!(
+        f.q.check_lease(8, a, 1, 12),
+        Err(QueueError::StaleAttempt { .. })
+    ));
+    assert_eq!(f.state(a), BuildState::Runnable);
+
+    // The upload check of its last holder re-adopts it, uploading.
+    let fx = f.q.check_lease(7, a, 1, 13).unwrap();
+    assert_eq!(kinds(&fx), vec!["lease-readopted"]);
+    assert_eq!(fx.unrunnable, vec![a], "out of the allocator's index");
+    f.commit(fx);
+    let rec = f.q.record(a).unwrap().unwrap();
+    assert_eq!(
+        (rec.state, rec.attempt, rec.agent_id),
+        (BuildState::Uploading, 1, 7)
+    );
+    assert_eq!(f.q.leased_to(7), vec![a]);
+
+    // A result for the other one re-adopts it and is accepted at attempt 1.
+    let (fx, answer) = f.q.finish(7, b, 1, Err("no".into()), 0, 14).unwrap();
+    assert!(matches!(answer, FinishAnswer::Accepted), "{answer:?}");
+    assert!(kinds(&fx).contains(&"lease-readopted"), "{:?}", kinds(&fx));
+    f.commit(fx);
+    let rec = f.q.record(b).unwrap().unwrap();
+    assert_eq!((rec.state, rec.attempt), (BuildState::Failed, 1));
+
+    // Lost again, and this time the build moves on: the old attempt's report is refused.
+    let fx = f.q.agent_lost(7).unwrap();
+    f.commit(fx);
+    let (fx, got) = f.q.allocate(8, None, &[a], 20).unwrap();
+    assert_eq!(attempts(&got.leased), vec![(a, 2)]);
+    f.commit(fx);
+    assert!(matches!(
+        f.q.check_lease(7, a, 1, 21),
+        Err(QueueError::StaleAttempt { current: 2, .. })
+    ));
+    assert_eq!(f.q.leased_to(8), vec![a]);
+}
+
 /// An agent whose result for a build was accepted is not told to abandon it while the
 /// acknowledgement is on its way (before and after the commit).
 #[test]
