@@ -114,8 +114,15 @@ fn an_agent_that_does_not_come_back_loses_its_leases_after_the_timeout() {
     });
     let (_, agents) = get(&s.c.url("/api/v1/agents"));
     assert_eq!(agents[0]["status"], "lost", "{agents}");
-    // A late report on the old attempt is refused and changes nothing.
+    // Back without the build: allocating it again raises the attempt.
     let token = open(&s.c, &s.secret, serde_json::json!([]));
+    let w = work(&s.c, &token);
+    assert_eq!(w["builds"][0]["build_id"].as_u64(), Some(s.build));
+    assert_eq!(
+        w["builds"][0]["attempt"], 2,
+        "allocating again raises the attempt"
+    );
+    // A late report on the old attempt is refused and changes nothing.
     let (code, r) = response(
         ureq::post(&s.c.agent(&format!("/api/agent/v1/builds/{}/start", s.build)))
             .set("x-kiln-session", &token)
@@ -123,12 +130,7 @@ fn an_agent_that_does_not_come_back_loses_its_leases_after_the_timeout() {
     );
     assert_eq!(code, 409, "{r}");
     assert_eq!(r["error"]["code"], "stale_attempt");
-    let w = work(&s.c, &token);
-    assert_eq!(w["builds"][0]["build_id"].as_u64(), Some(s.build));
-    assert_eq!(
-        w["builds"][0]["attempt"], 2,
-        "allocating again raises the attempt"
-    );
+    assert_eq!(state_of(&s.c, s.build), "allocated");
 }
 
 /// A coordinator with one derivation store, and the given `[timeouts]`.
