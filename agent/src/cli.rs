@@ -46,6 +46,29 @@ pub struct Args {
     pub max_parallel_builds: u32,
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_parallel_uploads: u32,
+    /// Builds held before they are built (running, or assigned and waiting for a build slot);
+    /// default and minimum: --max-parallel-builds.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_allocated_builds: Option<u32>,
+    /// Ask for no work while the 1-minute load average is above this (default: no limit).
+    #[arg(long)]
+    pub max_load: Option<f64>,
+    /// Ask for no work while the store dir or the state dir has less free space than this
+    /// many MiB (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    pub min_free_disk_mb: u64,
+    /// Ask for no work while more finished builds than this wait for an upload slot
+    /// (default: --max-parallel-builds).
+    #[arg(long)]
+    pub max_waiting_uploads: Option<u32>,
+    /// Fetched inputs kept in the agent's store for later builds, in MiB; above it the least
+    /// recently used ones no held build needs are removed.
+    #[arg(long, default_value_t = 10_240)]
+    pub input_cache_mb: u64,
+    /// Long poll: how long each work request may wait at the coordinator for a build, in ms
+    /// (0 = answer at once, then ask again about a second later). At most 50000.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(0..=50_000))]
+    pub work_wait_ms: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -64,6 +87,18 @@ pub struct Args {
 }
 
 impl Args {
+    /// `--max-allocated-builds`, never below `--max-parallel-builds`.
+    pub fn max_allocated_builds(&self) -> u32 {
+        self.max_allocated_builds
+            .unwrap_or(self.max_parallel_builds)
+            .max(self.max_parallel_builds)
+    }
+
+    /// `--max-waiting-uploads`, by default `--max-parallel-builds`.
+    pub fn max_waiting_uploads(&self) -> u32 {
+        self.max_waiting_uploads.unwrap_or(self.max_parallel_builds)
+    }
+
     /// The systems to announce: the flags, else this machine's Nix system string.
     pub fn systems(&self) -> Vec<String> {
         if self.systems.is_empty() {
@@ -121,9 +156,27 @@ mod tests {
             "127.0.0.1:0",
             "--transfer-stall-timeout",
             "5",
+            "--work-wait-ms",
+            "0",
+            "--max-allocated-builds",
+            "5",
+            "--max-load",
+            "3.5",
+            "--min-free-disk-mb",
+            "1024",
+            "--max-waiting-uploads",
+            "7",
+            "--input-cache-mb",
+            "64",
         ])
         .unwrap();
         assert_eq!(a.transfer_stall_timeout, 5);
+        assert_eq!(a.work_wait_ms, 0);
+        assert_eq!(a.max_allocated_builds(), 5);
+        assert_eq!(a.max_load, Some(3.5));
+        assert_eq!(a.min_free_disk_mb, 1024);
+        assert_eq!(a.max_waiting_uploads(), 7);
+        assert_eq!(a.input_cache_mb, 64);
         assert_eq!(a.systems(), vec!["x86_64-linux", "i686-linux"]);
         assert_eq!(a.max_parallel_builds, 3);
         assert_eq!(a.executor, ExecutorKind::Native);
@@ -146,6 +199,12 @@ mod tests {
         assert_eq!(a.max_parallel_builds, 1);
         assert_eq!(a.max_parallel_uploads, 2);
         assert_eq!(a.transfer_stall_timeout, 60);
+        assert_eq!(a.work_wait_ms, 20_000);
+        assert_eq!(a.max_allocated_builds(), 1);
+        assert_eq!(a.max_load, None);
+        assert_eq!(a.min_free_disk_mb, 0);
+        assert_eq!(a.max_waiting_uploads(), 1);
+        assert_eq!(a.input_cache_mb, 10_240);
         assert_eq!(a.systems(), vec![native_system()]);
     }
 }

@@ -89,7 +89,11 @@ impl Coordinator {
     ) -> anyhow::Result<Coordinator> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            // Above the longest long poll (`MAX_WORK_WAIT`): a long poll sends no byte while
+            // it waits.
             .read_timeout(Duration::from_secs(60))
+            // Requests are small and answered at once: no Nagle delay on any connection.
+            .tcp_nodelay(true)
             .user_agent(concat!("kiln-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| anyhow::anyhow!("failed to build the HTTP client: {e}"))?;
@@ -221,6 +225,23 @@ impl Coordinator {
         Req: Serialize + Sync,
         Resp: DeserializeOwned,
     {
+        self.post_within(what, path, body, Duration::from_secs(30))
+            .await
+    }
+
+    /// [`Coordinator::post`] with a whole-request timeout of `timeout` (a long poll needs more
+    /// than the usual 30 s).
+    pub async fn post_within<Req, Resp>(
+        &self,
+        what: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, CallError>
+    where
+        Req: Serialize + Sync,
+        Resp: DeserializeOwned,
+    {
         let url = self.agent_url(path);
         self.call(what, |token| {
             let rb = self
@@ -228,12 +249,16 @@ impl Coordinator {
                 .post(&url)
                 .header(SESSION_HEADER, token)
                 .json(body)
-                .timeout(Duration::from_secs(30));
+                .timeout(timeout);
             async move { decode(send(rb).await?) }
         })
         .await
     }
 }
+
+/// The longest long poll the agent asks for (`--work-wait-ms`): below the client's 60 s read
+/// timeout, since a long poll sends no byte while it waits.
+pub const MAX_WORK_WAIT: Duration = Duration::from_secs(50);
 
 /// A fresh id for one logical work request (`WorkRequest::request_id`): 128 random bits in
 /// hex. The caller sends it on every retry of that request, so the coordinator answers a retry

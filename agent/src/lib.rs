@@ -9,7 +9,9 @@
 //! - [`retry`]: how every network call is retried, with `kiln::retry`'s one policy.
 //! - [`client`]: the coordinator's agent API over HTTP; sessions and their reopening.
 //! - [`session`]: the session loop: heartbeats, work requests, commands, shutdown.
+//! - [`limits`]: the load, free-disk and upload-backlog limits that hold new work back.
 //! - [`deliver`]: uploads of outputs and logs, and result reports.
+//! - [`uploads`]: upload slots handed out by build priority.
 //! - [`transfer`]: the progress watchdog that aborts (for resumption) transfers that stall.
 //! - [`state`]: the state dir: build dirs, durable reports, recovery at start.
 //! - [`store_view`]: each agent's private view of the store dir (mount namespace or lock).
@@ -21,6 +23,7 @@ pub mod cli;
 pub mod client;
 pub mod deliver;
 pub mod executor;
+pub mod limits;
 pub mod metrics;
 pub mod nario;
 pub mod retry;
@@ -28,3 +31,4 @@ pub mod session;
 pub mod state;
 pub mod store_view;
 pub mod transfer;
+pub mod uploads;

@@ -14,7 +14,8 @@ use clap::Parser as _;
 use kiln_agent::cli::{Args, ExecutorKind, LogFormat};
 use kiln_agent::client::{Coordinator, Held, Identity};
 use kiln_agent::executor::{Limits, NativeExecutor};
-use kiln_agent::session::{self, Agent};
+use kiln_agent::limits::WorkLimits;
+use kiln_agent::session::{self, Agent, Settings};
 use kiln_agent::state::StateDir;
 use kiln_agent::{metrics, store_view};
 
@@ -103,9 +104,34 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_silent: Duration::from_secs(args.max_silent_time),
             kill_grace: Duration::from_secs(5),
         };
+        let limit_dirs = vec![store_dir.clone(), state_dir.clone()];
         let executor = NativeExecutor::new(store_dir, limits);
         tracing::info!(name = %args.name, coordinator = %args.coordinator, systems = ?args.systems(), "agent starting");
-        let agent = Agent::new(coordinator, executor, state, held, args.max_parallel_builds, args.max_parallel_uploads);
+        let settings = Settings {
+            max_builds: args.max_parallel_builds,
+            max_allocated: args.max_allocated_builds(),
+            max_uploads: args.max_parallel_uploads,
+            work_wait: Duration::from_millis(args.work_wait_ms),
+            limits: WorkLimits {
+                max_load: args.max_load,
+                min_free_disk: args.min_free_disk_mb.saturating_mul(1 << 20),
+                dirs: limit_dirs,
+                max_waiting_uploads: args.max_waiting_uploads() as usize,
+            },
+            input_cache: args.input_cache_mb.saturating_mul(1 << 20),
+        };
+        tracing::info!(
+            max_parallel_builds = settings.max_builds,
+            max_allocated_builds = settings.max_allocated,
+            max_parallel_uploads = settings.max_uploads,
+            max_waiting_uploads = settings.limits.max_waiting_uploads,
+            max_load = ?settings.limits.max_load,
+            min_free_disk_mb = args.min_free_disk_mb,
+            work_wait_ms = args.work_wait_ms,
+            input_cache_mb = args.input_cache_mb,
+            "agent limits"
+        );
+        let agent = Agent::new(coordinator, executor, state, held, settings);
         session::run(agent, rx, pending).await
     })
 }

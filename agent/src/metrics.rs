@@ -29,6 +29,9 @@ impl Metric {
     pub fn dec(&self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::Relaxed);
+    }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -45,11 +48,60 @@ pub static RECONNECTS: Metric = Metric::new();
 pub static TRANSFER_STALLS: Metric = Metric::new();
 pub static RESUMED_DOWNLOADS: Metric = Metric::new();
 pub static RESUMED_UPLOADS: Metric = Metric::new();
+pub static ALLOCATED_BUILDS: Metric = Metric::new();
+pub static INPUT_CACHE_BYTES: Metric = Metric::new();
+pub static INPUTS_EVICTED: Metric = Metric::new();
+pub static UPLOADS_WAITING: Metric = Metric::new();
+pub static LOAD_AVERAGE_MILLI: Metric = Metric::new();
+/// Free bytes of the store dir (0) and the state dir (1), read while `--min-free-disk-mb` is
+/// set.
+pub static FREE_DISK: [Metric; 2] = [Metric::new(), Metric::new()];
+static HELD_BACK: [Metric; 3] = [Metric::new(), Metric::new(), Metric::new()];
+const HELD_BACK_REASONS: [&str; 3] = ["load", "disk", "uploads"];
+
+/// The `kiln_agent_work_held_back{reason}` gauge of `reason` (`load`, `disk`, `uploads`).
+pub fn held_back(reason: &str) -> &'static Metric {
+    let i = HELD_BACK_REASONS
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or(HELD_BACK_REASONS.len() - 1);
+    &HELD_BACK[i]
+}
 
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
     let mut out = String::new();
-    let simple: [(&str, &str, &str, &Metric); 7] = [
+    let simple: [(&str, &str, &str, &Metric); 12] = [
+        (
+            "kiln_agent_input_cache_bytes",
+            "gauge",
+            "NAR bytes of the fetched inputs kept in the agent's store.",
+            &INPUT_CACHE_BYTES,
+        ),
+        (
+            "kiln_agent_inputs_evicted_total",
+            "counter",
+            "Inputs removed from the agent's store to keep the input cache under its cap.",
+            &INPUTS_EVICTED,
+        ),
+        (
+            "kiln_agent_allocated_builds",
+            "gauge",
+            "Builds assigned to this agent and not yet built (running or waiting for a build slot).",
+            &ALLOCATED_BUILDS,
+        ),
+        (
+            "kiln_agent_uploads_waiting",
+            "gauge",
+            "Finished builds waiting for an upload slot.",
+            &UPLOADS_WAITING,
+        ),
+        (
+            "kiln_agent_load_average_milli",
+            "gauge",
+            "The 1-minute load average times 1000, read while --max-load is set.",
+            &LOAD_AVERAGE_MILLI,
+        ),
         (
             "kiln_agent_running_builds",
             "gauge",
@@ -99,6 +151,22 @@ pub fn render() -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
             m.get()
         );
+    }
+    let name = "kiln_agent_free_disk_bytes";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Free bytes of the store and state dirs, read while --min-free-disk-mb is set.\n# TYPE {name} gauge"
+    );
+    for (dir, m) in ["store", "state"].iter().zip(&FREE_DISK) {
+        let _ = writeln!(out, "{name}{{dir=\"{dir}\"}} {}", m.get());
+    }
+    let name = "kiln_agent_work_held_back";
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 while this limit keeps the agent from asking for work.\n# TYPE {name} gauge"
+    );
+    for (reason, m) in HELD_BACK_REASONS.iter().zip(&HELD_BACK) {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", m.get());
     }
     let name = "kiln_agent_builds_done_total";
     let _ = writeln!(

@@ -11,9 +11,11 @@
 //! reply lost on the wire is answered again with the same builds. Heartbeats list every build
 //! held, built anew for each try (a stale list would end leases the agent holds). A refused
 //! result is dropped only when the coordinator has put the build in a defined state (see
-//! [`after_refusal`]). Build slots (a semaphore) are held from assignment until the
-//! outputs are spooled; upload slots (another semaphore) while the results are sent, first
-//! come first served.
+//! [`after_refusal`]). Allocation permits (`--max-allocated-builds`) are held from assignment
+//! until the outputs are spooled, build slots (a semaphore) while the build runs; upload slots
+//! ([`UploadSlots`]) while the results are sent, highest build priority first. New work is
+//! asked for only while no limit holds ([`crate::limits`]: load, free disk, and finished builds
+//! waiting for an upload slot, so post-build work takes precedence when it backs up).
 //!
 //! Shutdown: the agent stops asking for work, stops running builders (their dirs are removed:
 //! the coordinator re-runs them) and abandons uploads in flight — their `report.json` stays in
@@ -33,13 +35,35 @@ use tokio::task::JoinSet;
 
 use crate::client::{decode, new_request_id, send, Coordinator, Held};
 use crate::deliver::{self, Delivered};
+use crate::executor::cache::InputCache;
 use crate::executor::inputs::{self, InputLocks};
 use crate::executor::{BuildResult, NativeExecutor, StopReason};
+use crate::limits::{HoldBack, WorkLimits};
 use crate::metrics;
 use crate::retry::CallError;
 use crate::state::{BuildDir, PendingBuild, StateDir, StoredReport};
+use crate::uploads::UploadSlots;
 
 type StopSender = watch::Sender<Option<StopReason>>;
+
+/// How the agent schedules its own work, from its flags (docs/agent.md).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Builds running at once (`--max-parallel-builds`).
+    pub max_builds: u32,
+    /// Builds held before they are built, running or waiting for a build slot
+    /// (`--max-allocated-builds`; at least `max_builds`).
+    pub max_allocated: u32,
+    /// Results being sent at once (`--max-parallel-uploads`).
+    pub max_uploads: u32,
+    /// Long poll: how long each work request may wait at the coordinator for a build
+    /// (`--work-wait-ms`; zero = answer at once).
+    pub work_wait: Duration,
+    /// Load, free disk and upload backlog limits, checked before every work request.
+    pub limits: WorkLimits,
+    /// The input cache's cap in bytes (`--input-cache-mb`).
+    pub input_cache: u64,
+}
 
 pub struct Agent {
     pub coordinator: Coordinator,
@@ -47,12 +71,16 @@ pub struct Agent {
     pub state: StateDir,
     pub held: Held,
     inputs: InputLocks,
+    cache: Arc<InputCache>,
     build_slots: Arc<Semaphore>,
-    upload_slots: Arc<Semaphore>,
+    /// One permit per build held from its assignment until it is built (`max_allocated`).
+    alloc_slots: Arc<Semaphore>,
+    upload_slots: Arc<UploadSlots>,
     /// Build id -> (attempt, stop sender) for every build the agent holds.
     stops: Mutex<HashMap<BuildId, (u32, StopSender)>>,
     draining: AtomicBool,
     heartbeat_ms: AtomicU64,
+    settings: Settings,
     /// Set to true once to shut everything down.
     shutdown: watch::Sender<bool>,
     /// Why the agent must exit with an error (a refused session), if it must.
@@ -65,8 +93,7 @@ impl Agent {
         executor: NativeExecutor,
         state: StateDir,
         held: Held,
-        max_builds: u32,
-        max_uploads: u32,
+        settings: Settings,
     ) -> Arc<Agent> {
         Arc::new(Agent {
             coordinator,
@@ -74,11 +101,16 @@ impl Agent {
             state,
             held,
             inputs: InputLocks::default(),
-            build_slots: Arc::new(Semaphore::new(max_builds as usize)),
-            upload_slots: Arc::new(Semaphore::new(max_uploads as usize)),
+            cache: InputCache::new(settings.input_cache),
+            build_slots: Arc::new(Semaphore::new(settings.max_builds as usize)),
+            alloc_slots: Arc::new(Semaphore::new(
+                settings.max_allocated.max(settings.max_builds) as usize,
+            )),
+            upload_slots: UploadSlots::new(settings.max_uploads as usize),
             stops: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             heartbeat_ms: AtomicU64::new(5_000),
+            settings,
             shutdown: watch::channel(false).0,
             fatal: Mutex::new(None),
         })
@@ -219,7 +251,14 @@ pub async fn run(
             attempt = p.report.attempt,
             "resending a recovered result"
         );
-        tasks.spawn(deliver_and_finish(agent.clone(), p.dir, p.report, rx));
+        let priority = p.assignment.priority;
+        tasks.spawn(deliver_and_finish(
+            agent.clone(),
+            p.dir,
+            p.report,
+            priority,
+            rx,
+        ));
     }
     let heartbeat = tokio::spawn(heartbeat_loop(agent.clone()));
     let work = tokio::spawn(work_loop(agent.clone()));
@@ -303,26 +342,79 @@ fn idle_wait() -> Duration {
     Duration::from_millis(750 + rand::random::<u64>() % 500)
 }
 
+/// The pause after a work request that took `took` and brought no build: whatever is left of
+/// `idle` (about a second). A coordinator that long-polls held the request for up to its wait,
+/// so the next request goes out at once; one that answers at once (an older coordinator, or
+/// `--work-wait-ms 0`) is asked about once a second.
+fn pause_after_empty(took: Duration, idle: Duration) -> Duration {
+    idle.saturating_sub(took)
+}
+
+/// The whole-request timeout of a work request that may wait `wait` at the coordinator.
+fn work_timeout(wait: Duration) -> Duration {
+    wait + Duration::from_secs(30)
+}
+
+/// Waits while a limit holds work back (logged when it starts and when it ends); false when
+/// the agent shuts down or drains meanwhile.
+async fn until_limits_allow(agent: &Agent) -> bool {
+    let mut holding: Option<HoldBack> = None;
+    loop {
+        if agent.shutting_down() || agent.draining.load(Ordering::SeqCst) {
+            return false;
+        }
+        let check = agent.settings.limits.check(agent.upload_slots.waiting());
+        match (&check, &holding) {
+            (None, None) => return true,
+            (None, Some(was)) => {
+                tracing::info!(
+                    reason = was.reason(),
+                    "limit no longer holds work back; asking for work"
+                );
+                return true;
+            }
+            (Some(now), was) => {
+                if was.as_ref().map(HoldBack::reason) != Some(now.reason()) {
+                    tracing::info!(reason = now.reason(), why = %now, "asking for no work while a limit holds");
+                }
+            }
+        }
+        holding = check;
+        tokio::select! {
+            () = tokio::time::sleep(idle_wait()) => {}
+            () = agent.until_shutdown() => return false,
+        }
+    }
+}
+
 async fn work_loop(agent: Arc<Agent>) {
     while !agent.shutting_down() && !agent.draining.load(Ordering::SeqCst) {
+        // Allocation permits, not build slots: with `--max-allocated-builds` above
+        // `--max-parallel-builds`, builds are taken ahead and wait for a slot.
         let first = tokio::select! {
-            p = agent.build_slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            p = agent.alloc_slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             () = agent.until_shutdown() => return,
         };
+        if !until_limits_allow(&agent).await {
+            return;
+        }
         let mut permits = vec![first];
-        while let Ok(p) = agent.build_slots.clone().try_acquire_owned() {
+        while let Ok(p) = agent.alloc_slots.clone().try_acquire_owned() {
             permits.push(p);
         }
         if agent.draining.load(Ordering::SeqCst) {
             return;
         }
         // One id per logical request; `post` sends this same body on every retry.
+        let wait = agent.settings.work_wait;
         let req = WorkRequest {
             max_builds: permits.len() as u32,
             request_id: Some(new_request_id()),
+            wait_ms: wait.as_millis() as u64,
         };
+        let asked = tokio::time::Instant::now();
         let reply = tokio::select! {
-            r = agent.coordinator.post::<_, WorkReply>("request work", "work", &req) => r,
+            r = agent.coordinator.post_within::<_, WorkReply>("request work", "work", &req, work_timeout(wait)) => r,
             () = agent.until_shutdown() => return,
         };
         match reply {
@@ -344,9 +436,10 @@ async fn work_loop(agent: Arc<Agent>) {
                     tokio::spawn(run_build(agent.clone(), a, permits.pop(), stop));
                 }
                 drop(permits);
-                if idle {
+                let pause = pause_after_empty(asked.elapsed(), idle_wait());
+                if idle && !pause.is_zero() {
                     tokio::select! {
-                        () = tokio::time::sleep(idle_wait()) => {}
+                        () = tokio::time::sleep(pause) => {}
                         () = agent.until_shutdown() => return,
                     }
                 }
@@ -356,7 +449,11 @@ async fn work_loop(agent: Arc<Agent>) {
                     return agent.fail(why);
                 }
                 tracing::warn!(error = %e, "work request refused");
-                tokio::time::sleep(idle_wait()).await;
+                // A short backoff whatever the request took: errors are not long polls.
+                tokio::select! {
+                    () = tokio::time::sleep(idle_wait()) => {}
+                    () = agent.until_shutdown() => return,
+                }
             }
         }
     }
@@ -367,30 +464,54 @@ async fn work_loop(agent: Arc<Agent>) {
 async fn run_build(
     agent: Arc<Agent>,
     a: Assignment,
-    permit: Option<OwnedSemaphorePermit>,
+    allocation: Option<OwnedSemaphorePermit>,
+    stop: watch::Receiver<Option<StopReason>>,
+) {
+    metrics::ALLOCATED_BUILDS.inc();
+    run_allocated(agent, a, allocation, stop).await;
+}
+
+/// [`run_build`] once the build counts in `kiln_agent_allocated_builds`; the allocation
+/// (permit and gauge) ends when the build is built, before its upload.
+async fn run_allocated(
+    agent: Arc<Agent>,
+    a: Assignment,
+    allocation: Option<OwnedSemaphorePermit>,
     mut stop: watch::Receiver<Option<StopReason>>,
 ) {
     let (id, attempt) = (a.build_id, a.attempt);
-    let permit = match permit {
-        Some(p) => p,
-        // More builds than asked for: they wait for a slot like any other.
-        None => tokio::select! {
-            p = agent.build_slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return agent.unregister(id, attempt),
-            },
-            r = stop.wait_for(Option::is_some) => {
-                let reason = r.ok().and_then(|s| *s);
-                tracing::info!(build_id = id, attempt, reason = ?reason, "dropping build before it started");
+    // Its inputs stay in the cache while the build is held (waiting or running).
+    let pins = agent.cache.pin(a.inputs.iter().filter_map(|i| {
+        let local = agent.executor.local_path(&i.path).ok()?;
+        Some((local, i.nar_size))
+    }));
+    let release = move || {
+        drop(pins);
+        drop(allocation);
+        metrics::ALLOCATED_BUILDS.dec();
+    };
+    // Every build waits for a build slot (also those beyond what was asked for).
+    let permit = tokio::select! {
+        p = agent.build_slots.clone().acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => {
+                release();
                 return agent.unregister(id, attempt);
             }
         },
+        r = stop.wait_for(Option::is_some) => {
+            let reason = r.ok().and_then(|s| *s);
+            tracing::info!(build_id = id, attempt, reason = ?reason, "dropping build before it started");
+            release();
+            return agent.unregister(id, attempt);
+        }
     };
     let dir = agent.state.build_dir(id, attempt);
     metrics::RUNNING_BUILDS.inc();
     let result = build(&agent, &a, &dir, &mut stop).await;
     metrics::RUNNING_BUILDS.dec();
     drop(permit);
+    release();
     let outcome = match result {
         Ok(BuildResult::Built(outputs)) => Outcome::Succeeded { outputs },
         Ok(BuildResult::Failed(reason)) => Outcome::Failed { reason },
@@ -419,7 +540,7 @@ async fn run_build(
         dir.remove().await;
         return agent.unregister(id, attempt);
     }
-    deliver_and_finish(agent, dir, report, stop).await;
+    deliver_and_finish(agent, dir, report, a.priority, stop).await;
 }
 
 /// Prepares and runs the build; `Stopped(Abandon)` also when the coordinator refuses the start.
@@ -442,7 +563,7 @@ async fn build(
         return Ok(BuildResult::Stopped(StopReason::Abandon));
     }
     let fetched = tokio::select! {
-        r = inputs::fetch_all(&agent.coordinator, &agent.inputs, &a.inputs, |p| agent.executor.local_path(p)) => r,
+        r = inputs::fetch_all(&agent.coordinator, &agent.inputs, &agent.cache, &a.inputs, |p| agent.executor.local_path(p)) => r,
         r = stop.wait_for(Option::is_some) => {
             let reason = r.ok().and_then(|s| *s).unwrap_or(StopReason::Shutdown);
             return Ok(BuildResult::Stopped(reason));
@@ -484,11 +605,13 @@ fn after_refusal(code: &str, message: &str, outcome: &Outcome) -> AfterRefusal {
     }
 }
 
-/// Sends the result (uploads first), then lets go of the build.
+/// Sends the result (uploads first) once an upload slot is free for it (higher `priority`
+/// first), then lets go of the build.
 async fn deliver_and_finish(
     agent: Arc<Agent>,
     dir: BuildDir,
     mut report: StoredReport,
+    priority: i32,
     mut stop: watch::Receiver<Option<StopReason>>,
 ) {
     let (id, attempt) = (report.build_id, report.attempt);
@@ -496,7 +619,7 @@ async fn deliver_and_finish(
     loop {
         let result = tokio::select! {
             r = async {
-                let _slot = agent.upload_slots.acquire().await;
+                let _slot = agent.upload_slots.acquire(priority).await;
                 deliver::deliver(&agent.coordinator, &dir, report.clone()).await
             } => r,
             abandoned = async {
@@ -579,6 +702,34 @@ mod tests {
 
     /// Pins the agent's side of each refusal class: it drops a build only where the
     /// coordinator settled it, and turns any other refused success into a failure report.
+    /// Pins down push-not-poll: an empty long poll (it took the coordinator's wait) is
+    /// followed at once by the next request; an empty answer that came at once (a coordinator
+    /// without long poll) still waits out the idle second.
+    #[test]
+    fn an_empty_long_poll_is_followed_at_once() {
+        let idle = Duration::from_millis(1_000);
+        assert_eq!(
+            pause_after_empty(Duration::from_secs(20), idle),
+            Duration::ZERO
+        );
+        assert_eq!(pause_after_empty(idle, idle), Duration::ZERO);
+        assert_eq!(
+            pause_after_empty(Duration::from_millis(3), idle),
+            Duration::from_millis(997)
+        );
+        assert_eq!(pause_after_empty(Duration::ZERO, idle), idle);
+        // The HTTP timeout of a work request always exceeds its wait.
+        for ms in [
+            0,
+            1,
+            20_000,
+            crate::client::MAX_WORK_WAIT.as_millis() as u64,
+        ] {
+            let wait = Duration::from_millis(ms);
+            assert!(work_timeout(wait) > wait, "{ms}");
+        }
+    }
+
     #[test]
     fn each_refusal_class_has_its_reaction() {
         for code in [

@@ -293,6 +293,7 @@ mod tests {
             system: "x86_64-linux".into(),
             outputs: vec![],
             inputs: vec![],
+            priority: 0,
         }
     }
 

@@ -68,6 +68,11 @@ async fn builds_uploads_resumably_and_reports_through_a_session_restart() {
     {
         let f = fake.lock().unwrap();
         assert!(f.sessions >= 2, "the agent reopened its session");
+        assert!(
+            !f.work_waits.is_empty() && f.work_waits.iter().all(|w| *w == 20_000),
+            "every work request is a long poll of the default wait: {:?}",
+            f.work_waits
+        );
         assert!(f.verified);
         assert_eq!(
             f.put_offsets.len(),
@@ -208,6 +213,195 @@ async fn a_cancel_command_stops_the_builder_and_reports_canceled() {
     assert!(zstd::decode_all(log.as_slice())
         .unwrap()
         .starts_with(b"started"));
+    stop_agent(agent).await;
+}
+
+/// Pins down the free-disk limit: an agent whose dirs have less free space than
+/// `--min-free-disk-mb` asks for no work, and its metrics say which limit holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_short_of_disk_asks_for_no_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, state, secret) = (
+        tmp.path().join("store"),
+        tmp.path().join("state"),
+        tmp.path().join("secret"),
+    );
+    std::fs::write(&secret, "s3cret").unwrap();
+    let fake: Shared = Arc::new(Mutex::new(Fake {
+        forgot_once: true,
+        ..Fake::default()
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, fake.clone()));
+    let metrics = free_addr();
+    // About a petabyte: no test machine has that much free.
+    let agent = spawn_agent_with(
+        &url,
+        &secret,
+        &store,
+        &state,
+        &[
+            "--min-free-disk-mb",
+            "1000000000",
+            "--metrics-addr",
+            &metrics,
+        ],
+    );
+    let text = wait_for_async(
+        "the disk limit to hold work back",
+        Duration::from_secs(60),
+        || async {
+            metrics_text(&metrics)
+                .await
+                .filter(|t| t.contains("kiln_agent_work_held_back{reason=\"disk\"} 1"))
+        },
+    )
+    .await;
+    assert!(
+        text.contains("kiln_agent_work_held_back{reason=\"load\"} 0"),
+        "{text}"
+    );
+    // The limit is checked before the first request and holds for as long as the disk is
+    // short, so no request may have gone out.
+    assert!(
+        fake.lock().unwrap().work_waits.is_empty(),
+        "a work request went out while the disk limit held"
+    );
+    assert!(fake.lock().unwrap().sessions >= 1);
+    stop_agent(agent).await;
+}
+
+/// Pins down `--max-allocated-builds`: with one build slot and three allocations the agent
+/// asks for three builds at once (two wait for the slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_asks_for_its_allocation_not_its_slots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, state, secret) = (
+        tmp.path().join("store"),
+        tmp.path().join("state"),
+        tmp.path().join("secret"),
+    );
+    std::fs::write(&secret, "s3cret").unwrap();
+    let fake: Shared = Arc::new(Mutex::new(Fake {
+        forgot_once: true,
+        ..Fake::default()
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, fake.clone()));
+    let agent = spawn_agent_with(
+        &url,
+        &secret,
+        &store,
+        &state,
+        &["--max-parallel-builds", "1", "--max-allocated-builds", "3"],
+    );
+    let asks = wait_for("a work request", Duration::from_secs(60), || {
+        let f = fake.lock().unwrap();
+        (!f.work_asks.is_empty()).then(|| f.work_asks.clone())
+    })
+    .await;
+    assert_eq!(asks[0], 3, "{asks:?}");
+    stop_agent(agent).await;
+}
+
+/// Pins down upload ordering and post-build precedence through the real agent: three builds
+/// finish while the one upload slot is stuck; the two waiting are sent highest priority first,
+/// and while more than `--max-waiting-uploads` wait the agent asks for no work, then asks again
+/// once the backlog drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_go_by_priority_and_take_precedence_over_new_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, state, secret) = (
+        tmp.path().join("store"),
+        tmp.path().join("state"),
+        tmp.path().join("secret"),
+    );
+    std::fs::write(&secret, "s3cret").unwrap();
+    let script = "mkdir -p $out; echo done > $out/f";
+    let hash = |c: char| format!("0123456789abcdfghijklmnpqrsvwxy{c}");
+    let mut builds = Vec::new();
+    for (id, prio, c) in [(7u64, 1, 'a'), (8, 5, 'b'), (9, 3, 'c')] {
+        let mut a = numbered_assignment(&store, id, &hash(c), script);
+        a.priority = prio;
+        builds.push(a);
+    }
+    let priority_of = |id: u64| {
+        [(7u64, 1), (8, 5), (9, 3)]
+            .iter()
+            .find(|(i, _)| *i == id)
+            .unwrap()
+            .1
+    };
+    let fake: Shared = Arc::new(Mutex::new(Fake {
+        forgot_once: true,
+        truncated_once: true,
+        hold_uploads: true,
+        more_assignments: builds,
+        ..Fake::default()
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, fake.clone()));
+    let metrics = free_addr();
+    let agent = spawn_agent_with(
+        &url,
+        &secret,
+        &store,
+        &state,
+        &[
+            "--max-parallel-builds",
+            "3",
+            "--max-parallel-uploads",
+            "1",
+            "--max-waiting-uploads",
+            "1",
+            "--metrics-addr",
+            &metrics,
+        ],
+    );
+    // One build holds the slot (its PUT is stuck), two wait, and the agent holds work back.
+    wait_for_async(
+        "two uploads waiting and work held back",
+        Duration::from_secs(90),
+        || async {
+            metrics_text(&metrics).await.filter(|t| {
+                t.contains("\nkiln_agent_uploads_waiting 2\n")
+                    && t.contains("kiln_agent_work_held_back{reason=\"uploads\"} 1")
+            })
+        },
+    )
+    .await;
+    let asked_before = fake.lock().unwrap().work_waits.len();
+    fake.lock().unwrap().hold_uploads = false;
+    let results = wait_for("three results", Duration::from_secs(90), || {
+        let f = fake.lock().unwrap();
+        (f.results.len() == 3).then(|| f.results.clone())
+    })
+    .await;
+    for (id, r) in &results {
+        assert!(
+            matches!(r.outcome, Outcome::Succeeded { .. }),
+            "{id}: {r:?}"
+        );
+    }
+    let waited: Vec<i32> = results[1..]
+        .iter()
+        .map(|(id, _)| priority_of(*id))
+        .collect();
+    assert!(
+        waited[0] > waited[1],
+        "the waiting uploads go highest priority first: {:?}",
+        results.iter().map(|(id, _)| *id).collect::<Vec<_>>()
+    );
+    // The backlog drained: the agent asks for work again.
+    wait_for(
+        "a work request after the backlog drained",
+        Duration::from_secs(60),
+        || (fake.lock().unwrap().work_waits.len() > asked_before).then_some(()),
+    )
+    .await;
     stop_agent(agent).await;
 }
 

@@ -410,6 +410,7 @@ fn assignments(store: &Store, leased: Vec<BuildRecord>) -> Result<Vec<Assignment
                 })
                 .collect(),
             inputs: closure(store, &b.needs)?,
+            priority: b.priority,
         });
     }
     Ok(out)

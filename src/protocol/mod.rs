@@ -193,6 +193,11 @@ pub struct WorkRequest {
     /// `_` or `-`. `null` (or absent, as older agents send it): every request allocates anew.
     #[serde(default)]
     pub request_id: Option<String>,
+    /// Long poll: when no build is runnable for this agent, wait up to this many ms for one
+    /// (the coordinator caps it at `timeouts.work_wait_max_ms`). 0 (or absent, as older
+    /// agents send it): answer at once. The agent's HTTP timeout must exceed it.
+    #[serde(default)]
+    pub wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -217,6 +222,10 @@ pub struct Assignment {
     /// Every store path the builder needs (input sources, outputs of input derivations, and
     /// their references, closed), each fetchable as a substitute.
     pub inputs: Vec<PathInfo>,
+    /// The build's priority (higher first), as submitted: the agent sends the results of
+    /// higher-priority builds first. Absent (an older coordinator): 0.
+    #[serde(default)]
+    pub priority: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -456,14 +465,31 @@ mod tests {
         let new: WorkRequest =
             serde_json::from_str(r#"{"max_builds": 1, "request_id": "r-1"}"#).unwrap();
         assert_eq!(new.request_id.as_deref(), Some("r-1"));
+        assert_eq!(old.wait_ms, 0, "an older agent never long-polls");
         let none = serde_json::to_value(WorkRequest {
             max_builds: 1,
             request_id: None,
+            wait_ms: 0,
         })
         .unwrap();
         assert_eq!(
             none,
-            serde_json::json!({"max_builds": 1, "request_id": null})
+            serde_json::json!({"max_builds": 1, "request_id": null, "wait_ms": 0})
         );
+    }
+
+    /// An assignment from a coordinator before priorities (no `priority` field) parses with
+    /// priority 0, and the field travels when set.
+    #[test]
+    fn assignment_priority_is_optional_on_the_wire() {
+        let old = serde_json::json!({
+            "build_id": 3, "attempt": 1, "drv_path": "/gnu/store/x.drv", "drv": "",
+            "system": "x86_64-linux", "outputs": [], "inputs": []
+        });
+        let a: Assignment = serde_json::from_value(old).unwrap();
+        assert_eq!(a.priority, 0);
+        let a = Assignment { priority: -7, ..a };
+        let back: Assignment = serde_json::from_value(serde_json::to_value(&a).unwrap()).unwrap();
+        assert_eq!(back.priority, -7);
     }
 }

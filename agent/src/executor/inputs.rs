@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use kiln::protocol::PathInfo;
 use tokio::sync::mpsc;
 
+use super::cache::InputCache;
 use crate::client::Coordinator;
 use crate::metrics;
 use crate::nario::{self, HashReader, NarError};
@@ -37,27 +38,65 @@ impl InputLocks {
     }
 }
 
-/// Makes every input of the build present at `local(path)`; a failure names the input.
+/// Makes every input of the build present at `local(path)`; a failure names the input. The
+/// build pinned its inputs in `cache` beforehand; after each fetch the cache is brought back
+/// under its cap ([`evict_over_cap`]).
 pub async fn fetch_all(
     coordinator: &Coordinator,
     locks: &InputLocks,
+    cache: &InputCache,
     inputs: &[PathInfo],
     local: impl Fn(&str) -> anyhow::Result<PathBuf>,
 ) -> Result<(), String> {
     for info in inputs {
         let dest = local(&info.path).map_err(|e| format!("{e:#}"))?;
-        let lock = locks.lock_for(&dest);
-        let _guard = lock.lock().await;
-        if std::fs::symlink_metadata(&dest).is_ok() {
-            continue;
+        {
+            let lock = locks.lock_for(&dest);
+            let _guard = lock.lock().await;
+            if std::fs::symlink_metadata(&dest).is_ok() {
+                cache.present(&dest);
+                continue;
+            }
+            tracing::info!(path = %info.path, size = info.file_size, "fetching input");
+            coordinator
+                .call("fetch input", |_token| fetch_one(coordinator, info, &dest))
+                .await
+                .map_err(|e| format!("failed to fetch input {}: {e}", info.path))?;
+            cache.present(&dest);
         }
-        tracing::info!(path = %info.path, size = info.file_size, "fetching input");
-        coordinator
-            .call("fetch input", |_token| fetch_one(coordinator, info, &dest))
-            .await
-            .map_err(|e| format!("failed to fetch input {}: {e}", info.path))?;
+        evict_over_cap(cache, locks).await;
     }
     Ok(())
+}
+
+/// Removes the least recently used unpinned inputs until the cache is under its cap. Each is
+/// removed under its per-path lock, and only if no build registered it again since it was
+/// chosen (such a build found it present, or waits for the lock and then fetches it anew).
+pub async fn evict_over_cap(cache: &InputCache, locks: &InputLocks) {
+    remove_evicted(cache, locks, cache.take_over_cap()).await;
+}
+
+/// Removes `victims` (taken out of the cache's index) from the disk, but not one that a build
+/// registered again meanwhile.
+async fn remove_evicted(cache: &InputCache, locks: &InputLocks, victims: Vec<PathBuf>) {
+    for path in victims {
+        let lock = locks.lock_for(&path);
+        let _guard = lock.lock().await;
+        if cache.is_known(&path) {
+            continue;
+        }
+        let p = path.clone();
+        match blocking("evict an input", move || remove_tree(&p)).await {
+            Ok(()) => {
+                metrics::INPUTS_EVICTED.inc();
+                tracing::info!(path = %path.display(), cache_bytes = cache.total(), cap = cache.cap(), "evicted an input from the cache");
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = format!("{e:#}"), "failed to evict an input")
+            }
+        }
+    }
+    metrics::INPUT_CACHE_BYTES.set(cache.total());
 }
 
 /// One try: download (resuming after breaks), decompress, check and restore; the temporary
@@ -326,6 +365,68 @@ mod tests {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
     use tokio::net::TcpListener;
 
+    /// Pins down the cache on a real disk: after each use the least recently used unpinned
+    /// inputs are removed from the store until the cache is under its cap; a pinned one stays
+    /// whatever its age, and one a build registered again after it was chosen is not removed.
+    #[tokio::test]
+    async fn eviction_keeps_the_store_under_the_cap_least_recently_used_first() {
+        let store = tempfile::tempdir().unwrap();
+        let locks = InputLocks::default();
+        let cache = InputCache::new(2_500);
+        let path = |n: &str| store.path().join(format!("{n}-input"));
+        let mut held = Vec::new();
+        for name in ["a", "b", "c", "d"] {
+            let p = path(name);
+            std::fs::create_dir_all(p.join("bin")).unwrap();
+            std::fs::write(p.join("bin/tool"), vec![7u8; 1_000]).unwrap();
+            let pins = cache.pin([(p.clone(), 1_000)]);
+            cache.present(&p);
+            if name == "a" {
+                held.push(pins); // a build still holds `a`
+            }
+            evict_over_cap(&cache, &locks).await;
+            assert!(
+                cache.total() <= cache.cap(),
+                "{} after {name}",
+                cache.total()
+            );
+        }
+        let exists = |n: &str| std::fs::symlink_metadata(path(n)).is_ok();
+        // a (pinned, oldest) stays; b then c, each the least recently used unpinned, went.
+        assert!(exists("a") && !exists("b") && !exists("c") && exists("d"));
+        let fetch = |name: &str, size: u64| {
+            std::fs::create_dir_all(path(name)).unwrap();
+            let pins = cache.pin([(path(name), size)]);
+            cache.present(&path(name));
+            pins
+        };
+        // Unpinned, `a` is the least recently used.
+        drop(held);
+        drop(fetch("e", 1_000));
+        evict_over_cap(&cache, &locks).await;
+        assert!(!exists("a") && exists("d") && exists("e"));
+        // `d` used again: `e` is now the least recently used.
+        drop(cache.pin([(path("d"), 1_000)]));
+        drop(fetch("f", 1_000));
+        evict_over_cap(&cache, &locks).await;
+        assert!(exists("d") && !exists("e") && exists("f"));
+        assert_eq!(cache.total(), 2_000);
+        // A path chosen for eviction and registered again before its removal stays.
+        drop(fetch("g", 5_000));
+        let victims = cache.take_over_cap();
+        assert_eq!(victims, vec![path("d"), path("f"), path("g")]);
+        let _again = cache.pin([(path("g"), 5_000)]);
+        remove_evicted(&cache, &locks, victims).await;
+        assert!(
+            exists("g"),
+            "a path a build registered again is not removed"
+        );
+        assert!(
+            !exists("d") && !exists("f"),
+            "the other victims are removed"
+        );
+    }
+
     /// How the test server breaks the first answer after half the body.
     #[derive(Clone, Copy, PartialEq, Eq)]
     enum Break {
@@ -458,6 +559,7 @@ mod tests {
             fetch_all(
                 &c,
                 &InputLocks::default(),
+                &InputCache::new(u64::MAX),
                 std::slice::from_ref(&info),
                 |p| Ok(store2.join(Path::new(p).file_name().unwrap())),
             ),

@@ -21,6 +21,7 @@ use kiln::derivation::Derivation;
 use kiln::protocol::{Assignment, BuiltOutput};
 use tokio::sync::watch;
 
+use super::builtin;
 use super::env::build_env;
 use super::process::{self, Exit, Limits, StopReason};
 use crate::nario::{self, HashCounter, RefScanner, Tee};
@@ -38,13 +39,33 @@ pub enum BuildResult {
 pub struct NativeExecutor {
     store_dir: PathBuf,
     limits: Limits,
+    /// The HTTP client of `builtin:fetchurl`, made on its first use.
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 impl NativeExecutor {
     /// Also makes this process a child subreaper, so a builder's orphans can be reaped.
     pub fn new(store_dir: PathBuf, limits: Limits) -> NativeExecutor {
         process::become_subreaper();
-        NativeExecutor { store_dir, limits }
+        NativeExecutor {
+            store_dir,
+            limits,
+            http: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        self.http.get_or_init(|| {
+            reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(30))
+                .read_timeout(std::time::Duration::from_secs(120))
+                .tcp_nodelay(true)
+                .user_agent(concat!("kiln-agent/", env!("CARGO_PKG_VERSION")))
+                .build()
+                // Only the TLS backend's set-up can fail here, and the coordinator's client,
+                // built at start with the same backend, succeeded.
+                .unwrap_or_default()
+        })
     }
 
     pub fn store_dir(&self) -> &Path {
@@ -88,7 +109,15 @@ impl NativeExecutor {
         remove_all(&outputs)
             .await
             .context("failed to remove a stale output path")?;
-        let exit = self.run_builder(a, &drv, dir, stop).await?;
+        let exit = if drv.builder.starts_with(b"builtin:") {
+            let outs: Vec<(String, PathBuf)> = outputs
+                .iter()
+                .map(|(o, l)| (o.name.clone(), l.clone()))
+                .collect();
+            builtin::run(self.http(), &drv, &outs, &dir.log(), stop).await?
+        } else {
+            self.run_builder(a, &drv, dir, stop).await?
+        };
         let unfinished = match exit {
             Exit::Success => None,
             Exit::Failed(reason) => Some(BuildResult::Failed(reason)),
@@ -112,6 +141,20 @@ impl NativeExecutor {
                     o.name, o.path
                 )));
             }
+        }
+        let outs: Vec<(String, PathBuf)> = outputs
+            .iter()
+            .map(|(o, l)| (o.name.clone(), l.clone()))
+            .collect();
+        if let Some(reason) = builtin::check_fixed_output(&drv, &outs).await? {
+            if let Err(e) = remove_all(&outputs).await {
+                tracing::warn!(
+                    build_id = a.build_id,
+                    error = format!("{e:#}"),
+                    "failed to remove a wrong fixed output"
+                );
+            }
+            return Ok(BuildResult::Failed(reason));
         }
         let candidates = reference_candidates(a);
         let mut built = Vec::new();

@@ -34,6 +34,18 @@ pub struct Fake {
     pub verified: bool,
     pub log: Option<Vec<u8>>,
     pub result: Option<ResultReport>,
+    /// The `wait_ms` of every work request, as sent.
+    pub work_waits: Vec<u64>,
+    /// The `max_builds` of every work request, as sent.
+    pub work_asks: Vec<u64>,
+    /// Assigned with `assignment`, in the same work reply.
+    pub more_assignments: Vec<Assignment>,
+    /// Every result with its build id, in arrival order.
+    pub results: Vec<(u64, ResultReport)>,
+    /// While true, output PUTs are not answered (the uploads back up).
+    pub hold_uploads: bool,
+    /// Uploads by URL path (`upload`/`verified` mirror the latest one touched).
+    pub uploads: HashMap<String, (Vec<u8>, bool)>,
 }
 
 pub type Shared = Arc<Mutex<Fake>>;
@@ -145,13 +157,19 @@ pub fn answer(fake: &Shared, req: &Request) -> (&'static str, String, String) {
         }
         ("POST", "heartbeat") => ("200 OK", String::new(), "{}".into()),
         ("POST", "work") => {
+            let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
+            f.work_waits
+                .push(body["wait_ms"].as_u64().expect("wait_ms is sent"));
+            f.work_asks
+                .push(body["max_builds"].as_u64().expect("max_builds is sent"));
             if !f.forgot_once {
                 // The coordinator "restarted": it no longer knows this session.
                 f.forgot_once = true;
                 f.sessions += 1;
                 return ("401 Unauthorized", String::new(), error("session_unknown"));
             }
-            let builds = f.assignment.take().map(|a| vec![a]).unwrap_or_default();
+            let mut builds = f.assignment.take().map(|a| vec![a]).unwrap_or_default();
+            builds.append(&mut f.more_assignments);
             (
                 "200 OK",
                 String::new(),
@@ -168,6 +186,9 @@ pub fn answer(fake: &Shared, req: &Request) -> (&'static str, String, String) {
         }
         ("POST", p) if p.ends_with("/result") => {
             f.result = Some(serde_json::from_slice(&req.body).unwrap());
+            let r = f.result.clone().unwrap();
+            let id = p.split('/').nth(1).and_then(|i| i.parse().ok()).unwrap();
+            f.results.push((id, r));
             ("200 OK", String::new(), r#"{"duplicate":false}"#.into())
         }
         (method, p) if p.contains("/outputs/") => upload(&mut f, method, req),
@@ -176,6 +197,16 @@ pub fn answer(fake: &Shared, req: &Request) -> (&'static str, String, String) {
 }
 
 pub fn upload(f: &mut Fake, method: &str, req: &Request) -> (&'static str, String, String) {
+    let (buf, verified) = f.uploads.remove(&req.path).unwrap_or_default();
+    f.upload = buf;
+    f.verified = verified;
+    let answer = upload_one(f, method, req);
+    f.uploads
+        .insert(req.path.clone(), (f.upload.clone(), f.verified));
+    answer
+}
+
+fn upload_one(f: &mut Fake, method: &str, req: &Request) -> (&'static str, String, String) {
     let size: u64 = req.query["file_size"].parse().unwrap();
     if method == "PUT" {
         let offset: u64 = req.query["offset"].parse().unwrap();
@@ -243,6 +274,15 @@ pub async fn serve(listener: TcpListener, fake: Shared) {
                     let _ = conn.get_mut().write_all(&bytes).await;
                     continue;
                 }
+                if req.method == "PUT" && req.path.contains("/outputs/") {
+                    // Bounded: a test that never releases fails on its own deadline first.
+                    for _ in 0..2_400 {
+                        if !fake.lock().unwrap().hold_uploads {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
                 let (status, extra, body) = answer(&fake, &req);
                 respond(&mut conn, status, &extra, &body).await;
             }
@@ -287,7 +327,12 @@ pub fn input(tmp: &Path, path: &str) -> (PathInfo, Vec<u8>) {
 }
 
 pub fn assignment_with(store: &Path, script: &str) -> Assignment {
-    let out = format!("{}/{OUT_HASH}-hello", store.display());
+    numbered_assignment(store, 7, OUT_HASH, script)
+}
+
+/// Build `id` whose output hash part is `out_hash` (32 nix-base32 characters).
+pub fn numbered_assignment(store: &Path, id: u64, out_hash: &str, script: &str) -> Assignment {
+    let out = format!("{}/{out_hash}-hello", store.display());
     let drv = Derivation {
         outputs: vec![(
             b"out".to_vec(),
@@ -306,7 +351,7 @@ pub fn assignment_with(store: &Path, script: &str) -> Assignment {
         ..Derivation::default()
     };
     Assignment {
-        build_id: 7,
+        build_id: id,
         attempt: 1,
         drv_path: format!(
             "{}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-hello.drv",
@@ -319,6 +364,7 @@ pub fn assignment_with(store: &Path, script: &str) -> Assignment {
             path: out,
         }],
         inputs: vec![],
+        priority: 0,
     }
 }
 
@@ -346,6 +392,17 @@ pub fn nix_hash(path: &Path) -> String {
 }
 
 pub fn spawn_agent(url: &str, secret: &Path, store: &Path, state: &Path) -> tokio::process::Child {
+    spawn_agent_with(url, secret, store, state, &[])
+}
+
+/// [`spawn_agent`] with more flags.
+pub fn spawn_agent_with(
+    url: &str,
+    secret: &Path,
+    store: &Path,
+    state: &Path,
+    extra: &[&str],
+) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
         .args(["--coordinator", url, "--name", "a1", "--secret-file"])
         .arg(secret)
@@ -353,6 +410,7 @@ pub fn spawn_agent(url: &str, secret: &Path, store: &Path, state: &Path) -> toki
         .arg(store)
         .arg("--state-dir")
         .arg(state)
+        .args(extra)
         .kill_on_drop(true)
         .spawn()
         .unwrap()
@@ -366,4 +424,43 @@ pub async fn stop_agent(mut agent: tokio::process::Child) {
         .unwrap()
         .unwrap();
     assert!(status.success(), "agent exited with {status}");
+}
+
+/// A loopback address with a port that was free a moment ago (for `--metrics-addr`).
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The agent's `/metrics` text, or `None` while its metrics server does not answer.
+pub async fn metrics_text(addr: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text))
+        .await
+        .ok()?
+        .ok()?;
+    Some(text)
+}
+
+/// Polls `probe` (async) until it answers `Some`, for at most `within`.
+pub async fn wait_for_async<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
