@@ -80,6 +80,10 @@ pub struct Args {
     /// Maximum time in seconds without builder output (0 = none).
     #[arg(long, default_value_t = 0)]
     pub max_silent_time: u64,
+    /// Seconds between the SIGTERM and the SIGKILL sent to a builder's process group when its
+    /// build is canceled, abandoned, timed out or the agent shuts down.
+    #[arg(long, default_value_t = 5)]
+    pub kill_grace: u64,
     /// An upload or download that moves no byte for this many seconds is aborted and resumed
     /// from where it stopped (not a limit on the whole transfer).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
@@ -168,6 +172,8 @@ mod tests {
             "7",
             "--input-cache-mb",
             "64",
+            "--kill-grace",
+            "2",
         ])
         .unwrap();
         assert_eq!(a.transfer_stall_timeout, 5);
@@ -177,6 +183,7 @@ mod tests {
         assert_eq!(a.min_free_disk_mb, 1024);
         assert_eq!(a.max_waiting_uploads(), 7);
         assert_eq!(a.input_cache_mb, 64);
+        assert_eq!(a.kill_grace, 2);
         assert_eq!(a.systems(), vec!["x86_64-linux", "i686-linux"]);
         assert_eq!(a.max_parallel_builds, 3);
         assert_eq!(a.executor, ExecutorKind::Native);
@@ -205,6 +212,7 @@ mod tests {
         assert_eq!(a.min_free_disk_mb, 0);
         assert_eq!(a.max_waiting_uploads(), 1);
         assert_eq!(a.input_cache_mb, 10_240);
+        assert_eq!(a.kill_grace, 5);
         assert_eq!(a.systems(), vec![native_system()]);
     }
 }

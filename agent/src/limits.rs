@@ -19,6 +19,8 @@ pub enum HoldBack {
     Disk { dir: PathBuf, free: u64, min: u64 },
     /// More finished builds wait for an upload slot than `--max-waiting-uploads`.
     Uploads { waiting: usize, max: usize },
+    /// The coordinator said `pause` (and not yet `resume`).
+    Paused,
 }
 
 impl HoldBack {
@@ -28,6 +30,7 @@ impl HoldBack {
             HoldBack::Load { .. } => "load",
             HoldBack::Disk { .. } => "disk",
             HoldBack::Uploads { .. } => "uploads",
+            HoldBack::Paused => "paused",
         }
     }
 }
@@ -49,6 +52,7 @@ impl fmt::Display for HoldBack {
                 f,
                 "{waiting} finished builds wait for an upload slot, more than --max-waiting-uploads {max}"
             ),
+            HoldBack::Paused => write!(f, "the coordinator paused this agent"),
         }
     }
 }

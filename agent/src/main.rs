@@ -102,7 +102,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let limits = Limits {
             timeout: Duration::from_secs(args.timeout),
             max_silent: Duration::from_secs(args.max_silent_time),
-            kill_grace: Duration::from_secs(5),
+            kill_grace: Duration::from_secs(args.kill_grace),
         };
         let limit_dirs = vec![store_dir.clone(), state_dir.clone()];
         let executor = NativeExecutor::new(store_dir, limits);

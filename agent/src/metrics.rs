@@ -56,10 +56,11 @@ pub static LOAD_AVERAGE_MILLI: Metric = Metric::new();
 /// Free bytes of the store dir (0) and the state dir (1), read while `--min-free-disk-mb` is
 /// set.
 pub static FREE_DISK: [Metric; 2] = [Metric::new(), Metric::new()];
-static HELD_BACK: [Metric; 3] = [Metric::new(), Metric::new(), Metric::new()];
-const HELD_BACK_REASONS: [&str; 3] = ["load", "disk", "uploads"];
+static HELD_BACK: [Metric; 4] = [Metric::new(), Metric::new(), Metric::new(), Metric::new()];
+const HELD_BACK_REASONS: [&str; 4] = ["load", "disk", "uploads", "paused"];
 
-/// The `kiln_agent_work_held_back{reason}` gauge of `reason` (`load`, `disk`, `uploads`).
+/// The `kiln_agent_work_held_back{reason}` gauge of `reason` (`load`, `disk`, `uploads`,
+/// `paused`; anything else is counted as `paused`).
 pub fn held_back(reason: &str) -> &'static Metric {
     let i = HELD_BACK_REASONS
         .iter()

@@ -79,6 +79,8 @@ pub struct Agent {
     /// Build id -> (attempt, stop sender) for every build the agent holds.
     stops: Mutex<HashMap<BuildId, (u32, StopSender)>>,
     draining: AtomicBool,
+    /// Set by `pause`, cleared by `resume`: no new work meanwhile.
+    paused: AtomicBool,
     heartbeat_ms: AtomicU64,
     settings: Settings,
     /// Set to true once to shut everything down.
@@ -109,6 +111,7 @@ impl Agent {
             upload_slots: UploadSlots::new(settings.max_uploads as usize),
             stops: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             heartbeat_ms: AtomicU64::new(5_000),
             settings,
             shutdown: watch::channel(false).0,
@@ -210,6 +213,16 @@ impl Agent {
             AgentCommand::Drain => {
                 tracing::info!("draining: finishing held builds, asking for no more");
                 self.draining.store(true, Ordering::SeqCst);
+            }
+            AgentCommand::Pause => {
+                if !self.paused.swap(true, Ordering::SeqCst) {
+                    tracing::info!("paused by the coordinator: finishing held builds, asking for no more until resumed");
+                }
+            }
+            AgentCommand::Resume => {
+                if self.paused.swap(false, Ordering::SeqCst) {
+                    tracing::info!("resumed by the coordinator: asking for work again");
+                }
             }
             AgentCommand::SetHeartbeat { interval_ms } => self
                 .heartbeat_ms
@@ -363,7 +376,13 @@ async fn until_limits_allow(agent: &Agent) -> bool {
         if agent.shutting_down() || agent.draining.load(Ordering::SeqCst) {
             return false;
         }
-        let check = agent.settings.limits.check(agent.upload_slots.waiting());
+        let paused = agent.paused.load(Ordering::SeqCst);
+        metrics::held_back("paused").set(u64::from(paused));
+        let check = if paused {
+            Some(HoldBack::Paused)
+        } else {
+            agent.settings.limits.check(agent.upload_slots.waiting())
+        };
         match (&check, &holding) {
             (None, None) => return true,
             (None, Some(was)) => {

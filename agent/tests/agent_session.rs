@@ -405,6 +405,76 @@ async fn uploads_go_by_priority_and_take_precedence_over_new_work() {
     stop_agent(agent).await;
 }
 
+/// Pins down `pause` and `resume` from the coordinator: a paused agent asks for no work (its
+/// metrics say why) while its heartbeats go on; resumed, it asks again. A command this agent
+/// does not know, sent alongside, is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_agent_asks_for_no_work_until_resumed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, state, secret) = (
+        tmp.path().join("store"),
+        tmp.path().join("state"),
+        tmp.path().join("secret"),
+    );
+    std::fs::write(&secret, "s3cret").unwrap();
+    let fake: Shared = Arc::new(Mutex::new(Fake {
+        forgot_once: true,
+        heartbeat_commands: vec![
+            serde_json::json!({"command": "from-the-future"}),
+            serde_json::json!({"command": "pause"}),
+        ],
+        ..Fake::default()
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, fake.clone()));
+    let metrics = free_addr();
+    // No long poll: the stand-in answers at once either way.
+    let agent = spawn_agent_with(
+        &url,
+        &secret,
+        &store,
+        &state,
+        &["--metrics-addr", &metrics, "--work-wait-ms", "0"],
+    );
+    wait_for_async(
+        "the pause to hold work back",
+        Duration::from_secs(60),
+        || async {
+            metrics_text(&metrics)
+                .await
+                .filter(|t| t.contains("kiln_agent_work_held_back{reason=\"paused\"} 1"))
+        },
+    )
+    .await;
+    // The hold is in force (it is checked before each request): while eight more heartbeats
+    // (about 1.6 s, past the agent's ~1 s re-check) go by, no work request goes out.
+    let (asked, beats) = {
+        let f = fake.lock().unwrap();
+        (f.work_waits.len(), f.heartbeats)
+    };
+    wait_for("eight more heartbeats", Duration::from_secs(60), || {
+        (fake.lock().unwrap().heartbeats >= beats + 8).then_some(())
+    })
+    .await;
+    assert_eq!(
+        fake.lock().unwrap().work_waits.len(),
+        asked,
+        "a paused agent asked for work"
+    );
+    fake.lock()
+        .unwrap()
+        .heartbeat_commands
+        .push(serde_json::json!({"command": "resume"}));
+    wait_for(
+        "a work request after resume",
+        Duration::from_secs(60),
+        || (fake.lock().unwrap().work_waits.len() > asked).then_some(()),
+    )
+    .await;
+    stop_agent(agent).await;
+}
+
 /// Pins down that a wrong name or secret is fatal: the agent exits non-zero and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_agent_exits_with_a_clear_error() {

@@ -149,7 +149,7 @@ pub struct SessionOpened {
     pub session_token: String,
     pub heartbeat_interval_ms: u64,
     pub agent_timeout_ms: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "known_commands")]
     pub commands: Vec<AgentCommand>,
 }
 
@@ -165,6 +165,24 @@ pub enum AgentCommand {
     Drain,
     /// New heartbeat interval.
     SetHeartbeat { interval_ms: u64 },
+    /// Take no new work until `resume`; builds held go on (`kiln agent pause`). Agents before
+    /// this command fail to decode a reply carrying it: send it only to agents that know it.
+    Pause,
+    /// Take work again after `pause` (`kiln agent resume`).
+    Resume,
+}
+
+/// Decodes a list of commands, leaving out those this version does not know (or cannot
+/// decode), so that a newer coordinator may add commands without breaking this agent.
+pub fn known_commands<'de, D>(d: D) -> Result<Vec<AgentCommand>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let raw: Vec<serde_json::Value> = Vec::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect())
 }
 
 /// `POST /api/agent/v1/heartbeat`.
@@ -179,7 +197,7 @@ pub struct Heartbeat {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HeartbeatReply {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "known_commands")]
     pub commands: Vec<AgentCommand>,
 }
 
@@ -203,7 +221,7 @@ pub struct WorkRequest {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WorkReply {
     pub builds: Vec<Assignment>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "known_commands")]
     pub commands: Vec<AgentCommand>,
 }
 
@@ -491,5 +509,30 @@ mod tests {
         let a = Assignment { priority: -7, ..a };
         let back: Assignment = serde_json::from_value(serde_json::to_value(&a).unwrap()).unwrap();
         assert_eq!(back.priority, -7);
+    }
+
+    /// Commands this version does not know are left out of a reply, not a decoding error;
+    /// `pause` and `resume` travel as kebab-case tags.
+    #[test]
+    fn unknown_commands_are_left_out() {
+        let reply: HeartbeatReply = serde_json::from_str(
+            r#"{"commands": [{"command": "drain"}, {"command": "from-the-future", "x": 1},
+                {"command": "cancel"}, {"command": "pause"}, {"command": "resume"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            reply.commands,
+            vec![
+                AgentCommand::Drain,
+                AgentCommand::Pause,
+                AgentCommand::Resume
+            ]
+        );
+        assert_eq!(
+            serde_json::to_value(AgentCommand::Pause).unwrap(),
+            serde_json::json!({"command": "pause"})
+        );
+        let w: WorkReply = serde_json::from_str(r#"{"builds": []}"#).unwrap();
+        assert!(w.commands.is_empty());
     }
 }

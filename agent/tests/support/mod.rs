@@ -44,6 +44,10 @@ pub struct Fake {
     pub results: Vec<(u64, ResultReport)>,
     /// While true, output PUTs are not answered (the uploads back up).
     pub hold_uploads: bool,
+    /// Heartbeats answered so far.
+    pub heartbeats: u32,
+    /// Sent (and emptied) with the next heartbeat reply.
+    pub heartbeat_commands: Vec<serde_json::Value>,
     /// Uploads by URL path (`upload`/`verified` mirror the latest one touched).
     pub uploads: HashMap<String, (Vec<u8>, bool)>,
 }
@@ -155,7 +159,12 @@ pub fn answer(fake: &Shared, req: &Request) -> (&'static str, String, String) {
             let cmd = serde_json::json!({"commands": [{"command": "cancel", "build_id": 7, "attempt": 1}]});
             ("200 OK", String::new(), cmd.to_string())
         }
-        ("POST", "heartbeat") => ("200 OK", String::new(), "{}".into()),
+        ("POST", "heartbeat") => {
+            f.heartbeats += 1;
+            let commands: Vec<_> = f.heartbeat_commands.drain(..).collect();
+            let body = serde_json::json!({ "commands": commands });
+            ("200 OK", String::new(), body.to_string())
+        }
         ("POST", "work") => {
             let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
             f.work_waits
