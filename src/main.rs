@@ -36,6 +36,9 @@ enum Command {
     /// Work with narinfo files.
     #[command(subcommand)]
     Narinfo(NarinfoCommand),
+    /// Narinfo signing keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Run a demo farm: a coordinator, two agents and a graph of derivations.
     Demo(kiln::client::demo::DemoArgs),
     #[command(flatten)]
@@ -98,6 +101,34 @@ enum NarinfoCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a signing key: NAME:base64 secret and public key files, as
+    /// `nix-store --generate-binary-cache-key NAME SECRET_FILE PUBLIC_FILE` does.
+    Generate {
+        /// The key's name, e.g. cache.example.org-1 (signatures carry it).
+        name: String,
+        /// Where to write the secret key (mode 0600; never replaced without --force).
+        secret_file: PathBuf,
+        /// Where to write the public key (for Nix's trusted-public-keys).
+        public_file: PathBuf,
+        /// Also write the public key in Guix's form (for `guix archive --authorize`;
+        /// experimental).
+        #[arg(long)]
+        guix_public_file: Option<PathBuf>,
+        /// Replace an existing secret key file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the public key of a secret key file.
+    Public {
+        secret_file: PathBuf,
+        /// In Guix's form (an S-expression for `guix archive --authorize`; experimental).
+        #[arg(long)]
+        guix: bool,
+    },
+}
+
 fn state_dump(state_dir: &std::path::Path, out: &mut dyn Write) -> anyhow::Result<i32> {
     anyhow::ensure!(
         state_dir.join("db").exists(),
@@ -135,6 +166,23 @@ fn main() -> ExitCode {
             key,
             store_dir,
         }) => kiln::nar::cli::narinfo_verify(&file, &key, store_dir.as_deref(), &mut out),
+        Command::Key(KeyCommand::Generate {
+            name,
+            secret_file,
+            public_file,
+            guix_public_file,
+            force,
+        }) => kiln::nar::cli::key_generate(
+            &name,
+            &secret_file,
+            &public_file,
+            guix_public_file.as_deref(),
+            force,
+            &mut out,
+        ),
+        Command::Key(KeyCommand::Public { secret_file, guix }) => {
+            kiln::nar::cli::key_public(&secret_file, guix, &mut out)
+        }
         Command::Demo(args) => kiln::client::demo::run(args),
         Command::Client(cmd) => kiln::client::cli::run(cmd),
     };

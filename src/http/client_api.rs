@@ -231,5 +231,6 @@ pub fn routes(cfg: &mut web::ServiceConfig, big: web::JsonConfig) {
     .service(show)
     .service(log)
     .service(cancel)
-    .service(events);
+    .service(events)
+    .configure(super::enrollment::routes);
 }

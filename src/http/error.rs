@@ -120,6 +120,7 @@ impl From<ActorError> for ApiError {
             ActorError::NotFound(_) => ApiError::new(S::NOT_FOUND, "not_found", msg),
             ActorError::Unauthorized(_) => ApiError::new(S::UNAUTHORIZED, "unauthorized", msg),
             ActorError::Conflict(_) => ApiError::new(S::CONFLICT, "conflict", msg),
+            ActorError::Forbidden { code, .. } => ApiError::new(S::FORBIDDEN, code, msg),
             ActorError::BadRequest(m) if m.starts_with("unsupported_protocol") => {
                 ApiError::new(S::BAD_REQUEST, "unsupported_protocol", m)
             }

@@ -1,4 +1,4 @@
-//! `kiln nar ...` and `kiln narinfo ...`: thin command-line faces of [`crate::nar`]. They run
+//! `kiln nar ...`, `kiln narinfo ...` and `kiln key ...`: thin command-line faces of [`crate::nar`]. They run
 //! synchronously on the calling thread (no runtime, no pool), return the exit code on success
 //! and an error saying what failed and what to do otherwise (`main` prints it and exits 1).
 
@@ -143,4 +143,86 @@ pub fn narinfo_verify(
         file.display(),
         info.store_path
     )
+}
+
+#[cfg(feature = "coordinator")]
+/// Write `text` to a new file readable by its owner only; an existing file is refused unless
+/// `force` (a secret key file is not overwritten by accident).
+fn write_private(path: &Path, text: &str, force: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).mode(0o600);
+    if force {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let mut f = opts.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow::anyhow!(
+                "{} exists: pick another file, or pass --force to replace it",
+                path.display()
+            )
+        } else {
+            anyhow::anyhow!("failed to create {}: {e}", path.display())
+        }
+    })?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("failed to set mode 0600 on {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("failed to write {}", path.display()))
+}
+
+#[cfg(feature = "coordinator")]
+/// `kiln key generate NAME SECRET_FILE PUBLIC_FILE`: a signing key in Nix's formats, as
+/// `nix-store --generate-binary-cache-key` writes them (`NAME:base64`, no newline); the
+/// secret file gets mode 0600. With `guix_public`, the public key in Guix's form too.
+pub fn key_generate(
+    name: &str,
+    secret_file: &Path,
+    public_file: &Path,
+    guix_public: Option<&Path>,
+    force: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        !name.is_empty() && !name.contains(':') && !name.chars().any(char::is_whitespace),
+        "key name {name:?} is not usable: give a name without ':' or spaces, e.g. cache.example.org-1"
+    );
+    let key = super::signing::SecretKey::generate(name)?;
+    let public = key.to_public();
+    write_private(secret_file, &key.to_string(), force)?;
+    std::fs::write(public_file, public.to_string())
+        .with_context(|| format!("failed to write {}", public_file.display()))?;
+    if let Some(g) = guix_public {
+        std::fs::write(g, super::guix::public_key_sexp(&public.key_bytes()))
+            .with_context(|| format!("failed to write {}", g.display()))?;
+    }
+    writeln!(
+        out,
+        "{public}\n(secret key in {}; set signing_key_file to it, and give the public key to \
+         Nix's trusted-public-keys)",
+        secret_file.display()
+    )
+    .context("failed to write to standard output")?;
+    Ok(0)
+}
+
+#[cfg(feature = "coordinator")]
+/// `kiln key public SECRET_FILE`: the public key of a secret key file, in Nix's form, or in
+/// Guix's with `guix` (for `guix archive --authorize`).
+pub fn key_public(secret_file: &Path, guix: bool, out: &mut dyn Write) -> anyhow::Result<i32> {
+    let text = std::fs::read_to_string(secret_file)
+        .with_context(|| format!("failed to read {}", secret_file.display()))?;
+    let key = super::signing::SecretKey::parse(&text)
+        .with_context(|| format!("{} is not a Nix secret key", secret_file.display()))?;
+    let public = key.to_public();
+    if guix {
+        write!(out, "{}", super::guix::public_key_sexp(&public.key_bytes()))
+    } else {
+        writeln!(out, "{public}")
+    }
+    .context("failed to write to standard output")?;
+    Ok(0)
 }
