@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 const TIMEOUTS: &str = "[timeouts]\nheartbeat_interval_ms = 10000\nagent_timeout_ms = 600000\nunheld_lease_ms = 600000\n";
 
 /// How a refusal shows.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Expect {
     /// An error status with this `ErrorBody` code.
     Error(u16, &'static str),
@@ -285,7 +285,7 @@ fn cell(
         (_, "expired token") => w
             .expired_tokens
             .iter()
-            .map(|t| (route_req(route, session_header(t), w.b1, 1), unknown.clone()))
+            .map(|t| (route_req(route, session_header(t), w.b1, 1), unknown))
             .collect(),
         (_, "foreign token") => vec![(
             route_req(route, session_header(&"0123456789abcdef".repeat(4)), w.b1, 1),
@@ -478,10 +478,12 @@ fn every_agent_route_refuses_every_credential_failure_and_changes_nothing() {
                     continue;
                 }
                 let got = send(&c.agent_url, &req);
-                rows.push(format!(
-                    "{route:<14} {failure:<22} {} {}",
-                    got.0, got.1["error"]["code"]
-                ));
+                let shown = if got.0 == 200 {
+                    format!("commands {} builds {}", got.1["commands"], got.1["builds"])
+                } else {
+                    got.1["error"]["code"].to_string()
+                };
+                rows.push(format!("{route:<14} {failure:<22} {} {shown}", got.0));
                 check(&what, got, &want);
                 // A session a cell opened replaced that agent's token: open it again as the
                 // agent would, so the next cells use a live token.
