@@ -91,13 +91,19 @@ enum NarinfoCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Verify a narinfo's signature with a public key (name:base64, or a file holding it).
+    /// Verify a narinfo's signature with a public key (name:base64, or a file holding Nix
+    /// keys or a Guix key), and with --check-nar that its NAR is the one it describes.
     Verify {
-        file: PathBuf,
+        /// A narinfo file, or its http(s):// URL on a binary cache.
+        file: String,
         #[arg(long)]
         key: String,
         #[arg(long, env = "KILN_STORE_DIR")]
         store_dir: Option<PathBuf>,
+        /// Also fetch the NAR its URL names (relative to the narinfo) and check its NarHash
+        /// and NarSize, as a Nix client does when it imports it.
+        #[arg(long)]
+        check_nar: bool,
     },
 }
 
@@ -165,7 +171,10 @@ fn main() -> ExitCode {
             file,
             key,
             store_dir,
-        }) => kiln::nar::cli::narinfo_verify(&file, &key, store_dir.as_deref(), &mut out),
+            check_nar,
+        }) => {
+            kiln::nar::cli::narinfo_verify(&file, &key, store_dir.as_deref(), check_nar, &mut out)
+        }
         Command::Key(KeyCommand::Generate {
             name,
             secret_file,

@@ -189,7 +189,7 @@ fn agents_register_with_a_token_rotate_and_are_refused_after() {
         ],
     ));
     assert!(out.contains("old secret no longer works"), "{out}");
-    // The agent only notices at its next request: its heartbeat (default 10 s).
+    // The agent notices at its next request (a work poll or a heartbeat).
     let (failed, log) = agent.wait_exit();
     assert!(failed, "the agent exits with an error: {log}");
     assert!(log.contains("unauthorized"), "{log}");
