@@ -20,6 +20,7 @@ pub mod hook_processor;
 pub mod queue_state;
 pub mod registry;
 pub mod restarts;
+pub mod session_open;
 pub mod submission;
 
 use thiserror::Error;

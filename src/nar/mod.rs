@@ -19,6 +19,8 @@ pub mod narinfo;
 mod read;
 pub mod refs;
 mod restore;
+#[cfg(feature = "coordinator")]
+pub mod sexp;
 pub mod signing;
 mod write;
 
