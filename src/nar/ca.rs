@@ -216,13 +216,29 @@ mod tests {
         assert!(c[0].ca.starts_with("fixed:r:sha256:"));
         // References change the source and text paths; a flat path has none.
         let r = StorePath::from_base_name("0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-dep").unwrap();
-        let with = candidates(&sd, "x", &nar_hash, Some(&flat), &[r.clone()], None).unwrap();
+        let with = candidates(
+            &sd,
+            "x",
+            &nar_hash,
+            Some(&flat),
+            std::slice::from_ref(&r),
+            None,
+        )
+        .unwrap();
         assert_eq!(with.len(), 2);
         assert_ne!(with[0].path, c[0].path);
         assert_ne!(with[1].path, c[1].path);
         // A self-reference is ":self", not the path.
         let this = c[0].path.clone();
-        let selfish = candidates(&sd, "x", &nar_hash, None, &[this.clone()], Some(&this)).unwrap();
+        let selfish = candidates(
+            &sd,
+            "x",
+            &nar_hash,
+            None,
+            std::slice::from_ref(&this),
+            Some(&this),
+        )
+        .unwrap();
         assert_ne!(selfish[0].path, this);
         assert_eq!(selfish.len(), 1);
     }
