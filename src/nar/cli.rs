@@ -64,6 +64,7 @@ pub fn narinfo_show(file: &Path, json: bool, out: &mut dyn Write) -> anyhow::Res
 /// `Signature:` line).
 struct Keys {
     nix: Vec<PublicKey>,
+    #[cfg_attr(not(feature = "coordinator"), allow(dead_code))]
     guix: Vec<[u8; 32]>,
 }
 
