@@ -136,6 +136,12 @@ pub struct Timeouts {
     /// ago than this (the work reply that carried it was lost, or the agent dropped it).
     /// Unset: [`Timeouts::unheld_lease`] picks it.
     pub unheld_lease_ms: Option<u64>,
+    /// A request body (output, log or source upload) from which no byte arrives for this long
+    /// is dropped; the bytes of an output upload received so far are kept for resumption.
+    pub transfer_stall_ms: u64,
+    /// A partial output upload nobody resumed for this long is removed, with its lock (also
+    /// at start, judged by the partial file's modification time).
+    pub partial_upload_expiry_ms: u64,
 }
 
 impl Timeouts {
@@ -153,6 +159,8 @@ impl Default for Timeouts {
             heartbeat_interval_ms: 10_000,
             agent_timeout_ms: 60_000,
             unheld_lease_ms: None,
+            transfer_stall_ms: 60_000,
+            partial_upload_expiry_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -216,6 +224,8 @@ pub struct Limits {
     pub output_nar_mb: u64,
     /// Largest compressed build log, in MiB.
     pub log_mb: u64,
+    /// Largest build log once decompressed, in MiB (checked by streaming at upload).
+    pub log_decompressed_mb: u64,
     /// Largest JSON body on the other routes, in KiB.
     pub json_body_kb: u64,
 }
@@ -227,6 +237,7 @@ impl Default for Limits {
             source_nar_mb: 1024,
             output_nar_mb: 16 * 1024,
             log_mb: 64,
+            log_decompressed_mb: 1024,
             json_body_kb: 256,
         }
     }
@@ -331,6 +342,14 @@ impl Config {
         anyhow::ensure!(
             self.store.max_queued > 0,
             "store.max_queued must be at least 1"
+        );
+        anyhow::ensure!(
+            self.timeouts.transfer_stall_ms >= 100,
+            "timeouts.transfer_stall_ms must be at least 100 (0.1 s)"
+        );
+        anyhow::ensure!(
+            self.timeouts.partial_upload_expiry_ms >= 1000,
+            "timeouts.partial_upload_expiry_ms must be at least 1000 (1 s)"
         );
         for t in &self.registration_tokens {
             t.tag_pairs()?;

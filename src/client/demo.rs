@@ -238,15 +238,16 @@ fn status(line: &str) {
     eprintln!("kiln demo: {line}");
 }
 
-struct Binaries {
-    kiln: PathBuf,
+/// Paths of the `kiln` and `kiln-agent` executables (`kiln-chaos` finds them the same way).
+pub struct Binaries {
+    pub kiln: PathBuf,
     /// None when every agent comes from `--agent`.
-    agent: Option<PathBuf>,
+    pub agent: Option<PathBuf>,
 }
 
 /// `kiln` and `kiln-agent` next to this executable, or in `bin_dir` (`KILN_BIN_DIR`);
 /// `kiln-agent` is not looked for when `agents_given` (every agent comes from `--agent`).
-fn find_binaries(
+pub fn find_binaries(
     bin_dir: Option<std::ffi::OsString>,
     agents_given: bool,
 ) -> anyhow::Result<Binaries> {
