@@ -143,6 +143,9 @@ impl From<UploadError> for ApiError {
             UploadError::HashMismatch(_) => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "hash_mismatch", msg)
             }
+            UploadError::WrongSourcePath(_) => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "wrong_source_path", msg)
+            }
             UploadError::BadRequest(_) => ApiError::new(S::BAD_REQUEST, "bad_request", msg),
             UploadError::Body(_) => ApiError::new(S::BAD_REQUEST, "body", msg),
             UploadError::Commit(_) => ApiError::new(S::SERVICE_UNAVAILABLE, "unavailable", msg),
