@@ -38,6 +38,10 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
     /// A mailbox that is closed (the actor is restarting): retry soon.
     pub fn mailbox(_e: actix::MailboxError) -> ApiError {
         ApiError::new(

@@ -400,6 +400,39 @@ impl NarCache {
         Ok(rec)
     }
 
+    /// The references a verified output NAR (by its `sha256:<base32>` FileHash) holds among
+    /// `candidates` (full store paths): the paths whose 32-character hash part appears in its
+    /// NAR, as Nix's `RefScanSink` finds them. `None` if no verified file has that hash. Reads
+    /// and decompresses the whole file: blocking.
+    pub fn scan_references(
+        &self,
+        file_hash: &str,
+        candidates: &[String],
+    ) -> Result<Option<std::collections::BTreeSet<String>>, UploadError> {
+        let Some(file) = self.nar_file(nar_url(file_hash).trim_start_matches("nar/")) else {
+            return Ok(None);
+        };
+        let f = match std::fs::File::open(&file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let by_hash: std::collections::BTreeMap<&str, &String> = candidates
+            .iter()
+            .filter_map(|p| Some((p.rsplit('/').next()?.get(..32)?, p)))
+            .collect();
+        let mut scanner = crate::nar::refs::RefScanner::new(by_hash.keys().map(|h| h.to_string()));
+        let mut dec = zstd::stream::read::Decoder::new(std::io::BufReader::new(f))?;
+        std::io::copy(&mut dec, &mut scanner)?;
+        Ok(Some(
+            scanner
+                .into_found()
+                .iter()
+                .filter_map(|h| by_hash.get(h.as_str()).map(|p| (*p).clone()))
+                .collect(),
+        ))
+    }
+
     /// The narinfo of an available path, signed if a key is configured.
     pub fn narinfo(&self, o: &OutputRecord) -> Result<NarInfo, UploadError> {
         let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
@@ -544,7 +577,7 @@ fn check_source_path(tmp: &Path, nar_hash: &Hash, claim: &SourceClaim) -> Result
     let refs: Vec<String> = claim.references.iter().map(|r| sd.full_path(r)).collect();
     Err(UploadError::WrongSourcePath(format!(
         "source {} is not the store path of its contents: with references [{}] a store names \
-         this NAR {}; upload it under that path, or list the references it was added with",
+         this NAR {}; upload it under its own path, or list the references it was added with",
         sd.full_path(&claim.path),
         refs.join(", "),
         should.join(" or ")
