@@ -145,7 +145,7 @@ fn a_result_whose_references_are_not_its_nars_is_refused() {
         .lines()
         .find_map(|l| l.strip_prefix("References: "))
         .unwrap();
-    let mut want = vec![
+    let mut want = [
         src.rsplit('/').next().unwrap().to_string(),
         out.rsplit('/').next().unwrap().to_string(),
     ];
