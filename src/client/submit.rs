@@ -287,8 +287,14 @@ fn source_closure(closure: &Closure) -> anyhow::Result<BTreeMap<String, (String,
         std::fs::read_dir(dir).with_context(|| format!("failed to list {}", dir.display()))?;
     for e in entries {
         let e = e.with_context(|| format!("failed to list {}", dir.display()))?;
-        // Lock files, temporary names and the like are not store paths: skipped.
-        if let Ok(sp) = StorePath::from_base_name_bytes(e.file_name().as_encoded_bytes()) {
+        // Lock files (`<path>.lock`, `<path>.chroot`: Nix's, beside the path they lock),
+        // temporary names and the like are not store paths: skipped.
+        let name = e.file_name();
+        let name = name.as_encoded_bytes();
+        if name.ends_with(b".lock") || name.ends_with(b".chroot") {
+            continue;
+        }
+        if let Ok(sp) = StorePath::from_base_name_bytes(name) {
             by_hash.insert(sp.hash_part().to_string(), sd.full_path(&sp));
         }
     }
