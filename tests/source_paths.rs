@@ -6,7 +6,8 @@
 //! hash and references and accepted; the same NARs under another source's path or with
 //! references they were not added with are refused with 422 `wrong_source_path` naming the
 //! path Nix gave them. `kiln submit` of a derivation with those sources uploads them, and the
-//! source one of them refers to.
+//! source one of them refers to; a builder script naming an input derivation's output that
+//! is not built here is uploaded with that reference (and the output is not).
 
 mod common;
 
@@ -259,4 +260,88 @@ fn sources_are_accepted_only_under_the_path_nix_gives_them() {
         let (code, ni) = get(&c2.agent(&format!("/{}.narinfo", hash_part(p))));
         assert_eq!(code, 200, "kiln submit did not upload {p}: {ni}");
     }
+}
+
+/// A builder script (a text source, as Guix adds them) that names the output of an input
+/// derivation not built here yet: `kiln submit` finds that reference (outputs of the closure
+/// are candidates even when absent), uploads the script under its text path with it, and does
+/// not try to upload the output.
+#[test]
+fn a_source_naming_an_unbuilt_input_output_is_uploaded_with_that_reference() {
+    use kiln::derivation::paths::make_text_path;
+    use kiln::derivation::store_path::StoreDir;
+    use kiln::derivation::{Derivation, PathComputer, StorePath};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let sd = StoreDir::new(&store).unwrap();
+    let (dep_drv, dep_bytes) = simple_drv(&sd, "dep", "echo dep > $out");
+    std::fs::write(&dep_drv, &dep_bytes).unwrap();
+    let dep = Derivation::parse(&dep_bytes).unwrap();
+    let dep_out = String::from_utf8(dep.outputs[0].1.path.clone()).unwrap();
+    assert!(!Path::new(&dep_out).exists(), "the input is not built here");
+
+    let script = format!("cat {dep_out}/x > $out\n");
+    let dep_out_sp = sd.parse_path(dep_out.as_bytes()).unwrap();
+    let script_sp = make_text_path(
+        &sd,
+        "builder.sh",
+        script.as_bytes(),
+        std::slice::from_ref(&dep_out_sp),
+    )
+    .unwrap();
+    let script_path = sd.full_path(&script_sp);
+    std::fs::write(&script_path, &script).unwrap();
+
+    let mut drv = Derivation::parse(&simple_drv(&sd, "user", "unused").1).unwrap();
+    drv.input_drvs = vec![(dep_drv.clone().into_bytes(), vec![b"out".to_vec()])];
+    drv.input_srcs = vec![script_path.clone().into_bytes()];
+    drv.args = vec![script_path.clone().into_bytes()];
+    drv.outputs[0].1.path.clear();
+    for (k, v) in drv.env.iter_mut() {
+        if k == b"out" {
+            v.clear();
+        }
+    }
+    let mut loader = |p: &StorePath| -> anyhow::Result<Derivation> {
+        Ok(Derivation::parse(&std::fs::read(sd.full_path(p))?)?)
+    };
+    let out = {
+        let mut pc = PathComputer::new(sd.clone(), &mut loader);
+        let paths = pc.output_paths(&drv).unwrap();
+        sd.full_path(paths[0].1.as_ref().unwrap())
+    };
+    drv.outputs[0].1.path = out.clone().into_bytes();
+    for (k, v) in drv.env.iter_mut() {
+        if k == b"out" {
+            *v = out.clone().into_bytes();
+        }
+    }
+    let drv_path = sd.full_path(&kiln::derivation::paths::drv_path(&sd, &drv).unwrap());
+    std::fs::write(&drv_path, drv.print()).unwrap();
+
+    std::fs::create_dir_all(tmp.path().join("coord")).unwrap();
+    let c = Coordinator::start(&tmp.path().join("coord"), &store, "");
+    let out = Command::new(kiln_bin())
+        .args(["submit", "--json", "--coordinator", &c.client_url])
+        .arg("--store-dir")
+        .arg(&store)
+        .arg(&drv_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kiln submit failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, ni) = get(&c.agent(&format!("/{}.narinfo", script_sp.hash_part())));
+    assert_eq!(code, 200, "the script was not uploaded: {ni}");
+    let ni = ni.as_str().unwrap();
+    assert!(
+        ni.contains(&format!("References: {}\n", dep_out_sp.base_name())),
+        "{ni}"
+    );
+    let (code, _) = get(&c.agent(&format!("/{}.narinfo", dep_out_sp.hash_part())));
+    assert_eq!(code, 404, "the unbuilt output was not uploaded as a source");
 }

@@ -275,7 +275,7 @@ pub fn upload_sources(client: &Client, closure: &Closure) -> anyhow::Result<()> 
 /// hash and references. A source may mention a store path no derivation names (a
 /// `builtins.toFile` text naming another one): the coordinator names a source by its
 /// references too, so those are found by scanning for the hash parts of every entry of the
-/// store directory (and of the closure's `.drv`s), and uploaded as well. References to
+/// store directory and of the closure's `.drv`s and their outputs, and uploaded as well. References to
 /// `.drv` files and to outputs of the closure's derivations are kept but not uploaded (the
 /// coordinator gets those by submission and by building).
 fn source_closure(closure: &Closure) -> anyhow::Result<BTreeMap<String, (String, Vec<String>)>> {
@@ -303,7 +303,13 @@ fn source_closure(closure: &Closure) -> anyhow::Result<BTreeMap<String, (String,
         let sp = sd.parse_path(d.path.as_bytes())?;
         by_hash.insert(sp.hash_part().to_string(), d.path.clone());
         for (_, out) in &d.drv.outputs {
-            built.insert(lossy(&out.path));
+            // An output need not exist here yet (it is built on the farm), but a source (a
+            // Guix builder script, say) may name it: a candidate either way.
+            let p = lossy(&out.path);
+            if let Ok(sp) = sd.parse_path(p.as_bytes()) {
+                by_hash.insert(sp.hash_part().to_string(), p.clone());
+            }
+            built.insert(p);
         }
     }
     for p in &closure.sources {
