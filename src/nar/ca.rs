@@ -197,9 +197,8 @@ mod tests {
         );
     }
 
-    /// `nix-store --add` of a file holding "hello\n" under /nix/store is
-    /// /nix/store/...-hello.txt; the pinned paths here were computed by Nix 2.8 (the golden
-    /// test in tests/source_paths.rs checks many more against the real nix-store).
+    /// Which candidates there are and what references change; that the paths are the ones
+    /// Nix gives is checked against Nix 2.8 itself in tests/source_paths.rs.
     #[test]
     fn candidates_include_source_text_and_flat_paths() {
         let sd = StoreDir::new("/nix/store").unwrap();
