@@ -137,6 +137,9 @@ async fn serve(
         Some(f) => {
             let text = std::fs::read_to_string(f)
                 .with_context(|| format!("failed to read signing key file {}", f.display()))?;
+            // The key never leaves the coordinator: not logged (its Debug form is redacted),
+            // not in the state dir; its file should be private too.
+            crate::config::warn_if_others_can_read(f, "signing key");
             Some(
                 crate::nar::signing::SecretKey::parse(text.trim()).map_err(|e| {
                     anyhow::anyhow!(

@@ -397,6 +397,8 @@ fn every_other_actor_is_rebuilt_from_its_factory_and_its_memory_equals_sled() {
                 systems: vec!["x86_64-linux".into()],
                 max_parallel_builds: 1,
                 builds: vec![],
+                registration_token: None,
+                offers: vec![],
             }))
             .await
             .unwrap()

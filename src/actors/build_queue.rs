@@ -386,6 +386,9 @@ pub struct Finish {
     pub outcome: Result<Vec<BuiltOutput>, String>,
     /// The attempt whose log is stored, if one was uploaded.
     pub log_attempt: u32,
+    /// The references found in each output's NAR (success reports; see
+    /// [`super::queue_state::Scanned`]).
+    pub scanned: Option<super::queue_state::Scanned>,
 }
 
 impl Handler<Finish> for BuildQueue {
@@ -396,12 +399,13 @@ impl Handler<Finish> for BuildQueue {
             let permit = self.reserve()?;
             Ok((
                 permit,
-                self.state.finish(
+                self.state.finish_scanned(
                     msg.agent_id,
                     msg.build_id,
                     msg.attempt,
                     msg.outcome,
                     msg.log_attempt,
+                    msg.scanned.as_ref(),
                     now_ms(),
                 )?,
             ))

@@ -1,5 +1,6 @@
 //! Client subcommands (`kiln submit`, `kiln builds`, `kiln build show|log|cancel`,
-//! `kiln agent new`, `kiln agents`): clap definitions and what each command prints.
+//! `kiln agent new|rotate-secret|registration-token`, `kiln agents`): clap definitions and
+//! what each command prints (the enrollment commands are in [`super::enroll`]).
 //!
 //! Every command takes [`ClientOpts`] (`--coordinator`, `--json`). Human output is the default;
 //! `--json` prints the protocol type the coordinator answered with, as JSON, one document per
@@ -110,6 +111,12 @@ pub struct BuildIdArgs {
 pub enum AgentCommand {
     /// Register an agent; prints its id and secret (the secret is shown only once).
     New(NewAgentArgs),
+    /// Replace an agent's secret: prints (or writes) the new one; the old one stops working
+    /// and the agent's open session ends.
+    RotateSecret(super::enroll::RotateArgs),
+    /// Registration tokens, with which agents register themselves.
+    #[command(subcommand)]
+    RegistrationToken(super::enroll::TokenCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -162,13 +169,20 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Build(BuildCommand::Log(a)) => log_cmd(a, &mut out)?,
         ClientCommand::Build(BuildCommand::Cancel(a)) => cancel_cmd(a, &mut out)?,
         ClientCommand::Agent(AgentCommand::New(a)) => agent_new_cmd(a, &mut out)?,
+        ClientCommand::Agent(AgentCommand::RotateSecret(a)) => super::enroll::rotate(a, &mut out)?,
+        ClientCommand::Agent(AgentCommand::RegistrationToken(c)) => {
+            super::enroll::token(c, &mut out)?
+        }
         ClientCommand::Agents(a) => agents_cmd(a, &mut out)?,
     };
     out.flush().context("failed to write to stdout")?;
     Ok(code)
 }
 
-fn print_json<T: serde::Serialize>(out: &mut dyn Write, value: &T) -> anyhow::Result<()> {
+pub(super) fn print_json<T: serde::Serialize>(
+    out: &mut dyn Write,
+    value: &T,
+) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut *out, value).context("failed to write JSON to stdout")?;
     writeln!(out).context("failed to write to stdout")?;
     Ok(())

@@ -64,25 +64,23 @@ async fn put_source(
     q: web::Query<SourceQuery>,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let store_dir = state.store_dir().map_err(ApiError::bad_request)?;
-    let check = |p: &str| -> Result<(), ApiError> {
-        match &store_dir {
-            Some(d) => d.parse_path(p.as_bytes()).map(|_| ()),
-            None => crate::derivation::store_path::StoreDir::resolve(None, &[p.as_bytes()])
-                .and_then(|d| d.parse_path(p.as_bytes()).map(|_| ())),
-        }
-        .map_err(|e| ApiError::bad_request(format!("source path {p:?}: {e}")))
+    let store_dir = match state.store_dir().map_err(ApiError::bad_request)? {
+        Some(d) => d,
+        None => crate::derivation::store_path::StoreDir::resolve(None, &[q.path.as_bytes()])
+            .map_err(|e| ApiError::bad_request(format!("source path {:?}: {e}", q.path)))?,
     };
-    check(&q.path)?;
-    let refs: Vec<String> = q
+    let parse = |p: &str| {
+        store_dir
+            .parse_path(p.as_bytes())
+            .map_err(|e| ApiError::bad_request(format!("source path {p:?}: {e}")))
+    };
+    let path = parse(&q.path)?;
+    let references = q
         .references
         .split(',')
         .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect();
-    for r in &refs {
-        check(r)?;
-    }
+        .map(parse)
+        .collect::<Result<Vec<_>, _>>()?;
     let nar_hash: Hash = q
         .nar_hash
         .parse()
@@ -93,7 +91,16 @@ async fn put_source(
     let limit = state.config.limits.source_nar_mb << 20;
     state
         .nars
-        .receive_source(&q.path, &nar_hash, refs, limit, body)
+        .receive_source(
+            crate::store::nar_cache::SourceClaim {
+                store_dir,
+                path,
+                references,
+            },
+            &nar_hash,
+            limit,
+            body,
+        )
         .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({})))
 }
@@ -238,5 +245,6 @@ pub fn routes(cfg: &mut web::ServiceConfig, big: web::JsonConfig) {
     .service(show)
     .service(log)
     .service(cancel)
-    .service(events);
+    .service(events)
+    .configure(super::enrollment::routes);
 }

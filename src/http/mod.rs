@@ -6,6 +6,7 @@
 
 pub mod agent_api;
 pub mod client_api;
+pub mod enrollment;
 pub mod error;
 #[cfg(feature = "fault-points")]
 pub mod faults;

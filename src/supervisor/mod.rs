@@ -19,6 +19,7 @@ use actix::prelude::*;
 
 use crate::actors::allocator::Allocator;
 use crate::actors::build_queue::BuildQueue;
+use crate::actors::credentials::{Credentials, Grant};
 use crate::actors::event_log::{Committed, EventLog};
 use crate::actors::hook_processor::HookProcessor;
 use crate::actors::registry::{AgentRegistry, Liveness, SessionActors, Sessions};
@@ -43,6 +44,22 @@ pub struct Actors {
     pub restarts: Arc<Restarts>,
     /// The arbiters the actors run on; stopped at shutdown.
     pub arbiters: Vec<Arbiter>,
+}
+
+/// The registration tokens of the config file, read from their files.
+fn registration_grants(config: &Config) -> anyhow::Result<Vec<Grant>> {
+    config
+        .registration_tokens
+        .iter()
+        .map(|t| {
+            let token = t.read_token()?;
+            Ok(crate::actors::enrollment::config_grant(
+                &token,
+                t.systems.clone(),
+                t.tag_pairs()?,
+            ))
+        })
+        .collect()
 }
 
 /// Where the committer sends events once the event log exists (the committer starts first,
@@ -130,6 +147,8 @@ pub fn start(
     let sessions = Arc::new(Sessions::default());
     let liveness = Arc::new(Liveness::default());
     let session_actors = Arc::new(SessionActors::default());
+    let grants = registration_grants(config).map_err(|e| ActorError::Internal(format!("{e:#}")))?;
+    let credentials = Arc::new(Credentials::new(grants));
     let registry_actor = AgentRegistry::new(
         store,
         committer,
@@ -139,6 +158,7 @@ pub fn start(
         sessions.clone(),
         liveness.clone(),
         session_actors.clone(),
+        credentials,
         Duration::from_millis(config.timeouts.agent_timeout_ms),
         Duration::from_millis(config.timeouts.heartbeat_interval_ms),
         Duration::from_millis(config.timeouts.unheld_lease()),

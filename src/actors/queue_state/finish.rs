@@ -6,7 +6,8 @@
 //! - The same report again: `duplicate`, answered only after the first one's commit landed (a
 //!   repeat that arrives while it is in flight waits for it; if it fails, 503).
 //! - Refused for good (`bad_result`: an output missing or extra, a path or NarHash that is
-//!   not the verified upload's): the build is `failed`, its reason the refusal.
+//!   not the verified upload's, references that are not the ones the coordinator found in the
+//!   uploaded NAR): the build is `failed`, its reason the refusal.
 //! - Refused for now (`output_not_uploaded`: no verified upload with that file hash, e.g. the
 //!   upload's file vanished): the lease is released, the build is `runnable` again at the
 //!   same attempt, and runs again on the next allocation.
@@ -14,7 +15,7 @@
 //! Either refusal is committed like any transition (record, event, hook work) before the
 //! agent is answered, so an agent that drops the build on that answer leaves nothing behind.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use super::{entry, Accepted, Effects, QueueError, QueueState};
 use crate::protocol::{BuildId, BuildState, BuiltOutput, HeldPhase};
@@ -24,6 +25,12 @@ use crate::store::TreeId;
 
 /// Failure reasons the coordinator writes when it refuses a result start with this.
 pub const REFUSED: &str = "result refused: ";
+
+/// What the coordinator found in each reported output's uploaded NAR, by FileHash: the store
+/// paths (of the build's input closure and outputs) whose hash part appears in it. Scanned
+/// off the queue's thread before the report reaches it (`NarCache::scan_references`); a
+/// FileHash missing here has no verified file.
+pub type Scanned = BTreeMap<String, BTreeSet<String>>;
 
 /// How a result report was answered.
 #[derive(Debug)]
@@ -37,7 +44,7 @@ pub enum FinishAnswer {
 }
 
 impl QueueState {
-    /// Take a result report.
+    /// Take a result report whose references were not scanned (tests of the state machine).
     pub fn finish(
         &mut self,
         agent_id: u64,
@@ -45,6 +52,22 @@ impl QueueState {
         attempt: u32,
         outcome: Result<Vec<BuiltOutput>, String>,
         log_attempt: u32,
+        now: u64,
+    ) -> Result<(Effects, FinishAnswer), QueueError> {
+        self.finish_scanned(agent_id, id, attempt, outcome, log_attempt, None, now)
+    }
+
+    /// Take a result report; with `scanned`, each output's listed references must be the
+    /// ones found in its NAR.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_scanned(
+        &mut self,
+        agent_id: u64,
+        id: BuildId,
+        attempt: u32,
+        outcome: Result<Vec<BuiltOutput>, String>,
+        log_attempt: u32,
+        scanned: Option<&Scanned>,
         now: u64,
     ) -> Result<(Effects, FinishAnswer), QueueError> {
         let mut fx = Effects::default();
@@ -84,7 +107,7 @@ impl QueueState {
         done.log_attempt = log_attempt;
         match outcome {
             Ok(outputs) => {
-                let records = match self.verify_outputs(&b, &outputs, now) {
+                let records = match self.verify_outputs(&b, &outputs, scanned, now) {
                     Ok(r) => r,
                     Err(e @ QueueError::BadResult(_)) => {
                         self.refuse_for_good(&mut fx, done, &e)?;
@@ -218,6 +241,7 @@ impl QueueState {
         &self,
         b: &BuildRecord,
         outputs: &[BuiltOutput],
+        scanned: Option<&Scanned>,
         now: u64,
     ) -> Result<Vec<OutputRecord>, QueueError> {
         if outputs.len() != b.outputs.len() {
@@ -254,6 +278,26 @@ impl QueueState {
                     "output {name:?} of build {}: the report claims NarHash {} ({} bytes) but the uploaded file holds {} ({} bytes)",
                     b.id, o.nar_hash, o.nar_size, nar.nar_hash, nar.nar_size
                 )));
+            }
+            if let Some(scanned) = scanned {
+                let found = scanned
+                    .get(&o.file_hash)
+                    .ok_or_else(|| QueueError::NotUploaded {
+                        build: b.id,
+                        output: name.clone(),
+                        file_hash: o.file_hash.clone(),
+                    })?;
+                let listed: BTreeSet<String> = o.references.iter().cloned().collect();
+                if &listed != found {
+                    let show =
+                        |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+                    return Err(QueueError::BadResult(format!(
+                        "output {name:?} of build {}: the report lists references [{}] but its NAR refers to [{}] (of the build's inputs and outputs); report the references the output holds",
+                        b.id,
+                        show(&listed),
+                        show(found)
+                    )));
+                }
             }
             records.push(OutputRecord {
                 path: path.clone(),

@@ -21,7 +21,7 @@ mod tests;
 use thiserror::Error;
 use tokio::sync::watch;
 
-pub use finish::FinishAnswer;
+pub use finish::{FinishAnswer, Scanned};
 pub use leases::Unheld;
 
 use crate::protocol::{AgentId, BuildId, BuildState, BuildSummary, HeldPhase};
