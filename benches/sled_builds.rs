@@ -127,9 +127,13 @@ fn main() {
     let scan_s = t.elapsed().as_secs_f64();
     assert_eq!(scanned, n);
     let t = Instant::now();
-    let state = QueueState::load(store.clone()).unwrap();
+    let state = QueueState::load(
+        store.clone(),
+        std::sync::Arc::new(kiln::actors::symbols::Symbols::default()),
+    )
+    .unwrap();
     let load_s = t.elapsed().as_secs_f64();
-    assert_eq!(state.live().len() as u64, n);
+    assert_eq!(state.live_len() as u64, n);
     let rss_after = rss_kib();
     let out = serde_json::json!({
         "records": n,

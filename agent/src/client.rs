@@ -136,6 +136,8 @@ impl Coordinator {
                 systems: self.identity.systems.clone(),
                 max_parallel_builds: self.identity.max_parallel_builds,
                 builds: self.held.list(),
+                offers: Vec::new(),
+                requires: Vec::new(),
             };
             decode(
                 send(

@@ -6,6 +6,7 @@ use actix_web::{get, post, put, web, FromRequest, HttpRequest, HttpResponse};
 use super::error::ApiError;
 use super::AppState;
 use crate::actors::agent_session::{path_info, Beat, RequestWork};
+use crate::actors::allocator::RequestAlive;
 use crate::actors::build_queue::{Finish, Progress};
 use crate::actors::registry::{Open, SessionOf};
 use crate::derivation::Hash;
@@ -134,13 +135,19 @@ async fn work(
         .map_err(ApiError::mailbox)?
         .ok_or_else(no_session)?;
     let body = body.into_inner();
+    // Held until the answer: if the agent closes the connection meanwhile this future is
+    // dropped with it, and the allocator and the queue see the request gone (no lease for it).
+    let alive = std::sync::Arc::new(());
     let reply = session
         .send(RequestWork {
             max: body.max_builds,
             request: body.request_id,
+            wait: std::time::Duration::from_millis(body.wait_ms),
+            alive: Some(RequestAlive(std::sync::Arc::downgrade(&alive))),
         })
         .await
         .map_err(ApiError::mailbox)??;
+    drop(alive);
     Ok(HttpResponse::Ok().json(reply))
 }
 

@@ -102,6 +102,11 @@ pub fn bind(
             .configure(substitutes::routes)
     })
     .workers(2)
+    // Small replies (work, heartbeats, narinfos) leave at once instead of waiting for an ACK.
+    .tcp_nodelay(true)
+    // A client that closes its connection ends its request: a long-polling work request
+    // whose agent went away is dropped, so no build is leased to nobody.
+    .h1_allow_half_closed(false)
     .bind(listen)
     .with_context(|| format!("failed to listen on {listen} (agents, substitutes, metrics)"))?;
     let agent_addr = agent.addrs()[0].to_string();
@@ -121,6 +126,8 @@ pub fn bind(
         )
     })
     .workers(2)
+    .tcp_nodelay(true)
+    .h1_allow_half_closed(false)
     .bind(client_listen)
     .with_context(|| format!("failed to listen on {client_listen} (client API)"))?;
     let client_addr = client.addrs()[0].to_string();

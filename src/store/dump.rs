@@ -58,7 +58,7 @@ fn render(t: TreeId, k: &[u8], v: &[u8]) -> anyhow::Result<(String, String)> {
             r.secret_hash = Vec::new();
             (id(), json(&r)?)
         }
-        TreeId::AgentNames => (text(k), id_value(v)),
+        TreeId::AgentNames | TreeId::OutputBuilds => (text(k), id_value(v)),
         TreeId::Events => (id(), json(&decode::<EventRecord>(v)?)?),
         TreeId::HookWork | TreeId::HookDead => {
             let key = parse_hook_work_key(k)

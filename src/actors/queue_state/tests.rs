@@ -51,7 +51,7 @@ impl Fixture {
             Box::new(|_: &[EventRecord]| {}),
         )
         .unwrap();
-        let mut q = QueueState::load(store.clone()).unwrap();
+        let mut q = QueueState::load(store.clone(), Arc::new(Symbols::default())).unwrap();
         let (fx, builds) = q
             .submit(
                 names.iter().map(|n| target(n, &[])).collect(),
@@ -75,7 +75,8 @@ impl Fixture {
     fn commit(&mut self, fx: Effects) {
         self.c.commit_blocking(fx.batch).unwrap();
         let outputs: Vec<String> = fx.new_outputs.iter().map(|o| o.path.clone()).collect();
-        self.q.committed(&outputs, &fx.finished, &fx.requests);
+        self.q
+            .committed(&outputs, &fx.finished, &fx.requests, &fx.submitted);
         if let Some(tx) = fx.landing {
             tx.send_replace(Some(true));
         }
@@ -104,7 +105,7 @@ impl Fixture {
     }
 
     fn reload(&mut self) {
-        self.q = QueueState::load(self.store.clone()).unwrap();
+        self.q = QueueState::load(self.store.clone(), Arc::new(Symbols::default())).unwrap();
     }
 }
 
@@ -151,7 +152,7 @@ fn inputs_finishing_back_to_back_before_their_commits_unblock_the_dependent() {
         Box::new(|_: &[EventRecord]| {}),
     )
     .unwrap();
-    let mut q = QueueState::load(store.clone()).unwrap();
+    let mut q = QueueState::load(store.clone(), Arc::new(Symbols::default())).unwrap();
     let (fx, builds) = q
         .submit(
             vec![target("a", &[]), target("b", &[]), target("c", &["a", "b"])],
@@ -200,7 +201,7 @@ fn inputs_finishing_back_to_back_before_their_commits_unblock_the_dependent() {
     );
     c.commit_blocking(fx_a.batch).unwrap();
     c.commit_blocking(fx_b.batch).unwrap();
-    q.committed(&[out_path("a"), out_path("b")], &[a, b], &[]);
+    q.committed(&[out_path("a"), out_path("b")], &[a, b], &[], &[]);
     assert!(q.uncommitted_outputs.is_empty() && q.uncommitted_finishes.is_empty());
     // After the commit, sled answers: the same result again is a duplicate.
     let (dup, answer) = q.finish(7, a, 1, Ok(built("a")), 0, 6).unwrap();
@@ -209,8 +210,8 @@ fn inputs_finishing_back_to_back_before_their_commits_unblock_the_dependent() {
         q.available(&out_path("a")).unwrap(),
         "sled answers once committed"
     );
-    let again = QueueState::load(store).unwrap();
-    assert_eq!(again.live()[&cid].state, BuildState::Runnable);
+    let again = QueueState::load(store, Arc::new(Symbols::default())).unwrap();
+    assert_eq!(again.live_entry(cid).unwrap().state(), BuildState::Runnable);
     c.shutdown_blocking();
 }
 
