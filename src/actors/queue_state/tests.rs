@@ -570,3 +570,83 @@ fn unstarted_leases_of_an_agent_without_heartbeats_end() {
     f.commit(fx);
     assert_eq!(f.q.leased_to(7), vec![ids[1]]);
 }
+
+/// The tie-break of the allocator: a build's `rdeps` counts the blocked builds waiting on its
+/// outputs, whichever is submitted first; every change re-keys a runnable build, and a reload
+/// computes the same numbers.
+#[test]
+fn builds_waiting_on_a_build_raise_its_rdeps_and_rekey_it() {
+    let (mut f, ids) = Fixture::new(&["a", "b"]);
+    let (fx, waiting) = f
+        .q
+        .submit(
+            vec![target("c", &["a"]), target("d", &["a"])],
+            vec![],
+            0,
+            vec![],
+            2,
+        )
+        .unwrap();
+    assert!(waiting.iter().all(|b| b.state == BuildState::Blocked));
+    assert_eq!(f.q.live_entry(ids[0]).unwrap().rdeps, 2);
+    assert_eq!(f.q.live_entry(ids[1]).unwrap().rdeps, 0);
+    let rekeyed: Vec<(BuildId, u32)> = fx.rekeyed.iter().map(|e| (e.id, e.rdeps)).collect();
+    assert_eq!(rekeyed, vec![(ids[0], 1), (ids[0], 2)]);
+    f.commit(fx);
+    f.reload();
+    assert_eq!(f.q.live_entry(ids[0]).unwrap().rdeps, 2, "a reload agrees");
+    // A dependent canceled: one fewer waits.
+    let (fx, _) = f.q.cancel(waiting[0].id, 3).unwrap();
+    assert_eq!(f.q.live_entry(ids[0]).unwrap().rdeps, 1);
+    assert_eq!(
+        fx.rekeyed.iter().map(|e| (e.id, e.rdeps)).collect::<Vec<_>>(),
+        vec![(ids[0], 1)]
+    );
+    f.commit(fx);
+    // A producer submitted after its dependent starts with the dependent counted.
+    let (fx, early) = f
+        .q
+        .submit(vec![target("e", &["z"])], vec![], 0, vec![], 4)
+        .unwrap();
+    assert_eq!(early[0].state, BuildState::Blocked);
+    f.commit(fx);
+    let (fx, z) = f.q.submit(vec![target("z", &[])], vec![], 0, vec![], 5).unwrap();
+    assert_eq!(f.q.live_entry(z[0].id).unwrap().rdeps, 1);
+    assert_eq!(fx.runnable.iter().map(|e| e.rdeps).collect::<Vec<_>>(), vec![1]);
+    f.commit(fx);
+}
+
+/// Listings of a live state page through the per-state index; every build once, in id
+/// order, and the index follows every transition.
+#[test]
+fn live_listings_page_through_the_state_index() {
+    let names: Vec<String> = (0..7).map(|i| format!("p{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (mut f, ids) = Fixture::new(&refs);
+    let (fx, _) = f.q.allocate(3, None, &ids[..2], 2).unwrap();
+    f.commit(fx);
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = f.q.list_live(BuildState::Runnable, after, 2);
+        seen.extend(page.builds.iter().map(|b| b.0));
+        assert!(page.builds.iter().all(|b| b.1 == BuildState::Runnable));
+        match (page.more, page.builds.last()) {
+            (true, Some(last)) => after = last.0,
+            _ => break,
+        }
+    }
+    assert_eq!(seen, ids[2..].to_vec());
+    let leased = f.q.list_live(BuildState::Allocated, 0, 10);
+    assert_eq!(
+        leased.builds.iter().map(|b| b.0).collect::<Vec<_>>(),
+        ids[..2].to_vec()
+    );
+    assert!(!leased.more);
+    assert_eq!(f.q.count(BuildState::Runnable), 5);
+    assert_eq!(f.q.count(BuildState::Allocated), 2);
+    // The same after a reload from sled.
+    f.reload();
+    assert_eq!(f.q.count(BuildState::Runnable), 5);
+    assert_eq!(f.q.count(BuildState::Allocated), 2);
+}
