@@ -374,7 +374,9 @@ impl BuildQueue {
             let permit = self.reserve()?;
             let n = c.drvs.len().min(SUBMIT_CHUNK);
             let drvs: Vec<(String, Vec<u8>)> = c.drvs.drain(..n).collect();
-            let targets: Vec<super::queue_state::Target> = if drvs.is_empty() {
+            // A small submission is one commit, as before chunking: its targets ride with
+            // the last of its `.drv`s.
+            let targets: Vec<super::queue_state::Target> = if c.drvs.is_empty() {
                 let n = c.targets.len().min(SUBMIT_CHUNK);
                 c.targets.drain(..n).collect()
             } else {
