@@ -71,8 +71,18 @@ impl QueueState {
                 }
             }
         }
-        self.leased(agent_id, id, attempt)?;
+        let never_started = self.leased(agent_id, id, attempt)?.state() == BuildState::Allocated;
         let b = self.live_record(id)?;
+        if never_started {
+            // A result with no start report before it is the start too (folded start).
+            fx.batch.event(
+                "build-started",
+                id,
+                agent_id,
+                serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id,
+                    "drv_path": b.drv_path}),
+            );
+        }
         let mut done = b.clone();
         done.finished_ms = now;
         done.log_attempt = log_attempt;

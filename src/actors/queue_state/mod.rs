@@ -661,6 +661,9 @@ impl QueueState {
             return Ok(fx); // a repeated report: nothing to do
         }
         let first_start = to == BuildState::Building || b.started_ms == 0;
+        // An upload that comes before any start report is the start too (an agent may fold
+        // its start into its first upload: one request and one commit fewer per build).
+        let starts = to == BuildState::Building || b.state == BuildState::Allocated;
         self.set_state(id, to);
         if first_start {
             if let Some(l) = self.live.get_mut(&id) {
@@ -668,7 +671,7 @@ impl QueueState {
             }
         }
         let r = self.put_live(&mut fx, id)?;
-        if to == BuildState::Building {
+        if starts {
             fx.batch.event(
                 "build-started",
                 id,
