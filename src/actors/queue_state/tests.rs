@@ -479,6 +479,10 @@ fn refused_results_settle_the_build() {
     let (mut f, ids) = Fixture::new(&["a", "b"]);
     let (fx, _) = f.q.allocate(7, None, &ids, 10).unwrap();
     f.commit(fx);
+    for id in &ids {
+        let fx = f.q.advance(7, *id, 1, BuildState::Building, 10).unwrap();
+        f.commit(fx);
+    }
     f.uploaded("a");
 
     // NarHash that is not the upload's: refused for good, the build fails.
@@ -649,4 +653,26 @@ fn live_listings_page_through_the_state_index() {
     f.reload();
     assert_eq!(f.q.count(BuildState::Runnable), 5);
     assert_eq!(f.q.count(BuildState::Allocated), 2);
+}
+
+/// An agent may skip the start report: its first upload, or its result, records the start
+/// (`build-started`) once, and a start report after it changes nothing.
+#[test]
+fn a_first_upload_or_result_without_a_start_report_records_the_start() {
+    let (mut f, ids) = Fixture::new(&["a", "b"]);
+    let (fx, _) = f.q.allocate(7, None, &ids, 10).unwrap();
+    f.commit(fx);
+    let fx = f.q.advance(7, ids[0], 1, BuildState::Uploading, 11).unwrap();
+    assert_eq!(kinds(&fx), vec!["build-started"]);
+    f.commit(fx);
+    assert_eq!(f.state(ids[0]), BuildState::Uploading);
+    assert!(f.q.record(ids[0]).unwrap().unwrap().started_ms == 11);
+    let fx = f.q.advance(7, ids[0], 1, BuildState::Building, 12).unwrap();
+    assert!(fx.batch.is_empty(), "a late start report is a no-op");
+    // A failure reported with no start and no upload: started, then failed, in one commit.
+    let (fx, answer) = f.q.finish(7, ids[1], 1, Err("no".into()), 0, 13).unwrap();
+    assert!(matches!(answer, FinishAnswer::Accepted));
+    assert_eq!(kinds(&fx), vec!["build-started", "build-failed"]);
+    f.commit(fx);
+    assert_eq!(f.state(ids[1]), BuildState::Failed);
 }
