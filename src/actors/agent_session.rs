@@ -481,22 +481,83 @@ fn assignments(store: &Store, leased: Vec<BuildRecord>) -> Result<Vec<Assignment
     Ok(out)
 }
 
-/// The available paths `roots` and everything they reference, sorted by path.
+/// The available paths `roots` and everything they reference, sorted by path. Each root's
+/// closure is computed once and cached (see [`ClosureCache`]).
 pub fn closure(store: &Store, roots: &[String]) -> Result<Vec<PathInfo>, StoreError> {
     let mut seen: BTreeMap<String, PathInfo> = BTreeMap::new();
-    let mut todo: Vec<String> = roots.to_vec();
+    for root in roots {
+        if seen.contains_key(root) {
+            continue;
+        }
+        let one = match CLOSURES.get(root) {
+            Some(c) => c,
+            None => {
+                let (c, complete) = closure_of(store, root)?;
+                let c = Arc::new(c);
+                // Only a closure whose every path is available is cached: a missing one may
+                // become available later.
+                if complete {
+                    CLOSURES.put(root, c.clone());
+                }
+                c
+            }
+        };
+        for p in one.iter() {
+            seen.entry(p.path.clone()).or_insert_with(|| p.clone());
+        }
+    }
+    Ok(seen.into_values().collect())
+}
+
+/// The closure of one path, read from the `outputs` tree, and whether every path in it was
+/// available.
+fn closure_of(store: &Store, root: &str) -> Result<(Vec<PathInfo>, bool), StoreError> {
+    let mut seen: BTreeMap<String, PathInfo> = BTreeMap::new();
+    let mut todo: Vec<String> = vec![root.to_string()];
+    let mut complete = true;
     while let Some(p) = todo.pop() {
         if seen.contains_key(&p) {
             continue;
         }
         let key = crate::store::keys::output_key(&p);
         let Some(o) = store.get::<OutputRecord>(TreeId::Outputs, key.as_bytes())? else {
+            complete = false;
             continue;
         };
         todo.extend(o.references.iter().filter(|r| **r != p).cloned());
         seen.insert(p, path_info(&o));
     }
-    Ok(seen.into_values().collect())
+    Ok((seen.into_values().collect(), complete))
+}
+
+/// Closures of input paths, shared by every session: a farm's builds share most of their
+/// inputs, so a work reply reads each closure from sled once, not once per build. An
+/// available path's closure never changes (outputs and their references are immutable while
+/// nothing is garbage-collected), so entries need no invalidation; the cache is emptied when
+/// it reaches [`CLOSURE_CACHE_ENTRIES`] to bound its memory.
+struct ClosureCache(std::sync::Mutex<std::collections::HashMap<String, Arc<Vec<PathInfo>>>>);
+
+const CLOSURE_CACHE_ENTRIES: usize = 4096;
+
+static CLOSURES: std::sync::LazyLock<ClosureCache> =
+    std::sync::LazyLock::new(|| ClosureCache(Default::default()));
+
+impl ClosureCache {
+    fn get(&self, root: &str) -> Option<Arc<Vec<PathInfo>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(root)
+            .cloned()
+    }
+
+    fn put(&self, root: &str, c: Arc<Vec<PathInfo>>) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= CLOSURE_CACHE_ENTRIES {
+            m.clear();
+        }
+        m.insert(root.to_string(), c);
+    }
 }
 
 /// An output record as the agent sees it.
