@@ -183,9 +183,11 @@ fn first_work(r: &Running, name: &str, secret: &mut Option<String>) -> u64 {
     }
     let opened: serde_json::Value = h
         .post(&format!("{}/api/agent/v1/session", r.agent))
-        .send_json(serde_json::json!({"name": name, "secret": secret.as_deref().unwrap(),
+        .send_json(
+            serde_json::json!({"name": name, "secret": secret.as_deref().unwrap(),
             "protocol_version": kiln::protocol::PROTOCOL_VERSION,
-            "systems": ["x86_64-linux"], "max_parallel_builds": 1}))
+            "systems": ["x86_64-linux"], "max_parallel_builds": 1}),
+        )
         .expect("open session")
         .into_json()
         .unwrap();
@@ -197,7 +199,9 @@ fn first_work(r: &Running, name: &str, secret: &mut Option<String>) -> u64 {
         .expect("work request")
         .into_json()
         .unwrap();
-    reply["builds"][0]["build_id"].as_u64().expect("a build was assigned")
+    reply["builds"][0]["build_id"]
+        .as_u64()
+        .expect("a build was assigned")
 }
 
 fn main() {

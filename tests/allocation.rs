@@ -60,10 +60,20 @@ fn a_failed_lease_gives_back_exactly_its_builds() {
     )
     .unwrap();
     let mut b = kiln::store::Batch::new();
-    b.put_raw(TreeId::Meta, kiln::store::meta::STORE_DIR, sd.as_str().as_bytes());
+    b.put_raw(
+        TreeId::Meta,
+        kiln::store::meta::STORE_DIR,
+        sd.as_str().as_bytes(),
+    );
     committer.commit_blocking(b).unwrap();
     let nars = Arc::new(
-        NarCache::new(&tmp.path().join("state"), store.clone(), committer.clone(), None).unwrap(),
+        NarCache::new(
+            &tmp.path().join("state"),
+            store.clone(),
+            committer.clone(),
+            None,
+        )
+        .unwrap(),
     );
     let config = Config::default();
     actix::System::new().block_on(async move {
@@ -158,11 +168,18 @@ fn a_failed_lease_gives_back_exactly_its_builds() {
             if ix == all {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "index {ix:?} != {all:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "index {ix:?} != {all:?}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(runnable_in_sled(&store), all, "nothing was leased");
-        assert_eq!(actors.restarts.count("allocator"), 0, "no restart, no rescan");
+        assert_eq!(
+            actors.restarts.count("allocator"),
+            0,
+            "no restart, no rescan"
+        );
 
         // With room again, the same request leases the two best builds.
         drop(held);

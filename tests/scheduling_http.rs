@@ -65,7 +65,11 @@ fn a_long_poll_is_answered_by_the_build_submitted_while_it_waits() {
     let (code, reply) = waiting.join().unwrap();
     assert_eq!(code, 200, "{reply}");
     let builds = reply["builds"].as_array().unwrap();
-    assert_eq!(builds.len(), 1, "the waiting request itself got the build: {reply}");
+    assert_eq!(
+        builds.len(),
+        1,
+        "the waiting request itself got the build: {reply}"
+    );
     assert_eq!(builds[0]["build_id"], id);
     assert_eq!(builds[0]["attempt"], 1);
 }
@@ -102,7 +106,10 @@ fn a_waiting_request_whose_agent_went_away_leases_nothing() {
     let builds = w["builds"].as_array().unwrap();
     assert_eq!(builds.len(), 1, "{w}");
     assert_eq!(builds[0]["build_id"], id);
-    assert_eq!(builds[0]["attempt"], 1, "never leased to the agent that went away");
+    assert_eq!(
+        builds[0]["attempt"], 1,
+        "never leased to the agent that went away"
+    );
 }
 
 /// Every page of `GET /api/v1/builds?{query}` from the start, following the cursor.
@@ -120,7 +127,12 @@ fn all_pages(c: &Coordinator, query: &str) -> (Vec<u64>, usize) {
             .map(|v| v.parse::<u64>().unwrap());
         let page: serde_json::Value = resp.into_json().unwrap();
         pages += 1;
-        ids.extend(page.as_array().unwrap().iter().map(|b| b["id"].as_u64().unwrap()));
+        ids.extend(
+            page.as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["id"].as_u64().unwrap()),
+        );
         match next {
             Some(n) => {
                 assert!(n > cursor, "the cursor moves forward");

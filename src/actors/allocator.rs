@@ -336,9 +336,10 @@ impl Handler<IndexSnapshot> for Allocator {
     type Result = ResponseActFuture<Self, Vec<BuildId>>;
     fn handle(&mut self, _msg: IndexSnapshot, _ctx: &mut Context<Self>) -> Self::Result {
         let deadline = Instant::now() + FILL_WAIT;
-        Box::pin(actix::fut::wrap_future::<_, Self>(async {}).then(move |(), act, _| {
-            wait_filled(act, deadline)
-        }))
+        Box::pin(
+            actix::fut::wrap_future::<_, Self>(async {})
+                .then(move |(), act, _| wait_filled(act, deadline)),
+        )
     }
 }
 

@@ -15,9 +15,9 @@ use super::allocator::{
 };
 use super::guard::{catch, guard_future, guard_map, unavailable, Guarded, Rebuild};
 use super::queue_state::{Effects, FinishAnswer, ListPage, QueueState, Unheld, LIVE_STATES};
-use super::symbols::Symbols;
 use super::restarts::Restarts;
 use super::submission::{prepare, Prepared, SubmitError};
+use super::symbols::Symbols;
 use super::{guarded, ActorError};
 use crate::derivation::store_path::StoreDir;
 use crate::protocol::{
@@ -195,8 +195,7 @@ impl BuildQueue {
     /// Live builds per state, from the per-state index (no scan).
     fn update_gauges(&self) {
         for st in LIVE_STATES {
-            metrics::gauge!("kiln_builds", "state" => st.as_str())
-                .set(self.state.count(st) as f64);
+            metrics::gauge!("kiln_builds", "state" => st.as_str()).set(self.state.count(st) as f64);
         }
     }
 }
@@ -386,7 +385,8 @@ impl BuildQueue {
                 self.state
                     .submit(targets, drvs, c.priority, c.tags.clone(), now_ms())?;
             if let Some(d) = c.store_dir_record.take() {
-                fx.batch.put_raw(TreeId::Meta, meta::STORE_DIR, d.as_bytes());
+                fx.batch
+                    .put_raw(TreeId::Meta, meta::STORE_DIR, d.as_bytes());
             }
             metrics::counter!("kiln_builds_submitted_total")
                 .increment(builds.iter().filter(|b| !b.existing).count() as u64);
@@ -804,9 +804,7 @@ impl Handler<LiveBuilds> for BuildQueue {
     type Result = Guarded<LiveBuilds>;
 
     fn handle(&mut self, _msg: LiveBuilds, ctx: &mut Context<Self>) -> Self::Result {
-        Guarded::run(NAME, ctx, |_| {
-            self.state.live_records().unwrap_or_default()
-        })
+        Guarded::run(NAME, ctx, |_| self.state.live_records().unwrap_or_default())
     }
 }
 

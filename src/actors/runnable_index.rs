@@ -51,7 +51,12 @@ pub struct AgentMatch {
 
 impl AgentMatch {
     /// Can this agent build a build of `system` with `tags`?
-    pub fn accepts(&self, system: &str, tags: &[(String, String)], matched_keys: &[String]) -> bool {
+    pub fn accepts(
+        &self,
+        system: &str,
+        tags: &[(String, String)],
+        matched_keys: &[String],
+    ) -> bool {
         let system_ok = system == BUILTIN_SYSTEM || self.systems.iter().any(|s| s == system);
         system_ok
             && self.requires.iter().all(|r| tags.contains(r))
@@ -172,9 +177,11 @@ impl RunnableIndex {
 
     /// Does any of `groups` hold a build?
     pub fn has_any(&self, groups: &[u32]) -> bool {
-        groups
-            .iter()
-            .any(|g| self.groups.get(*g as usize).is_some_and(|g| !g.set.is_empty()))
+        groups.iter().any(|g| {
+            self.groups
+                .get(*g as usize)
+                .is_some_and(|g| !g.set.is_empty())
+        })
     }
 
     /// Remove and return up to `max` builds of `groups`, best first.
@@ -244,9 +251,18 @@ mod tests {
         )
     }
 
-    fn e(s: &Symbols, id: u64, system: &str, tags: &[(&str, &str)], p: i32, rdeps: u32) -> RunnableEntry {
-        let tags: Vec<(String, String)> =
-            tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    fn e(
+        s: &Symbols,
+        id: u64,
+        system: &str,
+        tags: &[(&str, &str)],
+        p: i32,
+        rdeps: u32,
+    ) -> RunnableEntry {
+        let tags: Vec<(String, String)> = tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         RunnableEntry {
             id,
             group: Group {
@@ -296,7 +312,10 @@ mod tests {
         assert_eq!(ids(ix.take_for(&arm, 10)), vec![3, 2]);
         assert!(ix.contains(1) && ix.contains(4));
         assert_eq!(ids(ix.take_for(&arm, 10)), Vec::<u64>::new());
-        assert_eq!(ids(ix.take_for(&agent(&["x86_64-linux", "i586-gnu"]), 10)), vec![1, 4]);
+        assert_eq!(
+            ids(ix.take_for(&agent(&["x86_64-linux", "i586-gnu"]), 10)),
+            vec![1, 4]
+        );
     }
 
     #[test]
@@ -306,7 +325,14 @@ mod tests {
         ix.insert(e(&s, 1, x, &[("big-memory", "yes")], 0, 0));
         ix.insert(e(&s, 2, x, &[("origin", "ci")], 0, 0));
         ix.insert(e(&s, 3, x, &[], 0, 0));
-        ix.insert(e(&s, 4, x, &[("big-memory", "yes"), ("origin", "ci")], 0, 0));
+        ix.insert(e(
+            &s,
+            4,
+            x,
+            &[("big-memory", "yes"), ("origin", "ci")],
+            0,
+            0,
+        ));
         // A plain agent: information tags do not matter, matched keys must be offered.
         let plain = agent(&[x]);
         let groups = ix.matching(&plain);

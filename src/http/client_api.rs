@@ -226,8 +226,7 @@ fn scan_page(
     let mut last = after;
     for r in store.builds_after(after) {
         let r = r?;
-        if out.len() >= limit || (st.is_some() && limit != usize::MAX && scanned >= SCAN_BUDGET)
-        {
+        if out.len() >= limit || (st.is_some() && limit != usize::MAX && scanned >= SCAN_BUDGET) {
             return Ok((out, Some(last)));
         }
         scanned += 1;

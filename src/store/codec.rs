@@ -87,12 +87,14 @@ pub enum View<'a> {
 pub fn decode_build_view(bytes: &[u8]) -> Result<View<'_>, StoreError> {
     use super::records::BuildRecord;
     match bytes.split_first() {
-        Some((&v, rest)) if v == BuildRecord::VERSION => Ok(View::Borrowed(
-            bincode::deserialize(rest).map_err(|e| StoreError::Codec {
-                record: BuildRecord::NAME,
-                message: e.to_string(),
-            })?,
-        )),
+        Some((&v, rest)) if v == BuildRecord::VERSION => {
+            Ok(View::Borrowed(bincode::deserialize(rest).map_err(|e| {
+                StoreError::Codec {
+                    record: BuildRecord::NAME,
+                    message: e.to_string(),
+                }
+            })?))
+        }
         _ => decode::<BuildRecord>(bytes).map(View::Owned),
     }
 }

@@ -148,11 +148,19 @@ impl<'a> BuildView<'a> {
             drv_path: &r.drv_path,
             system: &r.system,
             priority: r.priority,
-            tags: r.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            tags: r
+                .tags
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
             state: r.state,
             attempt: r.attempt,
             agent_id: r.agent_id,
-            outputs: r.outputs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            outputs: r
+                .outputs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
             needs: r.needs.iter().map(String::as_str).collect(),
             created_ms: r.created_ms,
             allocated_ms: r.allocated_ms,

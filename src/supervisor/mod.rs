@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::actors::allocator::{Allocator, RefillHandle};
-use crate::actors::symbols::Symbols;
 use crate::actors::build_queue::BuildQueue;
 use crate::actors::event_log::{Committed, EventLog};
 use crate::actors::hook_processor::HookProcessor;
 use crate::actors::registry::{AgentRegistry, Liveness, SessionActors, Sessions};
+use crate::actors::symbols::Symbols;
 use crate::actors::ActorError;
 use crate::config::Config;
 use crate::derivation::store_path::StoreDir;

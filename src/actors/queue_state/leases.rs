@@ -44,8 +44,7 @@ impl QueueState {
     /// Is this work request one that already leased builds (so a retry is answered with
     /// them)?
     pub fn known_request(&self, agent_id: AgentId, request: &str) -> bool {
-        self.requests
-            .contains_key(&(agent_id, request.to_string()))
+        self.requests.contains_key(&(agent_id, request.to_string()))
     }
 
     /// Lease runnable builds to an agent; builds no longer runnable are skipped. With a work
@@ -146,8 +145,8 @@ impl QueueState {
             let Some(b) = self.live.get(&id) else {
                 continue;
             };
-            let mine = b.agent_id == agent_id
-                && self.request_of.get(&id).is_some_and(|r| &**r == request);
+            let mine =
+                b.agent_id == agent_id && self.request_of.get(&id).is_some_and(|r| &**r == request);
             if mine && b.state.is_leased() {
                 self.lease_on(id, now);
                 leased.push(self.live_record(id)?);

@@ -30,7 +30,9 @@ impl QueueState {
         store.visit_builds(|b| -> Result<(), StoreError> {
             s.next_build_id = s.next_build_id.max(b.id + 1);
             if migrate {
-                let batch = migration.last_mut().filter(|b| b.ops.len() < MIGRATION_BATCH);
+                let batch = migration
+                    .last_mut()
+                    .filter(|b| b.ops.len() < MIGRATION_BATCH);
                 let batch = match batch {
                     Some(b) => b,
                     None => {
@@ -39,7 +41,11 @@ impl QueueState {
                     }
                 };
                 for (_, o) in &b.outputs {
-                    batch.put_raw(TreeId::OutputBuilds, output_key(o).as_bytes(), &u64_key(b.id));
+                    batch.put_raw(
+                        TreeId::OutputBuilds,
+                        output_key(o).as_bytes(),
+                        &u64_key(b.id),
+                    );
                 }
             }
             if b.state.is_terminal() {

@@ -155,7 +155,6 @@ struct Accepted {
     landing: Landing,
 }
 
-
 /// The in-memory state of the queue.
 pub struct QueueState {
     store: Store,
@@ -439,9 +438,11 @@ impl QueueState {
     /// Every runnable build, for the allocator's index (its fill at start and after its
     /// restart).
     pub fn runnable(&self) -> Vec<RunnableEntry> {
-        let (ids, _) = self
-            .by_state
-            .page(BuildState::Runnable, 0, self.by_state.count(BuildState::Runnable));
+        let (ids, _) = self.by_state.page(
+            BuildState::Runnable,
+            0,
+            self.by_state.count(BuildState::Runnable),
+        );
         ids.iter()
             .filter_map(|id| self.live.get(id).map(|l| l.entry(*id)))
             .collect()
@@ -514,7 +515,11 @@ impl QueueState {
         let mut out = Vec::new();
         for t in targets {
             let drv = PathDigest::of(&t.drv_path);
-            if let Some(l) = self.by_drv.get(&drv).and_then(|id| Some((*id, self.live.get(id)?))) {
+            if let Some(l) = self
+                .by_drv
+                .get(&drv)
+                .and_then(|id| Some((*id, self.live.get(id)?)))
+            {
                 out.push(BuildSummary {
                     id: l.0,
                     drv_path: t.drv_path,

@@ -581,9 +581,8 @@ fn unstarted_leases_of_an_agent_without_heartbeats_end() {
 #[test]
 fn builds_waiting_on_a_build_raise_its_rdeps_and_rekey_it() {
     let (mut f, ids) = Fixture::new(&["a", "b"]);
-    let (fx, waiting) = f
-        .q
-        .submit(
+    let (fx, waiting) =
+        f.q.submit(
             vec![target("c", &["a"]), target("d", &["a"])],
             vec![],
             0,
@@ -603,20 +602,27 @@ fn builds_waiting_on_a_build_raise_its_rdeps_and_rekey_it() {
     let (fx, _) = f.q.cancel(waiting[0].id, 3).unwrap();
     assert_eq!(f.q.live_entry(ids[0]).unwrap().rdeps, 1);
     assert_eq!(
-        fx.rekeyed.iter().map(|e| (e.id, e.rdeps)).collect::<Vec<_>>(),
+        fx.rekeyed
+            .iter()
+            .map(|e| (e.id, e.rdeps))
+            .collect::<Vec<_>>(),
         vec![(ids[0], 1)]
     );
     f.commit(fx);
     // A producer submitted after its dependent starts with the dependent counted.
-    let (fx, early) = f
-        .q
-        .submit(vec![target("e", &["z"])], vec![], 0, vec![], 4)
-        .unwrap();
+    let (fx, early) =
+        f.q.submit(vec![target("e", &["z"])], vec![], 0, vec![], 4)
+            .unwrap();
     assert_eq!(early[0].state, BuildState::Blocked);
     f.commit(fx);
-    let (fx, z) = f.q.submit(vec![target("z", &[])], vec![], 0, vec![], 5).unwrap();
+    let (fx, z) =
+        f.q.submit(vec![target("z", &[])], vec![], 0, vec![], 5)
+            .unwrap();
     assert_eq!(f.q.live_entry(z[0].id).unwrap().rdeps, 1);
-    assert_eq!(fx.runnable.iter().map(|e| e.rdeps).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        fx.runnable.iter().map(|e| e.rdeps).collect::<Vec<_>>(),
+        vec![1]
+    );
     f.commit(fx);
 }
 
@@ -662,7 +668,9 @@ fn a_first_upload_or_result_without_a_start_report_records_the_start() {
     let (mut f, ids) = Fixture::new(&["a", "b"]);
     let (fx, _) = f.q.allocate(7, None, &ids, 10).unwrap();
     f.commit(fx);
-    let fx = f.q.advance(7, ids[0], 1, BuildState::Uploading, 11).unwrap();
+    let fx =
+        f.q.advance(7, ids[0], 1, BuildState::Uploading, 11)
+            .unwrap();
     assert_eq!(kinds(&fx), vec!["build-started"]);
     f.commit(fx);
     assert_eq!(f.state(ids[0]), BuildState::Uploading);
