@@ -40,11 +40,11 @@ const LIMIT: Duration = Duration::from_secs(300);
 const CACHE_MB: u64 = 64;
 
 fn record(id: u64) -> BuildRecord {
+    // A valid 32-character nix-base32 hash part per (build, salt).
     let h = |salt: u64| {
-        kiln::derivation::base32::encode(
-            &((id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt) as u128 * 7).to_be_bytes()[..],
-        )[..32]
-            .to_string()
+        use sha2::Digest as _;
+        let d = sha2::Sha256::digest([id.to_be_bytes(), salt.to_be_bytes()].concat());
+        kiln::derivation::base32::encode(&d[..20])
     };
     let store = "/gnu/store";
     BuildRecord {
@@ -250,6 +250,14 @@ fn main() {
         assert_eq!(v.as_array().map(|a| a.len()), Some(50));
     }
     list.sort_by(|a, b| a.total_cmp(b));
+    // Where the start-up time went, from the coordinator's own log.
+    let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("loaded") || l.contains("filled"))
+    {
+        eprintln!("coordinator: {l}");
+    }
     let out = serde_json::json!({
         "queued": n,
         "fill_seconds": fill_s,

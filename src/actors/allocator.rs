@@ -80,6 +80,9 @@ pub struct Allocator {
     refill: RefillHandle,
     /// Whether the queue has filled the index since this actor started.
     filled: bool,
+    /// A rebuilt actor (after a restart) asks the queue to fill it; the first one is filled
+    /// by the queue's load.
+    rebuilt: bool,
     /// Work requests waiting for a build, oldest first.
     waiters: VecDeque<Waiter>,
     max_wait: Duration,
@@ -100,6 +103,7 @@ impl Allocator {
             restarts,
             refill,
             filled: false,
+            rebuilt: false,
             waiters: VecDeque::new(),
             max_wait,
         }
@@ -172,8 +176,10 @@ impl Actor for Allocator {
         catch(NAME, ctx, |ctx| {
             // At the first start the queue fills the index after its load; after a restart
             // it is asked to.
-            if let Some(q) = self.refill.get() {
-                q.do_send(RefillAllocator);
+            if self.rebuilt {
+                if let Some(q) = self.refill.get() {
+                    q.do_send(RefillAllocator);
+                }
             }
             ctx.run_interval(Duration::from_millis(250), |act, ctx| {
                 catch(NAME, ctx, |_| act.expire());
@@ -192,13 +198,15 @@ impl Rebuild for Allocator {
     /// An empty index; `started` asks the queue to fill it. Waiters of the old actor are
     /// dropped (their work requests get an empty answer at once).
     fn rebuild(&self) -> Result<Allocator, ActorError> {
-        Ok(Allocator::new(
+        let mut fresh = Allocator::new(
             self.symbols.clone(),
             self.matched_tags.clone(),
             self.restarts.clone(),
             self.refill.clone(),
             self.max_wait,
-        ))
+        );
+        fresh.rebuilt = true;
+        Ok(fresh)
     }
 }
 
@@ -208,10 +216,16 @@ impl Supervised for Allocator {
     }
 }
 
-/// Every runnable build, replacing the index (from the queue's load, or at a refill).
+/// Runnable builds from the queue's load (in chunks, while it scans) or from its memory (a
+/// refill): `first` empties the index before, `last` marks it filled (work requests are
+/// served from then on).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Fill(pub Vec<RunnableEntry>);
+pub struct Fill {
+    pub entries: Vec<RunnableEntry>,
+    pub first: bool,
+    pub last: bool,
+}
 
 /// Builds became runnable (sent after their commit), or proposed builds that were not leased
 /// come back.
@@ -244,10 +258,18 @@ impl Handler<Fill> for Allocator {
     type Result = ();
     fn handle(&mut self, msg: Fill, ctx: &mut Context<Self>) {
         catch(NAME, ctx, |_| {
-            self.index = RunnableIndex::new(self.symbols.clone(), self.matched_tags.clone());
-            self.filled = true;
-            tracing::info!(runnable = msg.0.len(), "allocator index filled");
-            self.insert_all(msg.0);
+            if msg.first {
+                self.index = RunnableIndex::new(self.symbols.clone(), self.matched_tags.clone());
+                self.filled = false;
+            }
+            for e in msg.entries {
+                self.index.insert(e);
+            }
+            if msg.last {
+                self.filled = true;
+                tracing::info!(runnable = self.index.len(), "allocator index filled");
+                self.serve_waiters();
+            }
         });
     }
 }

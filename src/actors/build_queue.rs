@@ -68,22 +68,40 @@ impl BuildQueue {
     }
 
     /// Load the state from sled in one scan, commit the index writes an old state dir lacks,
-    /// and fill the allocator's index from the same scan.
+    /// and fill the allocator's index from the same scan: runnable builds are handed over in
+    /// chunks while the scan goes on, so the allocator indexes them on its own thread.
     fn load(&mut self) -> Result<(), ActorError> {
         let started = Instant::now();
-        let mut state = QueueState::load(self.store.clone(), self.symbols.clone())?;
+        let allocator = self.allocator.clone();
+        let mut first = true;
+        let mut handed = 0usize;
+        let (mut state, rekeyed) =
+            QueueState::load_streaming(self.store.clone(), self.symbols.clone(), &mut |entries| {
+                handed += entries.len();
+                allocator.do_send(Fill {
+                    entries,
+                    first: std::mem::take(&mut first),
+                    last: false,
+                });
+            })?;
         for batch in state.take_migration() {
             self.committer.commit_blocking(batch)?;
         }
         self.state = state;
-        let runnable = self.state.runnable();
+        if !rekeyed.is_empty() {
+            self.allocator.do_send(Rekey(rekeyed));
+        }
+        self.allocator.do_send(Fill {
+            entries: Vec::new(),
+            first,
+            last: true,
+        });
         tracing::info!(
             live = self.state.live_len(),
-            runnable = runnable.len(),
+            runnable = handed,
             seconds = started.elapsed().as_secs_f64(),
             "build queue loaded"
         );
-        self.allocator.do_send(Fill(runnable));
         Ok(())
     }
 
@@ -766,7 +784,11 @@ impl Handler<RefillAllocator> for BuildQueue {
 
     fn handle(&mut self, _msg: RefillAllocator, ctx: &mut Context<Self>) {
         catch(NAME, ctx, |_| {
-            self.allocator.do_send(Fill(self.state.runnable()));
+            self.allocator.do_send(Fill {
+                entries: self.state.runnable(),
+                first: true,
+                last: true,
+            });
         });
     }
 }

@@ -32,12 +32,10 @@ pub struct PathDigest(pub [u8; 20]);
 impl PathDigest {
     pub fn of(path: &str) -> PathDigest {
         let base = path.rsplit('/').next().unwrap_or(path);
-        if let Some(hash) = base.get(..32) {
+        if let Some(hash) = base.as_bytes().get(..32) {
             if base.as_bytes().get(32).is_none_or(|c| *c == b'-') {
-                if let Ok(bytes) = crate::derivation::base32::decode(hash, 20) {
-                    if let Ok(d) = <[u8; 20]>::try_from(bytes.as_slice()) {
-                        return PathDigest(d);
-                    }
+                if let Some(d) = decode_hash_part(hash) {
+                    return PathDigest(d);
                 }
             }
         }
@@ -46,6 +44,27 @@ impl PathDigest {
         d.copy_from_slice(&h[..20]);
         PathDigest(d)
     }
+}
+
+/// Nix base32 (the last character holds the lowest bits) of a 32-character hash part into
+/// its 20 bytes, without allocating (the start-up scan does this for every path); `None` for a
+/// character outside the alphabet.
+fn decode_hash_part(hash: &[u8]) -> Option<[u8; 20]> {
+    let mut out = [0u8; 20];
+    for (pos, c) in hash.iter().enumerate() {
+        let v = crate::derivation::base32::char_value(*c)? as u16;
+        let b = (hash.len() - 1 - pos) * 5;
+        let (i, j) = (b / 8, b % 8);
+        let lo = (v << j) as u8;
+        let hi = (v >> (8 - j)) as u8;
+        out[i] |= lo;
+        if i + 1 < 20 {
+            out[i + 1] |= hi;
+        } else if hi != 0 {
+            return None;
+        }
+    }
+    Some(out)
 }
 
 #[derive(Default)]
@@ -165,6 +184,19 @@ mod tests {
         let b = s.tag_set(&[("a", "2"), ("b", "1"), ("a", "2")]);
         assert_eq!(a, b);
         assert_eq!(s.tags(a).len(), 2);
+    }
+
+    /// The allocation-free decoder agrees with the crate's nix-base32 decoder.
+    #[test]
+    fn hash_part_decoding_matches_base32() {
+        for seed in 0u8..50 {
+            let bytes: Vec<u8> = (0..20)
+                .map(|i| seed.wrapping_mul(31).wrapping_add(i * 7))
+                .collect();
+            let text = crate::derivation::base32::encode(&bytes);
+            assert_eq!(decode_hash_part(text.as_bytes()).unwrap().to_vec(), bytes);
+        }
+        assert!(decode_hash_part(b"0123456789abcdfghijklmnpqrsvwxye").is_none());
     }
 
     #[test]

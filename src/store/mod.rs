@@ -254,19 +254,47 @@ impl Store {
 
     /// Every build record in id order, decoded without copying its strings (the start-up
     /// scan of a million builds): `f` sees a borrowed view of each. Stops at `f`'s first
-    /// error.
-    pub fn visit_builds<E: From<StoreError>>(
+    /// error. sled's iteration runs on a second thread and hands the raw values over in
+    /// batches, so reading the tree and the caller's work overlap.
+    pub fn visit_builds<E: From<StoreError> + Send>(
         &self,
         mut f: impl FnMut(&records::BuildView<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
-        for kv in self.tree(TreeId::Builds).iter() {
-            let (_, v) = kv.map_err(StoreError::from)?;
-            match codec::decode_build_view(&v)? {
-                codec::View::Borrowed(view) => f(&view)?,
-                codec::View::Owned(rec) => f(&records::BuildView::of(&rec))?,
+        const BATCH: usize = 4096;
+        let tree = self.tree(TreeId::Builds).clone();
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<sled::IVec>, sled::Error>>(4);
+            scope.spawn(move || {
+                let mut batch = Vec::with_capacity(BATCH);
+                for kv in tree.iter() {
+                    match kv {
+                        Ok((_, v)) => batch.push(v),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                    if batch.len() == BATCH {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                        // The receiver stopped (an error): stop reading.
+                        if tx.send(Ok(full)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send(Ok(batch));
+            });
+            // Dropping `rx` on an early return ends the reader at its next send.
+            for batch in rx {
+                for v in batch.map_err(StoreError::from)? {
+                    match codec::decode_build_view(&v)? {
+                        codec::View::Borrowed(view) => f(&view)?,
+                        codec::View::Owned(rec) => f(&records::BuildView::of(&rec))?,
+                    }
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// The id of the last build created for an output path (any state), from the

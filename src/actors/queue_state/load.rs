@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{LiveBuild, QueueState};
+use crate::actors::runnable_index::RunnableEntry;
 use crate::actors::symbols::{PathDigest, Symbols};
 use crate::protocol::BuildState;
 use crate::store::keys::{output_key, u64_key};
@@ -18,9 +19,25 @@ use crate::store::{meta, Batch, Store, StoreError, TreeId};
 /// Index writes per migration batch.
 const MIGRATION_BATCH: usize = 50_000;
 
+/// Runnable entries handed over per call of the load's `runnable` callback.
+const RUNNABLE_CHUNK: usize = 65_536;
+
 impl QueueState {
     /// Rebuild the state from sled (see the module doc).
     pub fn load(store: Store, symbols: Arc<Symbols>) -> Result<QueueState, StoreError> {
+        Ok(QueueState::load_streaming(store, symbols, &mut |_| {})?.0)
+    }
+
+    /// [`QueueState::load`], handing the runnable builds to `runnable` in chunks while the
+    /// scan goes on (so the allocator can index them meanwhile, on its own thread). Entries
+    /// are handed over with `rdeps` 0; the builds whose `rdeps` the end of the scan raised
+    /// are returned, to re-key.
+    pub fn load_streaming(
+        store: Store,
+        symbols: Arc<Symbols>,
+        runnable: &mut dyn FnMut(Vec<RunnableEntry>),
+    ) -> Result<(QueueState, Vec<RunnableEntry>), StoreError> {
+        let mut chunk: Vec<RunnableEntry> = Vec::new();
         let next = store.meta_u64(meta::NEXT_BUILD_ID)?.unwrap_or(1);
         let migrate = store.meta_u64(meta::OUTPUT_BUILDS_INDEXED)?.is_none();
         let mut s = QueueState::empty(store.clone(), symbols, next);
@@ -88,6 +105,12 @@ impl QueueState {
                 started_ms: b.started_ms,
                 defer_until_ms: 0,
             };
+            if b.state == BuildState::Runnable {
+                chunk.push(l.entry(b.id));
+                if chunk.len() >= RUNNABLE_CHUNK {
+                    runnable(std::mem::take(&mut chunk));
+                }
+            }
             s.add_live(b.id, l);
             if !b.request.is_empty() {
                 s.request_of.insert(b.id, Arc::from(b.request));
@@ -105,9 +128,14 @@ impl QueueState {
             .iter()
             .filter_map(|(p, set)| Some((*s.producers.get(p)?, set.len())))
             .collect();
+        runnable(chunk);
+        let mut rekeyed = Vec::new();
         for (producer, n) in counts {
             if let Some(l) = s.live.get_mut(&producer) {
                 l.rdeps = l.rdeps.saturating_add(n.min(u32::MAX as usize) as u32);
+                if l.state == BuildState::Runnable {
+                    rekeyed.push(l.entry(producer));
+                }
             }
         }
         if migrate {
@@ -116,7 +144,7 @@ impl QueueState {
             }
             s.migration = migration;
         }
-        Ok(s)
+        Ok((s, rekeyed))
     }
 
     /// Index writes the load found missing (a state dir from before the `output_builds`
