@@ -104,6 +104,17 @@ fn describe() {
     );
 }
 
+/// Give memory freed by the allocator back to the operating system (glibc keeps freed memory
+/// in its arenas, so a big submission's peak would otherwise stay resident). Blocking: call it
+/// on a blocking thread.
+pub fn release_memory() {
+    // SAFETY: malloc_trim only walks and trims glibc's own heaps; it takes no pointers from us.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -163,16 +174,5 @@ mod tests {
             missing.is_empty(),
             "metrics recorded but not described: {missing:?}"
         );
-    }
-}
-
-/// Give memory freed by the allocator back to the operating system (glibc keeps freed memory
-/// in its arenas, so a big submission's peak would otherwise stay resident). Blocking: call it
-/// on a blocking thread.
-pub fn release_memory() {
-    // SAFETY: malloc_trim only walks and trims glibc's own heaps; it takes no pointers from us.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

@@ -222,14 +222,12 @@ fn scan_page(
     limit: usize,
 ) -> Result<(Vec<BuildSummary>, Option<BuildId>), StoreError> {
     let mut out = Vec::new();
-    let mut scanned = 0usize;
     let mut last = after;
-    for r in store.builds_after(after) {
+    for (scanned, r) in store.builds_after(after).enumerate() {
         let r = r?;
         if out.len() >= limit || (st.is_some() && limit != usize::MAX && scanned >= SCAN_BUDGET) {
             return Ok((out, Some(last)));
         }
-        scanned += 1;
         last = r.id;
         if st.is_none_or(|s| s == r.state) {
             out.push(crate::actors::queue_state::summary(&r));
