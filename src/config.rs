@@ -63,6 +63,12 @@ pub struct Timeouts {
     /// Longest a work request waits for a build (long poll) when the agent asks it to wait
     /// (`wait_ms`); the agent's own `wait_ms` can only shorten it.
     pub work_wait_max_ms: u64,
+    /// A request body (output, log or source upload) from which no byte arrives for this long
+    /// is dropped; the bytes of an output upload received so far are kept for resumption.
+    pub transfer_stall_ms: u64,
+    /// A partial output upload nobody resumed for this long is removed, with its lock (also
+    /// at start, judged by the partial file's modification time).
+    pub partial_upload_expiry_ms: u64,
 }
 
 impl Timeouts {
@@ -81,6 +87,8 @@ impl Default for Timeouts {
             agent_timeout_ms: 60_000,
             unheld_lease_ms: None,
             work_wait_max_ms: 20_000,
+            transfer_stall_ms: 60_000,
+            partial_upload_expiry_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -154,6 +162,8 @@ pub struct Limits {
     pub output_nar_mb: u64,
     /// Largest compressed build log, in MiB.
     pub log_mb: u64,
+    /// Largest build log once decompressed, in MiB (checked by streaming at upload).
+    pub log_decompressed_mb: u64,
     /// Largest JSON body on the other routes, in KiB.
     pub json_body_kb: u64,
 }
@@ -165,6 +175,7 @@ impl Default for Limits {
             source_nar_mb: 1024,
             output_nar_mb: 16 * 1024,
             log_mb: 64,
+            log_decompressed_mb: 1024,
             json_body_kb: 256,
         }
     }
@@ -269,6 +280,14 @@ impl Config {
         anyhow::ensure!(
             self.store.max_queued > 0,
             "store.max_queued must be at least 1"
+        );
+        anyhow::ensure!(
+            self.timeouts.transfer_stall_ms >= 100,
+            "timeouts.transfer_stall_ms must be at least 100 (0.1 s)"
+        );
+        anyhow::ensure!(
+            self.timeouts.partial_upload_expiry_ms >= 1000,
+            "timeouts.partial_upload_expiry_ms must be at least 1000 (1 s)"
         );
         Ok(())
     }

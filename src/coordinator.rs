@@ -148,12 +148,21 @@ async fn serve(
         }
         None => None,
     };
-    let nars = Arc::new(NarCache::new(
-        &config.state_dir,
-        store.clone(),
-        committer.clone(),
-        key,
-    )?);
+    let nars = Arc::new(
+        NarCache::new(&config.state_dir, store.clone(), committer.clone(), key)?
+            .with_transfer_timeouts(
+                std::time::Duration::from_millis(config.timeouts.transfer_stall_ms),
+                std::time::Duration::from_millis(config.timeouts.partial_upload_expiry_ms),
+            ),
+    );
+    let swept = nars.sweep_at_start();
+    if swept > 0 {
+        tracing::info!(
+            removed = swept,
+            "removed abandoned uploads and temporary files"
+        );
+    }
+    spawn_upload_sweeper(nars.clone());
     if let Some(d) = &store_dir {
         nars.write_cache_info(d.as_str())?;
     }
@@ -239,6 +248,24 @@ async fn serve(
         );
     }
     Ok(exit)
+}
+
+/// Removes partial uploads nobody resumes, every `NarCache::sweep_interval`, on a blocking
+/// thread (it lists and deletes files).
+fn spawn_upload_sweeper(nars: Arc<NarCache>) {
+    actix::spawn(async move {
+        let mut tick = tokio::time::interval(nars.sweep_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let n = nars.clone();
+            match tokio::task::spawn_blocking(move || n.sweep_uploads()).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "removed partial uploads nobody resumed"),
+                Err(e) => tracing::error!(error = %e, "the partial-upload sweep failed"),
+            }
+        }
+    });
 }
 
 fn write_ready_file(path: &Path, body: &str) -> anyhow::Result<()> {

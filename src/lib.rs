@@ -12,6 +12,8 @@
 //! - [`derivation`]: the `.drv` ATerm format (parse, print), store paths and store directories,
 //!   Nix base32, hashes, and Nix's path computations.
 //! - [`nar`]: NAR write/restore/validate, narinfo, ed25519 signatures, reference scanning.
+//! - [`retry`]: the one retry policy (exponential backoff, full jitter, cap, `Retry-After`)
+//!   shared by the agent, the hook processor and the client.
 //!
 //! With the default `coordinator` feature:
 //!
@@ -30,12 +32,13 @@
 //!   listeners, writes the ready file, shuts down cleanly on SIGTERM.
 //! - `telemetry`: the Prometheus recorder and the description of every metric.
 //!
-//! `protocol`, `derivation` and `nar` never depend on actix or sled: the agent
+//! `protocol`, `derivation`, `nar` and `retry` never depend on actix or sled: the agent
 //! (`kiln-agent`, in `agent/`) uses `kiln` with default features off.
 
 pub mod derivation;
 pub mod nar;
 pub mod protocol;
+pub mod retry;
 
 #[cfg(feature = "coordinator")]
 pub mod actors;

@@ -87,6 +87,14 @@ fn describe() {
         Unit::Bytes,
         "Bytes of output NARs received"
     );
+    describe_gauge!(
+        "kiln_upload_slots",
+        "Output uploads in progress or waiting to be resumed (their locks and verifiers)"
+    );
+    describe_counter!(
+        "kiln_transfer_stalls_total",
+        "Request bodies dropped because no byte arrived for timeouts.transfer_stall_ms"
+    );
     describe_gauge!("kiln_hook_pending", "Hook runs waiting or running, by hook");
     describe_counter!(
         "kiln_hook_runs_total",

@@ -57,6 +57,10 @@ pub struct Args {
     /// Maximum time in seconds without builder output (0 = none).
     #[arg(long, default_value_t = 0)]
     pub max_silent_time: u64,
+    /// An upload or download that moves no byte for this many seconds is aborted and resumed
+    /// from where it stopped (not a limit on the whole transfer).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub transfer_stall_timeout: u64,
 }
 
 impl Args {
@@ -115,8 +119,11 @@ mod tests {
             "4",
             "--metrics-addr",
             "127.0.0.1:0",
+            "--transfer-stall-timeout",
+            "5",
         ])
         .unwrap();
+        assert_eq!(a.transfer_stall_timeout, 5);
         assert_eq!(a.systems(), vec!["x86_64-linux", "i686-linux"]);
         assert_eq!(a.max_parallel_builds, 3);
         assert_eq!(a.executor, ExecutorKind::Native);
@@ -138,6 +145,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.max_parallel_builds, 1);
         assert_eq!(a.max_parallel_uploads, 2);
+        assert_eq!(a.transfer_stall_timeout, 60);
         assert_eq!(a.systems(), vec![native_system()]);
     }
 }

@@ -76,6 +76,8 @@ pub struct Coordinator {
     held: Held,
     /// Commands that arrive with a session opening, for the session loop.
     commands: mpsc::UnboundedSender<AgentCommand>,
+    /// A transfer that moves no byte for this long is aborted and resumed.
+    transfer_stall: Duration,
 }
 
 impl Coordinator {
@@ -99,7 +101,17 @@ impl Coordinator {
             token: tokio::sync::Mutex::new(None),
             held,
             commands,
+            transfer_stall: crate::transfer::DEFAULT_STALL,
         })
+    }
+
+    /// Sets the stall timeout of uploads and downloads (`--transfer-stall-timeout`).
+    pub fn set_transfer_stall(&mut self, stall: Duration) {
+        self.transfer_stall = stall;
+    }
+
+    pub fn transfer_stall(&self) -> Duration {
+        self.transfer_stall
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -2,7 +2,9 @@
 //! then the compressed log, then the result.
 //!
 //! An upload asks how much arrived (`GET`) and sends only the rest (`PUT` from `received`), so a
-//! retry after a broken link sends just the missing tail; 409 `upload_offset` means the same.
+//! retry after a broken link sends just the missing tail; 409 `upload_offset` and
+//! `upload_superseded` mean the same. A `PUT` whose bytes stop moving for the stall timeout is
+//! aborted by the progress watchdog ([`crate::transfer`]) and resumed the same way.
 //! 422 `hash_mismatch` (the coordinator discarded the file) is retried from 0 once, after
 //! re-hashing the spool file; a second one fails the build with that reason. A 409
 //! `stale_attempt` anywhere means the build is no longer ours.
@@ -12,9 +14,11 @@ use kiln::protocol::{
     SESSION_HEADER,
 };
 
-use crate::client::{decode, file_body, local_error, send, Coordinator};
+use crate::client::{decode, local_error, send, Coordinator};
+use crate::metrics;
 use crate::retry::CallError;
 use crate::state::{BuildDir, StoredReport};
+use crate::transfer::{self, Progress};
 
 /// How a delivery ended.
 #[derive(Debug)]
@@ -47,6 +51,7 @@ pub async fn deliver(
                     tracing::error!(build_id = id, output = %out.name, reason = %reason, "failing the build");
                     report.outcome = Outcome::Failed { reason };
                     dir.write_report(&report)
+                        .await
                         .map_err(|e| CallError::transient(format!("{e:#}")))?;
                     break;
                 }
@@ -148,7 +153,13 @@ async fn upload_output(
                 return Ok(());
             }
             let offset = status.received.min(out.file_size);
-            tracing::debug!(build_id = id, output = %out.name, offset, "uploading output");
+            if offset > 0 {
+                metrics::RESUMED_UPLOADS.inc();
+                tracing::info!(build_id = id, output = %out.name, offset, "resuming an upload");
+            } else {
+                tracing::debug!(build_id = id, output = %out.name, "uploading output");
+            }
+            let progress = Progress::new();
             let put = c
                 .http()
                 .put(url)
@@ -157,10 +168,11 @@ async fn upload_output(
                 .header(SESSION_HEADER, &token)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                 .header(reqwest::header::CONTENT_LENGTH, out.file_size - offset)
-                .body(file_body(spool, offset).await?);
-            let status: UploadStatus = match send(put).await {
+                .body(transfer::file_body(spool, offset, progress.clone()).await?);
+            let sent = transfer::watch("upload output", c.transfer_stall(), &progress, send(put));
+            let status: UploadStatus = match sent.await {
                 Ok(body) => decode(body)?,
-                Err(e) if e.code() == Some("upload_offset") => {
+                Err(e) if matches!(e.code(), Some("upload_offset" | "upload_superseded")) => {
                     return Err(CallError::transient(
                         "upload offset out of step, asking again",
                     ))
@@ -199,14 +211,17 @@ async fn upload_log(
     c.call("upload log", |token| {
         let (url, zst) = (&url, &zst);
         async move {
+            let progress = Progress::new();
             let put = c
                 .http()
                 .put(url)
                 .query(&LogQuery { attempt })
                 .header(SESSION_HEADER, token)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .body(file_body(zst, 0).await?);
-            send(put).await.map(|_| ())
+                .body(transfer::file_body(zst, 0, progress.clone()).await?);
+            transfer::watch("upload log", c.transfer_stall(), &progress, send(put))
+                .await
+                .map(|_| ())
         }
     })
     .await

@@ -6,10 +6,11 @@
 //! # Layout
 //!
 //! - [`cli`]: the command line.
-//! - [`retry`]: the one retry policy every network call goes through (the `backoff` crate).
+//! - [`retry`]: how every network call is retried, with `kiln::retry`'s one policy.
 //! - [`client`]: the coordinator's agent API over HTTP; sessions and their reopening.
 //! - [`session`]: the session loop: heartbeats, work requests, commands, shutdown.
 //! - [`deliver`]: uploads of outputs and logs, and result reports.
+//! - [`transfer`]: the progress watchdog that aborts (for resumption) transfers that stall.
 //! - [`state`]: the state dir: build dirs, durable reports, recovery at start.
 //! - [`store_view`]: each agent's private view of the store dir (mount namespace or lock).
 //! - [`executor`]: executors (`native`), builder environment and processes, input fetching.
@@ -26,3 +27,4 @@ pub mod retry;
 pub mod session;
 pub mod state;
 pub mod store_view;
+pub mod transfer;

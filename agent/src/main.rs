@@ -1,7 +1,9 @@
 //! `kiln-agent`: one per build machine. Parses the command line, sets up the private store
 //! view while the process is still single-threaded, then runs the session loop on a
 //! current-thread tokio runtime (builders are forked from that one thread, which is what
-//! `PR_SET_PDEATHSIG` ties their life to).
+//! `PR_SET_PDEATHSIG` ties their life to). That thread also sends the heartbeats, so nothing
+//! that blocks runs on it: file work (tree removal, fsync, hashing, compression) goes to
+//! tokio's blocking pool (see docs/agent.md, "Threads").
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -94,7 +96,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             systems: args.systems(),
             max_parallel_builds: args.max_parallel_builds,
         };
-        let coordinator = Coordinator::new(&args.coordinator, identity, held.clone(), tx)?;
+        let mut coordinator = Coordinator::new(&args.coordinator, identity, held.clone(), tx)?;
+        coordinator.set_transfer_stall(Duration::from_secs(args.transfer_stall_timeout));
         let limits = Limits {
             timeout: Duration::from_secs(args.timeout),
             max_silent: Duration::from_secs(args.max_silent_time),

@@ -42,11 +42,14 @@ pub static BUILDS_ABANDONED: Metric = Metric::new();
 pub static UPLOAD_BYTES: Metric = Metric::new();
 pub static RETRIES: Metric = Metric::new();
 pub static RECONNECTS: Metric = Metric::new();
+pub static TRANSFER_STALLS: Metric = Metric::new();
+pub static RESUMED_DOWNLOADS: Metric = Metric::new();
+pub static RESUMED_UPLOADS: Metric = Metric::new();
 
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
     let mut out = String::new();
-    let simple: [(&str, &str, &str, &Metric); 4] = [
+    let simple: [(&str, &str, &str, &Metric); 7] = [
         (
             "kiln_agent_running_builds",
             "gauge",
@@ -70,6 +73,24 @@ pub fn render() -> String {
             "counter",
             "Sessions reopened after the coordinator forgot the session.",
             &RECONNECTS,
+        ),
+        (
+            "kiln_agent_transfer_stalls_total",
+            "counter",
+            "Uploads and downloads aborted because their bytes stopped for the stall timeout.",
+            &TRANSFER_STALLS,
+        ),
+        (
+            "kiln_agent_resumed_downloads_total",
+            "counter",
+            "Input downloads continued with a Range request after they broke off.",
+            &RESUMED_DOWNLOADS,
+        ),
+        (
+            "kiln_agent_resumed_uploads_total",
+            "counter",
+            "Output uploads continued from the bytes the coordinator already had.",
+            &RESUMED_UPLOADS,
         ),
     ];
     for (name, kind, help, m) in simple {

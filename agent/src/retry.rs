@@ -1,22 +1,17 @@
-//! The one retry policy every network call of the agent goes through.
+//! How every network call of the agent is retried.
 //!
 //! A call is an async closure that returns `Ok`, or a [`CallError`] that says whether trying
-//! again can help. Transient errors (connection refused or reset, timeouts, 5xx, 408, 429,
-//! 503 with `Retry-After`) are retried with jittered exponential backoff — 200 ms initial,
-//! doubling, capped at 30 s, with no limit on the total time by default, because the
-//! coordinator may be restarting and the agent must keep its results until it is back. A
-//! `Retry-After` header replaces the backoff for that one wait. Everything else (4xx) is
-//! permanent and returned to the caller, who knows what a `stale_attempt` or a
-//! `hash_mismatch` means for it.
-//!
-//! The `backoff` crate is flagged unmaintained by RustSec: it is used only here, so swapping it
-//! is a one-file change.
+//! again can help. Transient errors (connection refused or reset, timeouts, a transfer that
+//! stalled, 5xx, 408, 429) are retried with the waits of Kiln's one retry policy
+//! ([`kiln::retry::Policy::AGENT`]: exponential, full jitter, capped at 30 s, no limit on the
+//! total time by default, because the coordinator may be restarting and the agent must keep
+//! its results until it is back). A `Retry-After` header (seconds or an HTTP-date, on any
+//! answer) replaces the backoff for that one wait. Everything else (4xx) is permanent and
+//! returned to the caller, who knows what a `stale_attempt` or a `hash_mismatch` means for it.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use backoff::backoff::Backoff as _;
-use backoff::ExponentialBackoffBuilder;
 use kiln::protocol::ErrorBody;
 
 use crate::metrics;
@@ -64,40 +59,8 @@ impl CallError {
     }
 }
 
-/// The retry policy: initial interval, cap, and an optional bound on the total time.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    pub initial: Duration,
-    pub max_interval: Duration,
-    /// `None` = retry forever (the default).
-    pub max_elapsed: Option<Duration>,
-}
-
-impl Default for Policy {
-    fn default() -> Policy {
-        Policy {
-            initial: Duration::from_millis(200),
-            max_interval: Duration::from_secs(30),
-            max_elapsed: None,
-        }
-    }
-}
-
-impl Policy {
-    fn backoff(&self) -> backoff::ExponentialBackoff {
-        ExponentialBackoffBuilder::new()
-            .with_initial_interval(self.initial)
-            .with_max_interval(self.max_interval)
-            .with_randomization_factor(0.5)
-            .with_multiplier(2.0)
-            .with_max_elapsed_time(self.max_elapsed)
-            .build()
-    }
-}
-
-/// Longest `Retry-After` the agent honours; a larger value is clamped so that a confused
-/// proxy cannot park the agent for hours.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// The retry policy of the agent's calls (see [`kiln::retry`]).
+pub type Policy = kiln::retry::Policy;
 
 /// Runs `op` until it succeeds, fails permanently, or (with `max_elapsed`) runs out of time.
 /// [`CallError::SessionUnknown`] is returned at once: the caller reopens the session.
@@ -116,23 +79,22 @@ where
             }) => (message, retry_after),
             Err(other) => return Err(other),
         };
-        let Some(next) = backoff.next_backoff() else {
+        let Some(next) = backoff.next_wait() else {
             return Err(CallError::Transient {
                 message,
                 retry_after,
             });
         };
-        let wait = retry_after.map_or(next, |r| r.min(MAX_RETRY_AFTER));
+        let wait = Policy::wait(next, retry_after);
         metrics::RETRIES.inc();
         tracing::warn!(call = what, error = %message, wait_ms = wait.as_millis() as u64, "call failed, retrying");
         tokio::time::sleep(wait).await;
     }
 }
 
-/// Parses a `Retry-After` value in delay-seconds form. The HTTP-date form is not used by the
-/// coordinator and yields `None` (the normal backoff applies).
+/// Parses a `Retry-After` value: delay-seconds or an HTTP-date ([`kiln::retry`]).
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    kiln::retry::parse_retry_after(value, SystemTime::now())
 }
 
 /// Classifies a non-success HTTP answer from its status, `Retry-After` header and body.
@@ -245,7 +207,11 @@ mod tests {
     fn retry_after_parsing() {
         assert_eq!(parse_retry_after("0"), Some(Duration::ZERO));
         assert_eq!(parse_retry_after(" 12 "), Some(Duration::from_secs(12)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        // An HTTP-date long past means "now".
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("-1"), None);
         assert_eq!(parse_retry_after(""), None);
     }

@@ -403,7 +403,7 @@ async fn run_build(
                 metrics::BUILDS_ABANDONED.inc();
             }
             tracing::info!(build_id = id, attempt, reason = ?reason, "dropping build");
-            dir.remove();
+            dir.remove().await;
             return agent.unregister(id, attempt);
         }
         Err(e) => Outcome::Failed {
@@ -411,13 +411,13 @@ async fn run_build(
         },
     };
     let report = StoredReport::new(id, attempt, outcome, dir.log().exists());
-    if let Err(e) = dir.write_report(&report) {
+    if let Err(e) = dir.write_report(&report).await {
         tracing::error!(
             build_id = id,
             error = format!("{e:#}"),
             "failed to store the report, dropping the build"
         );
-        dir.remove();
+        dir.remove().await;
         return agent.unregister(id, attempt);
     }
     deliver_and_finish(agent, dir, report, stop).await;
@@ -430,8 +430,8 @@ async fn build(
     dir: &BuildDir,
     stop: &mut watch::Receiver<Option<StopReason>>,
 ) -> anyhow::Result<BuildResult> {
-    dir.create()?;
-    dir.write_assignment(a)?;
+    dir.create().await?;
+    dir.write_assignment(a).await?;
     let start = StartReport { attempt: a.attempt };
     let path = format!("builds/{}/start", a.build_id);
     if let Err(e) = agent
@@ -500,11 +500,14 @@ async fn deliver_and_finish(
                 let _slot = agent.upload_slots.acquire().await;
                 deliver::deliver(&agent.coordinator, &dir, report.clone()).await
             } => r,
-            r = stop.wait_for(|s| matches!(s, Some(StopReason::Abandon | StopReason::Shutdown))) => {
-                if matches!(r.ok().and_then(|s| *s), Some(StopReason::Abandon)) {
+            abandoned = async {
+                let r = stop.wait_for(|s| matches!(s, Some(StopReason::Abandon | StopReason::Shutdown))).await;
+                matches!(r.ok().and_then(|s| *s), Some(StopReason::Abandon))
+            } => {
+                if abandoned {
                     metrics::BUILDS_ABANDONED.inc();
                     tracing::info!(build_id = id, attempt, "build abandoned, dropping its reports");
-                    dir.remove();
+                    dir.remove().await;
                 }
                 return agent.unregister(id, attempt);
             }
@@ -540,7 +543,7 @@ async fn deliver_and_finish(
                     AfterRefusal::ReportFailure(reason) => {
                         tracing::warn!(build_id = id, attempt, code = %code, "coordinator refused the result; reporting the build failed instead");
                         report.outcome = Outcome::Failed { reason };
-                        match dir.write_report(&report) {
+                        match dir.write_report(&report).await {
                             Ok(()) => continue,
                             Err(e) => tracing::error!(
                                 build_id = id,
@@ -557,7 +560,7 @@ async fn deliver_and_finish(
         }
         break;
     }
-    dir.remove();
+    dir.remove().await;
     agent.unregister(id, attempt);
 }
 

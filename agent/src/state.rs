@@ -17,6 +17,10 @@
 //! A build dir is removed once the coordinator acknowledged the result, or refused it with
 //! `stale_attempt`. On start, dirs with a `report.json` are re-sent; dirs without one belonged
 //! to builders that died with the agent and are discarded (the coordinator re-runs them).
+//!
+//! Every file operation of a build dir that can take long (removing a tree, fsync) is async and
+//! runs on tokio's blocking pool ([`blocking`]): the agent's runtime has one thread, which also
+//! sends the heartbeats, and a multi-GB build tree being removed there would starve them.
 
 use std::fs::{self, File};
 use std::io::Write as _;
@@ -102,11 +106,11 @@ impl StateDir {
                 Ok(None) => {
                     tracing::info!(dir = %dir.path.display(), "discarding a build without a result");
                     dir.remove_outputs();
-                    dir.remove();
+                    dir.remove_now();
                 }
                 Err(e) => {
                     tracing::warn!(dir = %dir.path.display(), error = format!("{e:#}"), "discarding an unreadable build dir");
-                    dir.remove();
+                    dir.remove_now();
                 }
             }
         }
@@ -122,13 +126,17 @@ pub struct BuildDir {
 }
 
 impl BuildDir {
-    pub fn create(&self) -> anyhow::Result<()> {
-        if self.path.exists() {
-            // A left-over of an earlier run of the same attempt: start clean.
-            remove_tree(&self.path)?;
-        }
-        fs::create_dir_all(&self.path)
-            .with_context(|| format!("failed to create {}", self.path.display()))
+    /// Creates the dir, removing a left-over of an earlier run of the same attempt first.
+    pub async fn create(&self) -> anyhow::Result<()> {
+        let path = self.path.clone();
+        blocking("create a build dir", move || {
+            if path.exists() {
+                remove_tree(&path)?;
+            }
+            fs::create_dir_all(&path)
+                .with_context(|| format!("failed to create {}", path.display()))
+        })
+        .await
     }
 
     pub fn log(&self) -> PathBuf {
@@ -144,15 +152,17 @@ impl BuildDir {
         self.path.join(format!("{output}.nar.zst"))
     }
 
-    pub fn write_assignment(&self, a: &Assignment) -> anyhow::Result<()> {
+    pub async fn write_assignment(&self, a: &Assignment) -> anyhow::Result<()> {
         let json = serde_json::to_vec(a).context("failed to encode the assignment")?;
-        write_durably(&self.path.join("assignment.json"), &json)
+        let path = self.path.join("assignment.json");
+        blocking("write assignment.json", move || write_durably(&path, &json)).await
     }
 
     /// Writes `report.json` durably; call before sending any part of the result.
-    pub fn write_report(&self, r: &StoredReport) -> anyhow::Result<()> {
+    pub async fn write_report(&self, r: &StoredReport) -> anyhow::Result<()> {
         let json = serde_json::to_vec_pretty(r).context("failed to encode the report")?;
-        write_durably(&self.path.join("report.json"), &json)
+        let path = self.path.join("report.json");
+        blocking("write report.json", move || write_durably(&path, &json)).await
     }
 
     fn load_pending(&self) -> anyhow::Result<Option<PendingBuild>> {
@@ -196,12 +206,33 @@ impl BuildDir {
         }
     }
 
-    /// Removes the whole build dir; failures are logged, not fatal (the next start retries).
-    pub fn remove(&self) {
+    /// Removes the whole build dir on the blocking pool; failures are logged, not fatal (the
+    /// next start retries).
+    pub async fn remove(&self) {
+        let path = self.path.clone();
+        if let Err(e) = blocking("remove a build dir", move || remove_tree(&path)).await {
+            tracing::warn!(dir = %self.path.display(), error = format!("{e:#}"), "failed to remove a build dir");
+        }
+    }
+
+    /// [`BuildDir::remove`] for code that runs before the runtime (recovery at start).
+    fn remove_now(&self) {
         if let Err(e) = remove_tree(&self.path) {
             tracing::warn!(dir = %self.path.display(), error = format!("{e:#}"), "failed to remove a build dir");
         }
     }
+}
+
+/// Runs blocking file work `f` on tokio's blocking pool, never on the runtime's thread (which
+/// sends the heartbeats).
+pub async fn blocking<T, F>(what: &'static str, f: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> anyhow::Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .with_context(|| format!("the blocking task to {what} failed"))?
 }
 
 /// Writes `path` by writing a temporary file, fsyncing it, renaming it over `path` and
@@ -265,18 +296,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn recover_keeps_decided_builds_and_discards_the_rest() {
+    #[tokio::test]
+    async fn recover_keeps_decided_builds_and_discards_the_rest() {
         let tmp = tempfile::tempdir().unwrap();
         let state = StateDir::open(tmp.path()).unwrap();
         let decided = state.build_dir(1, 2);
-        decided.create().unwrap();
-        decided.write_assignment(&assignment(1)).unwrap();
+        decided.create().await.unwrap();
+        decided.write_assignment(&assignment(1)).await.unwrap();
         let report = StoredReport::new(1, 2, Outcome::Failed { reason: "x".into() }, true);
-        decided.write_report(&report).unwrap();
+        decided.write_report(&report).await.unwrap();
         let undecided = state.build_dir(3, 2);
-        undecided.create().unwrap();
-        undecided.write_assignment(&assignment(3)).unwrap();
+        undecided.create().await.unwrap();
+        undecided.write_assignment(&assignment(3)).await.unwrap();
         let mut a3 = assignment(3);
         let partial = tmp.path().join("0123456789abcdfghijklmnpqrsvwxyz-partial");
         fs::create_dir(&partial).unwrap();
@@ -284,7 +315,7 @@ mod tests {
             name: "out".into(),
             path: partial.to_str().unwrap().into(),
         });
-        undecided.write_assignment(&a3).unwrap();
+        undecided.write_assignment(&a3).await.unwrap();
         fs::create_dir(undecided.build_top()).unwrap();
         fs::set_permissions(
             undecided.build_top(),

@@ -10,8 +10,12 @@
 //! an exclusive `flock` on `<store-dir>/.kiln-agent.lock` and refuses to start when another
 //! agent holds it.
 //!
-//! `unshare(CLONE_NEWNS)` fails once a process has several threads, so [`establish`] must run
-//! before the tokio runtime (or anything else that spawns threads) starts.
+//! [`establish`] must run before the tokio runtime (or anything else that spawns threads)
+//! starts: `unshare(CLONE_NEWUSER)` fails with `EINVAL` once a process has several threads,
+//! and `unshare(CLONE_NEWNS)` moves only the calling thread (threads it starts afterwards
+//! follow it). Under an emulator such as qemu-user the process has the emulator's own threads
+//! from the start: as root the namespace still works (they never touch the store), not as root
+//! it cannot be had, and the agent falls back to the lock with a warning that says why.
 
 use std::fs::{self, File};
 use std::os::unix::io::AsRawFd as _;
@@ -77,8 +81,9 @@ fn namespace(store_dir: &Path, state_dir: &Path, unprivileged: bool) -> anyhow::
     };
     // SAFETY: unshare takes flags only.
     if unsafe { libc::unshare(flags) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("failed to unshare the mount namespace");
+        let err = std::io::Error::last_os_error();
+        let hint = unshare_hint(err.raw_os_error(), thread_count());
+        return Err(err).with_context(|| format!("failed to unshare the mount namespace{hint}"));
     }
     if unprivileged {
         // Map our own ids to themselves; setgroups must be denied before gid_map is written.
@@ -116,6 +121,27 @@ fn namespace(store_dir: &Path, state_dir: &Path, unprivileged: bool) -> anyhow::
     Ok(backing)
 }
 
+/// The threads of this process, from `/proc/self/task` (None where it cannot be read).
+#[cfg(target_os = "linux")]
+fn thread_count() -> Option<usize> {
+    fs::read_dir("/proc/self/task").ok().map(|d| d.count())
+}
+
+/// What to add to a failed `unshare`'s message: `EINVAL` in a process that already has
+/// several threads is what an emulator such as qemu-user causes, and the operator can do
+/// something about it.
+#[cfg(target_os = "linux")]
+fn unshare_hint(errno: Option<i32>, threads: Option<usize>) -> String {
+    match (errno, threads) {
+        (Some(libc::EINVAL), Some(n)) if n > 1 => format!(
+            " (this process already has {n} threads, and a user namespace needs a single-threaded one: \
+             is the agent running under an emulator such as qemu-user? Run it as root for a private \
+             mount namespace, or give each agent its own --store-dir)"
+        ),
+        _ => String::new(),
+    }
+}
+
 #[cfg(not(target_os = "linux"))]
 fn namespace(_: &Path, _: &Path, _: bool) -> anyhow::Result<PathBuf> {
     anyhow::bail!("mount namespaces exist only on Linux")
@@ -140,6 +166,21 @@ pub fn lock_exclusive(path: &Path) -> anyhow::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pins down the message a not-root agent under qemu-user logs when it falls back to the
+    /// lock: EINVAL with the emulator's threads names the cause and the ways out.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn einval_with_threads_names_the_emulator() {
+        let hint = unshare_hint(Some(libc::EINVAL), Some(3));
+        assert!(hint.contains("3 threads"), "{hint}");
+        assert!(hint.contains("qemu-user"), "{hint}");
+        assert!(hint.contains("--store-dir"), "{hint}");
+        // Other failures, or a single thread, get no guess.
+        assert_eq!(unshare_hint(Some(libc::EPERM), Some(3)), "");
+        assert_eq!(unshare_hint(Some(libc::EINVAL), Some(1)), "");
+        assert_eq!(unshare_hint(Some(libc::EINVAL), None), "");
+    }
 
     #[test]
     fn a_second_lock_is_refused() {

@@ -111,17 +111,18 @@ async fn a_stored_report_is_resent_after_a_restart() {
     let mut a = assignment(&store);
     (a.build_id, a.attempt) = (9, 2);
     let decided = dirs.build_dir(9, 2);
-    decided.create().unwrap();
-    decided.write_assignment(&a).unwrap();
+    decided.create().await.unwrap();
+    decided.write_assignment(&a).await.unwrap();
     std::fs::write(decided.log(), b"it broke \xff\n").unwrap();
     let outcome = Outcome::Failed {
         reason: "builder exited with status 1".into(),
     };
     decided
         .write_report(&StoredReport::new(9, 2, outcome.clone(), true))
+        .await
         .unwrap();
     let undecided = dirs.build_dir(10, 1);
-    undecided.create().unwrap();
+    undecided.create().await.unwrap();
 
     let fake: Shared = Arc::new(Mutex::new(Fake {
         forgot_once: true,

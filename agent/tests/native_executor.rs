@@ -81,9 +81,9 @@ fn assignment(store: &Path, script: &str, env: &[(&[u8], &[u8])]) -> Assignment 
     }
 }
 
-fn build_dir(f: &Fixture) -> BuildDir {
+async fn build_dir(f: &Fixture) -> BuildDir {
     let dir = f.state.build_dir(1, 1);
-    dir.create().unwrap();
+    dir.create().await.unwrap();
     dir
 }
 
@@ -130,7 +130,7 @@ async fn builds_an_output_whose_nar_hash_matches_nix_hash() {
         echo "log line"
     "#;
     let a = assignment(&f.store, script, &[(b"weird", weird)]);
-    let dir = build_dir(&f);
+    let dir = build_dir(&f).await;
     let (_tx, mut rx) = watch::channel(None);
     let result = executor(&f.store, Limits::default())
         .run(&a, &dir, &mut rx)
@@ -170,7 +170,7 @@ async fn builds_an_output_whose_nar_hash_matches_nix_hash() {
 async fn a_non_zero_exit_fails_with_the_status() {
     let f = fixture();
     let a = assignment(&f.store, "echo failing >&2; exit 3", &[]);
-    let dir = build_dir(&f);
+    let dir = build_dir(&f).await;
     let (_tx, mut rx) = watch::channel(None);
     let result = executor(&f.store, Limits::default())
         .run(&a, &dir, &mut rx)
@@ -187,7 +187,7 @@ async fn a_non_zero_exit_fails_with_the_status() {
 async fn a_missing_output_fails_the_build() {
     let f = fixture();
     let a = assignment(&f.store, "true", &[]);
-    let dir = build_dir(&f);
+    let dir = build_dir(&f).await;
     let (_tx, mut rx) = watch::channel(None);
     let result = executor(&f.store, Limits::default())
         .run(&a, &dir, &mut rx)
@@ -216,7 +216,7 @@ async fn cancel_kills_the_whole_process_group() {
     let pid_env = pid_file.to_str().unwrap().as_bytes().to_vec();
     let script = "sleep 1000 & echo $$ > \"$pidfile.tmp\"; mv \"$pidfile.tmp\" \"$pidfile\"; wait";
     let a = assignment(&f.store, script, &[(b"pidfile", &pid_env)]);
-    let dir = build_dir(&f);
+    let dir = build_dir(&f).await;
     let (tx, mut rx) = watch::channel(None);
     let exec = executor(&f.store, Limits::default());
     let canceler = async {
@@ -241,7 +241,7 @@ async fn cancel_kills_the_whole_process_group() {
 async fn max_silent_time_fails_the_build() {
     let f = fixture();
     let a = assignment(&f.store, "echo start; sleep 1000", &[]);
-    let dir = build_dir(&f);
+    let dir = build_dir(&f).await;
     let (_tx, mut rx) = watch::channel(None);
     let limits = Limits {
         max_silent: Duration::from_secs(1),

@@ -291,13 +291,10 @@ impl HookProcessor {
     }
 }
 
-/// Exponential backoff with full jitter: a random delay up to min(60 s, 1 s · 2^(attempts-1)).
+/// The wait before the next run of a hook that failed `attempts` times: Kiln's one retry
+/// policy ([`crate::retry::Policy::HOOKS`]: full jitter up to min(60 s, 1 s · 2^(attempts−1))).
 fn backoff_delay(attempts: u32) -> Duration {
-    use rand::Rng as _;
-    let cap_ms = 1000u64
-        .saturating_mul(1u64 << attempts.saturating_sub(1).min(6))
-        .min(60_000);
-    Duration::from_millis(rand::thread_rng().gen_range(cap_ms / 2..=cap_ms))
+    crate::retry::Policy::HOOKS.delay(attempts)
 }
 
 /// Run one hook on one event: the event JSON on stdin, a few variables in the environment,

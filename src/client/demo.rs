@@ -1,7 +1,9 @@
 //! `kiln demo`: a demo farm in one command.
 //!
 //! Starts a real `kiln coordinator` on a temporary state dir and two real `kiln-agent`
-//! processes (found next to this executable, or in `KILN_BIN_DIR`), generates the default
+//! processes (found next to this executable, or in `KILN_BIN_DIR`; or one agent per
+//! `--agent PROGRAM`, e.g. a wrapper that runs an ARM build of the agent under qemu-user,
+//! which is how scripts/cross proves the boards' agents), generates the default
 //! derivation graph ([`super::graph`]) in a temporary store dir, submits it with the same code
 //! as `kiln submit`, shows progress on stderr, and ends with `N built, M failed in S s` (or one
 //! JSON object). Every child is SIGKILLed when the demo ends, however it ends
@@ -27,8 +29,8 @@ use crate::protocol::{BuildId, BuildState, BuildSummary};
 const READY_DEADLINE: Duration = Duration::from_secs(30);
 /// How often progress is polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// Names of the demo agents.
-const AGENTS: [&str; 2] = ["demo-agent-1", "demo-agent-2"];
+/// How many agents the demo starts when no `--agent` is given.
+const DEFAULT_AGENTS: usize = 2;
 
 /// Options of `kiln demo`.
 #[derive(clap::Args, Debug)]
@@ -48,6 +50,11 @@ pub struct DemoArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     pub timeout: u64,
+    /// Start one agent with this program instead of the kiln-agent found next to kiln, e.g. a
+    /// wrapper that runs an agent built for another CPU under qemu-user (repeatable: one agent
+    /// per --agent; without it, two agents of the kiln-agent found).
+    #[arg(long = "agent", value_name = "PROGRAM")]
+    pub agents: Vec<PathBuf>,
 }
 
 /// What `kiln demo --json` prints.
@@ -94,7 +101,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<i32> {
 }
 
 fn run_in(args: &DemoArgs, dir: &Path, procs: &mut Processes) -> anyhow::Result<i32> {
-    let bins = find_binaries(std::env::var_os("KILN_BIN_DIR"))?;
+    let bins = find_binaries(std::env::var_os("KILN_BIN_DIR"), !args.agents.is_empty())?;
+    let agents = agent_programs(&args.agents, bins.agent.as_deref())?;
     let store = dir.join("store");
     let state = dir.join("state");
     std::fs::create_dir_all(&store)
@@ -127,14 +135,16 @@ fn run_in(args: &DemoArgs, dir: &Path, procs: &mut Processes) -> anyhow::Result<
     ));
 
     let system = graph::default_system();
-    for (i, name) in AGENTS.iter().enumerate() {
+    for (i, program) in agents.iter().enumerate() {
+        let name = format!("demo-agent-{}", i + 1);
+        let name = name.as_str();
         let created = create_agent(&client, name, std::slice::from_ref(&system))?;
         let secret = dir.join(format!("{name}.secret"));
         write_secret(&secret, &created.secret)?;
         let agent_state = dir.join(format!("agent-{}", i + 1));
         std::fs::create_dir_all(&agent_state)
             .with_context(|| format!("failed to create {}", agent_state.display()))?;
-        let mut cmd = Command::new(&bins.agent);
+        let mut cmd = Command::new(program);
         cmd.arg("--coordinator")
             .arg(format!("http://{}", ready.listen))
             .args(["--name", name, "--secret-file"])
@@ -228,13 +238,19 @@ fn status(line: &str) {
     eprintln!("kiln demo: {line}");
 }
 
-struct Binaries {
-    kiln: PathBuf,
-    agent: PathBuf,
+/// Paths of the `kiln` and `kiln-agent` executables (`kiln-chaos` finds them the same way).
+pub struct Binaries {
+    pub kiln: PathBuf,
+    /// None when every agent comes from `--agent`.
+    pub agent: Option<PathBuf>,
 }
 
-/// `kiln` and `kiln-agent` next to this executable, or in `bin_dir` (`KILN_BIN_DIR`).
-fn find_binaries(bin_dir: Option<std::ffi::OsString>) -> anyhow::Result<Binaries> {
+/// `kiln` and `kiln-agent` next to this executable, or in `bin_dir` (`KILN_BIN_DIR`);
+/// `kiln-agent` is not looked for when `agents_given` (every agent comes from `--agent`).
+pub fn find_binaries(
+    bin_dir: Option<std::ffi::OsString>,
+    agents_given: bool,
+) -> anyhow::Result<Binaries> {
     let (dir, from) = match bin_dir.filter(|d| !d.is_empty()) {
         Some(d) => (PathBuf::from(d), "KILN_BIN_DIR"),
         None => {
@@ -257,8 +273,36 @@ fn find_binaries(bin_dir: Option<std::ffi::OsString>) -> anyhow::Result<Binaries
     };
     Ok(Binaries {
         kiln: find("kiln")?,
-        agent: find("kiln-agent")?,
+        agent: if agents_given {
+            None
+        } else {
+            Some(find("kiln-agent")?)
+        },
     })
+}
+
+/// The program of each demo agent: every `--agent` as given (each must be an executable
+/// file), or [`DEFAULT_AGENTS`] times the kiln-agent found.
+fn agent_programs(given: &[PathBuf], found: Option<&Path>) -> anyhow::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if given.is_empty() {
+        let found = found.context("no --agent given and no kiln-agent found")?;
+        return Ok(vec![found.to_path_buf(); DEFAULT_AGENTS]);
+    }
+    for p in given {
+        let meta = std::fs::metadata(p).with_context(|| {
+            format!(
+                "--agent {}: cannot read it; give the path of a kiln-agent (or of a script that execs one)",
+                p.display()
+            )
+        })?;
+        anyhow::ensure!(
+            meta.is_file() && meta.permissions().mode() & 0o111 != 0,
+            "--agent {} is not an executable file: give the path of a kiln-agent (or of a script that execs one), and `chmod +x` it",
+            p.display()
+        );
+    }
+    Ok(given.to_vec())
 }
 
 fn toml_str(s: &Path) -> anyhow::Result<String> {
@@ -462,11 +506,50 @@ mod tests {
     #[test]
     fn missing_binaries_say_how_to_build_them() {
         let dir = TempDir::new("kiln-demo-test").unwrap();
-        let err = find_binaries(Some(dir.path().into()))
+        let err = find_binaries(Some(dir.path().into()), false)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("cargo build --workspace"), "{err}");
         assert!(err.contains("KILN_BIN_DIR"), "{err}");
+    }
+
+    /// With `--agent`, kiln-agent need not exist next to kiln; kiln itself still must.
+    #[test]
+    fn agent_programs_replace_the_found_agent() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = TempDir::new("kiln-demo-test").unwrap();
+        let kiln = dir.path().join("kiln");
+        std::fs::write(&kiln, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&kiln, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bins = find_binaries(Some(dir.path().into()), true).unwrap();
+        assert_eq!(bins.kiln, kiln);
+        assert_eq!(bins.agent, None);
+        let err = find_binaries(Some(dir.path().into()), false).err().unwrap();
+        assert!(err.to_string().contains("kiln-agent not found"), "{err}");
+
+        // Default: two agents of the kiln-agent found.
+        let found = dir.path().join("kiln-agent");
+        assert_eq!(
+            agent_programs(&[], Some(&found)).unwrap(),
+            vec![found.clone(), found]
+        );
+        // One agent per --agent, in order.
+        let wrapper = dir.path().join("agent-arm");
+        std::fs::write(&wrapper, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let given = vec![wrapper.clone(), kiln.clone(), wrapper.clone()];
+        assert_eq!(agent_programs(&given, None).unwrap(), given);
+        // Not executable, or missing: refused with the path and what to do.
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = agent_programs(std::slice::from_ref(&wrapper), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not an executable file"), "{err}");
+        assert!(err.contains("agent-arm"), "{err}");
+        let missing = dir.path().join("nope");
+        let err = agent_programs(&[missing], None).err().unwrap();
+        assert!(format!("{err:#}").contains("nope"), "{err:#}");
     }
 }

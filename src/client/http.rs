@@ -3,7 +3,9 @@
 //! Every client command and `kiln demo` go through [`Client`], so that errors read the same
 //! everywhere: a coordinator that cannot be reached says how to point the client at one, and an
 //! [`ErrorBody`] from the coordinator is shown with its message, code and HTTP status. A 503
-//! (an actor mailbox closed while it restarts) is retried a few times, honouring `Retry-After`.
+//! (an actor mailbox closed while it restarts, a full commit queue) or a 429 is retried a few
+//! times with Kiln's one retry policy ([`crate::retry::Policy::CLIENT`]), honouring
+//! `Retry-After`.
 
 use std::io::Read;
 use std::time::Duration;
@@ -16,10 +18,8 @@ use crate::protocol::{ErrorBody, CLIENT_API};
 /// The coordinator's client listener when neither `--coordinator` nor `KILN_COORDINATOR` is set.
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:8746";
 
-/// Attempts at one request while the coordinator answers 503.
+/// Attempts at one request while the coordinator answers 503 or 429.
 const BUSY_ATTEMPTS: u32 = 5;
-/// Longest wait between two attempts, whatever `Retry-After` says.
-const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a request to the coordinator failed. Each message says what happened, to which request,
 /// and what to do.
@@ -198,6 +198,7 @@ impl Client {
         let request = self.describe(method, path);
         let url = format!("{}{CLIENT_API}/{}", self.base, path.trim_start_matches('/'));
         let mut attempt = 0;
+        let mut backoff = crate::retry::Policy::CLIENT.backoff();
         loop {
             attempt += 1;
             let mut req = self.agent.request(method, &url);
@@ -221,11 +222,13 @@ impl Client {
             };
             match result {
                 Ok(resp) => return Ok(resp),
-                Err(ureq::Error::Status(503, resp)) if attempt < BUSY_ATTEMPTS => {
-                    let wait =
-                        retry_after(&resp).unwrap_or(Duration::from_millis(500 * attempt as u64));
-                    tracing::debug!(request = %request, attempt, "coordinator busy, retrying");
-                    std::thread::sleep(wait.min(MAX_RETRY_WAIT));
+                Err(ureq::Error::Status(status @ (503 | 429), resp)) if attempt < BUSY_ATTEMPTS => {
+                    let next = backoff
+                        .next_wait()
+                        .unwrap_or(crate::retry::Policy::CLIENT.cap);
+                    let wait = crate::retry::Policy::wait(next, retry_after(&resp));
+                    tracing::debug!(request = %request, attempt, status, wait_ms = wait.as_millis() as u64, "coordinator busy, retrying");
+                    std::thread::sleep(wait);
                 }
                 Err(ureq::Error::Status(503, resp)) => {
                     // A 503 may still carry an ErrorBody that says more than "busy".
@@ -249,8 +252,7 @@ impl Client {
 }
 
 fn retry_after(resp: &ureq::Response) -> Option<Duration> {
-    let secs: u64 = resp.header("Retry-After")?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs))
+    crate::retry::parse_retry_after(resp.header("Retry-After")?, std::time::SystemTime::now())
 }
 
 fn status_error(status: u16, resp: ureq::Response, request: &str, base: &str) -> ClientError {

@@ -87,6 +87,17 @@ pub enum HashParseError {
     BadEncoding(String, String),
 }
 
+/// `s` for an error message, cut short if long: hash strings come from untrusted input (a
+/// `.drv`, a narinfo, an agent's report), and an error must not echo megabytes of it (found by
+/// the `drv` fuzz target, see `tests/data/fuzz-regressions/drv/`).
+pub(crate) fn shown(s: &str) -> String {
+    const MAX_CHARS: usize = 120;
+    match s.char_indices().nth(MAX_CHARS) {
+        None => s.to_string(),
+        Some((cut, _)) => format!("{}… ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
 impl Hash {
     /// SHA-256 of `data`.
     pub fn sha256(data: &[u8]) -> Hash {
@@ -128,7 +139,7 @@ impl Hash {
     pub fn parse_digest(algo: HashAlgo, s: &str) -> Result<Hash, HashParseError> {
         let size = algo.size();
         let b64len = size.div_ceil(3) * 4;
-        let bad = |e: String| HashParseError::BadEncoding(s.to_string(), e);
+        let bad = |e: String| HashParseError::BadEncoding(shown(s), e);
         let bytes = if s.len() == size * 2 {
             // `from_str_radix` alone would also take a leading `+`; Nix takes hex digits only.
             if let Some(c) = s.chars().find(|c| !c.is_ascii_hexdigit()) {
@@ -157,7 +168,7 @@ impl Hash {
             v
         } else {
             return Err(HashParseError::WrongLength {
-                hash: s.to_string(),
+                hash: shown(s),
                 algo,
                 base16: size * 2,
                 base32: base32::encoded_len(size),
@@ -178,10 +189,10 @@ impl FromStr for Hash {
         } else if let Some((a, d)) = s.split_once('-') {
             (a, d)
         } else {
-            return Err(HashParseError::NoAlgo(s.to_string()));
+            return Err(HashParseError::NoAlgo(shown(s)));
         };
         let algo =
-            HashAlgo::from_name(algo).ok_or_else(|| HashParseError::UnknownAlgo(algo.into()))?;
+            HashAlgo::from_name(algo).ok_or_else(|| HashParseError::UnknownAlgo(shown(algo)))?;
         Hash::parse_digest(algo, digest)
     }
 }

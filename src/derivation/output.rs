@@ -95,8 +95,9 @@ impl OutputError {
     }
 }
 
+/// `b` for an error message: lossy UTF-8, cut short if long.
 fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    super::hash::shown(&String::from_utf8_lossy(b))
 }
 
 /// Parse `hashAlgo` (`sha256`, `r:sha1`, …) into its method and algorithm.

@@ -7,14 +7,14 @@ use super::error::ApiError;
 use super::AppState;
 use crate::actors::agent_session::{path_info, Beat, RequestWork};
 use crate::actors::allocator::RequestAlive;
-use crate::actors::build_queue::{Finish, Progress};
+use crate::actors::build_queue::{Finish, GetRecord, Progress};
 use crate::actors::registry::{Open, SessionOf};
 use crate::derivation::Hash;
 use crate::protocol::{
     BuildState, Heartbeat, HeartbeatReply, LogQuery, OpenSession, Outcome, ResultReport,
     StartReport, UploadQuery, WorkRequest, SESSION_HEADER,
 };
-use crate::store::nar_cache::{valid_output_name, UploadKey};
+use crate::store::nar_cache::{valid_output_name, LogLimits, UploadKey};
 
 /// An authenticated agent: the session token named a live session. Every authenticated
 /// request counts as a sign of life.
@@ -188,6 +188,35 @@ fn upload_key(build_id: u64, output: &str, q: &UploadQuery) -> Result<UploadKey,
     })
 }
 
+/// Refuses an output name the build does not declare (404 `no_such_output`), from the
+/// build's record. Runs before the body is read.
+async fn check_declared(state: &AppState, build_id: u64, output: &str) -> Result<(), ApiError> {
+    let rec = state
+        .queue
+        .send(GetRecord(build_id))
+        .await
+        .map_err(ApiError::mailbox)??
+        .ok_or_else(|| {
+            ApiError::new(
+                actix_web::http::StatusCode::NOT_FOUND,
+                "no_such_build",
+                format!("no build {build_id}"),
+            )
+        })?;
+    if rec.outputs.iter().any(|(n, _)| n == output) {
+        return Ok(());
+    }
+    let declared: Vec<&str> = rec.outputs.iter().map(|(n, _)| n.as_str()).collect();
+    Err(ApiError::new(
+        actix_web::http::StatusCode::NOT_FOUND,
+        "no_such_output",
+        format!(
+            "build {build_id} declares no output {output:?} (it declares {}): upload only the derivation's outputs",
+            declared.join(", ")
+        ),
+    ))
+}
+
 #[get("/builds/{id}/outputs/{name}")]
 async fn upload_status(
     state: web::Data<AppState>,
@@ -196,11 +225,14 @@ async fn upload_status(
     q: web::Query<UploadQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let (build_id, name) = path.into_inner();
-    progress(&state, &auth, build_id, q.attempt, None).await?;
     let key = upload_key(build_id, &name, &q)?;
+    check_declared(&state, build_id, &name).await?;
+    progress(&state, &auth, build_id, q.attempt, None).await?;
     Ok(HttpResponse::Ok().json(state.nars.upload_status(&key)?))
 }
 
+/// Every check (output name, size, lease, declared output) runs before the body is read: a
+/// refusal answers without consuming the payload.
 #[put("/builds/{id}/outputs/{name}")]
 async fn upload(
     state: web::Data<AppState>,
@@ -222,6 +254,7 @@ async fn upload(
             ),
         ));
     }
+    check_declared(&state, build_id, &name).await?;
     progress(
         &state,
         &auth,
@@ -244,10 +277,14 @@ async fn upload_log(
 ) -> Result<HttpResponse, ApiError> {
     let build_id = path.into_inner();
     progress(&state, &auth, build_id, q.attempt, None).await?;
-    let limit = state.config.limits.log_mb << 20;
+    let limits = LogLimits {
+        compressed: state.config.limits.log_mb << 20,
+        decompressed: state.config.limits.log_decompressed_mb << 20,
+        stall: state.nars.stall(),
+    };
     state
         .nars
-        .receive_log(build_id, q.attempt, limit, body)
+        .receive_log(build_id, q.attempt, limits, body)
         .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({})))
 }

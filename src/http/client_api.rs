@@ -246,6 +246,7 @@ async fn show(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResp
     Ok(HttpResponse::Ok().json(d))
 }
 
+/// The log, decompressed while it streams (bounded memory whatever the compression ratio).
 #[get("/builds/{id}/log")]
 async fn log(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
@@ -258,12 +259,18 @@ async fn log(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpRespo
     if rec.log_attempt == 0 {
         return Err(ApiError::not_found(format!("build {id} has no log (yet)")));
     }
-    let nars = state.nars.clone();
-    let bytes = web::block(move || nars.read_log(id, rec.log_attempt))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
-    Ok(HttpResponse::Ok().content_type("text/plain").body(bytes))
+    let body = match state.nars.log_stream(id, rec.log_attempt).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::not_found(format!(
+                "the log file of build {id} is missing from the state dir"
+            )))
+        }
+        Err(e) => return Err(internal(e)),
+    };
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain")
+        .streaming(body))
 }
 
 #[post("/builds/{id}/cancel")]

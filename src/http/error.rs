@@ -134,7 +134,11 @@ impl From<UploadError> for ApiError {
         let msg = e.to_string();
         match e {
             UploadError::Offset { .. } => ApiError::new(S::CONFLICT, "upload_offset", msg),
-            UploadError::TooLarge(_) => ApiError::new(S::PAYLOAD_TOO_LARGE, "too_large", msg),
+            UploadError::TooLarge(_) | UploadError::LogTooLarge(_) => {
+                ApiError::new(S::PAYLOAD_TOO_LARGE, "too_large", msg)
+            }
+            UploadError::Stalled(_) => ApiError::new(S::REQUEST_TIMEOUT, "transfer_stalled", msg),
+            UploadError::Superseded => ApiError::new(S::CONFLICT, "upload_superseded", msg),
             UploadError::HashMismatch(_) => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "hash_mismatch", msg)
             }

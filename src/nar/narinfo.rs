@@ -235,8 +235,14 @@ fn parse_field(f: &mut Fields, line: usize, name: &str, value: &str) -> Result<(
                 .map(str::to_string)
                 .collect();
             for r in &refs {
-                check_base_name(r)
-                    .map_err(|reason| bad("References", format!("{r:?}: {reason}")))?;
+                check_base_name(r).map_err(|reason| {
+                    // One reference can be the whole line: quote only its start.
+                    let mut shown: String = r.chars().take(100).collect();
+                    if shown.len() < r.len() {
+                        shown.push('…');
+                    }
+                    bad("References", format!("{shown:?}: {reason}"))
+                })?;
             }
             set(&mut f.references, refs, line, "References")
         }

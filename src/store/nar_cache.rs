@@ -1,18 +1,18 @@
 //! The NAR cache under the state dir, laid out so nginx can serve it as is:
 //! `cache/nix-cache-info`, `cache/<hash>.narinfo`, `cache/nar/<filehash>.nar.zst`. Also the
 //! upload spool (`uploads/`, resumable: an upload is keyed by build, attempt, output and file
-//! hash, and its partial file's length is how much arrived) and build logs (`logs/`).
+//! hash, and its partial file's length is how much arrived; see [`uploads`]) and build logs
+//! (`logs/`, see [`logs`]).
 //!
-//! An uploaded NAR is made available only after its FileHash and NarHash are checked; the
-//! `nar_files` record is committed after the file is in place, and a narinfo is written last.
+//! An uploaded NAR is made available only after its FileHash and NarHash are checked (while
+//! its bytes arrive); the `nar_files` record is committed after the file is in place, and a
+//! narinfo is written last.
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::{Stream, StreamExt as _};
-use sha2::Digest as _;
 use thiserror::Error;
 
 use super::records::{NarFileRecord, OutputRecord};
@@ -22,12 +22,25 @@ use crate::nar::narinfo::NarInfo;
 use crate::nar::signing::SecretKey;
 use crate::protocol::UploadStatus;
 
+pub mod logs;
+pub mod uploads;
+
+pub use logs::LogLimits;
+
 #[derive(Debug, Error)]
 pub enum UploadError {
     #[error("upload offset {offset} does not match the {received} bytes received so far: resend from {received}")]
     Offset { offset: u64, received: u64 },
     #[error("upload is larger than its declared file size {0}")]
     TooLarge(u64),
+    #[error("no bytes of the body arrived for {} ms (timeouts.transfer_stall_ms): the request was dropped and the bytes received are kept; ask for the upload status and resume", .0.as_millis())]
+    Stalled(Duration),
+    #[error(
+        "a newer request for this upload took over: ask for the upload status and resume from it"
+    )]
+    Superseded,
+    #[error("the build log decompresses to more than {0} bytes (limits.log_decompressed_mb): it was not stored; shorten the log or raise the limit")]
+    LogTooLarge(u64),
     #[error("{0}")]
     HashMismatch(String),
     #[error("{0}")]
@@ -84,9 +97,14 @@ pub struct NarCache {
     store: Store,
     committer: Committer,
     key: Option<SecretKey>,
-    /// One lock per upload in progress, so two requests for one upload cannot interleave.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Output uploads in progress: their partial files, locks and verifiers.
+    uploads: uploads::Uploads,
 }
+
+/// Default of `timeouts.transfer_stall_ms`.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
+/// Default of `timeouts.partial_upload_expiry_ms`.
+pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 
 impl NarCache {
     pub fn new(
@@ -103,8 +121,64 @@ impl NarCache {
             store,
             committer,
             key,
-            locks: Mutex::new(HashMap::new()),
+            uploads: uploads::Uploads::new(
+                state_dir.join("uploads"),
+                DEFAULT_STALL,
+                DEFAULT_EXPIRY,
+            ),
         })
+    }
+
+    /// Sets the stall timeout of request bodies and the expiry of partial uploads nobody
+    /// resumes (`timeouts.transfer_stall_ms`, `timeouts.partial_upload_expiry_ms`).
+    pub fn with_transfer_timeouts(mut self, stall: Duration, expiry: Duration) -> NarCache {
+        self.uploads.set_timeouts(stall, expiry);
+        self
+    }
+
+    /// The stall timeout of request bodies.
+    pub fn stall(&self) -> Duration {
+        self.uploads.stall()
+    }
+
+    /// Removes what a crash left: partial uploads older than the expiry, temporary files of
+    /// source uploads, logs and narinfos. Call before serving. Blocking.
+    pub fn sweep_at_start(&self) -> usize {
+        let mut removed = self.uploads.sweep_at_start();
+        for dir in [
+            self.root.join("logs"),
+            self.cache_dir(),
+            self.cache_dir().join("nar"),
+        ] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().contains(".tmp-") {
+                    let _ = std::fs::remove_file(e.path());
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Removes partial uploads (and their slots) nobody used for the expiry. Blocking.
+    pub fn sweep_uploads(&self) -> usize {
+        let n = self.uploads.sweep();
+        metrics::gauge!("kiln_upload_slots").set(self.uploads.slot_count() as f64);
+        n
+    }
+
+    /// How often [`NarCache::sweep_uploads`] should run: a quarter of the expiry, between
+    /// 100 ms and a minute.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.uploads.expiry() / 4).clamp(Duration::from_millis(100), Duration::from_secs(60))
+    }
+
+    /// Uploads in progress or waiting to be resumed (their slots in memory).
+    pub fn upload_slots(&self) -> usize {
+        self.uploads.slot_count()
     }
 
     fn cache_dir(&self) -> PathBuf {
@@ -135,11 +209,6 @@ impl NarCache {
             .join(format!("{build_id}-{attempt}.log.zst"))
     }
 
-    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(name.to_string()).or_default().clone()
-    }
-
     fn verified(&self, file_hash: &Hash) -> Result<Option<NarFileRecord>, StoreError> {
         self.store
             .get(TreeId::NarFiles, file_hash.to_nix_string().as_bytes())
@@ -155,89 +224,64 @@ impl NarCache {
                 nar_size: Some(r.nar_size),
             });
         }
-        let part = self.root.join("uploads").join(key.file_name());
-        let received = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
         Ok(UploadStatus {
-            received,
+            received: self.uploads.received(key),
             verified: false,
             nar_hash: None,
             nar_size: None,
         })
     }
 
-    /// Append a body at `offset`; once the whole file is there, verify and store it.
-    pub async fn receive<S, B, E>(
+    /// Append a body at `offset`; once the whole file is there (and verified while it
+    /// arrived), store it. A file already verified is answered at once, its body unread.
+    pub async fn receive<S, E>(
         &self,
         key: &UploadKey,
         offset: u64,
-        mut body: S,
+        body: S,
     ) -> Result<UploadStatus, UploadError>
     where
-        S: Stream<Item = Result<B, E>> + Unpin,
-        B: AsRef<[u8]>,
+        S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let name = key.file_name();
-        let lock = self.lock_for(&name);
-        let _guard = lock.lock().await;
-        let status = self.upload_status(key)?;
-        if status.verified {
-            return Ok(status);
-        }
-        if offset != status.received {
-            return Err(UploadError::Offset {
-                offset,
-                received: status.received,
+        if let Some(r) = self.verified(&key.file_hash)? {
+            return Ok(UploadStatus {
+                received: r.file_size,
+                verified: true,
+                nar_hash: Some(r.nar_hash),
+                nar_size: Some(r.nar_size),
             });
         }
-        let part = self.root.join("uploads").join(&name);
-        let mut file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&part)
-            .await?;
-        let mut received = offset;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| UploadError::Body(e.to_string()))?;
-            let chunk = chunk.as_ref();
-            received += chunk.len() as u64;
-            if received > key.file_size {
-                drop(file);
-                let _ = std::fs::remove_file(&part);
-                return Err(UploadError::TooLarge(key.file_size));
-            }
-            tokio::io::AsyncWriteExt::write_all(&mut file, chunk).await?;
-            metrics::counter!("kiln_upload_bytes_total").increment(chunk.len() as u64);
-        }
-        tokio::io::AsyncWriteExt::flush(&mut file).await?;
-        drop(file);
-        if received < key.file_size {
+        let received = self.uploads.receive(key, offset, body).await;
+        metrics::gauge!("kiln_upload_slots").set(self.uploads.slot_count() as f64);
+        let (received, verified) = received?;
+        let Some(v) = verified else {
             return Ok(UploadStatus {
                 received,
                 verified: false,
                 nar_hash: None,
                 nar_size: None,
             });
+        };
+        if v.file_hash != key.file_hash {
+            self.uploads.forget(key);
+            return Err(UploadError::HashMismatch(format!(
+                "the uploaded file hashes to {}, not the declared FileHash {}: it was discarded; upload it again",
+                v.file_hash, key.file_hash
+            )));
         }
-        let (part2, k) = (part.clone(), key.clone());
         let dest = self
             .cache_dir()
             .join("nar")
             .join(format!("{}.nar.zst", key.file_hash.to_base32()));
-        let summary = tokio::task::spawn_blocking(move || verify_compressed(&part2, &k, &dest))
-            .await
-            .map_err(|e| UploadError::Commit(e.to_string()))?;
-        let (nar_hash, nar_size) = match summary {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = std::fs::remove_file(&part);
-                return Err(e);
-            }
-        };
+        // The verifier fsynced the file: it is on disk before the record that makes it
+        // available is committed.
+        tokio::fs::rename(self.uploads.part_path(key), &dest).await?;
+        self.uploads.forget(key);
         let rec = NarFileRecord {
-            file_size: key.file_size,
-            nar_hash: nar_hash.to_nix_string(),
-            nar_size,
+            file_size: v.file_size,
+            nar_hash: v.nar_hash.to_nix_string(),
+            nar_size: v.nar_size,
             created_ms: now_ms(),
         };
         let mut b = Batch::new();
@@ -254,13 +298,13 @@ impl NarCache {
             received,
             verified: true,
             nar_hash: Some(rec.nar_hash),
-            nar_size: Some(nar_size),
+            nar_size: Some(rec.nar_size),
         })
     }
 
     /// Receive an input source as an uncompressed NAR; verify it against `nar_hash`, compress
     /// it into the cache and make the path available.
-    pub async fn receive_source<S, B, E>(
+    pub async fn receive_source<S, E>(
         &self,
         path: &str,
         nar_hash: &Hash,
@@ -269,8 +313,7 @@ impl NarCache {
         mut body: S,
     ) -> Result<OutputRecord, UploadError>
     where
-        S: Stream<Item = Result<B, E>> + Unpin,
-        B: AsRef<[u8]>,
+        S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         let tmp = self
@@ -279,15 +322,21 @@ impl NarCache {
             .join(format!("src-{}.nar", random_suffix()));
         let mut file = tokio::fs::File::create(&tmp).await?;
         let mut size = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
+        let stall = self.stall();
+        loop {
+            let chunk = match tokio::time::timeout(stall, body.next()).await {
+                Ok(None) => break,
+                Ok(Some(Ok(c))) => c,
+                Ok(Some(Err(e))) => {
                     let _ = std::fs::remove_file(&tmp);
                     return Err(UploadError::Body(e.to_string()));
                 }
+                Err(_) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    metrics::counter!("kiln_transfer_stalls_total").increment(1);
+                    return Err(UploadError::Stalled(stall));
+                }
             };
-            let chunk = chunk.as_ref();
             size += chunk.len() as u64;
             if size > limit {
                 drop(file);
@@ -296,7 +345,7 @@ impl NarCache {
                     "source NAR is larger than the limit of {limit} bytes (limits.source_nar_mb)"
                 )));
             }
-            tokio::io::AsyncWriteExt::write_all(&mut file, chunk).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await?;
         }
         tokio::io::AsyncWriteExt::flush(&mut file).await?;
         drop(file);
@@ -402,55 +451,29 @@ impl NarCache {
         Ok(n)
     }
 
-    /// Store a build log (zstd-compressed bytes as the agent sent them).
-    pub async fn receive_log<S, B, E>(
+    /// Store a build log (zstd-compressed bytes as the agent sent them), after checking by
+    /// streaming that it decompresses within `limits.decompressed`.
+    pub async fn receive_log<S, E>(
         &self,
         build_id: u64,
         attempt: u32,
-        limit: u64,
-        mut body: S,
+        limits: LogLimits,
+        body: S,
     ) -> Result<(), UploadError>
     where
-        S: Stream<Item = Result<B, E>> + Unpin,
-        B: AsRef<[u8]>,
+        S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let dest = self.log_path(build_id, attempt);
-        let tmp = dest.with_extension(format!("tmp-{}", random_suffix()));
-        let mut file = tokio::fs::File::create(&tmp).await?;
-        let mut size = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| UploadError::Body(e.to_string()));
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(e);
-                }
-            };
-            let chunk = chunk.as_ref();
-            size += chunk.len() as u64;
-            if size > limit {
-                drop(file);
-                let _ = std::fs::remove_file(&tmp);
-                return Err(UploadError::BadRequest(format!(
-                    "build log is larger than the limit of {limit} bytes (limits.log_mb)"
-                )));
-            }
-            tokio::io::AsyncWriteExt::write_all(&mut file, chunk).await?;
-        }
-        file.sync_all().await?;
-        drop(file);
-        tokio::fs::rename(&tmp, &dest).await?;
-        Ok(())
+        logs::receive(&self.log_path(build_id, attempt), limits, body).await
     }
 
-    /// A stored log, decompressed.
-    pub fn read_log(&self, build_id: u64, attempt: u32) -> std::io::Result<Vec<u8>> {
-        let f = std::fs::File::open(self.log_path(build_id, attempt))?;
-        let mut out = Vec::new();
-        zstd::stream::read::Decoder::new(f)?.read_to_end(&mut out)?;
-        Ok(out)
+    /// A stored log, decompressed as it is read (bounded memory for any ratio).
+    pub async fn log_stream(
+        &self,
+        build_id: u64,
+        attempt: u32,
+    ) -> std::io::Result<impl Stream<Item = Result<bytes::Bytes, std::io::Error>>> {
+        logs::stream(self.log_path(build_id, attempt)).await
     }
 }
 
@@ -458,7 +481,7 @@ pub fn cache_info(store_dir: &str) -> String {
     format!("StoreDir: {store_dir}\nWantMassQuery: 1\nPriority: 40\n")
 }
 
-fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     use rand::RngCore as _;
     format!("{:016x}", rand::thread_rng().next_u64())
 }
@@ -477,44 +500,6 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
-}
-
-/// Check a complete upload: its sha256 must be the declared file hash, and it must decompress
-/// to a valid NAR. Moves it to `dest` and returns (NarHash, NarSize).
-fn verify_compressed(
-    part: &Path,
-    key: &UploadKey,
-    dest: &Path,
-) -> Result<(Hash, u64), UploadError> {
-    let mut f = std::fs::File::open(part)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    let got = Hash {
-        algo: crate::derivation::HashAlgo::Sha256,
-        bytes: h.finalize().to_vec(),
-    };
-    if got != key.file_hash {
-        return Err(UploadError::HashMismatch(format!(
-            "the uploaded file hashes to {got}, not the declared FileHash {}: it was discarded; upload it again",
-            key.file_hash
-        )));
-    }
-    let f = std::fs::File::open(part)?;
-    let mut dec = zstd::stream::read::Decoder::new(f)
-        .map_err(|e| UploadError::HashMismatch(format!("the upload is not zstd: {e}")))?;
-    let summary = crate::nar::validate(&mut dec)
-        .map_err(|e| UploadError::HashMismatch(format!("the upload is not a valid NAR: {e}")))?;
-    // On disk before the record that makes it available is committed.
-    std::fs::File::open(part)?.sync_all()?;
-    std::fs::rename(part, dest)?;
-    Ok((summary.nar_hash, summary.nar_size))
 }
 
 /// Validate an uncompressed source NAR against its claimed hash and compress it into the

@@ -1,8 +1,10 @@
 //! Shared support for the integration tests: a real `kiln coordinator` process on loopback
 //! (`:0` ports, ready file), deadline pollers, `kiln state dump`, and derivations with
-//! correct store paths.
+//! correct store paths; [`transfer`]: builds held by a hand-played agent and raw HTTP.
 
 #![allow(dead_code)]
+
+pub mod transfer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -5,6 +5,11 @@
 //! then removes stale output paths, makes a fresh build dir, runs the builder (environment in
 //! [`super::env`], process handling in [`super::process`]) and, on exit 0, checks every output
 //! exists and spools each in one pass (dump → reference scan + NarHash → zstd → FileHash → file).
+//!
+//! Every file operation that can take long (removing output paths and the build dir, writing
+//! the build dir, spooling) runs on tokio's blocking pool, never on the runtime's one thread,
+//! which also sends the heartbeats. Only the fork of the builder stays on that thread (see
+//! [`super::process`]: `PR_SET_PDEATHSIG` follows the forking thread).
 
 use std::ffi::OsStr;
 use std::fs;
@@ -19,7 +24,7 @@ use tokio::sync::watch;
 use super::env::build_env;
 use super::process::{self, Exit, Limits, StopReason};
 use crate::nario::{self, HashCounter, RefScanner, Tee};
-use crate::state::{remove_tree, BuildDir};
+use crate::state::{blocking, remove_tree, BuildDir};
 
 /// What became of a build.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,10 +84,10 @@ impl NativeExecutor {
                 Err(e) => return Ok(BuildResult::Failed(format!("{e:#}"))),
             }
         }
-        for (_, local) in &outputs {
-            // A builder killed with an earlier agent may have left a partial output.
-            remove_tree(local).context("failed to remove a stale output path")?;
-        }
+        // A builder killed with an earlier agent may have left a partial output.
+        remove_all(&outputs)
+            .await
+            .context("failed to remove a stale output path")?;
         let exit = self.run_builder(a, &drv, dir, stop).await?;
         let unfinished = match exit {
             Exit::Success => None,
@@ -91,10 +96,12 @@ impl NativeExecutor {
         };
         if let Some(result) = unfinished {
             // As Nix does: what a failed builder left behind is not an output.
-            for (_, local) in &outputs {
-                if let Err(e) = remove_tree(local) {
-                    tracing::warn!(path = %local.display(), error = format!("{e:#}"), "failed to remove a partial output");
-                }
+            if let Err(e) = remove_all(&outputs).await {
+                tracing::warn!(
+                    build_id = a.build_id,
+                    error = format!("{e:#}"),
+                    "failed to remove a partial output"
+                );
             }
             return Ok(result);
         }
@@ -136,8 +143,6 @@ impl NativeExecutor {
         stop: &mut watch::Receiver<Option<StopReason>>,
     ) -> anyhow::Result<Exit> {
         let top = dir.build_top();
-        remove_tree(&top)?;
-        fs::create_dir_all(&top).with_context(|| format!("failed to create {}", top.display()))?;
         let outs: Vec<(String, String)> = a
             .outputs
             .iter()
@@ -151,10 +156,17 @@ impl NativeExecutor {
             Ok(v) => v,
             Err(e) => return Ok(Exit::Failed(e.to_string())),
         };
-        for f in &env.files {
-            fs::write(top.join(&f.name), &f.contents)
-                .with_context(|| format!("failed to write {} in the build dir", f.name))?;
-        }
+        let (t, files) = (top.clone(), env.files.clone());
+        blocking("prepare the build dir", move || {
+            remove_tree(&t)?;
+            fs::create_dir_all(&t).with_context(|| format!("failed to create {}", t.display()))?;
+            for f in &files {
+                fs::write(t.join(&f.name), &f.contents)
+                    .with_context(|| format!("failed to write {} in the build dir", f.name))?;
+            }
+            Ok(())
+        })
+        .await?;
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -181,7 +193,8 @@ impl NativeExecutor {
             "builder started"
         );
         let exit = process::supervise(child, &dir.log(), self.limits, stop).await;
-        if let Err(e) = remove_tree(&top) {
+        let t = top.clone();
+        if let Err(e) = blocking("remove the build dir", move || remove_tree(&t)).await {
             tracing::warn!(
                 build_id = a.build_id,
                 error = format!("{e:#}"),
@@ -192,6 +205,15 @@ impl NativeExecutor {
         tracing::info!(build_id = a.build_id, attempt = a.attempt, exit = ?exit, "builder ended");
         Ok(exit)
     }
+}
+
+/// Removes the local output paths (blocking pool).
+async fn remove_all(outputs: &[(kiln::protocol::OutputSpec, PathBuf)]) -> anyhow::Result<()> {
+    let paths: Vec<PathBuf> = outputs.iter().map(|(_, p)| p.clone()).collect();
+    blocking("remove output paths", move || {
+        paths.iter().try_for_each(|p| remove_tree(p))
+    })
+    .await
 }
 
 /// Hash part -> full store path, for every input and output path of the assignment.
