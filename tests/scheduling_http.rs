@@ -4,7 +4,10 @@
 //! - a waiting request whose connection closed is never served: the build goes to the next
 //!   agent that asks, at attempt 1;
 //! - listings page with a cursor (`x-kiln-next-cursor`) and return every build exactly once,
-//!   for a live state and for the whole list.
+//!   for a live state and for the whole list;
+//! - which agent may take a build: its system (an i586-gnu build never reaches an
+//!   aarch64-linux agent), `builtin` to any agent, a matched tag only to an agent that offers
+//!   it, and an agent that requires a tag only gets builds carrying it.
 //!
 //! No timed assertions: every wait is a deadline poller or a join that only bounds a hang.
 
@@ -18,7 +21,7 @@ use std::time::Duration;
 use common::*;
 use kiln::derivation::store_path::StoreDir;
 use leases_common::{register, submit, RawAgent};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// Only bounds a hang on a slow, shared machine.
 const LIMIT: Duration = Duration::from_secs(120);
@@ -185,4 +188,107 @@ fn cursor_paging_returns_every_build_exactly_once() {
     // limit=0 means no limit: one page with everything.
     let (ids, pages) = all_pages(&c, "limit=0");
     assert_eq!((ids.len(), pages), (23, 1));
+}
+
+/// Register an agent of `systems` and open its session offering and requiring these tags.
+fn agent_of(c: &Coordinator, name: &str, systems: &[&str], offers: Value, requires: Value) -> RawAgent {
+    let (code, a) = post(
+        &c.url("/api/v1/agents"),
+        &json!({"name": name, "systems": systems}),
+    );
+    assert_eq!(code, 200, "{a}");
+    let secret = a["secret"].as_str().unwrap().to_string();
+    let (code, s) = post(
+        &c.agent("/api/agent/v1/session"),
+        &json!({"name": name, "secret": secret, "protocol_version": 1, "systems": systems,
+            "max_parallel_builds": 10, "builds": [], "offers": offers, "requires": requires}),
+    );
+    assert_eq!(code, 200, "{s}");
+    RawAgent {
+        base: c.agent_url.clone(),
+        name: name.into(),
+        secret,
+        token: s["session_token"].as_str().unwrap().to_string(),
+    }
+}
+
+/// Submit `drvs` with these tags; their build ids.
+fn submit_tagged(c: &Coordinator, drvs: &[(String, Vec<u8>)], tags: Value) -> Vec<u64> {
+    let derivations: Vec<Value> = drvs
+        .iter()
+        .map(|(p, b)| json!({"path": p, "contents": b64(b)}))
+        .collect();
+    let paths: Vec<&String> = drvs.iter().map(|(p, _)| p).collect();
+    let (code, r) = post(
+        &c.url("/api/v1/builds"),
+        &json!({"derivations": derivations, "builds": paths, "tags": tags}),
+    );
+    assert_eq!(code, 200, "{r}");
+    r["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// The ids of the builds one work request (no wait, up to 10) leased.
+fn take(agent: &RawAgent, request: &str) -> BTreeSet<u64> {
+    let w = agent.work(Some(request), 10);
+    w["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["build_id"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn systems_tags_and_builtin_decide_which_agent_gets_a_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let c = Coordinator::start(
+        tmp.path(),
+        &store,
+        "[scheduling]\nmatched_tags = [\"big-memory\"]\n",
+    );
+    let sd = StoreDir::new(&store).unwrap();
+    let hurd = system_drv(&sd, "hurd", "i586-gnu", "echo > $out");
+    let arm = system_drv(&sd, "arm", "aarch64-linux", "echo > $out");
+    let fetch1 = system_drv(&sd, "fetch-1", "builtin", "echo > $out");
+    let small = system_drv(&sd, "small", "x86_64-linux", "echo > $out");
+    let big = system_drv(&sd, "big", "x86_64-linux", "echo > $out");
+    let ids = submit(&c, &[hurd, arm, fetch1, small]);
+    let (hurd_id, arm_id, fetch1_id, small_id) = (ids[0], ids[1], ids[2], ids[3]);
+    let big_id = submit_tagged(&c, &[big], json!([["big-memory", "yes"]]))[0];
+
+    // An aarch64-linux agent: its own build and the builtin one, never the i586-gnu build.
+    let a_arm = agent_of(&c, "arm", &["aarch64-linux"], json!([]), json!([]));
+    assert_eq!(take(&a_arm, "arm-1"), BTreeSet::from([arm_id, fetch1_id]));
+    // A plain x86_64-linux agent: not the build whose matched tag it does not offer.
+    let a_plain = agent_of(&c, "plain", &["x86_64-linux"], json!([]), json!([]));
+    assert_eq!(take(&a_plain, "plain-1"), BTreeSet::from([small_id]));
+    // An agent that requires big-memory=yes: the big build only.
+    let a_big = agent_of(
+        &c,
+        "big",
+        &["x86_64-linux"],
+        json!([]),
+        json!([["big-memory", "yes"]]),
+    );
+    assert_eq!(take(&a_big, "big-1"), BTreeSet::from([big_id]));
+    // The i586-gnu build waited for an agent of its system; a builtin build submitted now
+    // goes to that agent too.
+    let fetch2_id = submit(&c, &[system_drv(&sd, "fetch-2", "builtin", "echo > $out")])[0];
+    let a_hurd = agent_of(&c, "hurd", &["i586-gnu"], json!([]), json!([]));
+    assert_eq!(take(&a_hurd, "hurd-1"), BTreeSet::from([hurd_id, fetch2_id]));
+    // Everything was leased exactly once.
+    let (runnable, _) = all_pages(&c, "state=runnable&limit=0");
+    assert!(runnable.is_empty(), "{runnable:?}");
+    let (allocated, _) = all_pages(&c, "state=allocated&limit=0");
+    assert_eq!(
+        allocated.into_iter().collect::<BTreeSet<u64>>(),
+        BTreeSet::from([hurd_id, arm_id, fetch1_id, small_id, big_id, fetch2_id])
+    );
 }

@@ -684,3 +684,125 @@ fn a_first_upload_or_result_without_a_start_report_records_the_start() {
     f.commit(fx);
     assert_eq!(f.state(ids[1]), BuildState::Failed);
 }
+
+/// Everything the queue keeps in memory, in a comparable form: symbol ids resolved to names
+/// (a reload interns them afresh), maps sorted. Two states with the same fingerprint answer
+/// every request the same way.
+fn fingerprint(q: &QueueState) -> String {
+    use std::collections::BTreeMap;
+    let live: BTreeMap<BuildId, String> = q
+        .live
+        .iter()
+        .map(|(id, l)| {
+            let sys = q.symbols.system_name(l.system);
+            let tags = q.symbols.tags(l.tags);
+            let mut l = l.clone();
+            l.system = 0;
+            l.tags = 0;
+            (*id, format!("{sys} {tags:?} {l:?}"))
+        })
+        .collect();
+    let by_state: Vec<(BuildState, Vec<BuildId>)> = LIVE_STATES
+        .iter()
+        .map(|s| (*s, q.by_state.page(*s, 0, usize::MAX).0))
+        .collect();
+    let digests = |m: &HashMap<PathDigest, BuildId>| -> BTreeMap<[u8; 20], BuildId> {
+        m.iter().map(|(d, id)| (d.0, *id)).collect()
+    };
+    let waiting: BTreeMap<[u8; 20], &BTreeSet<BuildId>> =
+        q.waiting.iter().map(|(d, s)| (d.0, s)).collect();
+    let leases: BTreeMap<AgentId, &BTreeMap<BuildId, u64>> =
+        q.leases.iter().map(|(a, m)| (*a, m)).collect();
+    let requests: BTreeMap<&RequestKey, &BTreeSet<BuildId>> = q.requests.iter().collect();
+    let request_of: BTreeMap<BuildId, &str> =
+        q.request_of.iter().map(|(id, r)| (*id, &**r)).collect();
+    format!(
+        "live {live:#?}\nby_state {by_state:?}\nwaiting {waiting:?}\nproducers {:?}\n\
+         by_drv {:?}\nleases {leases:?}\nrequests {requests:?}\nrequest_of {request_of:?}\n\
+         next {}",
+        digests(&q.producers),
+        digests(&q.by_drv),
+        q.next_build_id
+    )
+}
+
+/// Restart equals sled: after a mix of every kind of transition (submissions of several
+/// systems, tag sets and priorities; blocked builds raising their producers' `rdeps`; leases
+/// under work request ids; a start; a result unblocking a dependent; a released lease; a
+/// cancel), the state rebuilt from sled by the one-scan load is the state memory had, index
+/// for index, and the allocator's entries agree too.
+#[test]
+fn a_reload_from_sled_equals_memory_after_every_kind_of_transition() {
+    let (mut f, ids) = Fixture::new(&["a", "b", "c"]);
+    let arm = |name: &str, needs: &[&str]| Target {
+        system: "aarch64-linux".into(),
+        ..target(name, needs)
+    };
+    let (fx, blocked) =
+        f.q.submit(
+            vec![target("d", &["a"]), target("e", &["a", "b"]), arm("f", &["c"])],
+            vec![],
+            5,
+            vec![("big-memory".into(), "yes".into())],
+            2,
+        )
+        .unwrap();
+    f.commit(fx);
+    let (fx, arm_ready) =
+        f.q.submit(vec![arm("g", &[])], vec![], -3, vec![], 3)
+            .unwrap();
+    f.commit(fx);
+    assert!(blocked.iter().all(|b| b.state == BuildState::Blocked));
+    assert_eq!(f.q.live_entry(ids[0]).unwrap().rdeps, 2);
+    // Lease a and b under a request id; start a; finish b (e still waits on a).
+    let (fx, got) = f.q.allocate(7, Some("w-1"), &ids[..2], 4).unwrap();
+    f.commit(fx);
+    assert_eq!(got.leased.len(), 2);
+    let fx =
+        f.q.advance(7, ids[0], 1, BuildState::Building, 5)
+            .unwrap();
+    f.commit(fx);
+    f.uploaded("b");
+    let (fx, _) = f.q.finish(7, ids[1], 1, Ok(built("b")), 0, 6).unwrap();
+    f.commit(fx);
+    // Lease c to another agent, then that agent is lost: c is runnable again, its request
+    // remembered for re-adoption.
+    let (fx, _) = f.q.allocate(8, Some("w-2"), &ids[2..3], 7).unwrap();
+    f.commit(fx);
+    let fx = f.q.agent_lost(8).unwrap();
+    f.commit(fx);
+    // Cancel the arm build nobody waits for.
+    let (fx, _) = f.q.cancel(arm_ready[0].id, 8).unwrap();
+    f.commit(fx);
+
+    assert_eq!(f.q.count(BuildState::Building), 1);
+    assert_eq!(f.q.count(BuildState::Blocked), 3);
+    let before = fingerprint(&f.q);
+    let runnable_before = named_entries(&f.q);
+    assert_eq!(runnable_before.len(), 1, "{runnable_before:?}");
+    f.reload();
+    assert_eq!(fingerprint(&f.q), before, "the reloaded state equals memory");
+    assert_eq!(
+        named_entries(&f.q),
+        runnable_before,
+        "the allocator is filled with the same entries"
+    );
+}
+
+/// The allocator's entries (group by name, effective priority, rdeps), by id.
+fn named_entries(q: &QueueState) -> Vec<String> {
+    let mut v = q.runnable();
+    v.sort_by_key(|e| e.id);
+    v.iter()
+        .map(|e| {
+            format!(
+                "{} {} {:?} {} {}",
+                e.id,
+                q.symbols.system_name(e.group.system),
+                q.symbols.tags(e.group.tags),
+                e.effective,
+                e.rdeps
+            )
+        })
+        .collect()
+}
