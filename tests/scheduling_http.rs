@@ -191,7 +191,13 @@ fn cursor_paging_returns_every_build_exactly_once() {
 }
 
 /// Register an agent of `systems` and open its session offering and requiring these tags.
-fn agent_of(c: &Coordinator, name: &str, systems: &[&str], offers: Value, requires: Value) -> RawAgent {
+fn agent_of(
+    c: &Coordinator,
+    name: &str,
+    systems: &[&str],
+    offers: Value,
+    requires: Value,
+) -> RawAgent {
     let (code, a) = post(
         &c.url("/api/v1/agents"),
         &json!({"name": name, "systems": systems}),
@@ -282,7 +288,10 @@ fn systems_tags_and_builtin_decide_which_agent_gets_a_build() {
     // goes to that agent too.
     let fetch2_id = submit(&c, &[system_drv(&sd, "fetch-2", "builtin", "echo > $out")])[0];
     let a_hurd = agent_of(&c, "hurd", &["i586-gnu"], json!([]), json!([]));
-    assert_eq!(take(&a_hurd, "hurd-1"), BTreeSet::from([hurd_id, fetch2_id]));
+    assert_eq!(
+        take(&a_hurd, "hurd-1"),
+        BTreeSet::from([hurd_id, fetch2_id])
+    );
     // Everything was leased exactly once.
     let (runnable, _) = all_pages(&c, "state=runnable&limit=0");
     assert!(runnable.is_empty(), "{runnable:?}");
@@ -291,4 +300,78 @@ fn systems_tags_and_builtin_decide_which_agent_gets_a_build() {
         allocated.into_iter().collect::<BTreeSet<u64>>(),
         BTreeSet::from([hurd_id, arm_id, fetch1_id, small_id, big_id, fetch2_id])
     );
+}
+
+/// Submit `drvs` at this priority; their build ids.
+fn submit_at(c: &Coordinator, drvs: &[(String, Vec<u8>)], priority: i32) -> Vec<u64> {
+    let derivations: Vec<Value> = drvs
+        .iter()
+        .map(|(p, b)| json!({"path": p, "contents": b64(b)}))
+        .collect();
+    let paths: Vec<&String> = drvs.iter().map(|(p, _)| p).collect();
+    let (code, r) = post(
+        &c.url("/api/v1/builds"),
+        &json!({"derivations": derivations, "builds": paths, "priority": priority}),
+    );
+    assert_eq!(code, 200, "{r}");
+    r["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// After SIGKILL the queue is rebuilt from sled by one scan: the listings are what they were,
+/// and the first work request after the restart gets the highest-priority runnable build of
+/// the agent's system (not merely the oldest), then the rest in priority order.
+#[test]
+fn after_sigkill_the_first_work_reply_is_the_best_build_of_the_system() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut c, sd) = setup(&tmp);
+    let low: Vec<u64> = submit_at(
+        &c,
+        &(0..4)
+            .map(|i| simple_drv(&sd, &format!("low-{i}"), "echo > $out"))
+            .collect::<Vec<_>>(),
+        0,
+    );
+    let high = submit_at(&c, &[simple_drv(&sd, "high", "echo > $out")], 9)[0];
+    let mid = submit_at(&c, &[simple_drv(&sd, "mid", "echo > $out")], 4)[0];
+    let other = submit_at(
+        &c,
+        &[system_drv(&sd, "arm", "aarch64-linux", "echo > $out")],
+        50,
+    )[0];
+    let (before, _) = all_pages(&c, "state=runnable&limit=3");
+    assert_eq!(before.len(), 7);
+
+    c.kill9();
+    c.spawn();
+    let (after, _) = all_pages(&c, "state=runnable&limit=3");
+    assert_eq!(after, before, "the restarted queue lists what sled holds");
+    let secret = register(&c, "first");
+    let (agent, _) = RawAgent::open(&c, "first", &secret, json!([]));
+    let first = agent.work(Some("after-restart-1"), 1);
+    let builds = first["builds"].as_array().unwrap();
+    assert_eq!(builds.len(), 1, "{first}");
+    assert_eq!(
+        builds[0]["build_id"], high,
+        "the highest priority first: {first}"
+    );
+    let rest = agent.work(Some("after-restart-2"), 10);
+    let rest: Vec<u64> = rest["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["build_id"].as_u64().unwrap())
+        .collect();
+    let mut want = vec![mid];
+    want.extend(&low);
+    assert_eq!(
+        rest, want,
+        "then by priority, then age; never the aarch64-linux build"
+    );
+    let (left, _) = all_pages(&c, "state=runnable&limit=0");
+    assert_eq!(left, vec![other]);
 }

@@ -740,7 +740,11 @@ fn a_reload_from_sled_equals_memory_after_every_kind_of_transition() {
     };
     let (fx, blocked) =
         f.q.submit(
-            vec![target("d", &["a"]), target("e", &["a", "b"]), arm("f", &["c"])],
+            vec![
+                target("d", &["a"]),
+                target("e", &["a", "b"]),
+                arm("f", &["c"]),
+            ],
             vec![],
             5,
             vec![("big-memory".into(), "yes".into())],
@@ -758,9 +762,7 @@ fn a_reload_from_sled_equals_memory_after_every_kind_of_transition() {
     let (fx, got) = f.q.allocate(7, Some("w-1"), &ids[..2], 4).unwrap();
     f.commit(fx);
     assert_eq!(got.leased.len(), 2);
-    let fx =
-        f.q.advance(7, ids[0], 1, BuildState::Building, 5)
-            .unwrap();
+    let fx = f.q.advance(7, ids[0], 1, BuildState::Building, 5).unwrap();
     f.commit(fx);
     f.uploaded("b");
     let (fx, _) = f.q.finish(7, ids[1], 1, Ok(built("b")), 0, 6).unwrap();
@@ -781,7 +783,11 @@ fn a_reload_from_sled_equals_memory_after_every_kind_of_transition() {
     let runnable_before = named_entries(&f.q);
     assert_eq!(runnable_before.len(), 1, "{runnable_before:?}");
     f.reload();
-    assert_eq!(fingerprint(&f.q), before, "the reloaded state equals memory");
+    assert_eq!(
+        fingerprint(&f.q),
+        before,
+        "the reloaded state equals memory"
+    );
     assert_eq!(
         named_entries(&f.q),
         runnable_before,
