@@ -9,6 +9,7 @@ pub mod client_api;
 pub mod error;
 #[cfg(feature = "fault-points")]
 pub mod faults;
+pub mod peer;
 pub mod substitutes;
 
 use std::sync::Arc;
@@ -104,9 +105,9 @@ pub fn bind(
     .workers(2)
     // Small replies (work, heartbeats, narinfos) leave at once instead of waiting for an ACK.
     .tcp_nodelay(true)
-    // A client that closes its connection ends its request: a long-polling work request
-    // whose agent went away is dropped, so no build is leased to nobody.
-    .h1_allow_half_closed(false)
+    // A long-polling work request watches its connection (`peer`): an agent that went away
+    // is leased nothing.
+    .on_connect(peer::on_connect)
     .bind(listen)
     .with_context(|| format!("failed to listen on {listen} (agents, substitutes, metrics)"))?;
     let agent_addr = agent.addrs()[0].to_string();
@@ -127,7 +128,6 @@ pub fn bind(
     })
     .workers(2)
     .tcp_nodelay(true)
-    .h1_allow_half_closed(false)
     .bind(client_listen)
     .with_context(|| format!("failed to listen on {client_listen} (client API)"))?;
     let client_addr = client.addrs()[0].to_string();
