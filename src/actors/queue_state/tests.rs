@@ -812,3 +812,70 @@ fn named_entries(q: &QueueState) -> Vec<String> {
         })
         .collect()
 }
+
+/// `kiln build show` of a blocked build names the last build of each missing input through the
+/// `output_builds` index (value: the build id, u64 big-endian, raw), also once that build left
+/// memory; a state dir without the index (written before it existed) gets it at its load.
+#[test]
+fn show_of_a_blocked_build_finds_the_last_producer_through_the_index() {
+    let (mut f, ids) = Fixture::new(&["x"]);
+    let x = ids[0];
+    let key = out_path("x");
+    let key = crate::store::keys::output_key(&key).to_string();
+    assert_eq!(f.store.last_build_of(&out_path("x")).unwrap(), Some(x));
+    let (fx, _) = f.q.allocate(7, None, &[x], 2).unwrap();
+    f.commit(fx);
+    let (fx, _) = f.q.finish(7, x, 1, Err("boom".into()), 0, 3).unwrap();
+    f.commit(fx);
+    assert!(f.q.live_entry(x).is_none(), "x left memory");
+    let (fx, d) =
+        f.q.submit(vec![target("d", &["x"])], vec![], 0, vec![], 4)
+            .unwrap();
+    f.commit(fx);
+    let d = d[0].id;
+    let show = |q: &QueueState| {
+        let detail = q.detail(d, &|_| None).unwrap();
+        assert_eq!(detail.summary.state, BuildState::Blocked);
+        let w = &detail.waiting_for[0];
+        (w.build, w.build_state, w.note.clone())
+    };
+    let want = (Some(x), Some(BuildState::Failed));
+    let (b, st, note) = show(&f.q);
+    assert_eq!((b, st), want, "{note}");
+    assert!(note.contains("boom"), "{note}");
+
+    // An old state dir: no index, no marker. The load writes both; then show finds x again.
+    let mut b = Batch::new();
+    b.delete(TreeId::OutputBuilds, key.as_bytes());
+    b.delete(TreeId::Meta, crate::store::meta::OUTPUT_BUILDS_INDEXED);
+    f.c.commit_blocking(b).unwrap();
+    assert_eq!(f.store.last_build_of(&out_path("x")).unwrap(), None);
+    f.reload();
+    let migration = f.q.take_migration();
+    // Golden bytes of the index entry: key = the output's hash part, value = the build id,
+    // u64 big-endian, no version byte.
+    let entry = migration
+        .iter()
+        .flat_map(|b| &b.ops)
+        .find_map(|op| match op {
+            crate::store::committer::Op::Put(TreeId::OutputBuilds, k, v) if k == key.as_bytes() => {
+                Some(v.clone())
+            }
+            _ => None,
+        })
+        .expect("the load indexes x's output");
+    assert_eq!(entry, vec![0, 0, 0, 0, 0, 0, 0, x as u8]);
+    for b in migration {
+        f.c.commit_blocking(b).unwrap();
+    }
+    assert_eq!(f.store.last_build_of(&out_path("x")).unwrap(), Some(x));
+    assert!(f
+        .store
+        .meta_u64(crate::store::meta::OUTPUT_BUILDS_INDEXED)
+        .unwrap()
+        .is_some());
+    let (b, st, _) = show(&f.q);
+    assert_eq!((b, st), want);
+    f.reload();
+    assert!(f.q.take_migration().is_empty(), "migrated once");
+}
