@@ -24,6 +24,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub limits: Limits,
     pub supervision: SupervisionConfig,
+    pub scheduling: SchedulingConfig,
     /// Hooks, each run on the events it names.
     pub hooks: Vec<HookConfig>,
     /// Optional narinfo signing key file (Nix's `name:base64` secret key format, as written
@@ -117,6 +118,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             limits: Limits::default(),
             supervision: SupervisionConfig::default(),
+            scheduling: SchedulingConfig::default(),
             hooks: Vec::new(),
             signing_key_file: None,
             guix_signatures: false,
@@ -136,6 +138,9 @@ pub struct Timeouts {
     /// ago than this (the work reply that carried it was lost, or the agent dropped it).
     /// Unset: [`Timeouts::unheld_lease`] picks it.
     pub unheld_lease_ms: Option<u64>,
+    /// Longest a work request waits for a build (long poll) when the agent asks it to wait
+    /// (`wait_ms`); the agent's own `wait_ms` can only shorten it.
+    pub work_wait_max_ms: u64,
     /// A request body (output, log or source upload) from which no byte arrives for this long
     /// is dropped; the bytes of an output upload received so far are kept for resumption.
     pub transfer_stall_ms: u64,
@@ -159,6 +164,7 @@ impl Default for Timeouts {
             heartbeat_interval_ms: 10_000,
             agent_timeout_ms: 60_000,
             unheld_lease_ms: None,
+            work_wait_max_ms: 20_000,
             transfer_stall_ms: 60_000,
             partial_upload_expiry_ms: 24 * 3600 * 1000,
         }
@@ -193,6 +199,16 @@ impl Default for StoreConfig {
             max_queued: 8192,
         }
     }
+}
+
+/// How builds are matched to agents (docs/configuration.md, `[scheduling]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulingConfig {
+    /// Tag keys that constrain agents: a build tag with one of these keys goes only to an
+    /// agent that offers (or requires) that tag with the same value. Other tags are
+    /// information only.
+    pub matched_tags: Vec<String>,
 }
 
 /// The restart intensity: past `max_restarts` restarts of one actor within `window_s`, the

@@ -169,10 +169,15 @@ async fn serve(
     if let Some(d) = &store_dir {
         nars.write_cache_info(d.as_str())?;
     }
-    let repaired = nars.repair_narinfos()?;
-    if repaired > 0 {
-        tracing::warn!(repaired, "rewrote missing narinfo files");
-    }
+    // Rewriting narinfo files missing after a crash looks at every output: it runs on a
+    // blocking thread while the coordinator serves (narinfos are served from sled; the files
+    // are for nginx).
+    let repair = nars.clone();
+    tokio::task::spawn_blocking(move || match repair.repair_narinfos() {
+        Ok(0) => {}
+        Ok(repaired) => tracing::warn!(repaired, "rewrote missing narinfo files"),
+        Err(e) => tracing::error!(error = %e, "failed to rewrite missing narinfo files"),
+    });
     let actors = crate::supervisor::start(
         &config,
         store.clone(),

@@ -408,7 +408,7 @@ fn every_agent_route_refuses_every_credential_failure_and_changes_nothing() {
         &c,
         &[
             simple_drv(&sd, "b1", "echo 1 > $out"),
-            system_drv(&sd, "b2", "echo 2 > $out", "i586-gnu"),
+            system_drv(&sd, "b2", "i586-gnu", "echo 2 > $out"),
         ],
     );
     let (b1, b2) = (ids[0], ids[1]);

@@ -102,10 +102,12 @@ fn a_duplicate_result_is_answered_only_after_the_first_commit() {
                 agent_id: 1,
                 request: None,
                 candidates: vec![id],
+                alive: None,
             })
             .await
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .builds;
         assert_eq!(leased.len(), 1);
         // The verified upload the result names.
         let mut upload = Batch::new();

@@ -302,10 +302,16 @@ fn every_other_actor_is_rebuilt_from_its_factory_and_its_memory_equals_sled() {
         let taken = actors
             .allocator
             .send(TakeWork {
-                systems: vec!["x86_64-linux".into()],
+                agent: kiln::actors::runnable_index::AgentMatch {
+                    systems: vec!["x86_64-linux".into()],
+                    ..Default::default()
+                },
                 max: 1,
+                wait: Duration::ZERO,
+                alive: None,
             })
             .await
+            .unwrap()
             .unwrap();
         assert_eq!(taken.len(), 1);
 
@@ -399,6 +405,7 @@ fn every_other_actor_is_rebuilt_from_its_factory_and_its_memory_equals_sled() {
                 builds: vec![],
                 registration_token: None,
                 offers: vec![],
+                requires: vec![],
             }))
             .await
             .unwrap()

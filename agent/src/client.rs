@@ -153,6 +153,7 @@ impl Coordinator {
                 builds: self.held.list(),
                 registration_token: self.identity.registration_token.clone(),
                 offers: Vec::new(),
+                requires: Vec::new(),
             };
             decode(
                 send(

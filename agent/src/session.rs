@@ -326,6 +326,7 @@ async fn work_loop(agent: Arc<Agent>) {
         let req = WorkRequest {
             max_builds: permits.len() as u32,
             request_id: Some(new_request_id()),
+            wait_ms: 0,
         };
         let reply = tokio::select! {
             r = agent.coordinator.post::<_, WorkReply>("request work", "work", &req) => r,

@@ -20,8 +20,10 @@ pub mod hook_processor;
 pub mod queue_state;
 pub mod registry;
 pub mod restarts;
+pub mod runnable_index;
 pub mod session_open;
 pub mod submission;
+pub mod symbols;
 
 use thiserror::Error;
 

@@ -26,10 +26,11 @@ use sha2::{Digest as _, Sha256};
 
 use super::agent_session::AgentSession;
 use super::allocator::Allocator;
-use super::build_queue::{BuildQueue, LeasedTo};
+use super::build_queue::{BuildQueue, LeaseHolders, LeasedTo};
 use super::credentials::{self, Credentials, Grant};
-use super::guard::{catch, guard_future, guard_map, unavailable, Guarded, Rebuild};
+use super::guard::{catch, guard_future, guard_map, guard_task, unavailable, Guarded, Rebuild};
 use super::restarts::Restarts;
+use super::runnable_index::AgentMatch;
 pub use super::session_open::Open;
 use super::{guarded, ActorError};
 use crate::protocol::{AgentCreated, AgentId, AgentInfo, NewAgent};
@@ -253,7 +254,7 @@ impl AgentRegistry {
     pub(super) fn session_actor(
         &mut self,
         rec: &AgentRecord,
-        systems: Vec<String>,
+        agent: AgentMatch,
     ) -> Addr<AgentSession> {
         if let Some(a) = self.actors.get(rec.id) {
             if a.connected() {
@@ -274,7 +275,7 @@ impl AgentRegistry {
         );
         let addr = actix::Supervisor::start(move |_| {
             AgentSession::new(
-                id, name, systems, queue, allocator, store, restarts, liveness, timeout, unheld,
+                id, name, agent, queue, allocator, store, restarts, liveness, timeout, unheld,
             )
         });
         self.actors.insert(rec.id, addr.clone());
@@ -283,27 +284,18 @@ impl AgentRegistry {
 
     /// Agents that hold leases (from before a restart) get a session actor now, with their
     /// timeout clock started: if they do not come back within the agent timeout, their leases
-    /// expire. Agents that already have a running session actor keep it.
-    fn await_lease_holders(&mut self) {
-        let mut holders = HashSet::new();
-        for r in self
-            .store
-            .scan::<crate::store::records::BuildRecord>(TreeId::Builds)
-        {
-            match r {
-                Ok((_, b)) if b.state.is_leased() && b.agent_id != 0 => {
-                    holders.insert(b.agent_id);
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "cannot read a build record"),
-            }
-        }
+    /// expire. Agents that already have a running session actor keep it. The holders come
+    /// from the build queue's lease index (no scan of the builds).
+    fn await_lease_holders(&mut self, holders: Vec<AgentId>) {
         for id in holders {
             match self.store.get::<AgentRecord>(TreeId::Agents, &u64_key(id)) {
                 Ok(Some(rec)) => {
                     self.liveness.await_agent(id);
-                    let systems = rec.systems.clone();
-                    self.session_actor(&rec, systems);
+                    let agent = AgentMatch {
+                        systems: rec.systems.clone(),
+                        ..Default::default()
+                    };
+                    self.session_actor(&rec, agent);
                     tracing::info!(agent = %rec.name, "awaiting agent that holds leases");
                 }
                 _ => tracing::error!(agent_id = id, "leases held by an unknown agent"),
@@ -316,7 +308,18 @@ impl Actor for AgentRegistry {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        catch(NAME, ctx, |_| self.await_lease_holders());
+        let ask = self.queue.send(LeaseHolders);
+        let fut = guard_task::<Self, _, _>(NAME, ask).map(
+            |holders, act: &mut Self, ctx: &mut Context<Self>| match holders {
+                Some(Ok(h)) => {
+                    catch(NAME, ctx, |_| act.await_lease_holders(h));
+                }
+                // The queue is restarting: its leases are awaited when it answers the next
+                // registry start; an agent that comes back opens its session anyway.
+                _ => tracing::warn!("could not ask the build queue for lease holders"),
+            },
+        );
+        ctx.spawn(fut);
     }
 }
 
@@ -473,11 +476,15 @@ impl Handler<ListAgents> for AgentRegistry {
         let liveness = self.liveness.clone();
         let queue = self.queue.clone();
         Box::pin(guard_future::<Self, _, _>(NAME, async move {
+            // One question to the queue, answered from its lease index.
+            let mut leases = queue.send(LeasedTo(None)).await.map_err(|_| {
+                ActorError::Unavailable("the build queue is restarting; retry".into())
+            })?;
             let mut out = Vec::new();
             for r in store.scan::<AgentRecord>(TreeId::Agents) {
                 let (_, a) = r?;
                 let (status, ago) = liveness.status(a.id);
-                let builds = queue.send(LeasedTo(a.id)).await.unwrap_or_default();
+                let builds = leases.remove(&a.id).unwrap_or_default();
                 out.push(AgentInfo {
                     id: a.id,
                     name: a.name,

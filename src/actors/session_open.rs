@@ -13,6 +13,7 @@ use super::credentials::{self, Grant, Verdict};
 use super::guard::{guard_future, guard_map, unavailable};
 use super::queue_state::Unheld;
 use super::registry::{registration, valid_agent_name, AgentRegistry};
+use super::runnable_index::AgentMatch;
 use super::{guarded, ActorError};
 use crate::protocol::{OpenSession, SessionOpened, PROTOCOL_VERSION};
 use crate::store::keys::u64_key;
@@ -254,8 +255,9 @@ impl AgentRegistry {
         &mut self,
         p: Prepared,
         committed: bool,
-        held: usize,
-    ) -> Result<(AgentRecord, String, Vec<String>, Addr<AgentSession>), ActorError> {
+        req: &OpenSession,
+    ) -> Result<(AgentRecord, String, AgentMatch, Addr<AgentSession>), ActorError> {
+        let held = req.builds.len();
         self.reserved_names.remove(&p.rec.name);
         if p.rehashed.is_some() {
             self.record_writes.remove(&p.rec.id);
@@ -280,9 +282,14 @@ impl AgentRegistry {
         self.sessions.replace(rec.id, &token);
         self.liveness.touch(rec.id);
         self.liveness.set_lost(rec.id, false);
-        let session = self.session_actor(&rec, p.claimed.clone());
+        let agent = AgentMatch {
+            systems: p.claimed,
+            offers: req.offers.clone(),
+            requires: req.requires.clone(),
+        };
+        let session = self.session_actor(&rec, agent.clone());
         tracing::info!(agent = %rec.name, held, "agent session opened");
-        Ok((rec, token, p.claimed, session))
+        Ok((rec, token, agent, session))
     }
 }
 
@@ -354,7 +361,7 @@ impl Handler<Open> for AgentRegistry {
                       _ctx| {
                     let (p, committed) = r?;
                     match committed {
-                        Ok(c) => act.issue(p, c, r5.builds.len()),
+                        Ok(c) => act.issue(p, c, &r5),
                         Err(e) => {
                             act.reserved_names.remove(&p.rec.name);
                             Err(e)
@@ -365,7 +372,7 @@ impl Handler<Open> for AgentRegistry {
             // Step 6.
             .then(move |issued, _act, _ctx| {
                 guard_future::<Self, _, _>(NAME, async move {
-                    let (rec, token, systems, session) = issued?;
+                    let (rec, token, agent, session) = issued?;
                     let agent_id = rec.id;
                     let commands = queue
                         .send(Reconcile {
@@ -378,7 +385,7 @@ impl Handler<Open> for AgentRegistry {
                             ActorError::Unavailable("the build queue is restarting; retry".into())
                         })??;
                     session.do_send(Opened {
-                        systems,
+                        agent,
                         commands: Vec::new(),
                     });
                     Ok(SessionOpened {

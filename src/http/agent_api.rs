@@ -6,6 +6,7 @@ use actix_web::{get, post, put, web, FromRequest, HttpRequest, HttpResponse};
 use super::error::ApiError;
 use super::AppState;
 use crate::actors::agent_session::{closure, path_info, Beat, RequestWork};
+use crate::actors::allocator::RequestAlive;
 use crate::actors::build_queue::{Finish, GetRecord, Progress};
 use crate::actors::queue_state::Scanned;
 use crate::actors::registry::{Open, SessionOf};
@@ -128,6 +129,7 @@ fn no_session() -> ApiError {
 
 #[post("/work")]
 async fn work(
+    req: HttpRequest,
     state: web::Data<AppState>,
     auth: AgentAuth,
     body: web::Json<WorkRequest>,
@@ -139,13 +141,24 @@ async fn work(
         .map_err(ApiError::mailbox)?
         .ok_or_else(no_session)?;
     let body = body.into_inner();
-    let reply = session
-        .send(RequestWork {
-            max: body.max_builds,
-            request: body.request_id,
-        })
-        .await
-        .map_err(ApiError::mailbox)??;
+    let wait = std::time::Duration::from_millis(body.wait_ms);
+    // Held until the answer, or until the agent is seen to have closed the connection: then
+    // the allocator and the queue see the request gone (no lease for it).
+    let mut alive = Some(std::sync::Arc::new(()));
+    let weak = alive.as_ref().map(std::sync::Arc::downgrade);
+    let ask = session.send(RequestWork {
+        max: body.max_builds,
+        request: body.request_id,
+        wait,
+        alive: weak.map(RequestAlive),
+    });
+    let peer = req.conn_data::<super::peer::PeerSocket>().cloned();
+    let reply = match peer {
+        Some(peer) if !wait.is_zero() => super::peer::watching(ask, &peer, &mut alive).await,
+        _ => ask.await,
+    }
+    .map_err(ApiError::mailbox)??;
+    drop(alive);
     Ok(HttpResponse::Ok().json(reply))
 }
 

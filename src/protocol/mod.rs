@@ -147,10 +147,14 @@ pub struct OpenSession {
     /// agent that exists: then only its secret counts.
     #[serde(default)]
     pub registration_token: Option<String>,
-    /// Tags this agent offers (`big-memory=yes`). Each must be allowed by its registration
-    /// when that limits tags.
+    /// Tags this agent offers (`big-memory=yes`): builds whose matched tags
+    /// (`scheduling.matched_tags`) it offers may go to it. Each must be allowed by its
+    /// registration when that limits tags.
     #[serde(default)]
     pub offers: Vec<(String, String)>,
+    /// Tags a build must carry for this agent to take it (an agent kept for big builds).
+    #[serde(default)]
+    pub requires: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for OpenSession {
@@ -168,6 +172,7 @@ impl std::fmt::Debug for OpenSession {
                 &self.registration_token.as_ref().map(|_| "<redacted>"),
             )
             .field("offers", &self.offers)
+            .field("requires", &self.requires)
             .finish()
     }
 }
@@ -224,6 +229,11 @@ pub struct WorkRequest {
     /// `_` or `-`. `null` (or absent, as older agents send it): every request allocates anew.
     #[serde(default)]
     pub request_id: Option<String>,
+    /// Long poll: when no build is runnable for this agent, wait up to this many ms for one
+    /// (the coordinator caps it at `timeouts.work_wait_max_ms`). 0 (or absent, as older
+    /// agents send it): answer at once. The agent's HTTP timeout must exceed it.
+    #[serde(default)]
+    pub wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -488,12 +498,22 @@ pub struct MissingInput {
     pub note: String,
 }
 
-/// `GET /api/v1/builds?state=S&limit=N`.
+/// `GET /api/v1/builds?state=S&limit=N&cursor=C`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BuildsQuery {
     pub state: Option<String>,
+    /// Most builds in the answer (default [`DEFAULT_LIST_LIMIT`]); 0 = no limit.
     pub limit: Option<usize>,
+    /// Answer builds with ids above this one (the `next_cursor` of the previous page).
+    pub cursor: Option<u64>,
 }
+
+/// The page size of `GET /api/v1/builds` when no `limit` is given.
+pub const DEFAULT_LIST_LIMIT: usize = 1000;
+
+/// The header of a `GET /api/v1/builds` answer that was cut at its limit: the cursor of the
+/// next page (the last id answered). Absent on the last page.
+pub const NEXT_CURSOR_HEADER: &str = "x-kiln-next-cursor";
 
 #[cfg(test)]
 mod tests {
@@ -509,14 +529,16 @@ mod tests {
         let new: WorkRequest =
             serde_json::from_str(r#"{"max_builds": 1, "request_id": "r-1"}"#).unwrap();
         assert_eq!(new.request_id.as_deref(), Some("r-1"));
+        assert_eq!(old.wait_ms, 0, "an older agent never long-polls");
         let none = serde_json::to_value(WorkRequest {
             max_builds: 1,
             request_id: None,
+            wait_ms: 0,
         })
         .unwrap();
         assert_eq!(
             none,
-            serde_json::json!({"max_builds": 1, "request_id": null})
+            serde_json::json!({"max_builds": 1, "request_id": null, "wait_ms": 0})
         );
     }
 }

@@ -53,7 +53,7 @@ fn render(t: TreeId, k: &[u8], v: &[u8]) -> anyhow::Result<(String, String)> {
         TreeId::NarFiles => (text(k), json(&decode::<NarFileRecord>(v)?)?),
         TreeId::Agents => (id(), agent_json(&decode::<AgentRecord>(v)?)?),
         TreeId::RegistrationTokens => (text(k), json(&decode::<RegistrationTokenRecord>(v)?)?),
-        TreeId::AgentNames => (text(k), id_value(v)),
+        TreeId::AgentNames | TreeId::OutputBuilds => (text(k), id_value(v)),
         TreeId::Events => (id(), json(&decode::<EventRecord>(v)?)?),
         TreeId::HookWork | TreeId::HookDead => {
             let key = parse_hook_work_key(k)

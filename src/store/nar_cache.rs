@@ -468,7 +468,10 @@ impl NarCache {
         for o in outputs {
             let ni = self.narinfo(o)?;
             let hash_part = super::keys::output_key(&o.path);
-            atomic_write(
+            // No fsync per file: sled's `outputs` record is the source of truth (narinfos are
+            // served from it), and a file lost or left empty by a crash is rewritten at the
+            // next start (`repair_narinfos`).
+            atomic_write_unsynced(
                 &self.cache_dir().join(format!("{hash_part}.narinfo")),
                 ni.to_string().as_bytes(),
             )?;
@@ -484,7 +487,7 @@ impl NarCache {
             let f = self
                 .cache_dir()
                 .join(format!("{}.narinfo", String::from_utf8_lossy(&k)));
-            if !f.exists() {
+            if std::fs::metadata(&f).map_or(true, |m| m.len() == 0) {
                 self.write_narinfos(std::slice::from_ref(&o))?;
                 n += 1;
             }
@@ -525,6 +528,13 @@ pub fn cache_info(store_dir: &str) -> String {
 pub(crate) fn random_suffix() -> String {
     use rand::RngCore as _;
     format!("{:016x}", rand::thread_rng().next_u64())
+}
+
+/// [`atomic_write`] without the fsync: for files that can be rebuilt from sled.
+pub fn atomic_write_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", random_suffix()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Write a file via a temporary name and a rename, so readers never see half of it.

@@ -143,6 +143,66 @@ pub mod v1 {
     }
 }
 
+/// A [`BuildRecord`] read without copying its strings: the same layout (so the same bytes
+/// decode to it), every string borrowed. Only for reading (the start-up scan).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BuildView<'a> {
+    pub id: u64,
+    pub drv_path: &'a str,
+    pub system: &'a str,
+    pub priority: i32,
+    #[serde(borrow)]
+    pub tags: Vec<(&'a str, &'a str)>,
+    #[serde(with = "state_code")]
+    pub state: BuildState,
+    pub attempt: u32,
+    pub agent_id: u64,
+    #[serde(borrow)]
+    pub outputs: Vec<(&'a str, &'a str)>,
+    #[serde(borrow)]
+    pub needs: Vec<&'a str>,
+    pub created_ms: u64,
+    pub allocated_ms: u64,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub reason: &'a str,
+    pub log_attempt: u32,
+    pub request: &'a str,
+}
+
+impl<'a> BuildView<'a> {
+    /// A view of an owned record.
+    pub fn of(r: &'a BuildRecord) -> BuildView<'a> {
+        BuildView {
+            id: r.id,
+            drv_path: &r.drv_path,
+            system: &r.system,
+            priority: r.priority,
+            tags: r
+                .tags
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            state: r.state,
+            attempt: r.attempt,
+            agent_id: r.agent_id,
+            outputs: r
+                .outputs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            needs: r.needs.iter().map(String::as_str).collect(),
+            created_ms: r.created_ms,
+            allocated_ms: r.allocated_ms,
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+            reason: &r.reason,
+            log_attempt: r.log_attempt,
+            request: &r.request,
+        }
+    }
+}
+
 /// A `.drv` file's bytes. Key: the drv path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrvRecord {
@@ -449,6 +509,23 @@ mod tests {
             format!("02{v1_body}0200000000000000 7231").replace(' ', "")
         );
         assert_eq!(decode::<BuildRecord>(&bytes).unwrap(), r);
+    }
+
+    /// The borrowed view reads the same v2 bytes as the record (the start-up scan uses it).
+    #[test]
+    fn build_view_reads_the_v2_bytes() {
+        let mut r = sample_build();
+        r.request = "r1".into();
+        let bytes = encode(&r).unwrap();
+        match super::super::codec::decode_build_view(&bytes).unwrap() {
+            super::super::codec::View::Borrowed(v) => assert_eq!(v, BuildView::of(&r)),
+            super::super::codec::View::Owned(_) => panic!("v2 bytes decode borrowed"),
+        }
+        // v1 bytes come back owned, converted.
+        match super::super::codec::decode_build_view(&unhex(BUILD_V1_HEX)).unwrap() {
+            super::super::codec::View::Owned(o) => assert_eq!(o, sample_build()),
+            super::super::codec::View::Borrowed(_) => panic!("v1 bytes are converted"),
+        }
     }
 
     #[test]

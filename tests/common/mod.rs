@@ -209,15 +209,15 @@ pub fn response(r: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Val
 /// A derivation with no inputs whose paths are what Nix computes; returns its `.drv` path and
 /// bytes.
 pub fn simple_drv(store_dir: &StoreDir, name: &str, script: &str) -> (String, Vec<u8>) {
-    system_drv(store_dir, name, script, "x86_64-linux")
+    system_drv(store_dir, name, "x86_64-linux", script)
 }
 
-/// [`simple_drv`] for another system (`i586-gnu`, `aarch64-linux`, ...).
+/// [`simple_drv`] for another system (`aarch64-linux`, `i586-gnu`, `builtin`, ...).
 pub fn system_drv(
     store_dir: &StoreDir,
     name: &str,
-    script: &str,
     system: &str,
+    script: &str,
 ) -> (String, Vec<u8>) {
     let mut drv = Derivation {
         outputs: vec![(b"out".to_vec(), DerivationOutput::default())],
