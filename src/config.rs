@@ -24,10 +24,87 @@ pub struct Config {
     pub store: StoreConfig,
     pub limits: Limits,
     pub supervision: SupervisionConfig,
+    pub scheduling: SchedulingConfig,
     /// Hooks, each run on the events it names.
     pub hooks: Vec<HookConfig>,
-    /// Optional narinfo signing key file (Nix's `name:base64` secret key format).
+    /// Optional narinfo signing key file (Nix's `name:base64` secret key format, as written
+    /// by `kiln key generate` or `nix-store --generate-binary-cache-key`).
     pub signing_key_file: Option<PathBuf>,
+    /// Also sign narinfos the way Guix does (a `Signature:` line), with the same key.
+    /// Experimental: written as Guix's source describes it, checked against signatures from
+    /// Guix's build farms, but not against a running Guix.
+    pub guix_signatures: bool,
+    /// Registration tokens with which agents may register themselves (besides those made
+    /// with `kiln agent registration-token new`).
+    pub registration_tokens: Vec<RegistrationTokenConfig>,
+}
+
+/// A registration token from the config file. The token itself stays in its own file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationTokenConfig {
+    /// The file holding the token (surrounding whitespace is ignored); readable by the
+    /// coordinator's user only (a looser mode is warned about at start).
+    pub token_file: PathBuf,
+    /// The systems agents registered with it may claim; absent: whatever each claims.
+    #[serde(default)]
+    pub systems: Option<Vec<String>>,
+    /// The tags (`"key=value"`) they may offer; absent: any.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+}
+
+impl RegistrationTokenConfig {
+    /// The tags as (key, value) pairs.
+    pub fn tag_pairs(&self) -> anyhow::Result<Option<Vec<(String, String)>>> {
+        let Some(tags) = &self.tags else {
+            return Ok(None);
+        };
+        tags.iter()
+            .map(|t| match t.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => anyhow::bail!(
+                    "registration_tokens: tag {t:?} (token file {}) is not \"key=value\"",
+                    self.token_file.display()
+                ),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// Read the token from its file, warning when others may read it.
+    pub fn read_token(&self) -> anyhow::Result<String> {
+        use anyhow::Context as _;
+        let f = &self.token_file;
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("failed to read registration token file {}", f.display()))?;
+        let token = text.trim().to_string();
+        anyhow::ensure!(
+            token.len() >= 32,
+            "registration token file {} holds {} characters; a token needs at least 32 (make one with `kiln agent registration-token new --token-file`, or `head -c 32 /dev/urandom | xxd -p -c 64`)",
+            f.display(),
+            token.len()
+        );
+        warn_if_others_can_read(f, "registration token");
+        Ok(token)
+    }
+}
+
+/// Secrets in files (signing keys, tokens) should be readable by their owner only: say so
+/// when the group or others may read one. A warning, not a refusal: the operator may have a
+/// reason (a group that runs the coordinator).
+pub fn warn_if_others_can_read(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(m) = std::fs::metadata(path) {
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format!("{mode:o}"),
+                "the {what} file can be read by its group or others: run chmod 600 on it"
+            );
+        }
+    }
 }
 
 impl Default for Config {
@@ -41,8 +118,11 @@ impl Default for Config {
             store: StoreConfig::default(),
             limits: Limits::default(),
             supervision: SupervisionConfig::default(),
+            scheduling: SchedulingConfig::default(),
             hooks: Vec::new(),
             signing_key_file: None,
+            guix_signatures: false,
+            registration_tokens: Vec::new(),
         }
     }
 }
@@ -58,6 +138,9 @@ pub struct Timeouts {
     /// ago than this (the work reply that carried it was lost, or the agent dropped it).
     /// Unset: [`Timeouts::unheld_lease`] picks it.
     pub unheld_lease_ms: Option<u64>,
+    /// Longest a work request waits for a build (long poll) when the agent asks it to wait
+    /// (`wait_ms`); the agent's own `wait_ms` can only shorten it.
+    pub work_wait_max_ms: u64,
     /// A request body (output, log or source upload) from which no byte arrives for this long
     /// is dropped; the bytes of an output upload received so far are kept for resumption.
     pub transfer_stall_ms: u64,
@@ -81,6 +164,7 @@ impl Default for Timeouts {
             heartbeat_interval_ms: 10_000,
             agent_timeout_ms: 60_000,
             unheld_lease_ms: None,
+            work_wait_max_ms: 20_000,
             transfer_stall_ms: 60_000,
             partial_upload_expiry_ms: 24 * 3600 * 1000,
         }
@@ -115,6 +199,16 @@ impl Default for StoreConfig {
             max_queued: 8192,
         }
     }
+}
+
+/// How builds are matched to agents (docs/configuration.md, `[scheduling]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulingConfig {
+    /// Tag keys that constrain agents: a build tag with one of these keys goes only to an
+    /// agent that offers (or requires) that tag with the same value. Other tags are
+    /// information only.
+    pub matched_tags: Vec<String>,
 }
 
 /// The restart intensity: past `max_restarts` restarts of one actor within `window_s`, the
@@ -273,6 +367,20 @@ impl Config {
             self.timeouts.partial_upload_expiry_ms >= 1000,
             "timeouts.partial_upload_expiry_ms must be at least 1000 (1 s)"
         );
+        for t in &self.registration_tokens {
+            t.tag_pairs()?;
+            if let Some(s) = &t.systems {
+                anyhow::ensure!(
+                    !s.is_empty(),
+                    "registration_tokens: token file {} has an empty systems list: list systems, or leave systems out to allow any",
+                    t.token_file.display()
+                );
+            }
+        }
+        anyhow::ensure!(
+            !self.guix_signatures || self.signing_key_file.is_some(),
+            "guix_signatures = true needs a signing_key_file to sign with"
+        );
         Ok(())
     }
 }
@@ -359,6 +467,50 @@ mod tests {
         let c: Config = toml::from_str("[store]\nmax_queued = 0\n").unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("store.max_queued"), "{err}");
+    }
+
+    #[test]
+    fn registration_tokens_parse_and_are_checked() {
+        let c: Config = toml::from_str(
+            r#"
+            [[registration_tokens]]
+            token_file = "/etc/kiln/farm.token"
+            systems = ["x86_64-linux"]
+            tags = ["big-memory=yes"]
+            [[registration_tokens]]
+            token_file = "/etc/kiln/any.token"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.registration_tokens[0].tag_pairs().unwrap(),
+            Some(vec![("big-memory".into(), "yes".into())])
+        );
+        assert_eq!(c.registration_tokens[1].systems, None);
+        let c: Config =
+            toml::from_str("[[registration_tokens]]\ntoken_file = \"/t\"\ntags = [\"nokey\"]\n")
+                .unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("nokey"));
+        let c: Config = toml::from_str("guix_signatures = true\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("signing_key_file"));
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "abc\n").unwrap();
+        let t = RegistrationTokenConfig {
+            token_file: short,
+            systems: None,
+            tags: None,
+        };
+        assert!(t
+            .read_token()
+            .unwrap_err()
+            .to_string()
+            .contains("at least 32"));
     }
 
     #[test]

@@ -137,6 +137,9 @@ async fn serve(
         Some(f) => {
             let text = std::fs::read_to_string(f)
                 .with_context(|| format!("failed to read signing key file {}", f.display()))?;
+            // The key never leaves the coordinator: not logged (its Debug form is redacted),
+            // not in the state dir; its file should be private too.
+            crate::config::warn_if_others_can_read(f, "signing key");
             Some(
                 crate::nar::signing::SecretKey::parse(text.trim()).map_err(|e| {
                     anyhow::anyhow!(
@@ -166,10 +169,15 @@ async fn serve(
     if let Some(d) = &store_dir {
         nars.write_cache_info(d.as_str())?;
     }
-    let repaired = nars.repair_narinfos()?;
-    if repaired > 0 {
-        tracing::warn!(repaired, "rewrote missing narinfo files");
-    }
+    // Rewriting narinfo files missing after a crash looks at every output: it runs on a
+    // blocking thread while the coordinator serves (narinfos are served from sled; the files
+    // are for nginx).
+    let repair = nars.clone();
+    tokio::task::spawn_blocking(move || match repair.repair_narinfos() {
+        Ok(0) => {}
+        Ok(repaired) => tracing::warn!(repaired, "rewrote missing narinfo files"),
+        Err(e) => tracing::error!(error = %e, "failed to rewrite missing narinfo files"),
+    });
     let actors = crate::supervisor::start(
         &config,
         store.clone(),

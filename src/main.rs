@@ -36,6 +36,9 @@ enum Command {
     /// Work with narinfo files.
     #[command(subcommand)]
     Narinfo(NarinfoCommand),
+    /// Narinfo signing keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Run a demo farm: a coordinator, two agents and a graph of derivations.
     Demo(kiln::client::demo::DemoArgs),
     #[command(flatten)]
@@ -88,13 +91,47 @@ enum NarinfoCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Verify a narinfo's signature with a public key (name:base64, or a file holding it).
+    /// Verify a narinfo's signature with a public key (name:base64, or a file holding Nix
+    /// keys or a Guix key), and with --check-nar that its NAR is the one it describes.
     Verify {
-        file: PathBuf,
+        /// A narinfo file, or its http(s):// URL on a binary cache.
+        file: String,
         #[arg(long)]
         key: String,
         #[arg(long, env = "KILN_STORE_DIR")]
         store_dir: Option<PathBuf>,
+        /// Also fetch the NAR its URL names (relative to the narinfo) and check its NarHash
+        /// and NarSize, as a Nix client does when it imports it.
+        #[arg(long)]
+        check_nar: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a signing key: NAME:base64 secret and public key files, as
+    /// `nix-store --generate-binary-cache-key NAME SECRET_FILE PUBLIC_FILE` does.
+    Generate {
+        /// The key's name, e.g. cache.example.org-1 (signatures carry it).
+        name: String,
+        /// Where to write the secret key (mode 0600; never replaced without --force).
+        secret_file: PathBuf,
+        /// Where to write the public key (for Nix's trusted-public-keys).
+        public_file: PathBuf,
+        /// Also write the public key in Guix's form (for `guix archive --authorize`;
+        /// experimental).
+        #[arg(long)]
+        guix_public_file: Option<PathBuf>,
+        /// Replace an existing secret key file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the public key of a secret key file.
+    Public {
+        secret_file: PathBuf,
+        /// In Guix's form (an S-expression for `guix archive --authorize`; experimental).
+        #[arg(long)]
+        guix: bool,
     },
 }
 
@@ -134,7 +171,27 @@ fn main() -> ExitCode {
             file,
             key,
             store_dir,
-        }) => kiln::nar::cli::narinfo_verify(&file, &key, store_dir.as_deref(), &mut out),
+            check_nar,
+        }) => {
+            kiln::nar::cli::narinfo_verify(&file, &key, store_dir.as_deref(), check_nar, &mut out)
+        }
+        Command::Key(KeyCommand::Generate {
+            name,
+            secret_file,
+            public_file,
+            guix_public_file,
+            force,
+        }) => kiln::nar::cli::key_generate(
+            &name,
+            &secret_file,
+            &public_file,
+            guix_public_file.as_deref(),
+            force,
+            &mut out,
+        ),
+        Command::Key(KeyCommand::Public { secret_file, guix }) => {
+            kiln::nar::cli::key_public(&secret_file, guix, &mut out)
+        }
         Command::Demo(args) => kiln::client::demo::run(args),
         Command::Client(cmd) => kiln::client::cli::run(cmd),
     };

@@ -22,6 +22,10 @@ fn describe() {
         "kiln_runnable_builds",
         "Builds in the allocator's runnable index"
     );
+    describe_gauge!(
+        "kiln_work_waiters",
+        "Work requests waiting (long poll) for a build to become runnable for their agent"
+    );
     describe_counter!(
         "kiln_builds_submitted_total",
         "Builds queued by submissions"
@@ -106,6 +110,17 @@ fn describe() {
         Unit::Bytes,
         "Size of the state database on disk"
     );
+}
+
+/// Give memory freed by the allocator back to the operating system (glibc keeps freed memory
+/// in its arenas, so a big submission's peak would otherwise stay resident). Blocking: call it
+/// on a blocking thread.
+pub fn release_memory() {
+    // SAFETY: malloc_trim only walks and trims glibc's own heaps; it takes no pointers from us.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 #[cfg(test)]

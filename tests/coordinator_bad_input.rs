@@ -151,6 +151,45 @@ fn bad_input_is_refused_with_a_clear_4xx_and_changes_nothing() {
         .send_bytes(&nar);
     expect_refused("NAR with the wrong hash", response(r), 422, "hashes to");
 
+    // The right NAR under a path that is not its own, and under its own path with references
+    // it was not added with: refused, naming the path a store gives it.
+    let nar_hash = kiln::derivation::Hash::sha256(&nar);
+    let flat = kiln::nar::ca::flat_file(&mut &nar[..]).unwrap();
+    let own = kiln::nar::ca::candidates(&sd, "src", &nar_hash, flat.as_ref(), &[], None).unwrap();
+    let own_path = sd.full_path(&own[0].path);
+    for (what, refs) in [("foreign path", ""), ("claimed reference", good.as_str())] {
+        let path = if refs.is_empty() {
+            &src_path
+        } else {
+            &own_path
+        };
+        let r = ureq::put(&c.url("/api/v1/sources"))
+            .query("path", path)
+            .query("nar_hash", &nar_hash.to_nix_string())
+            .query("references", refs)
+            .send_bytes(&nar);
+        let (code, body) = response(r);
+        assert_eq!(body["error"]["code"], "wrong_source_path", "{what}: {body}");
+        let needle = if refs.is_empty() {
+            own_path.clone()
+        } else {
+            // With the reference, its path would be another one.
+            kiln::nar::ca::candidates(
+                &sd,
+                "src",
+                &nar_hash,
+                flat.as_ref(),
+                &[sd.parse_path(good.as_bytes()).unwrap()],
+                None,
+            )
+            .unwrap()[0]
+                .path
+                .hash_part()
+                .to_string()
+        };
+        expect_refused(what, (code, body), 422, &needle);
+    }
+
     c.stop();
     let after = state_dump(&c.state_dir);
     assert_eq!(before, after, "refused requests changed the state");

@@ -163,3 +163,98 @@ pub fn run(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// A static file server on loopback, for serving a binary cache directory to Nix over HTTP
+/// (`GET` and `HEAD`, one request per connection). Stops when dropped; serves at most 10,000
+/// connections.
+pub struct StaticServer {
+    pub url: String,
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StaticServer {
+    pub fn start(root: &Path) -> StaticServer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (root, flag) = (root.to_path_buf(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming().take(10_000) {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(s) = conn {
+                    let _ = serve_one(s, &root);
+                }
+            }
+        });
+        StaticServer {
+            url: format!("http://{addr}"),
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+fn serve_one(mut s: std::net::TcpStream, root: &Path) -> std::io::Result<()> {
+    use std::io::{Read as _, Write as _};
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+    let rel = target
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .trim_start_matches('/');
+    let file = root.join(rel);
+    let body = if rel.split('/').any(|c| c == "..") || rel.is_empty() {
+        None
+    } else {
+        std::fs::read(&file).ok()
+    };
+    match body {
+        Some(b) => {
+            write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                b.len()
+            )?;
+            if method != "HEAD" {
+                s.write_all(&b)?;
+            }
+        }
+        None => write!(
+            s,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?,
+    }
+    s.flush()
+}
+
+impl Drop for StaticServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

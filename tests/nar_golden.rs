@@ -429,3 +429,194 @@ fn kiln_verifies_nix_signatures_and_signs_identically() {
     assert!(std::fs::read(cache.join(&ours.url)).unwrap() == nar_bytes);
     assert!(ours.verify(&[PublicKey::parse(&public).unwrap()]));
 }
+
+/// A Nix config that substitutes nothing, requires signatures and trusts `key`; narinfo
+/// lookups are not cached (each variant below is a new server, but be sure).
+fn nix_trusting(dir: &Path, key: &str) -> PathBuf {
+    let conf = dir.join("nixconf");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(
+        conf.join("nix.conf"),
+        format!(
+            "build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command\n\
+             require-sigs = true\ntrusted-public-keys = {key}\n\
+             narinfo-cache-positive-ttl = 0\nnarinfo-cache-negative-ttl = 0\n"
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+/// `nix copy --from <cache> --to <a fresh store>`: does Nix accept the path?
+fn nix_copies(conf: &Path, scratch: &Path, cache_url: &str, path: &Path) -> (bool, String) {
+    let root = scratch.join("dest");
+    let r = root.display();
+    let dest = format!("local?store=/nix/store&state={r}/state&log={r}/log&real={r}/real");
+    let out = Command::new("nix")
+        .args(["copy", "--from", cache_url, "--to", &dest])
+        .arg(path)
+        .env("NIX_CONF_DIR", conf)
+        .env("XDG_CACHE_HOME", scratch.join("xdg-cache"))
+        .env_remove("NIX_PATH")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `kiln narinfo verify <url> --key K --check-nar`: does Kiln accept it?
+fn kiln_accepts(narinfo_url: &str, key: &str) -> (bool, String) {
+    let out = kiln()
+        .args([
+            "narinfo",
+            "verify",
+            narinfo_url,
+            "--key",
+            key,
+            "--check-nar",
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A narinfo made by Nix (`nix copy --to file://…?secret-key=`, with a key made by `kiln key
+/// generate`), tampered field by field and served over HTTP: Kiln (`kiln narinfo verify
+/// --check-nar`) refuses exactly the narinfos a real Nix 2.8 refuses to `nix copy`, and
+/// accepts the others. And Kiln's signature of the untouched narinfo is Nix's, byte for byte.
+#[test]
+fn kiln_refuses_tampered_narinfos_exactly_where_nix_does() {
+    let path = input_addressed_path();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk_file, pk_file) = (tmp.path().join("k.secret"), tmp.path().join("k.public"));
+    run(kiln()
+        .args(["key", "generate", "kiln-interop-1"])
+        .args([&sk_file, &pk_file]));
+    let public = std::fs::read_to_string(&pk_file).unwrap();
+    let secret = SecretKey::parse(&std::fs::read_to_string(&sk_file).unwrap()).unwrap();
+    let cache = tmp.path().join("nix-made");
+    run(nix("nix")
+        .args(["copy", "--to"])
+        .arg(format!(
+            "file://{}?secret-key={}&compression=none",
+            cache.display(),
+            sk_file.display()
+        ))
+        .arg(&path));
+    let hash = base_name(path.to_str().unwrap())[..32].to_string();
+    let nix_text = std::fs::read_to_string(cache.join(format!("{hash}.narinfo"))).unwrap();
+    let good = NarInfo::parse(&nix_text).unwrap();
+    assert_eq!(good.sigs.len(), 1, "{nix_text}");
+    assert!(good.references.len() >= 2, "{nix_text}");
+
+    // Kiln, given the key file `kiln key generate` wrote, signs as Nix did.
+    let mut ours = good.clone();
+    ours.sigs.clear();
+    ours.sign(&secret).unwrap();
+    assert_eq!(ours.sigs, good.sigs, "Kiln's Sig differs from Nix's");
+    assert_eq!(ours.to_string(), nix_text);
+
+    let resign = |mut ni: NarInfo, key: &SecretKey| {
+        ni.sigs.clear();
+        ni.sign(key).unwrap();
+        ni.to_string()
+    };
+    let other_key = SecretKey::generate("kiln-interop-1").unwrap();
+    let mut flipped = good.clone();
+    let sig = flipped.sigs[0].clone();
+    let (name, b64) = sig.split_once(':').unwrap();
+    let mut raw = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
+    raw[10] ^= 1;
+    flipped.sigs = vec![format!(
+        "{name}:{}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &raw)
+    )];
+    let other_hash = kiln::derivation::Hash::sha256(b"not this nar");
+    let with = |f: &dyn Fn(&mut NarInfo)| {
+        let mut ni = good.clone();
+        f(&mut ni);
+        ni
+    };
+    let bumped_hash = with(&|n| n.nar_hash = other_hash.clone());
+    let bumped_size = with(&|n| n.nar_size += 8);
+    let dropped_ref = with(&|n| {
+        n.references.pop();
+    });
+    // (variant, narinfo text, what both must do)
+    let variants: Vec<(&str, String, bool)> = vec![
+        ("untouched", nix_text.clone(), true),
+        ("NarHash changed", bumped_hash.to_string(), false),
+        ("NarSize changed", bumped_size.to_string(), false),
+        ("References changed", dropped_ref.to_string(), false),
+        ("Sig changed", flipped.to_string(), false),
+        ("Sig removed", with(&|n| n.sigs.clear()).to_string(), false),
+        (
+            "signed by another key of that name",
+            resign(good.clone(), &other_key),
+            false,
+        ),
+        (
+            "NarHash changed and signed again",
+            resign(bumped_hash.clone(), &secret),
+            false,
+        ),
+        (
+            "NarSize changed and signed again",
+            resign(bumped_size.clone(), &secret),
+            false,
+        ),
+        // A signer vouches for references: neither Nix nor Kiln reads them from the NAR.
+        (
+            "References changed and signed again",
+            resign(dropped_ref.clone(), &secret),
+            true,
+        ),
+        // FileHash is not signed, and Nix checks the NarHash of what it unpacks, not it.
+        (
+            "FileHash changed",
+            with(&|n| n.file_hash = Some(other_hash.clone())).to_string(),
+            true,
+        ),
+    ];
+    let conf = nix_trusting(tmp.path(), public.trim());
+    let mut table = Vec::new();
+    for (i, (what, text, accepted)) in variants.iter().enumerate() {
+        // The whole cache Nix wrote (the path's closure), with this variant of its narinfo.
+        let dir = tmp.path().join(format!("variant-{i}"));
+        std::fs::create_dir_all(dir.join("nar")).unwrap();
+        for sub in ["", "nar"] {
+            for e in std::fs::read_dir(cache.join(sub)).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_file() {
+                    std::fs::copy(e.path(), dir.join(sub).join(e.file_name())).unwrap();
+                }
+            }
+        }
+        std::fs::write(dir.join(format!("{hash}.narinfo")), text).unwrap();
+        let server = nar_common::StaticServer::start(&dir);
+        let (nix_ok, nix_says) = nix_copies(&conf, &dir, &server.url, &path);
+        let (kiln_ok, kiln_says) =
+            kiln_accepts(&format!("{}/{hash}.narinfo", server.url), public.trim());
+        table.push(format!("{what:<40} nix {nix_ok:<5} kiln {kiln_ok}"));
+        assert_eq!(
+            nix_ok,
+            *accepted,
+            "{what}: Nix was expected to {} it:\n{nix_says}",
+            if *accepted { "accept" } else { "refuse" }
+        );
+        assert_eq!(
+            kiln_ok, nix_ok,
+            "{what}: Kiln and Nix disagree\nnix: {nix_says}\nkiln: {kiln_says}"
+        );
+    }
+    println!("{}", table.join("\n"));
+}

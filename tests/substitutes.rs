@@ -18,8 +18,8 @@ use common::transfer::*;
 use common::*;
 use kiln::derivation::store_path::StoreDir;
 
-/// A coordinator with one available path (a source upload); returns it, the path and its
-/// compressed NAR's URL.
+/// A coordinator with one available path (a source upload, under the path `nix-store --add`
+/// gives it); returns it, the path and its compressed NAR's URL.
 fn with_a_source(extra: &str) -> (Coordinator, tempfile::TempDir, String, String) {
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("store");
@@ -33,7 +33,13 @@ fn with_a_source(extra: &str) -> (Coordinator, tempfile::TempDir, String, String
     std::fs::write(src.join("data"), data).unwrap();
     let mut nar = Vec::new();
     kiln::nar::dump(&src, &mut nar).unwrap();
-    let path = format!("{}/{}-source", store.display(), "1".repeat(32));
+    let sd = StoreDir::new(&store).unwrap();
+    let nar_hash = kiln::derivation::Hash::sha256(&nar);
+    let own = kiln::nar::ca::candidates(&sd, "source", &nar_hash, None, &[], None)
+        .unwrap()
+        .remove(0)
+        .path;
+    let path = sd.full_path(&own);
     let (code, r) = response(
         ureq::put(&c.url("/api/v1/sources"))
             .query("path", &path)
@@ -42,7 +48,7 @@ fn with_a_source(extra: &str) -> (Coordinator, tempfile::TempDir, String, String
             .send_bytes(&nar),
     );
     assert_eq!(code, 200, "{r}");
-    let (code, ni) = get(&c.agent(&format!("/{}.narinfo", "1".repeat(32))));
+    let (code, ni) = get(&c.agent(&format!("/{}.narinfo", own.hash_part())));
     assert_eq!(code, 200, "{ni}");
     let url = ni
         .as_str()
@@ -102,10 +108,11 @@ fn without_date(h: &[(String, String)]) -> Vec<(String, String)> {
 
 #[test]
 fn head_answers_equal_get_answers_without_the_body() {
-    let (c, _tmp, _path, url) = with_a_source("");
+    let (c, _tmp, path, url) = with_a_source("");
+    let own = &path.rsplit('/').next().unwrap()[..32];
     let targets = [
         "/nix-cache-info".to_string(),
-        format!("/{}.narinfo", "1".repeat(32)),
+        format!("/{own}.narinfo"),
         format!("/{}.narinfo", "2".repeat(32)),
         "/short.narinfo".to_string(),
         format!("/{url}"),

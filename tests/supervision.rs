@@ -302,10 +302,16 @@ fn every_other_actor_is_rebuilt_from_its_factory_and_its_memory_equals_sled() {
         let taken = actors
             .allocator
             .send(TakeWork {
-                systems: vec!["x86_64-linux".into()],
+                agent: kiln::actors::runnable_index::AgentMatch {
+                    systems: vec!["x86_64-linux".into()],
+                    ..Default::default()
+                },
                 max: 1,
+                wait: Duration::ZERO,
+                alive: None,
             })
             .await
+            .unwrap()
             .unwrap();
         assert_eq!(taken.len(), 1);
 
@@ -397,6 +403,9 @@ fn every_other_actor_is_rebuilt_from_its_factory_and_its_memory_equals_sled() {
                 systems: vec!["x86_64-linux".into()],
                 max_parallel_builds: 1,
                 builds: vec![],
+                registration_token: None,
+                offers: vec![],
+                requires: vec![],
             }))
             .await
             .unwrap()

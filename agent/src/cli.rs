@@ -28,9 +28,16 @@ pub struct Args {
     /// This agent's name, as created with `kiln agent new`.
     #[arg(long)]
     pub name: String,
-    /// File holding the agent's secret (surrounding whitespace is ignored).
+    /// File holding the agent's secret (surrounding whitespace is ignored). With
+    /// --registration-token-file it may be absent: the agent then writes a fresh random secret
+    /// there (mode 0600) before it registers; default `<state-dir>/secret`.
+    #[arg(long, required_unless_present = "registration_token_file")]
+    pub secret_file: Option<PathBuf>,
+    /// File holding a registration token (`kiln agent registration-token new`): when the
+    /// coordinator has no agent of this --name yet, it registers this one with the secret in
+    /// --secret-file, limited to the systems and tags the token allows.
     #[arg(long)]
-    pub secret_file: PathBuf,
+    pub registration_token_file: Option<PathBuf>,
     /// Systems this agent builds for (repeatable); default: this machine's.
     #[arg(long = "system")]
     pub systems: Vec<String>,
@@ -101,6 +108,13 @@ impl Args {
     /// `--max-waiting-uploads`, by default `--max-parallel-builds`.
     pub fn max_waiting_uploads(&self) -> u32 {
         self.max_waiting_uploads.unwrap_or(self.max_parallel_builds)
+    }
+
+    /// Where the secret is (or, when registering, will be) kept.
+    pub fn secret_path(&self) -> PathBuf {
+        self.secret_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("secret"))
     }
 
     /// The systems to announce: the flags, else this machine's Nix system string.
@@ -214,5 +228,28 @@ mod tests {
         assert_eq!(a.input_cache_mb, 10_240);
         assert_eq!(a.kill_grace, 5);
         assert_eq!(a.systems(), vec![native_system()]);
+        assert_eq!(a.secret_path(), PathBuf::from("/s"));
+    }
+
+    /// A secret file is needed unless the agent registers itself, which keeps its secret in
+    /// the state dir by default.
+    #[test]
+    fn registration_token_makes_the_secret_file_optional() {
+        let base = [
+            "kiln-agent",
+            "--coordinator",
+            "http://c",
+            "--name",
+            "a",
+            "--state-dir",
+            "/st",
+        ];
+        let err = Args::try_parse_from(base).unwrap_err().to_string();
+        assert!(err.contains("--secret-file"), "{err}");
+        let mut with_token = base.to_vec();
+        with_token.extend(["--registration-token-file", "/t"]);
+        let a = Args::try_parse_from(with_token).unwrap();
+        assert_eq!(a.secret_path(), PathBuf::from("/st/secret"));
+        assert_eq!(a.registration_token_file, Some(PathBuf::from("/t")));
     }
 }

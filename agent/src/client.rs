@@ -31,6 +31,9 @@ pub struct Identity {
     pub secret: String,
     pub systems: Vec<String>,
     pub max_parallel_builds: u32,
+    /// Sent at every session opening: the coordinator registers the agent with it when no
+    /// agent of this name exists yet (`--registration-token-file`).
+    pub registration_token: Option<String>,
 }
 
 /// The builds the agent holds, by id: reported on session open and on every heartbeat.
@@ -152,6 +155,9 @@ impl Coordinator {
                 systems: self.identity.systems.clone(),
                 max_parallel_builds: self.identity.max_parallel_builds,
                 builds: self.held.list(),
+                registration_token: self.identity.registration_token.clone(),
+                offers: Vec::new(),
+                requires: Vec::new(),
             };
             decode(
                 send(

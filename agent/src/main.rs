@@ -56,12 +56,76 @@ fn read_secret(path: &Path) -> anyhow::Result<String> {
     Ok(secret)
 }
 
+/// The registration token, and the secret this agent registers (or registered) with: read
+/// from the secret file, or made and written there first (mode 0600, never replacing a file
+/// another process wrote meanwhile), so that a registration whose reply was lost is retried
+/// with the same secret and finds the agent registered.
+fn registration(args: &Args, token_file: &Path) -> anyhow::Result<(String, String)> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| {
+            format!(
+                "failed to read the registration token file {}",
+                token_file.display()
+            )
+        })?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the registration token file {} is empty: put the token printed by `kiln agent registration-token new` in it",
+        token_file.display()
+    );
+    let path = args.secret_path();
+    if path.exists() {
+        return Ok((token, read_secret(&path)?));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("failed to create {}", tmp.display()))?;
+    f.write_all(secret.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("failed to write {}", tmp.display()))?;
+    // A hard link fails if the file appeared meanwhile: then that one is the secret.
+    match std::fs::hard_link(&tmp, &path) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::info!(secret_file = %path.display(), "made a secret to register with");
+            Ok((token, secret))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let _ = std::fs::remove_file(&tmp);
+            Ok((token, read_secret(&path)?))
+        }
+        Err(e) => Err(e).with_context(|| format!("failed to create {}", path.display())),
+    }
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     if args.executor != ExecutorKind::Native {
         let name = format!("{:?}", args.executor).to_lowercase();
         anyhow::bail!("the {name} executor is not implemented yet: it is planned in issue [8/8]; use --executor native");
     }
-    let secret = read_secret(&args.secret_file)?;
+    let (registration_token, secret) = match &args.registration_token_file {
+        Some(t) => {
+            let (token, secret) = registration(&args, t)?;
+            (Some(token), secret)
+        }
+        None => (None, read_secret(&args.secret_path())?),
+    };
     let store_dir =
         std::path::absolute(&args.store_dir).context("failed to resolve --store-dir")?;
     let state_dir =
@@ -96,6 +160,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             secret,
             systems: args.systems(),
             max_parallel_builds: args.max_parallel_builds,
+            registration_token,
         };
         let mut coordinator = Coordinator::new(&args.coordinator, identity, held.clone(), tx)?;
         coordinator.set_transfer_stall(Duration::from_secs(args.transfer_stall_timeout));

@@ -231,12 +231,18 @@ impl Agent {
     }
 }
 
-/// Fatal refusals of a session: wrong name or secret, or a protocol the coordinator does not
-/// speak.
+/// Fatal refusals of a session: wrong name or secret (or a rotated one), a protocol the
+/// coordinator does not speak, or systems or tags the agent's registration does not allow.
 fn fatal_reason(e: &CallError) -> Option<String> {
+    const FATAL: [&str; 4] = [
+        "unauthorized",
+        "unsupported_protocol",
+        "system_not_allowed",
+        "tag_not_allowed",
+    ];
     match e {
-        CallError::Rejected(api) if api.code == "unauthorized" || api.code == "unsupported_protocol" => {
-            Some(format!("the coordinator refused this agent ({}): {}; check --name, --secret-file and the agent version", api.code, api.message))
+        CallError::Rejected(api) if FATAL.contains(&api.code.as_str()) => {
+            Some(format!("the coordinator refused this agent ({}): {}; check --name, --secret-file, --system and the agent version", api.code, api.message))
         }
         _ => None,
     }

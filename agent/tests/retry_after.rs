@@ -80,6 +80,7 @@ async fn a_503_with_retry_after_is_waited_out_then_the_call_succeeds() {
             secret: "s".into(),
             systems: vec!["x86_64-linux".into()],
             max_parallel_builds: 1,
+            registration_token: None,
         },
         Held::default(),
         tx,

@@ -22,11 +22,12 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::allocator::{Allocator, TakeWork};
-use super::build_queue::{AgentLost, Allocate, BuildQueue, Reconcile, ReleaseUnstarted};
+use super::allocator::{Allocator, BuildsRunnable, RequestAlive, TakeWork};
+use super::build_queue::{AgentLost, Allocate, BuildQueue, Leases, Reconcile, ReleaseUnstarted};
 use super::guard::{catch, guard_future, guard_map, unavailable, Rebuild};
 use super::queue_state::Unheld;
 use super::restarts::Restarts;
+use super::runnable_index::{AgentMatch, RunnableEntry};
 use super::ActorError;
 use crate::protocol::{
     AgentCommand, Assignment, Bytes64, HeldBuild, OutputSpec, PathInfo, WorkReply,
@@ -44,7 +45,8 @@ const TICK: Duration = Duration::from_millis(250);
 pub struct AgentSession {
     pub agent_id: u64,
     pub name: String,
-    pub systems: Vec<String>,
+    /// The agent's systems and tags, as its session opening declared them.
+    pub agent: AgentMatch,
     queue: Addr<BuildQueue>,
     allocator: Addr<Allocator>,
     store: Store,
@@ -78,7 +80,7 @@ impl AgentSession {
     pub fn new(
         agent_id: u64,
         name: String,
-        systems: Vec<String>,
+        agent: AgentMatch,
         queue: Addr<BuildQueue>,
         allocator: Addr<Allocator>,
         store: Store,
@@ -90,7 +92,7 @@ impl AgentSession {
         AgentSession {
             agent_id,
             name,
-            systems,
+            agent,
             queue,
             allocator,
             store,
@@ -183,7 +185,7 @@ impl Rebuild for AgentSession {
         Ok(AgentSession::new(
             self.agent_id,
             self.name.clone(),
-            self.systems.clone(),
+            self.agent.clone(),
             self.queue.clone(),
             self.allocator.clone(),
             self.store.clone(),
@@ -201,11 +203,11 @@ impl Supervised for AgentSession {
     }
 }
 
-/// The session was (re)opened: new systems and commands to deliver.
+/// The session was (re)opened: new systems and tags, and commands to deliver.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Opened {
-    pub systems: Vec<String>,
+    pub agent: AgentMatch,
     pub commands: Vec<AgentCommand>,
 }
 
@@ -213,7 +215,7 @@ impl Handler<Opened> for AgentSession {
     type Result = ();
     fn handle(&mut self, msg: Opened, ctx: &mut Context<Self>) {
         catch(NAME, ctx, |_| {
-            self.systems = msg.systems;
+            self.agent = msg.agent;
             self.lost = false;
             self.must_reconcile = false;
             self.last_beat = Instant::now();
@@ -271,13 +273,21 @@ impl Handler<Beat> for AgentSession {
 const MAX_REQUEST_ID: usize = 128;
 
 /// The agent asks for up to `max` builds. `request` names the logical request: a retry with
-/// the same id gets the same assignments.
+/// the same id gets the same assignments. With `wait`, an agent that gets nothing at once
+/// waits up to that long (capped by `timeouts.work_wait_max_ms`) for a build to become
+/// runnable (long poll). `alive` tells whether the HTTP request is still there: a build is
+/// only leased for a request that is.
 #[derive(Message)]
 #[rtype(result = "Result<WorkReply, ActorError>")]
 pub struct RequestWork {
     pub max: u32,
     pub request: Option<String>,
+    pub wait: Duration,
+    pub alive: Option<RequestAlive>,
 }
+
+/// How long an agent back from lost waits before its empty answer (it must heartbeat first).
+const RECONCILE_PAUSE: Duration = Duration::from_secs(1);
 
 impl Handler<RequestWork> for AgentSession {
     type Result = ResponseActFuture<Self, Result<WorkReply, ActorError>>;
@@ -299,60 +309,116 @@ impl Handler<RequestWork> for AgentSession {
         else {
             return Box::pin(actix::fut::ready(Err(unavailable(NAME))));
         };
-        let allocator = self.allocator.clone();
-        let queue = self.queue.clone();
+        let work = Work {
+            allocator: self.allocator.clone(),
+            queue: self.queue.clone(),
+            agent: self.agent.clone(),
+            agent_id: self.agent_id,
+            alive: msg.alive,
+        };
         let store = self.store.clone();
-        let systems = self.systems.clone();
-        let agent_id = self.agent_id;
-        let max = if self.must_reconcile {
+        let held_back = self.must_reconcile;
+        let max = if held_back {
             tracing::info!(agent = %self.name, "agent back from lost: no new work before its heartbeat says what it holds");
             0
         } else {
             msg.max.min(64) as usize
         };
-        let request = msg.request;
+        let (request, wait) = (msg.request, msg.wait);
         Box::pin(guard_future::<Self, _, _>(NAME, async move {
-            let mut builds = Vec::new();
-            let mut ids = Vec::new();
-            if max > 0 {
-                let unavailable =
-                    |_| ActorError::Unavailable("the allocator is restarting; retry".into());
-                ids = allocator
-                    .send(TakeWork { systems, max })
-                    .await
-                    .map_err(unavailable)?;
+            let leased = work.find(max, request, wait).await?;
+            if leased.builds.is_empty() && held_back && !wait.is_zero() {
+                tokio::time::sleep(wait.min(RECONCILE_PAUSE)).await;
             }
-            // A request with an id always reaches the queue: it may be the retry of one whose
-            // reply was lost, to be answered with the same leases.
-            if !ids.is_empty() || request.is_some() {
-                let leased = queue
-                    .send(Allocate {
-                        agent_id,
-                        request,
-                        candidates: ids,
-                    })
+            let builds = if leased.builds.is_empty() {
+                Vec::new()
+            } else {
+                let records = leased.builds;
+                tokio::task::spawn_blocking(move || assignments(&store, records))
                     .await
-                    .map_err(|_| {
-                        ActorError::Unavailable("the build queue is restarting; retry".into())
-                    })
-                    .and_then(|r| r);
-                let leased = match leased {
-                    Ok(l) => l,
-                    Err(e) => {
-                        // The proposed builds left the index but were not leased: rebuild
-                        // the index from sled so none of them is forgotten.
-                        allocator.do_send(super::allocator::Resync);
-                        return Err(e);
-                    }
-                };
-                if !leased.is_empty() {
-                    builds = tokio::task::spawn_blocking(move || assignments(&store, leased))
-                        .await
-                        .map_err(|e| ActorError::Internal(e.to_string()))??;
-                }
-            }
+                    .map_err(|e| ActorError::Internal(e.to_string()))??
+            };
             Ok(WorkReply { builds, commands })
         }))
+    }
+}
+
+/// What a work request needs, off the session's own state.
+struct Work {
+    allocator: Addr<Allocator>,
+    queue: Addr<BuildQueue>,
+    agent: AgentMatch,
+    agent_id: u64,
+    alive: Option<RequestAlive>,
+}
+
+impl Work {
+    /// Propose builds from the index (waiting up to `wait` when there are none).
+    async fn take(&self, max: usize, wait: Duration) -> Result<Vec<RunnableEntry>, ActorError> {
+        self.allocator
+            .send(TakeWork {
+                agent: self.agent.clone(),
+                max,
+                wait,
+                alive: self.alive.clone(),
+            })
+            .await
+            .map_err(|_| ActorError::Unavailable("the allocator is restarting; retry".into()))?
+    }
+
+    /// Lease the proposed builds; any that were not leased because the lease failed go back
+    /// to the index, exactly those (never a rescan).
+    async fn lease(
+        &self,
+        request: Option<String>,
+        proposed: Vec<RunnableEntry>,
+    ) -> Result<Leases, ActorError> {
+        let leased = self
+            .queue
+            .send(Allocate {
+                agent_id: self.agent_id,
+                request,
+                candidates: proposed.iter().map(|e| e.id).collect(),
+                alive: self.alive.clone(),
+            })
+            .await
+            .map_err(|_| ActorError::Unavailable("the build queue is restarting; retry".into()))
+            .and_then(|r| r);
+        if leased.is_err() && !proposed.is_empty() {
+            self.allocator.do_send(BuildsRunnable(proposed));
+        }
+        leased
+    }
+
+    /// The leases that answer this request: a retry's earlier ones, else builds from the
+    /// index now, else (with `wait`) the first that become runnable within it.
+    async fn find(
+        &self,
+        max: usize,
+        request: Option<String>,
+        wait: Duration,
+    ) -> Result<Leases, ActorError> {
+        let proposed = if max > 0 {
+            self.take(max, Duration::ZERO).await?
+        } else {
+            Vec::new()
+        };
+        // A request with an id always reaches the queue: it may be the retry of one whose
+        // reply was lost, to be answered with the same leases (and never made to wait).
+        if !proposed.is_empty() || request.is_some() {
+            let leased = self.lease(request.clone(), proposed).await?;
+            if !leased.builds.is_empty() || leased.replayed {
+                return Ok(leased);
+            }
+        }
+        if max == 0 || wait.is_zero() {
+            return Ok(Leases::default());
+        }
+        let proposed = self.take(max, wait).await?;
+        if proposed.is_empty() {
+            return Ok(Leases::default());
+        }
+        self.lease(request, proposed).await
     }
 }
 
@@ -416,22 +482,83 @@ fn assignments(store: &Store, leased: Vec<BuildRecord>) -> Result<Vec<Assignment
     Ok(out)
 }
 
-/// The available paths `roots` and everything they reference, sorted by path.
+/// The available paths `roots` and everything they reference, sorted by path. Each root's
+/// closure is computed once and cached (see [`ClosureCache`]).
 pub fn closure(store: &Store, roots: &[String]) -> Result<Vec<PathInfo>, StoreError> {
     let mut seen: BTreeMap<String, PathInfo> = BTreeMap::new();
-    let mut todo: Vec<String> = roots.to_vec();
+    for root in roots {
+        if seen.contains_key(root) {
+            continue;
+        }
+        let one = match CLOSURES.get(root) {
+            Some(c) => c,
+            None => {
+                let (c, complete) = closure_of(store, root)?;
+                let c = Arc::new(c);
+                // Only a closure whose every path is available is cached: a missing one may
+                // become available later.
+                if complete {
+                    CLOSURES.put(root, c.clone());
+                }
+                c
+            }
+        };
+        for p in one.iter() {
+            seen.entry(p.path.clone()).or_insert_with(|| p.clone());
+        }
+    }
+    Ok(seen.into_values().collect())
+}
+
+/// The closure of one path, read from the `outputs` tree, and whether every path in it was
+/// available.
+fn closure_of(store: &Store, root: &str) -> Result<(Vec<PathInfo>, bool), StoreError> {
+    let mut seen: BTreeMap<String, PathInfo> = BTreeMap::new();
+    let mut todo: Vec<String> = vec![root.to_string()];
+    let mut complete = true;
     while let Some(p) = todo.pop() {
         if seen.contains_key(&p) {
             continue;
         }
         let key = crate::store::keys::output_key(&p);
         let Some(o) = store.get::<OutputRecord>(TreeId::Outputs, key.as_bytes())? else {
+            complete = false;
             continue;
         };
         todo.extend(o.references.iter().filter(|r| **r != p).cloned());
         seen.insert(p, path_info(&o));
     }
-    Ok(seen.into_values().collect())
+    Ok((seen.into_values().collect(), complete))
+}
+
+/// Closures of input paths, shared by every session: a farm's builds share most of their
+/// inputs, so a work reply reads each closure from sled once, not once per build. An
+/// available path's closure never changes (outputs and their references are immutable while
+/// nothing is garbage-collected), so entries need no invalidation; the cache is emptied when
+/// it reaches [`CLOSURE_CACHE_ENTRIES`] to bound its memory.
+struct ClosureCache(std::sync::Mutex<std::collections::HashMap<String, Arc<Vec<PathInfo>>>>);
+
+const CLOSURE_CACHE_ENTRIES: usize = 4096;
+
+static CLOSURES: std::sync::LazyLock<ClosureCache> =
+    std::sync::LazyLock::new(|| ClosureCache(Default::default()));
+
+impl ClosureCache {
+    fn get(&self, root: &str) -> Option<Arc<Vec<PathInfo>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(root)
+            .cloned()
+    }
+
+    fn put(&self, root: &str, c: Arc<Vec<PathInfo>>) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= CLOSURE_CACHE_ENTRIES {
+            m.clear();
+        }
+        m.insert(root.to_string(), c);
+    }
 }
 
 /// An output record as the agent sees it.

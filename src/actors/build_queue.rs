@@ -6,14 +6,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
 
-use super::allocator::{Allocator, BuildsRunnable, BuildsUnrunnable, Resync};
+use super::allocator::{
+    Allocator, BuildsRunnable, BuildsUnrunnable, Fill, RefillAllocator, Rekey, RequestAlive,
+};
 use super::guard::{catch, guard_future, guard_map, unavailable, Guarded, Rebuild};
-use super::queue_state::{Effects, FinishAnswer, QueueState, Unheld};
+use super::queue_state::{Effects, FinishAnswer, ListPage, QueueState, Unheld, LIVE_STATES};
 use super::restarts::Restarts;
 use super::submission::{prepare, Prepared, SubmitError};
+use super::symbols::Symbols;
 use super::{guarded, ActorError};
 use crate::derivation::store_path::StoreDir;
 use crate::protocol::{
@@ -33,7 +37,9 @@ pub struct BuildQueue {
     allocator: Addr<Allocator>,
     nars: Arc<NarCache>,
     restarts: Arc<Restarts>,
-    /// Rebuilt from sled at start and at every restart.
+    symbols: Arc<Symbols>,
+    /// Rebuilt from sled in `started` (at start and at every restart), before any message is
+    /// handled: the actor's mailbox holds requests meanwhile.
     state: QueueState,
     /// The store dir this coordinator serves, once fixed (config, env, or first submission).
     store_dir: Option<StoreDir>,
@@ -46,18 +52,57 @@ impl BuildQueue {
         allocator: Addr<Allocator>,
         nars: Arc<NarCache>,
         restarts: Arc<Restarts>,
+        symbols: Arc<Symbols>,
         store_dir: Option<StoreDir>,
-    ) -> Result<BuildQueue, ActorError> {
-        let state = QueueState::load(store.clone())?;
-        Ok(BuildQueue {
+    ) -> BuildQueue {
+        BuildQueue {
+            state: QueueState::unloaded(store.clone(), symbols.clone()),
             store,
             committer,
             allocator,
             nars,
             restarts,
-            state,
+            symbols,
             store_dir,
-        })
+        }
+    }
+
+    /// Load the state from sled in one scan, commit the index writes an old state dir lacks,
+    /// and fill the allocator's index from the same scan: runnable builds are handed over in
+    /// chunks while the scan goes on, so the allocator indexes them on its own thread.
+    fn load(&mut self) -> Result<(), ActorError> {
+        let started = Instant::now();
+        let allocator = self.allocator.clone();
+        let mut first = true;
+        let mut handed = 0usize;
+        let (mut state, rekeyed) =
+            QueueState::load_streaming(self.store.clone(), self.symbols.clone(), &mut |entries| {
+                handed += entries.len();
+                allocator.do_send(Fill {
+                    entries,
+                    first: std::mem::take(&mut first),
+                    last: false,
+                });
+            })?;
+        for batch in state.take_migration() {
+            self.committer.commit_blocking(batch)?;
+        }
+        self.state = state;
+        if !rekeyed.is_empty() {
+            self.allocator.do_send(Rekey(rekeyed));
+        }
+        self.allocator.do_send(Fill {
+            entries: Vec::new(),
+            first,
+            last: true,
+        });
+        tracing::info!(
+            live = self.state.live_len(),
+            runnable = handed,
+            seconds = started.elapsed().as_secs_f64(),
+            "build queue loaded"
+        );
+        Ok(())
     }
 
     /// A place in the committer's queue, taken before a transition changes memory, so a full
@@ -85,6 +130,8 @@ impl BuildQueue {
             new_outputs,
             finished,
             requests,
+            submitted,
+            rekeyed,
             landing,
             after,
         } = fx;
@@ -103,6 +150,9 @@ impl BuildQueue {
             }
             if !runnable.is_empty() {
                 allocator.do_send(BuildsRunnable(runnable));
+            }
+            if !rekeyed.is_empty() {
+                allocator.do_send(Rekey(rekeyed));
             }
             if !new_outputs.is_empty() {
                 // The narinfo files are for serving with nginx; the coordinator serves from
@@ -140,7 +190,8 @@ impl BuildQueue {
                     Err(e) => (Err(e), false),
                 };
                 if landed {
-                    act.state.committed(&made_available, &finished, &requests);
+                    act.state
+                        .committed(&made_available, &finished, &requests, &submitted);
                 } else if matches!(res, Err(ActorError::Commit(_))) {
                     tracing::error!(error = ?res.as_ref().err(), "commit failed; restarting the build queue from sled");
                     ctx.stop();
@@ -159,24 +210,10 @@ impl BuildQueue {
         Box::pin(actix::fut::ready(r))
     }
 
+    /// Live builds per state, from the per-state index (no scan).
     fn update_gauges(&self) {
-        let mut counts: HashMap<(BuildState, &str), u64> = HashMap::new();
-        for b in self.state.live().values() {
-            *counts.entry((b.state, b.system.as_str())).or_default() += 1;
-        }
-        for st in [
-            BuildState::Blocked,
-            BuildState::Runnable,
-            BuildState::Allocated,
-            BuildState::Building,
-            BuildState::Uploading,
-        ] {
-            let total: u64 = counts
-                .iter()
-                .filter(|((s, _), _)| *s == st)
-                .map(|(_, n)| n)
-                .sum();
-            metrics::gauge!("kiln_builds", "state" => st.as_str()).set(total as f64);
+        for st in LIVE_STATES {
+            metrics::gauge!("kiln_builds", "state" => st.as_str()).set(self.state.count(st) as f64);
         }
     }
 }
@@ -186,7 +223,15 @@ impl Actor for BuildQueue {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         catch(NAME, ctx, |ctx| {
-            tracing::info!(live = self.state.live().len(), "build queue started");
+            if let Err(e) = self.load() {
+                // The state cannot be read: serving from it would answer wrongly.
+                self.restarts.escalate(super::restarts::GaveUp {
+                    actor: <Self as Rebuild>::ACTOR,
+                    restarts: 0,
+                    reason: format!("the build queue cannot load the state from sled: {e}"),
+                });
+                return;
+            }
             self.update_gauges();
             ctx.run_interval(std::time::Duration::from_secs(2), |act, ctx| {
                 catch(NAME, ctx, |_| act.update_gauges());
@@ -202,9 +247,9 @@ impl Rebuild for BuildQueue {
         self.restarts.clone()
     }
 
-    /// Lets every write the old actor handed over land, then builds a fresh queue from sled
-    /// (builds and the recorded store dir) and has the allocator rebuild its index, since the
-    /// old actor's notifications after its last commits are lost.
+    /// Lets every write the old actor handed over land, then builds a fresh queue (with the
+    /// recorded store dir); its `started` reloads the builds from sled and refills the
+    /// allocator's index, since the old actor's notifications after its last commits are lost.
     fn rebuild(&self) -> Result<BuildQueue, ActorError> {
         self.committer.barrier_blocking();
         let store_dir = match self.store.meta_str(meta::STORE_DIR)? {
@@ -213,16 +258,15 @@ impl Rebuild for BuildQueue {
             })?),
             None => None,
         };
-        let fresh = BuildQueue::new(
+        Ok(BuildQueue::new(
             self.store.clone(),
             self.committer.clone(),
             self.allocator.clone(),
             self.nars.clone(),
             self.restarts.clone(),
+            self.symbols.clone(),
             store_dir,
-        )?;
-        self.allocator.do_send(Resync);
-        Ok(fresh)
+        ))
     }
 }
 
@@ -250,8 +294,9 @@ impl Handler<Submit> for BuildQueue {
         // Parsing and hashing run on a blocking thread; the decision runs on this loop.
         let check = async move {
             let r = tokio::task::spawn_blocking(move || {
-                let p = prepare(&store, store_dir.as_ref(), &req);
-                (p, req.priority, req.tags)
+                let (priority, tags) = (req.priority, req.tags.clone());
+                let p = prepare(&store, store_dir.as_ref(), req);
+                (p, priority, tags)
             })
             .await;
             r.map_err(|e| ActorError::Internal(format!("submission check failed: {e}")))
@@ -268,8 +313,7 @@ impl Handler<Submit> for BuildQueue {
                     Ok(p) => p,
                     Err(e) => return Self::ready(Err(e.into())),
                 };
-                let r = guarded::<Self, _>(NAME, ctx, |_| {
-                    let permit = act.reserve()?;
+                let first = guarded::<Self, _>(NAME, ctx, |_| {
                     if let Some(d) = &act.store_dir {
                         if d != &prepared.store_dir {
                             return Err(ActorError::BadRequest(format!(
@@ -278,49 +322,163 @@ impl Handler<Submit> for BuildQueue {
                                 prepared.store_dir.as_str()
                             )));
                         }
+                        return Ok(None);
                     }
-                    let (mut fx, builds) = act.state.submit(
-                        prepared.targets,
-                        prepared.new_drvs,
-                        priority,
-                        tags,
-                        now_ms(),
-                    )?;
-                    if act.store_dir.is_none() {
-                        fx.batch.put_raw(
-                            TreeId::Meta,
-                            meta::STORE_DIR,
-                            prepared.store_dir.as_str().as_bytes(),
-                        );
-                        act.store_dir = Some(prepared.store_dir.clone());
-                    }
-                    metrics::counter!("kiln_builds_submitted_total")
-                        .increment(builds.iter().filter(|b| !b.existing).count() as u64);
-                    Ok((permit, fx, builds))
+                    act.store_dir = Some(prepared.store_dir.clone());
+                    Ok(Some(prepared.store_dir.as_str().to_string()))
                 });
-                match r {
-                    Ok((permit, fx, builds)) => act.commit(permit, fx, Submitted { builds }),
-                    Err(e) => Self::ready(Err(e)),
-                }
+                let store_dir_record = match first {
+                    Ok(r) => r,
+                    Err(e) => return Self::ready(Err(e)),
+                };
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let chunks = Chunked {
+                    drvs: prepared.new_drvs.into(),
+                    targets: prepared.targets.into(),
+                    priority,
+                    tags,
+                    store_dir_record,
+                    out: Vec::new(),
+                    reply,
+                };
+                act.next_chunk(chunks, ctx);
+                Box::pin(actix::fut::wrap_future(async move {
+                    answer.await.unwrap_or_else(|_| Err(unavailable(NAME)))
+                }))
             },
         )))
     }
 }
 
-/// Lease proposed builds to an agent; answers the leased records. With a work request id the
-/// agent already used, answers that request's leases again (see `QueueState::allocate`).
+/// Derivations and targets per commit of a submission: the decision step on the queue's
+/// thread and the memory of one commit stay small whatever the submission's size.
+const SUBMIT_CHUNK: usize = 1000;
+
+/// A checked submission being committed chunk by chunk: first every new `.drv` (so no build is
+/// handed out before its `.drv` is stored), then the targets. Each chunk is decided and
+/// committed before the next is taken, with other messages handled in between; the answer is
+/// sent after the last chunk's commit, so a 200 still means every build of the submission is
+/// durable. A failed chunk answers the error; the chunks before it stay (a retry of the
+/// submission finds their builds as `existing`).
+struct Chunked {
+    drvs: std::collections::VecDeque<(String, Vec<u8>)>,
+    targets: std::collections::VecDeque<super::queue_state::Target>,
+    priority: i32,
+    tags: Vec<(String, String)>,
+    store_dir_record: Option<String>,
+    out: Vec<crate::protocol::BuildSummary>,
+    reply: tokio::sync::oneshot::Sender<Result<Submitted, ActorError>>,
+}
+
+/// The next chunk of a submission (sent by the queue to itself, behind what waits in its
+/// mailbox).
 #[derive(Message)]
-#[rtype(result = "Result<Vec<BuildRecord>, ActorError>")]
+#[rtype(result = "()")]
+struct NextChunk(Box<Chunked>);
+
+impl Handler<NextChunk> for BuildQueue {
+    type Result = ();
+
+    fn handle(&mut self, msg: NextChunk, ctx: &mut Context<Self>) {
+        self.next_chunk(*msg.0, ctx);
+    }
+}
+
+impl BuildQueue {
+    /// Decide and commit one chunk of a submission; then send the next to self, or answer.
+    fn next_chunk(&mut self, mut c: Chunked, ctx: &mut Context<Self>) {
+        let r = guarded::<Self, _>(NAME, ctx, |_| {
+            let permit = self.reserve()?;
+            let n = c.drvs.len().min(SUBMIT_CHUNK);
+            let drvs: Vec<(String, Vec<u8>)> = c.drvs.drain(..n).collect();
+            // A small submission is one commit, as before chunking: its targets ride with
+            // the last of its `.drv`s.
+            let targets: Vec<super::queue_state::Target> = if c.drvs.is_empty() {
+                let n = c.targets.len().min(SUBMIT_CHUNK);
+                c.targets.drain(..n).collect()
+            } else {
+                Vec::new()
+            };
+            let (mut fx, builds) =
+                self.state
+                    .submit(targets, drvs, c.priority, c.tags.clone(), now_ms())?;
+            if let Some(d) = c.store_dir_record.take() {
+                fx.batch
+                    .put_raw(TreeId::Meta, meta::STORE_DIR, d.as_bytes());
+            }
+            metrics::counter!("kiln_builds_submitted_total")
+                .increment(builds.iter().filter(|b| !b.existing).count() as u64);
+            Ok((permit, fx, builds))
+        });
+        let (permit, fx, builds) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = c.reply.send(Err(e));
+                return;
+            }
+        };
+        c.out.extend(builds);
+        let committed = self.commit(permit, fx, ()).map(
+            move |res, _act: &mut Self, ctx: &mut Context<Self>| match res {
+                Err(e) => {
+                    let _ = c.reply.send(Err(e));
+                }
+                Ok(()) if c.drvs.is_empty() && c.targets.is_empty() => {
+                    let big = c.out.len() >= SUBMIT_CHUNK;
+                    let _ = c.reply.send(Ok(Submitted { builds: c.out }));
+                    if big {
+                        // glibc keeps freed memory in its arenas: hand it back after a big
+                        // submission, off this thread.
+                        tokio::task::spawn_blocking(crate::telemetry::release_memory);
+                    }
+                }
+                Ok(()) => ctx.address().do_send(NextChunk(Box::new(c))),
+            },
+        );
+        ctx.spawn(committed);
+    }
+}
+
+/// Lease proposed builds to an agent; answers the leased records. With a work request id the
+/// agent already used, answers that request's leases again (see `QueueState::allocate`). When
+/// the HTTP request it serves went away (`alive`), nothing is leased and the candidates go
+/// back to the allocator.
+#[derive(Message)]
+#[rtype(result = "Result<Leases, ActorError>")]
 pub struct Allocate {
     pub agent_id: u64,
     pub request: Option<String>,
     pub candidates: Vec<BuildId>,
+    pub alive: Option<RequestAlive>,
+}
+
+/// What an `Allocate` leased.
+#[derive(Debug, Default)]
+pub struct Leases {
+    pub builds: Vec<BuildRecord>,
+    /// The answer to a retried work request (its earlier leases).
+    pub replayed: bool,
 }
 
 impl Handler<Allocate> for BuildQueue {
-    type Result = ResponseActFuture<Self, Result<Vec<BuildRecord>, ActorError>>;
+    type Result = ResponseActFuture<Self, Result<Leases, ActorError>>;
 
     fn handle(&mut self, msg: Allocate, ctx: &mut Context<Self>) -> Self::Result {
+        if msg.alive.as_ref().is_some_and(RequestAlive::gone) {
+            let back = catch(NAME, ctx, |_| {
+                msg.candidates
+                    .iter()
+                    .filter_map(|id| {
+                        let l = self.state.live_entry(*id)?;
+                        (l.state() == BuildState::Runnable).then(|| l.entry(*id))
+                    })
+                    .collect::<Vec<_>>()
+            });
+            if let Some(back) = back.filter(|b| !b.is_empty()) {
+                self.allocator.do_send(BuildsRunnable(back));
+            }
+            return Self::ready(Ok(Leases::default()));
+        }
         let r = guarded::<Self, _>(NAME, ctx, |_| {
             let permit = self.reserve()?;
             Ok((
@@ -334,7 +492,14 @@ impl Handler<Allocate> for BuildQueue {
             ))
         });
         match r {
-            Ok((permit, (fx, a))) => self.commit(permit, fx, a.leased),
+            Ok((permit, (fx, a))) => self.commit(
+                permit,
+                fx,
+                Leases {
+                    builds: a.leased,
+                    replayed: a.replayed,
+                },
+            ),
             Err(e) => Self::ready(Err(e)),
         }
     }
@@ -386,6 +551,9 @@ pub struct Finish {
     pub outcome: Result<Vec<BuiltOutput>, String>,
     /// The attempt whose log is stored, if one was uploaded.
     pub log_attempt: u32,
+    /// The references found in each output's NAR (success reports; see
+    /// [`super::queue_state::Scanned`]).
+    pub scanned: Option<super::queue_state::Scanned>,
 }
 
 impl Handler<Finish> for BuildQueue {
@@ -396,12 +564,13 @@ impl Handler<Finish> for BuildQueue {
             let permit = self.reserve()?;
             Ok((
                 permit,
-                self.state.finish(
+                self.state.finish_scanned(
                     msg.agent_id,
                     msg.build_id,
                     msg.attempt,
                     msg.outcome,
                     msg.log_attempt,
+                    msg.scanned.as_ref(),
                     now_ms(),
                 )?,
             ))
@@ -566,36 +735,92 @@ impl Handler<GetRecord> for BuildQueue {
     }
 }
 
-/// `kiln builds`.
+/// A page of live builds in one live state (`kiln builds --state S`): ids after `after`, at
+/// most `limit`, from the per-state index.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<BuildSummary>, ActorError>")]
-pub struct List {
-    pub state: Option<BuildState>,
+#[rtype(result = "ListPage")]
+pub struct ListLive {
+    pub state: BuildState,
+    pub after: BuildId,
     pub limit: usize,
 }
 
-impl Handler<List> for BuildQueue {
-    type Result = Result<Vec<BuildSummary>, ActorError>;
+impl Handler<ListLive> for BuildQueue {
+    type Result = Guarded<ListLive>;
 
-    fn handle(&mut self, msg: List, ctx: &mut Context<Self>) -> Self::Result {
-        guarded::<Self, _>(NAME, ctx, |_| Ok(self.state.list(msg.state, msg.limit)?))
+    fn handle(&mut self, msg: ListLive, ctx: &mut Context<Self>) -> Self::Result {
+        Guarded::run(NAME, ctx, |_| {
+            self.state.list_live(msg.state, msg.after, msg.limit)
+        })
     }
 }
 
-/// Builds leased to an agent.
+/// Memory's state and priority of those of these builds that are live (a listing read from
+/// sled shows them).
 #[derive(Message)]
-#[rtype(result = "Vec<BuildId>")]
-pub struct LeasedTo(pub u64);
+#[rtype(result = "Vec<(BuildId, BuildState, i32)>")]
+pub struct LiveStates(pub Vec<BuildId>);
+
+impl Handler<LiveStates> for BuildQueue {
+    type Result = Guarded<LiveStates>;
+
+    fn handle(&mut self, msg: LiveStates, ctx: &mut Context<Self>) -> Self::Result {
+        Guarded::run(NAME, ctx, |_| self.state.live_states(&msg.0))
+    }
+}
+
+/// Agents that hold leases (the registry awaits them after a start).
+#[derive(Message)]
+#[rtype(result = "Vec<u64>")]
+pub struct LeaseHolders;
+
+impl Handler<LeaseHolders> for BuildQueue {
+    type Result = Guarded<LeaseHolders>;
+
+    fn handle(&mut self, _msg: LeaseHolders, ctx: &mut Context<Self>) -> Self::Result {
+        Guarded::run(NAME, ctx, |_| self.state.lease_holders())
+    }
+}
+
+impl Handler<RefillAllocator> for BuildQueue {
+    type Result = ();
+
+    fn handle(&mut self, _msg: RefillAllocator, ctx: &mut Context<Self>) {
+        catch(NAME, ctx, |_| {
+            self.allocator.do_send(Fill {
+                entries: self.state.runnable(),
+                first: true,
+                last: true,
+            });
+        });
+    }
+}
+
+/// Builds leased to one agent (`Some(id)`) or to each agent holding leases (`None`), from
+/// the lease index.
+#[derive(Message)]
+#[rtype(result = "HashMap<u64, Vec<BuildId>>")]
+pub struct LeasedTo(pub Option<u64>);
 
 impl Handler<LeasedTo> for BuildQueue {
     type Result = Guarded<LeasedTo>;
 
     fn handle(&mut self, msg: LeasedTo, ctx: &mut Context<Self>) -> Self::Result {
-        Guarded::run(NAME, ctx, |_| self.state.leased_to(msg.0))
+        Guarded::run(NAME, ctx, |_| {
+            let agents = match msg.0 {
+                Some(a) => vec![a],
+                None => self.state.lease_holders(),
+            };
+            agents
+                .into_iter()
+                .map(|a| (a, self.state.leased_to(a)))
+                .collect()
+        })
     }
 }
 
-/// The live builds as memory holds them (tests compare them with sled).
+/// The live builds as memory makes them (memory's fields over sled's records; tests compare
+/// them with sled). Reads every live record: for tests only.
 #[derive(Message)]
 #[rtype(result = "HashMap<BuildId, BuildRecord>")]
 pub struct LiveBuilds;
@@ -604,7 +829,7 @@ impl Handler<LiveBuilds> for BuildQueue {
     type Result = Guarded<LiveBuilds>;
 
     fn handle(&mut self, _msg: LiveBuilds, ctx: &mut Context<Self>) -> Self::Result {
-        Guarded::run(NAME, ctx, |_| self.state.live().clone())
+        Guarded::run(NAME, ctx, |_| self.state.live_records().unwrap_or_default())
     }
 }
 
@@ -621,11 +846,7 @@ impl Handler<CorruptMemoryAndStop> for BuildQueue {
 
     fn handle(&mut self, _msg: CorruptMemoryAndStop, ctx: &mut Context<Self>) {
         tracing::warn!("fault point build_queue.corrupt_memory_and_stop fired");
-        for b in self.state.live_mut().values_mut() {
-            b.priority = b.priority.wrapping_add(1000);
-            b.state = BuildState::Failed;
-            b.reason = "fault point".into();
-        }
+        self.state.corrupt();
         ctx.stop();
     }
 }

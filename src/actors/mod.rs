@@ -12,13 +12,18 @@
 pub mod agent_session;
 pub mod allocator;
 pub mod build_queue;
+pub mod credentials;
+pub mod enrollment;
 pub mod event_log;
 pub mod guard;
 pub mod hook_processor;
 pub mod queue_state;
 pub mod registry;
 pub mod restarts;
+pub mod runnable_index;
+pub mod session_open;
 pub mod submission;
+pub mod symbols;
 
 use thiserror::Error;
 
@@ -50,6 +55,10 @@ pub enum ActorError {
     Unauthorized(String),
     #[error("{0}")]
     Conflict(String),
+    /// Authenticated, but not allowed: `code` is the stable error code (e.g.
+    /// `system_not_allowed`).
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]

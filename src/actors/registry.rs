@@ -1,8 +1,13 @@
-//! `AgentRegistry`: agent records (create, authenticate), session tokens, and the
-//! supervisor of the per-agent [`AgentSession`] actors (one-for-one: a session that stops is
-//! restarted alone). Session tokens live in memory only: after a coordinator restart agents
-//! get `session_unknown` and open a new session with their secret, which reconciles the builds
-//! they hold.
+//! `AgentRegistry`: agent records (create, authenticate, register with a token), session
+//! tokens, and the supervisor of the per-agent [`AgentSession`] actors (one-for-one: a session
+//! that stops is restarted alone). Session tokens live in memory only: after a coordinator
+//! restart agents get `session_unknown` and open a new session with their secret, which
+//! reconciles the builds they hold.
+//!
+//! Secrets are checked with a slow hash ([`super::credentials`]) on the blocking pool, never
+//! on the registry's loop (the loop every agent's session opening goes through): a session
+//! opening is a chain of short steps on the loop around the hash and the commits. Secret
+//! rotation and registration tokens are in [`super::enrollment`].
 //!
 //! Supervision: every handler runs under the panic guard. A registry restart keeps the three
 //! shared maps — [`Sessions`] (tokens, read by the HTTP layer), [`Liveness`] (stamped by the
@@ -17,21 +22,20 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 
-use super::agent_session::{AgentSession, Opened};
+use super::agent_session::AgentSession;
 use super::allocator::Allocator;
-use super::build_queue::{BuildQueue, LeasedTo, Reconcile};
-use super::guard::{catch, guard_future, guard_map, unavailable, Guarded, Rebuild};
-use super::queue_state::Unheld;
+use super::build_queue::{BuildQueue, LeaseHolders, LeasedTo};
+use super::credentials::{self, Credentials, Grant};
+use super::guard::{catch, guard_future, guard_map, guard_task, unavailable, Guarded, Rebuild};
 use super::restarts::Restarts;
+use super::runnable_index::AgentMatch;
+pub use super::session_open::Open;
 use super::{guarded, ActorError};
-use crate::protocol::{
-    AgentCreated, AgentId, AgentInfo, NewAgent, OpenSession, SessionOpened, PROTOCOL_VERSION,
-};
+use crate::protocol::{AgentCreated, AgentId, AgentInfo, NewAgent};
 use crate::store::keys::u64_key;
-use crate::store::records::AgentRecord;
+use crate::store::records::{AgentRecord, RegistrationTokenRecord};
 use crate::store::{meta, now_ms, Batch, Committer, Store, TreeId};
 
 const NAME: &str = "agent registry";
@@ -109,11 +113,18 @@ impl Sessions {
         self.inner.read().ok()?.get(&h).copied()
     }
 
-    fn replace(&self, agent: AgentId, token: &str) {
+    pub(super) fn replace(&self, agent: AgentId, token: &str) {
         let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Ok(mut m) = self.inner.write() {
             m.retain(|_, a| *a != agent);
             m.insert(h, agent);
+        }
+    }
+
+    /// End the agent's session (its secret was rotated): its token stops working at once.
+    pub(super) fn end(&self, agent: AgentId) {
+        if let Ok(mut m) = self.inner.write() {
+            m.retain(|_, a| *a != agent);
         }
     }
 }
@@ -144,15 +155,17 @@ impl SessionActors {
 }
 
 pub struct AgentRegistry {
-    store: Store,
-    committer: Committer,
-    queue: Addr<BuildQueue>,
+    pub(super) store: Store,
+    pub(super) committer: Committer,
+    pub(super) queue: Addr<BuildQueue>,
     allocator: Addr<Allocator>,
     restarts: Arc<Restarts>,
-    sessions: Arc<Sessions>,
-    liveness: Arc<Liveness>,
-    agent_timeout: Duration,
-    heartbeat_interval: Duration,
+    pub(super) sessions: Arc<Sessions>,
+    pub(super) liveness: Arc<Liveness>,
+    /// The hash gate and the config's registration tokens (shared with the next incarnation).
+    pub(super) credentials: Arc<Credentials>,
+    pub(super) agent_timeout: Duration,
+    pub(super) heartbeat_interval: Duration,
     /// `timeouts.unheld_lease_ms`, for each agent's session.
     unheld_lease: Duration,
     /// Shared with the next incarnation (see [`SessionActors`]).
@@ -162,7 +175,11 @@ pub struct AgentRegistry {
     next_agent_id: Option<u64>,
     /// Names being registered (commit in flight), so a second registration of one name is
     /// refused even before the first is durable.
-    reserved_names: HashSet<String>,
+    pub(super) reserved_names: HashSet<String>,
+    /// Agents whose record is being rewritten (a secret rotation or rehash in flight): a
+    /// second rewrite waits (503), and a session opening checked against the old secret is
+    /// not completed meanwhile.
+    pub(super) record_writes: HashSet<AgentId>,
 }
 
 impl AgentRegistry {
@@ -176,6 +193,7 @@ impl AgentRegistry {
         sessions: Arc<Sessions>,
         liveness: Arc<Liveness>,
         actors: Arc<SessionActors>,
+        credentials: Arc<Credentials>,
         agent_timeout: Duration,
         heartbeat_interval: Duration,
         unheld_lease: Duration,
@@ -188,16 +206,56 @@ impl AgentRegistry {
             restarts,
             sessions,
             liveness,
+            credentials,
             agent_timeout,
             heartbeat_interval,
             unheld_lease,
             actors,
             next_agent_id: None,
             reserved_names: HashSet::new(),
+            record_writes: HashSet::new(),
         }
     }
 
-    fn session_actor(&mut self, rec: &AgentRecord, systems: Vec<String>) -> Addr<AgentSession> {
+    /// The next agent id (read from sled the first time), handed out one at a time so two
+    /// concurrent registrations cannot get the same id.
+    pub(super) fn allocate_id(&mut self) -> Result<u64, ActorError> {
+        let id = match self.next_agent_id {
+            Some(id) => id,
+            None => self.store.meta_u64(meta::NEXT_AGENT_ID)?.unwrap_or(1),
+        };
+        self.next_agent_id = Some(id + 1);
+        Ok(id)
+    }
+
+    /// A name is taken once it is in sled or being registered.
+    pub(super) fn name_taken(&self, name: &str) -> Result<bool, ActorError> {
+        Ok(self.reserved_names.contains(name)
+            || self.store.contains(TreeId::AgentNames, name.as_bytes())?)
+    }
+
+    /// The registration token `token` grants, if it is one: from the config, else sled.
+    pub(super) fn grant(&self, token: &str) -> Result<Option<Grant>, ActorError> {
+        let digest = credentials::token_digest(token);
+        if let Some(g) = self
+            .credentials
+            .config_tokens
+            .iter()
+            .find(|g| g.digest == digest)
+        {
+            return Ok(Some(g.clone()));
+        }
+        let rec: Option<RegistrationTokenRecord> = self
+            .store
+            .get(TreeId::RegistrationTokens, digest.as_bytes())?;
+        Ok(rec.map(|token| Grant { digest, token }))
+    }
+
+    pub(super) fn session_actor(
+        &mut self,
+        rec: &AgentRecord,
+        agent: AgentMatch,
+    ) -> Addr<AgentSession> {
         if let Some(a) = self.actors.get(rec.id) {
             if a.connected() {
                 return a;
@@ -217,7 +275,7 @@ impl AgentRegistry {
         );
         let addr = actix::Supervisor::start(move |_| {
             AgentSession::new(
-                id, name, systems, queue, allocator, store, restarts, liveness, timeout, unheld,
+                id, name, agent, queue, allocator, store, restarts, liveness, timeout, unheld,
             )
         });
         self.actors.insert(rec.id, addr.clone());
@@ -226,27 +284,18 @@ impl AgentRegistry {
 
     /// Agents that hold leases (from before a restart) get a session actor now, with their
     /// timeout clock started: if they do not come back within the agent timeout, their leases
-    /// expire. Agents that already have a running session actor keep it.
-    fn await_lease_holders(&mut self) {
-        let mut holders = HashSet::new();
-        for r in self
-            .store
-            .scan::<crate::store::records::BuildRecord>(TreeId::Builds)
-        {
-            match r {
-                Ok((_, b)) if b.state.is_leased() && b.agent_id != 0 => {
-                    holders.insert(b.agent_id);
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "cannot read a build record"),
-            }
-        }
+    /// expire. Agents that already have a running session actor keep it. The holders come
+    /// from the build queue's lease index (no scan of the builds).
+    fn await_lease_holders(&mut self, holders: Vec<AgentId>) {
         for id in holders {
             match self.store.get::<AgentRecord>(TreeId::Agents, &u64_key(id)) {
                 Ok(Some(rec)) => {
                     self.liveness.await_agent(id);
-                    let systems = rec.systems.clone();
-                    self.session_actor(&rec, systems);
+                    let agent = AgentMatch {
+                        systems: rec.systems.clone(),
+                        ..Default::default()
+                    };
+                    self.session_actor(&rec, agent);
                     tracing::info!(agent = %rec.name, "awaiting agent that holds leases");
                 }
                 _ => tracing::error!(agent_id = id, "leases held by an unknown agent"),
@@ -259,7 +308,18 @@ impl Actor for AgentRegistry {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        catch(NAME, ctx, |_| self.await_lease_holders());
+        let ask = self.queue.send(LeaseHolders);
+        let fut = guard_task::<Self, _, _>(NAME, ask).map(
+            |holders, act: &mut Self, ctx: &mut Context<Self>| match holders {
+                Some(Ok(h)) => {
+                    catch(NAME, ctx, |_| act.await_lease_holders(h));
+                }
+                // The queue is restarting: its leases are awaited when it answers the next
+                // registry start; an agent that comes back opens its session anyway.
+                _ => tracing::warn!("could not ask the build queue for lease holders"),
+            },
+        );
+        ctx.spawn(fut);
     }
 }
 
@@ -284,6 +344,7 @@ impl Rebuild for AgentRegistry {
             self.sessions.clone(),
             self.liveness.clone(),
             self.actors.clone(),
+            self.credentials.clone(),
             self.agent_timeout,
             self.heartbeat_interval,
             self.unheld_lease,
@@ -297,21 +358,7 @@ impl Supervised for AgentRegistry {
     }
 }
 
-/// Hash of a secret with its salt.
-fn secret_hash(salt: &[u8], secret: &str) -> Vec<u8> {
-    let mut h = Sha256::new();
-    h.update(salt);
-    h.update(secret.as_bytes());
-    h.finalize().to_vec()
-}
-
-fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    rand::thread_rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn valid_agent_name(n: &str) -> bool {
+pub(super) fn valid_agent_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 128
         && n.bytes()
@@ -340,22 +387,13 @@ impl Handler<CreateAgent> for AgentRegistry {
                     "an agent needs at least one system (e.g. --system x86_64-linux)".into(),
                 ));
             }
-            if self.reserved_names.contains(&req.name)
-                || self
-                    .store
-                    .contains(TreeId::AgentNames, req.name.as_bytes())?
-            {
+            if self.name_taken(&req.name)? {
                 return Err(ActorError::Conflict(format!(
                     "an agent named {:?} already exists: pick another name",
                     req.name
                 )));
             }
-            let id = match self.next_agent_id {
-                Some(id) => id,
-                None => self.store.meta_u64(meta::NEXT_AGENT_ID)?.unwrap_or(1),
-            };
-            self.next_agent_id = Some(id + 1);
-            Ok(id)
+            self.allocate_id()
         });
         let id = match checked {
             Ok(id) => id,
@@ -363,30 +401,24 @@ impl Handler<CreateAgent> for AgentRegistry {
         };
         self.reserved_names.insert(req.name.clone());
         let committer = self.committer.clone();
+        let gate = self.credentials.gate.clone();
         let name = req.name.clone();
         let fut = async move {
-            let secret = random_hex(32);
-            let mut salt = vec![0u8; 16];
-            rand::thread_rng().fill_bytes(&mut salt);
+            let secret = credentials::random_hex(32);
+            let s2 = secret.clone();
+            let hashed = gate.run(move || credentials::hash_secret(&s2)).await?;
+            let now = now_ms();
             let rec = AgentRecord {
                 id,
                 name: req.name.clone(),
-                secret_hash: secret_hash(&salt, &secret),
-                salt,
+                secret: hashed,
                 systems: req.systems,
-                created_ms: now_ms(),
+                created_ms: now,
+                tags: None,
+                registered_by: String::new(),
+                secret_set_ms: now,
             };
-            let mut b = Batch::new();
-            b.put(TreeId::Agents, &u64_key(id), &rec)?;
-            b.put_raw(TreeId::AgentNames, req.name.as_bytes(), &u64_key(id));
-            b.put_raw(TreeId::Meta, meta::NEXT_AGENT_ID, &u64_key(id + 1));
-            b.event(
-                "agent-created",
-                0,
-                id,
-                serde_json::json!({"agent_id": id, "name": rec.name}),
-            );
-            committer.commit(b).await?;
+            committer.commit(registration(&rec)?).await?;
             Ok(AgentCreated {
                 id,
                 name: rec.name,
@@ -404,88 +436,19 @@ impl Handler<CreateAgent> for AgentRegistry {
     }
 }
 
-/// Authenticate an agent and open its session.
-#[derive(Message)]
-#[rtype(result = "Result<SessionOpened, ActorError>")]
-pub struct Open(pub OpenSession);
-
-impl Handler<Open> for AgentRegistry {
-    type Result = ResponseActFuture<Self, Result<SessionOpened, ActorError>>;
-
-    fn handle(&mut self, msg: Open, ctx: &mut Context<Self>) -> Self::Result {
-        let req = msg.0;
-        let found = guarded::<Self, _>(NAME, ctx, |_| {
-            if req.protocol_version != PROTOCOL_VERSION {
-                return Err(ActorError::BadRequest(format!(
-                    "unsupported_protocol: agent speaks protocol {}, this coordinator speaks {PROTOCOL_VERSION}; upgrade the older side",
-                    req.protocol_version
-                )));
-            }
-            let refused = || {
-                ActorError::Unauthorized(format!(
-                    "unknown agent {:?} or wrong secret: create it with `kiln agent new` and pass its secret file",
-                    req.name
-                ))
-            };
-            let id = self.store.agent_id(&req.name)?.ok_or_else(refused)?;
-            let rec: AgentRecord = self
-                .store
-                .get(TreeId::Agents, &u64_key(id))?
-                .ok_or_else(refused)?;
-            let given = secret_hash(&rec.salt, &req.secret);
-            // Constant-time comparison.
-            let diff = given
-                .iter()
-                .zip(&rec.secret_hash)
-                .fold(0u8, |a, (x, y)| a | (x ^ y));
-            if diff != 0 || given.len() != rec.secret_hash.len() {
-                return Err(refused());
-            }
-            let token = random_hex(32);
-            self.sessions.replace(rec.id, &token);
-            self.liveness.touch(rec.id);
-            self.liveness.set_lost(rec.id, false);
-            let systems = if req.systems.is_empty() {
-                rec.systems.clone()
-            } else {
-                req.systems.clone()
-            };
-            let session = self.session_actor(&rec, systems.clone());
-            tracing::info!(agent = %rec.name, held = req.builds.len(), "agent session opened");
-            Ok((rec, token, systems, session))
-        });
-        let (rec, token, systems, session) = match found {
-            Ok(r) => r,
-            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
-        };
-        let held = req.builds.clone();
-        let queue = self.queue.clone();
-        let (hb, timeout) = (self.heartbeat_interval, self.agent_timeout);
-        let agent_id = rec.id;
-        Box::pin(guard_future::<Self, _, _>(NAME, async move {
-            let commands = queue
-                .send(Reconcile {
-                    agent_id,
-                    held,
-                    unheld: Unheld::Release,
-                })
-                .await
-                .map_err(|_| {
-                    ActorError::Unavailable("the build queue is restarting; retry".into())
-                })??;
-            session.do_send(Opened {
-                systems,
-                commands: Vec::new(),
-            });
-            Ok(SessionOpened {
-                agent_id,
-                session_token: token,
-                heartbeat_interval_ms: hb.as_millis() as u64,
-                agent_timeout_ms: timeout.as_millis() as u64,
-                commands,
-            })
-        }))
+/// The writes that register an agent: its record, its name, the next id and an
+/// `agent-created` event.
+pub(super) fn registration(rec: &AgentRecord) -> Result<Batch, ActorError> {
+    let mut b = Batch::new();
+    b.put(TreeId::Agents, &u64_key(rec.id), rec)?;
+    b.put_raw(TreeId::AgentNames, rec.name.as_bytes(), &u64_key(rec.id));
+    b.put_raw(TreeId::Meta, meta::NEXT_AGENT_ID, &u64_key(rec.id + 1));
+    let mut data = serde_json::json!({"agent_id": rec.id, "name": rec.name});
+    if !rec.registered_by.is_empty() {
+        data["registration_token"] = rec.registered_by.clone().into();
     }
+    b.event("agent-created", 0, rec.id, data);
+    Ok(b)
 }
 
 /// The session actor of an authenticated agent.
@@ -513,11 +476,15 @@ impl Handler<ListAgents> for AgentRegistry {
         let liveness = self.liveness.clone();
         let queue = self.queue.clone();
         Box::pin(guard_future::<Self, _, _>(NAME, async move {
+            // One question to the queue, answered from its lease index.
+            let mut leases = queue.send(LeasedTo(None)).await.map_err(|_| {
+                ActorError::Unavailable("the build queue is restarting; retry".into())
+            })?;
             let mut out = Vec::new();
             for r in store.scan::<AgentRecord>(TreeId::Agents) {
                 let (_, a) = r?;
                 let (status, ago) = liveness.status(a.id);
-                let builds = queue.send(LeasedTo(a.id)).await.unwrap_or_default();
+                let builds = leases.remove(&a.id).unwrap_or_default();
                 out.push(AgentInfo {
                     id: a.id,
                     name: a.name,

@@ -61,7 +61,7 @@ pub struct Prepared {
 pub fn prepare(
     store: &Store,
     store_dir: Option<&StoreDir>,
-    req: &SubmitBuilds,
+    req: SubmitBuilds,
 ) -> Result<Prepared, SubmitError> {
     if req.builds.is_empty() {
         return Err(SubmitError::Empty);
@@ -85,7 +85,8 @@ pub fn prepare(
 
     // Parse and name-check every derivation sent.
     let mut sent: HashMap<String, (Derivation, Vec<u8>)> = HashMap::new();
-    for d in &req.derivations {
+    // The submission's bytes are moved, not copied: a big submission is held once.
+    for d in req.derivations {
         let sp = store_dir
             .parse_path(d.path.as_bytes())
             .map_err(|e| bad(&d.path, e.to_string()))?;
@@ -103,7 +104,7 @@ pub fn prepare(
                 computed: store_dir.full_path(&computed),
             });
         }
-        sent.insert(d.path.clone(), (drv, d.contents.0.clone()));
+        sent.insert(d.path, (drv, d.contents.0));
     }
 
     // Known derivations: those sent, then those in sled.

@@ -1,5 +1,6 @@
 //! Client subcommands (`kiln submit`, `kiln builds`, `kiln build show|log|cancel`,
-//! `kiln agent new`, `kiln agents`): clap definitions and what each command prints.
+//! `kiln agent new|rotate-secret|registration-token`, `kiln agents`): clap definitions and
+//! what each command prints (the enrollment commands are in [`super::enroll`]).
 //!
 //! Every command takes [`ClientOpts`] (`--coordinator`, `--json`). Human output is the default;
 //! `--json` prints the protocol type the coordinator answered with, as JSON, one document per
@@ -81,9 +82,12 @@ pub struct BuildsArgs {
     /// succeeded, failed, canceled).
     #[arg(long, value_parser = parse_state)]
     pub state: Option<BuildState>,
-    /// At most this many builds.
+    /// At most this many builds (default: all, fetched a page at a time).
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Start after this build id (the cursor a cut listing prints).
+    #[arg(long)]
+    pub cursor: Option<u64>,
     #[command(flatten)]
     pub opts: ClientOpts,
 }
@@ -110,6 +114,12 @@ pub struct BuildIdArgs {
 pub enum AgentCommand {
     /// Register an agent; prints its id and secret (the secret is shown only once).
     New(NewAgentArgs),
+    /// Replace an agent's secret: prints (or writes) the new one; the old one stops working
+    /// and the agent's open session ends.
+    RotateSecret(super::enroll::RotateArgs),
+    /// Registration tokens, with which agents register themselves.
+    #[command(subcommand)]
+    RegistrationToken(super::enroll::TokenCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -162,13 +172,20 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Build(BuildCommand::Log(a)) => log_cmd(a, &mut out)?,
         ClientCommand::Build(BuildCommand::Cancel(a)) => cancel_cmd(a, &mut out)?,
         ClientCommand::Agent(AgentCommand::New(a)) => agent_new_cmd(a, &mut out)?,
+        ClientCommand::Agent(AgentCommand::RotateSecret(a)) => super::enroll::rotate(a, &mut out)?,
+        ClientCommand::Agent(AgentCommand::RegistrationToken(c)) => {
+            super::enroll::token(c, &mut out)?
+        }
         ClientCommand::Agents(a) => agents_cmd(a, &mut out)?,
     };
     out.flush().context("failed to write to stdout")?;
     Ok(code)
 }
 
-fn print_json<T: serde::Serialize>(out: &mut dyn Write, value: &T) -> anyhow::Result<()> {
+pub(super) fn print_json<T: serde::Serialize>(
+    out: &mut dyn Write,
+    value: &T,
+) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut *out, value).context("failed to write JSON to stdout")?;
     writeln!(out).context("failed to write to stdout")?;
     Ok(())
@@ -194,29 +211,56 @@ fn submit_cmd(a: SubmitArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
 
 fn builds_cmd(a: BuildsArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     let client = a.opts.client();
-    let builds = list_builds(&client, a.state, a.limit)?;
+    let (builds, next) = list_page(&client, a.state, a.limit, a.cursor)?;
     if a.opts.json {
         print_json(out, &builds)?;
     } else {
         render::builds_table(out, &builds)?;
     }
+    if let Some(n) = next {
+        eprintln!("more builds follow: add --cursor {n} to list them");
+    }
     Ok(0)
 }
 
-/// `GET /api/v1/builds` (used by `kiln builds` and the demo's progress display).
+/// Builds per request when `kiln builds` pages through a listing.
+const PAGE: usize = 1000;
+
+/// `GET /api/v1/builds`, page after page from `cursor`, until `limit` builds (all when
+/// `None`); also the cursor of what follows when `limit` cut the listing.
+pub fn list_page(
+    client: &Client,
+    state: Option<BuildState>,
+    limit: Option<usize>,
+    cursor: Option<u64>,
+) -> anyhow::Result<(Vec<BuildSummary>, Option<u64>)> {
+    let mut out: Vec<BuildSummary> = Vec::new();
+    let mut cursor = cursor.unwrap_or(0);
+    loop {
+        let want = limit.map_or(PAGE, |l| (l - out.len()).min(PAGE));
+        let mut query = vec![("limit", want.to_string()), ("cursor", cursor.to_string())];
+        if let Some(s) = state {
+            query.push(("state", s.as_str().to_string()));
+        }
+        let (page, next): (Vec<BuildSummary>, _) =
+            client.get_json_header("builds", &query, crate::protocol::NEXT_CURSOR_HEADER)?;
+        out.extend(page);
+        let next = next.and_then(|n| n.parse::<u64>().ok());
+        match next {
+            // Each page moves the cursor forward, so this ends.
+            Some(n) if n > cursor && limit.is_none_or(|l| out.len() < l) => cursor = n,
+            _ => return Ok((out, next)),
+        }
+    }
+}
+
+/// Every build (of `state`), paged (used by the demo's progress display).
 pub fn list_builds(
     client: &Client,
     state: Option<BuildState>,
     limit: Option<usize>,
 ) -> anyhow::Result<Vec<BuildSummary>> {
-    let mut query = Vec::new();
-    if let Some(s) = state {
-        query.push(("state", s.as_str().to_string()));
-    }
-    if let Some(n) = limit {
-        query.push(("limit", n.to_string()));
-    }
-    Ok(client.get_json("builds", &query)?)
+    Ok(list_page(client, state, limit, None)?.0)
 }
 
 fn show_cmd(a: BuildIdArgs, out: &mut dyn Write) -> anyhow::Result<i32> {

@@ -127,6 +127,19 @@ impl Client {
         decode(resp, &self.describe("GET", path))
     }
 
+    /// `GET /api/v1/<path>` with query pairs, decoded as JSON, and the value of one response
+    /// header (e.g. the next cursor of a listing).
+    pub fn get_json_header<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        header: &str,
+    ) -> Result<(T, Option<String>), ClientError> {
+        let resp = self.call("GET", path, query, Body::Empty)?;
+        let h = resp.header(header).map(str::to_string);
+        Ok((decode(resp, &self.describe("GET", path))?, h))
+    }
+
     /// `POST /api/v1/<path>` with a JSON body, answer decoded as JSON.
     pub fn post_json<B: Serialize, T: DeserializeOwned>(
         &self,

@@ -4,7 +4,9 @@
 //! The coordinator checks every `.drv` it is sent against Nix's path computations and needs the
 //! whole closure (the targets and their input derivations, recursively) plus every input
 //! source, so the client sends exactly that. A source's references are found as Nix finds
-//! them: by scanning its NAR for the hash parts of the other store paths of the closure.
+//! them: by scanning its NAR for the hash parts of the other store paths (of the closure and
+//! of the store directory); the coordinator accepts a source only under the path those
+//! references and its NAR give, and sources referred to by sources are uploaded too.
 //!
 //! The coordinator builds only the derivations it is asked to build, so unless
 //! `--only-targets` is given the client also asks for a build of every input derivation with
@@ -246,37 +248,90 @@ fn builds_needed(
         .collect())
 }
 
-/// Upload every input source of the closure that the coordinator does not have.
+/// Upload every input source of the closure, and every store path those sources refer to
+/// (recursively), that the coordinator does not have.
 pub fn upload_sources(client: &Client, closure: &Closure) -> anyhow::Result<()> {
     if closure.sources.is_empty() {
         return Ok(());
     }
+    let scanned = source_closure(closure)?;
     let query = PathsQuery {
-        paths: closure.sources.iter().cloned().collect(),
+        paths: scanned.keys().cloned().collect(),
     };
     let missing: MissingPaths = client.post_json("sources/missing", &query)?;
-    if missing.missing.is_empty() {
-        return Ok(());
-    }
-    // Hash part -> full path of every store path a source could refer to.
-    let mut by_hash: BTreeMap<String, String> = BTreeMap::new();
-    for p in closure
-        .sources
-        .iter()
-        .chain(closure.drvs.iter().map(|d| &d.path))
-    {
-        let sp = closure.store_dir.parse_path(p.as_bytes())?;
-        by_hash.insert(sp.hash_part().to_string(), p.clone());
-    }
     for path in &missing.missing {
-        anyhow::ensure!(
-            closure.sources.contains(path),
-            "the coordinator says {path} is missing, but it was not asked about it: is it a Kiln coordinator?"
-        );
-        upload_source(client, &closure.store_dir, path, &by_hash)
+        let Some((nar_hash, refs)) = scanned.get(path) else {
+            anyhow::bail!(
+                "the coordinator says {path} is missing, but it was not asked about it: is it a Kiln coordinator?"
+            );
+        };
+        upload_source(client, path, nar_hash, refs)
             .with_context(|| format!("failed to upload input source {path}"))?;
     }
     Ok(())
+}
+
+/// The closure's sources and, recursively, the store paths they refer to, each with its NAR
+/// hash and references. A source may mention a store path no derivation names (a
+/// `builtins.toFile` text naming another one): the coordinator names a source by its
+/// references too, so those are found by scanning for the hash parts of every entry of the
+/// store directory and of the closure's `.drv`s and their outputs, and uploaded as well. References to
+/// `.drv` files and to outputs of the closure's derivations are kept but not uploaded (the
+/// coordinator gets those by submission and by building).
+fn source_closure(closure: &Closure) -> anyhow::Result<BTreeMap<String, (String, Vec<String>)>> {
+    let sd = &closure.store_dir;
+    // Hash part -> full path of every store path a source could refer to.
+    let mut by_hash: BTreeMap<String, String> = BTreeMap::new();
+    let dir = Path::new(sd.as_str());
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("failed to list {}", dir.display()))?;
+    for e in entries {
+        let e = e.with_context(|| format!("failed to list {}", dir.display()))?;
+        // Lock files (`<path>.lock`, `<path>.chroot`: Nix's, beside the path they lock),
+        // temporary names and the like are not store paths: skipped.
+        let name = e.file_name();
+        let name = name.as_encoded_bytes();
+        if name.ends_with(b".lock") || name.ends_with(b".chroot") {
+            continue;
+        }
+        if let Ok(sp) = StorePath::from_base_name_bytes(name) {
+            by_hash.insert(sp.hash_part().to_string(), sd.full_path(&sp));
+        }
+    }
+    let mut built: HashSet<String> = HashSet::new();
+    for d in &closure.drvs {
+        let sp = sd.parse_path(d.path.as_bytes())?;
+        by_hash.insert(sp.hash_part().to_string(), d.path.clone());
+        for (_, out) in &d.drv.outputs {
+            // An output need not exist here yet (it is built on the farm), but a source (a
+            // Guix builder script, say) may name it: a candidate either way.
+            let p = lossy(&out.path);
+            if let Ok(sp) = sd.parse_path(p.as_bytes()) {
+                by_hash.insert(sp.hash_part().to_string(), p.clone());
+            }
+            built.insert(p);
+        }
+    }
+    for p in &closure.sources {
+        let sp = sd.parse_path(p.as_bytes())?;
+        by_hash.insert(sp.hash_part().to_string(), p.clone());
+    }
+    let mut scanned = BTreeMap::new();
+    let mut todo: Vec<String> = closure.sources.iter().cloned().collect();
+    while let Some(path) = todo.pop() {
+        if scanned.contains_key(&path) {
+            continue;
+        }
+        let sp = sd.parse_path(path.as_bytes())?;
+        let (nar_hash, refs) = scan_source(Path::new(&path), sp.hash_part(), &by_hash)?;
+        for r in &refs {
+            if !scanned.contains_key(r) && !r.ends_with(".drv") && !built.contains(r) {
+                todo.push(r.clone());
+            }
+        }
+        scanned.insert(path, (nar_hash, refs));
+    }
+    Ok(scanned)
 }
 
 /// What a source NAR hashes to and which closure paths it mentions.
@@ -299,15 +354,13 @@ pub fn scan_source(
 
 fn upload_source(
     client: &Client,
-    store_dir: &StoreDir,
     path: &str,
-    by_hash: &BTreeMap<String, String>,
+    nar_hash: &str,
+    refs: &[String],
 ) -> anyhow::Result<()> {
-    let sp = store_dir.parse_path(path.as_bytes())?;
-    let (nar_hash, refs) = scan_source(Path::new(path), sp.hash_part(), by_hash)?;
     let query = [
         ("path", path.to_string()),
-        ("nar_hash", nar_hash),
+        ("nar_hash", nar_hash.to_string()),
         ("references", refs.join(",")),
     ];
     let owned = PathBuf::from(path);

@@ -5,15 +5,21 @@ use actix_web::{get, post, put, web, FromRequest, HttpRequest, HttpResponse};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::actors::agent_session::{path_info, Beat, RequestWork};
+use crate::actors::agent_session::{closure, path_info, Beat, RequestWork};
+use crate::actors::allocator::RequestAlive;
 use crate::actors::build_queue::{Finish, GetRecord, Progress};
+use crate::actors::queue_state::Scanned;
 use crate::actors::registry::{Open, SessionOf};
 use crate::derivation::Hash;
+use crate::protocol::BuiltOutput;
 use crate::protocol::{
     BuildState, Heartbeat, HeartbeatReply, LogQuery, OpenSession, Outcome, ResultReport,
     StartReport, UploadQuery, WorkRequest, SESSION_HEADER,
 };
-use crate::store::nar_cache::{valid_output_name, LogLimits, UploadKey};
+use crate::store::keys::u64_key;
+use crate::store::nar_cache::{valid_output_name, LogLimits, NarCache, UploadKey};
+use crate::store::records::BuildRecord;
+use crate::store::{Store, TreeId};
 
 /// An authenticated agent: the session token named a live session. Every authenticated
 /// request counts as a sign of life.
@@ -123,6 +129,7 @@ fn no_session() -> ApiError {
 
 #[post("/work")]
 async fn work(
+    req: HttpRequest,
     state: web::Data<AppState>,
     auth: AgentAuth,
     body: web::Json<WorkRequest>,
@@ -134,13 +141,24 @@ async fn work(
         .map_err(ApiError::mailbox)?
         .ok_or_else(no_session)?;
     let body = body.into_inner();
-    let reply = session
-        .send(RequestWork {
-            max: body.max_builds,
-            request: body.request_id,
-        })
-        .await
-        .map_err(ApiError::mailbox)??;
+    let wait = std::time::Duration::from_millis(body.wait_ms);
+    // Held until the answer, or until the agent is seen to have closed the connection: then
+    // the allocator and the queue see the request gone (no lease for it).
+    let mut alive = Some(std::sync::Arc::new(()));
+    let weak = alive.as_ref().map(std::sync::Arc::downgrade);
+    let ask = session.send(RequestWork {
+        max: body.max_builds,
+        request: body.request_id,
+        wait,
+        alive: weak.map(RequestAlive),
+    });
+    let peer = req.conn_data::<super::peer::PeerSocket>().cloned();
+    let reply = match peer {
+        Some(peer) if !wait.is_zero() => super::peer::watching(ask, &peer, &mut alive).await,
+        _ => ask.await,
+    }
+    .map_err(ApiError::mailbox)??;
+    drop(alive);
     Ok(HttpResponse::Ok().json(reply))
 }
 
@@ -300,15 +318,68 @@ async fn result(
         Outcome::Succeeded { outputs } => Ok(outputs),
         Outcome::Failed { reason } => Err(reason),
     };
+    let scanned = match &outcome {
+        Ok(outputs) => {
+            let (store, nars, outputs) = (state.store.clone(), state.nars.clone(), outputs.clone());
+            let (agent_id, attempt) = (auth.0, report.attempt);
+            tokio::task::spawn_blocking(move || {
+                scan_outputs(&store, &nars, build_id, agent_id, attempt, &outputs)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("the reference scan did not finish: {e}")))??
+        }
+        Err(_) => None,
+    };
     let msg = Finish {
         agent_id: auth.0,
         build_id,
         attempt: report.attempt,
         outcome,
         log_attempt,
+        scanned,
     };
     let ack = state.queue.send(msg).await.map_err(ApiError::mailbox)??;
     Ok(HttpResponse::Ok().json(ack))
+}
+
+/// Scan each reported output's uploaded NAR for references among the build's input closure
+/// and outputs (the candidates the agent scanned for: its assignment's inputs and outputs).
+/// Only for a build this agent holds at this attempt; anything else is left to the queue to
+/// refuse (`None`), so a report on someone else's build costs no scan. Blocking.
+fn scan_outputs(
+    store: &Store,
+    nars: &NarCache,
+    build_id: u64,
+    agent_id: u64,
+    attempt: u32,
+    outputs: &[BuiltOutput],
+) -> Result<Option<Scanned>, ApiError> {
+    let internal = |e: &dyn std::fmt::Display| ApiError::internal(e.to_string());
+    let b: Option<BuildRecord> = store
+        .get(TreeId::Builds, &u64_key(build_id))
+        .map_err(|e| internal(&e))?;
+    let Some(b) = b.filter(|b| b.agent_id == agent_id && b.attempt == attempt) else {
+        return Ok(None);
+    };
+    let mut candidates: Vec<String> = closure(store, &b.needs)
+        .map_err(|e| internal(&e))?
+        .into_iter()
+        .map(|p| p.path)
+        .collect();
+    candidates.extend(b.outputs.iter().map(|(_, p)| p.clone()));
+    let mut scanned = Scanned::new();
+    for o in outputs {
+        if scanned.contains_key(&o.file_hash) {
+            continue;
+        }
+        if let Some(found) = nars
+            .scan_references(&o.file_hash, &candidates)
+            .map_err(|e| internal(&e))?
+        {
+            scanned.insert(o.file_hash.clone(), found);
+        }
+    }
+    Ok(Some(scanned))
 }
 
 #[get("/paths/{hash}")]

@@ -5,14 +5,22 @@ use futures_util::stream;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::actors::build_queue::{Cancel, GetRecord, List, Show, Submit};
+use crate::actors::build_queue::{Cancel, GetRecord, ListLive, LiveStates, Show, Submit};
 use crate::actors::event_log::{event_json, Subscribe};
 use crate::actors::queue_state::is_available;
 use crate::actors::registry::{CreateAgent, ListAgents};
 use crate::derivation::Hash;
 use crate::protocol::{
-    BuildState, BuildsQuery, MissingPaths, NewAgent, PathsQuery, SourceQuery, SubmitBuilds,
+    BuildId, BuildState, BuildSummary, BuildsQuery, MissingPaths, NewAgent, PathsQuery,
+    SourceQuery, SubmitBuilds, DEFAULT_LIST_LIMIT, NEXT_CURSOR_HEADER,
 };
+use crate::store::keys::u64_key;
+use crate::store::records::BuildRecord;
+use crate::store::{Store, StoreError, TreeId};
+
+/// Most records one page of a filtered listing read from sled looks at; a page that stops
+/// there says so with a cursor, so no request scans without bound.
+const SCAN_BUDGET: usize = 200_000;
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
@@ -64,25 +72,23 @@ async fn put_source(
     q: web::Query<SourceQuery>,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let store_dir = state.store_dir().map_err(ApiError::bad_request)?;
-    let check = |p: &str| -> Result<(), ApiError> {
-        match &store_dir {
-            Some(d) => d.parse_path(p.as_bytes()).map(|_| ()),
-            None => crate::derivation::store_path::StoreDir::resolve(None, &[p.as_bytes()])
-                .and_then(|d| d.parse_path(p.as_bytes()).map(|_| ())),
-        }
-        .map_err(|e| ApiError::bad_request(format!("source path {p:?}: {e}")))
+    let store_dir = match state.store_dir().map_err(ApiError::bad_request)? {
+        Some(d) => d,
+        None => crate::derivation::store_path::StoreDir::resolve(None, &[q.path.as_bytes()])
+            .map_err(|e| ApiError::bad_request(format!("source path {:?}: {e}", q.path)))?,
     };
-    check(&q.path)?;
-    let refs: Vec<String> = q
+    let parse = |p: &str| {
+        store_dir
+            .parse_path(p.as_bytes())
+            .map_err(|e| ApiError::bad_request(format!("source path {p:?}: {e}")))
+    };
+    let path = parse(&q.path)?;
+    let references = q
         .references
         .split(',')
         .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect();
-    for r in &refs {
-        check(r)?;
-    }
+        .map(parse)
+        .collect::<Result<Vec<_>, _>>()?;
     let nar_hash: Hash = q
         .nar_hash
         .parse()
@@ -93,7 +99,16 @@ async fn put_source(
     let limit = state.config.limits.source_nar_mb << 20;
     state
         .nars
-        .receive_source(&q.path, &nar_hash, refs, limit, body)
+        .receive_source(
+            crate::store::nar_cache::SourceClaim {
+                store_dir,
+                path,
+                references,
+            },
+            &nar_hash,
+            limit,
+            body,
+        )
         .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({})))
 }
@@ -110,6 +125,10 @@ async fn submit(
     Ok(HttpResponse::Ok().json(submitted))
 }
 
+/// `GET /api/v1/builds`: a page of builds in id order, after `cursor`, at most `limit` (0 =
+/// no limit), optionally of one state. Live states come from the queue's per-state index;
+/// finished states and "every build" are read from sled on a blocking thread. A page cut
+/// short carries the next cursor in the `x-kiln-next-cursor` header.
 async fn list(
     state: web::Data<AppState>,
     q: web::Query<BuildsQuery>,
@@ -122,13 +141,106 @@ async fn list(
             ))
         })?),
     };
-    let limit = q.limit.unwrap_or(100_000);
-    let builds = state
-        .queue
-        .send(List { state: st, limit })
-        .await
-        .map_err(ApiError::mailbox)??;
-    Ok(HttpResponse::Ok().json(builds))
+    let limit = match q.limit {
+        None => DEFAULT_LIST_LIMIT,
+        Some(0) => usize::MAX,
+        Some(n) => n,
+    };
+    let after = q.cursor.unwrap_or(0);
+    let store = state.store.clone();
+    let (builds, next) = match st {
+        Some(s) if !s.is_terminal() => {
+            let page = state
+                .queue
+                .send(ListLive {
+                    state: s,
+                    after,
+                    limit,
+                })
+                .await
+                .map_err(ApiError::mailbox)?;
+            let next = if page.more {
+                page.builds.last().map(|b| b.0)
+            } else {
+                None
+            };
+            let builds = web::block(move || summaries(&store, &page.builds))
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
+            (builds, next)
+        }
+        _ => {
+            let (mut builds, next) = web::block(move || scan_page(&store, st, after, limit))
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
+            if st.is_none() && !builds.is_empty() {
+                // Memory may be ahead of sled for live builds: show its state.
+                let ids: Vec<BuildId> = builds.iter().map(|b| b.id).collect();
+                let live = state
+                    .queue
+                    .send(LiveStates(ids))
+                    .await
+                    .map_err(ApiError::mailbox)?;
+                let live: std::collections::HashMap<BuildId, (BuildState, i32)> =
+                    live.into_iter().map(|(id, s, p)| (id, (s, p))).collect();
+                for b in &mut builds {
+                    if let Some((s, p)) = live.get(&b.id) {
+                        b.state = *s;
+                        b.priority = *p;
+                    }
+                }
+            }
+            (builds, next)
+        }
+    };
+    let mut reply = HttpResponse::Ok();
+    if let Some(n) = next {
+        reply.insert_header((NEXT_CURSOR_HEADER, n.to_string()));
+    }
+    Ok(reply.json(builds))
+}
+
+/// Summaries of live builds: the record from sled, state and priority from memory. A build
+/// whose submission is not durable yet is left out.
+fn summaries(
+    store: &Store,
+    page: &[(BuildId, BuildState, i32)],
+) -> Result<Vec<BuildSummary>, StoreError> {
+    let mut out = Vec::with_capacity(page.len());
+    for (id, s, p) in page {
+        if let Some(r) = store.get::<BuildRecord>(TreeId::Builds, &u64_key(*id))? {
+            let mut b = crate::actors::queue_state::summary(&r);
+            b.state = *s;
+            b.priority = *p;
+            out.push(b);
+        }
+    }
+    Ok(out)
+}
+
+/// Builds after `after` in id order, of state `st` if given, at most `limit`, looking at no
+/// more than [`SCAN_BUDGET`] records when filtering; and the cursor of the next page if any.
+fn scan_page(
+    store: &Store,
+    st: Option<BuildState>,
+    after: BuildId,
+    limit: usize,
+) -> Result<(Vec<BuildSummary>, Option<BuildId>), StoreError> {
+    let mut out = Vec::new();
+    let mut last = after;
+    for (scanned, r) in store.builds_after(after).enumerate() {
+        let r = r?;
+        if out.len() >= limit || (st.is_some() && limit != usize::MAX && scanned >= SCAN_BUDGET) {
+            return Ok((out, Some(last)));
+        }
+        last = r.id;
+        if st.is_none_or(|s| s == r.state) {
+            out.push(crate::actors::queue_state::summary(&r));
+        }
+    }
+    Ok((out, None))
 }
 
 #[get("/builds/{id}")]
@@ -238,5 +350,6 @@ pub fn routes(cfg: &mut web::ServiceConfig, big: web::JsonConfig) {
     .service(show)
     .service(log)
     .service(cancel)
-    .service(events);
+    .service(events)
+    .configure(super::enrollment::routes);
 }

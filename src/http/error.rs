@@ -38,6 +38,10 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
     /// A mailbox that is closed (the actor is restarting): retry soon.
     pub fn mailbox(_e: actix::MailboxError) -> ApiError {
         ApiError::new(
@@ -120,6 +124,7 @@ impl From<ActorError> for ApiError {
             ActorError::NotFound(_) => ApiError::new(S::NOT_FOUND, "not_found", msg),
             ActorError::Unauthorized(_) => ApiError::new(S::UNAUTHORIZED, "unauthorized", msg),
             ActorError::Conflict(_) => ApiError::new(S::CONFLICT, "conflict", msg),
+            ActorError::Forbidden { code, .. } => ApiError::new(S::FORBIDDEN, code, msg),
             ActorError::BadRequest(m) if m.starts_with("unsupported_protocol") => {
                 ApiError::new(S::BAD_REQUEST, "unsupported_protocol", m)
             }
@@ -141,6 +146,9 @@ impl From<UploadError> for ApiError {
             UploadError::Superseded => ApiError::new(S::CONFLICT, "upload_superseded", msg),
             UploadError::HashMismatch(_) => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "hash_mismatch", msg)
+            }
+            UploadError::WrongSourcePath(_) => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "wrong_source_path", msg)
             }
             UploadError::BadRequest(_) => ApiError::new(S::BAD_REQUEST, "bad_request", msg),
             UploadError::Body(_) => ApiError::new(S::BAD_REQUEST, "body", msg),

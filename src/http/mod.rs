@@ -6,9 +6,11 @@
 
 pub mod agent_api;
 pub mod client_api;
+pub mod enrollment;
 pub mod error;
 #[cfg(feature = "fault-points")]
 pub mod faults;
+pub mod peer;
 pub mod substitutes;
 
 use std::sync::Arc;
@@ -102,6 +104,11 @@ pub fn bind(
             .configure(substitutes::routes)
     })
     .workers(2)
+    // Small replies (work, heartbeats, narinfos) leave at once instead of waiting for an ACK.
+    .tcp_nodelay(true)
+    // A long-polling work request watches its connection (`peer`): an agent that went away
+    // is leased nothing.
+    .on_connect(peer::on_connect)
     .bind(listen)
     .with_context(|| format!("failed to listen on {listen} (agents, substitutes, metrics)"))?;
     let agent_addr = agent.addrs()[0].to_string();
@@ -121,6 +128,7 @@ pub fn bind(
         )
     })
     .workers(2)
+    .tcp_nodelay(true)
     .bind(client_listen)
     .with_context(|| format!("failed to listen on {client_listen} (client API)"))?;
     let client_addr = client.addrs()[0].to_string();

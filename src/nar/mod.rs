@@ -1,5 +1,5 @@
-//! NAR archives (write from a path, restore to a path, validate and hash a stream), narinfos
-//! and Nix's ed25519 signatures. Streaming in constant memory; compiles without the
+//! NAR archives (write from a path, restore to a path, validate and hash a stream), narinfos,
+//! Nix's ed25519 signatures and (with the coordinator, experimental) Guix's. Streaming in constant memory; compiles without the
 //! coordinator's dependencies, because the agent writes and uploads NARs too.
 //!
 //! The format is described in `docs/nar.md`. In short: a NAR is a sequence of length-prefixed,
@@ -9,13 +9,18 @@
 //! of their names. Kiln writes exactly what `nix-store --dump` writes and reads only that
 //! canonical form back (stricter than Nix, see [`read`]).
 
+pub mod ca;
 pub mod cli;
 mod error;
+#[cfg(feature = "coordinator")]
+pub mod guix;
 mod hashing;
 pub mod narinfo;
 mod read;
 pub mod refs;
 mod restore;
+#[cfg(feature = "coordinator")]
+pub mod sexp;
 pub mod signing;
 mod write;
 

@@ -102,6 +102,13 @@ impl SecretKey {
         }
     }
 
+    /// The 32-byte seed (RFC 8032's secret key), for the Guix signer, which derives its ECDSA
+    /// scalar from it.
+    #[cfg_attr(not(feature = "coordinator"), allow(dead_code))]
+    pub(crate) fn seed(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
     /// Sign `msg`: `name:base64(signature)`, as Nix's `SecretKey::signDetached`.
     pub fn sign(&self, msg: &[u8]) -> String {
         let sig: Signature = self.key.sign(msg);
@@ -151,6 +158,11 @@ impl PublicKey {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The key's 32 bytes (Guix names a key by them alone).
+    pub fn key_bytes(&self) -> [u8; 32] {
+        self.key.to_bytes()
     }
 
     /// Whether `sig` (`name:base64`) is this key's signature of `msg`. A signature naming

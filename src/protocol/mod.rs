@@ -129,9 +129,12 @@ pub struct HeldBuild {
 }
 
 /// `POST /api/agent/v1/session`: authenticate and open a session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct OpenSession {
     pub name: String,
+    /// The agent's secret. With `registration_token`, an agent not registered yet chooses it
+    /// (at least 32 characters; `kiln-agent` writes 256 random bits to its secret file first,
+    /// so a retried registration sends the same one).
     pub secret: String,
     pub protocol_version: u32,
     pub systems: Vec<String>,
@@ -139,6 +142,39 @@ pub struct OpenSession {
     /// Builds the agent still holds (after a reconnect or an agent restart).
     #[serde(default)]
     pub builds: Vec<HeldBuild>,
+    /// A registration token: when no agent of this name exists yet, the coordinator creates
+    /// it (with the systems and tags the token allows) and opens its session. Ignored for an
+    /// agent that exists: then only its secret counts.
+    #[serde(default)]
+    pub registration_token: Option<String>,
+    /// Tags this agent offers (`big-memory=yes`): builds whose matched tags
+    /// (`scheduling.matched_tags`) it offers may go to it. Each must be allowed by its
+    /// registration when that limits tags.
+    #[serde(default)]
+    pub offers: Vec<(String, String)>,
+    /// Tags a build must carry for this agent to take it (an agent kept for big builds).
+    #[serde(default)]
+    pub requires: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for OpenSession {
+    /// Secrets and tokens never reach a log through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenSession")
+            .field("name", &self.name)
+            .field("secret", &"<redacted>")
+            .field("protocol_version", &self.protocol_version)
+            .field("systems", &self.systems)
+            .field("max_parallel_builds", &self.max_parallel_builds)
+            .field("builds", &self.builds)
+            .field(
+                "registration_token",
+                &self.registration_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("offers", &self.offers)
+            .field("requires", &self.requires)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -362,6 +398,28 @@ pub struct AgentCreated {
     pub secret: String,
 }
 
+/// `POST /api/v1/registration-tokens`: a token with which agents register themselves.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NewRegistrationToken {
+    /// The systems agents registered with it may claim; `null`: whatever each claims when it
+    /// registers.
+    #[serde(default)]
+    pub systems: Option<Vec<String>>,
+    /// The tags (`[key, value]`) they may offer; `null`: any.
+    #[serde(default)]
+    pub tags: Option<Vec<(String, String)>>,
+}
+
+/// The token is shown once; the coordinator keeps only its SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistrationTokenCreated {
+    /// A short public name of the token (the first 12 hex characters of its SHA-256).
+    pub id: String,
+    pub token: String,
+    pub systems: Option<Vec<String>>,
+    pub tags: Option<Vec<(String, String)>>,
+}
+
 /// `GET /api/v1/agents`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentInfo {
@@ -462,12 +520,22 @@ pub struct MissingInput {
     pub note: String,
 }
 
-/// `GET /api/v1/builds?state=S&limit=N`.
+/// `GET /api/v1/builds?state=S&limit=N&cursor=C`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BuildsQuery {
     pub state: Option<String>,
+    /// Most builds in the answer (default [`DEFAULT_LIST_LIMIT`]); 0 = no limit.
     pub limit: Option<usize>,
+    /// Answer builds with ids above this one (the `next_cursor` of the previous page).
+    pub cursor: Option<u64>,
 }
+
+/// The page size of `GET /api/v1/builds` when no `limit` is given.
+pub const DEFAULT_LIST_LIMIT: usize = 1000;
+
+/// The header of a `GET /api/v1/builds` answer that was cut at its limit: the cursor of the
+/// next page (the last id answered). Absent on the last page.
+pub const NEXT_CURSOR_HEADER: &str = "x-kiln-next-cursor";
 
 #[cfg(test)]
 mod tests {

@@ -75,3 +75,26 @@ pub fn decode<R: Record>(bytes: &[u8]) -> Result<R, StoreError> {
         }),
     }
 }
+
+/// A build record decoded for the start-up scan: borrowed from the stored bytes when it is
+/// the current version, owned when it was converted from an older one.
+pub enum View<'a> {
+    Borrowed(super::records::BuildView<'a>),
+    Owned(super::records::BuildRecord),
+}
+
+/// Decode a build record's bytes into a [`View`].
+pub fn decode_build_view(bytes: &[u8]) -> Result<View<'_>, StoreError> {
+    use super::records::BuildRecord;
+    match bytes.split_first() {
+        Some((&v, rest)) if v == BuildRecord::VERSION => {
+            Ok(View::Borrowed(bincode::deserialize(rest).map_err(|e| {
+                StoreError::Codec {
+                    record: BuildRecord::NAME,
+                    message: e.to_string(),
+                }
+            })?))
+        }
+        _ => decode::<BuildRecord>(bytes).map(View::Owned),
+    }
+}

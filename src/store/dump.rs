@@ -51,14 +51,9 @@ fn render(t: TreeId, k: &[u8], v: &[u8]) -> anyhow::Result<(String, String)> {
         TreeId::Builds => (id(), json(&decode::<BuildRecord>(v)?)?),
         TreeId::Outputs => (text(k), json(&decode::<OutputRecord>(v)?)?),
         TreeId::NarFiles => (text(k), json(&decode::<NarFileRecord>(v)?)?),
-        TreeId::Agents => {
-            let mut r: AgentRecord = decode(v)?;
-            // Salts and hashes are secrets' neighbours: show only that they exist.
-            r.salt = Vec::new();
-            r.secret_hash = Vec::new();
-            (id(), json(&r)?)
-        }
-        TreeId::AgentNames => (text(k), id_value(v)),
+        TreeId::Agents => (id(), agent_json(&decode::<AgentRecord>(v)?)?),
+        TreeId::RegistrationTokens => (text(k), json(&decode::<RegistrationTokenRecord>(v)?)?),
+        TreeId::AgentNames | TreeId::OutputBuilds => (text(k), id_value(v)),
         TreeId::Events => (id(), json(&decode::<EventRecord>(v)?)?),
         TreeId::HookWork | TreeId::HookDead => {
             let key = parse_hook_work_key(k)
@@ -68,6 +63,22 @@ fn render(t: TreeId, k: &[u8], v: &[u8]) -> anyhow::Result<(String, String)> {
         }
         TreeId::Meta => (text(k), id_value(v)),
     })
+}
+
+/// An agent record without its salt and hash (secrets' neighbours): the algorithm and its
+/// parameters only.
+fn agent_json(r: &AgentRecord) -> anyhow::Result<String> {
+    Ok(serde_json::json!({
+        "id": r.id,
+        "name": r.name,
+        "secret": r.secret.algorithm(),
+        "systems": r.systems,
+        "created_ms": r.created_ms,
+        "tags": r.tags,
+        "registered_by": r.registered_by,
+        "secret_set_ms": r.secret_set_ms,
+    })
+    .to_string())
 }
 
 fn id_value(v: &[u8]) -> String {

@@ -34,10 +34,12 @@ pub enum TreeId {
     HookWork = 7,
     HookDead = 8,
     Meta = 9,
+    RegistrationTokens = 10,
+    OutputBuilds = 11,
 }
 
 impl TreeId {
-    pub const ALL: [TreeId; 10] = [
+    pub const ALL: [TreeId; 12] = [
         TreeId::Derivations,
         TreeId::Builds,
         TreeId::Outputs,
@@ -48,6 +50,8 @@ impl TreeId {
         TreeId::HookWork,
         TreeId::HookDead,
         TreeId::Meta,
+        TreeId::RegistrationTokens,
+        TreeId::OutputBuilds,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +66,8 @@ impl TreeId {
             TreeId::HookWork => "hook_work",
             TreeId::HookDead => "hook_dead",
             TreeId::Meta => "meta",
+            TreeId::RegistrationTokens => "registration_tokens",
+            TreeId::OutputBuilds => "output_builds",
         }
     }
 }
@@ -75,6 +81,9 @@ pub mod meta {
     pub const STORE_DIR: &[u8] = b"store_dir";
     /// The layout version of the whole state dir.
     pub const SCHEMA: &[u8] = b"schema";
+    /// Present once the `output_builds` index covers every build (state dirs written before
+    /// it existed are indexed at their first start).
+    pub const OUTPUT_BUILDS_INDEXED: &[u8] = b"output_builds_indexed";
 }
 
 /// The state dir layout version this kiln writes.
@@ -244,6 +253,72 @@ impl Store {
             let (k, v) = kv?;
             Ok((Key(k), codec::decode(&v)?))
         })
+    }
+
+    /// Every build record in id order, decoded without copying its strings (the start-up
+    /// scan of a million builds): `f` sees a borrowed view of each. Stops at `f`'s first
+    /// error. sled's iteration runs on a second thread and hands the raw values over in
+    /// batches, so reading the tree and the caller's work overlap.
+    pub fn visit_builds<E: From<StoreError> + Send>(
+        &self,
+        mut f: impl FnMut(&records::BuildView<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        const BATCH: usize = 4096;
+        let tree = self.tree(TreeId::Builds).clone();
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<sled::IVec>, sled::Error>>(4);
+            scope.spawn(move || {
+                let mut batch = Vec::with_capacity(BATCH);
+                for kv in tree.iter() {
+                    match kv {
+                        Ok((_, v)) => batch.push(v),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                    if batch.len() == BATCH {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                        // The receiver stopped (an error): stop reading.
+                        if tx.send(Ok(full)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send(Ok(batch));
+            });
+            // Dropping `rx` on an early return ends the reader at its next send.
+            for batch in rx {
+                for v in batch.map_err(StoreError::from)? {
+                    match codec::decode_build_view(&v)? {
+                        codec::View::Borrowed(view) => f(&view)?,
+                        codec::View::Owned(rec) => f(&records::BuildView::of(&rec))?,
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The id of the last build created for an output path (any state), from the
+    /// `output_builds` index.
+    pub fn last_build_of(&self, path: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .tree(TreeId::OutputBuilds)
+            .get(keys::output_key(path).as_bytes())?
+            .and_then(|v| keys::parse_u64_key(&v)))
+    }
+
+    /// Build records from `after` (exclusive) on, in id order, at most `limit` of them (a page
+    /// of a listing).
+    pub fn builds_after(
+        &self,
+        after: u64,
+    ) -> impl Iterator<Item = Result<records::BuildRecord, StoreError>> + '_ {
+        let from = keys::u64_key(after.saturating_add(1));
+        self.tree(TreeId::Builds)
+            .range(from..)
+            .map(|kv| codec::decode(&kv?.1))
     }
 
     /// Records in a tree.

@@ -6,7 +6,8 @@
 //!
 //! An uploaded NAR is made available only after its FileHash and NarHash are checked (while
 //! its bytes arrive); the `nar_files` record is committed after the file is in place, and a
-//! narinfo is written last.
+//! narinfo is written last. An uploaded source is accepted only under the store path its own
+//! NAR, name and references give ([`crate::nar::ca`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use thiserror::Error;
 
 use super::records::{NarFileRecord, OutputRecord};
 use super::{now_ms, Batch, Committer, Store, StoreError, TreeId};
+use crate::derivation::store_path::{StoreDir, StorePath};
 use crate::derivation::Hash;
 use crate::nar::narinfo::NarInfo;
 use crate::nar::signing::SecretKey;
@@ -43,6 +45,8 @@ pub enum UploadError {
     LogTooLarge(u64),
     #[error("{0}")]
     HashMismatch(String),
+    #[error("{0}")]
+    WrongSourcePath(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("the upload body broke off: {0}")]
@@ -302,13 +306,13 @@ impl NarCache {
         })
     }
 
-    /// Receive an input source as an uncompressed NAR; verify it against `nar_hash`, compress
-    /// it into the cache and make the path available.
+    /// Receive an input source as an uncompressed NAR; verify it against `nar_hash` and check
+    /// that `path` is the store path a store would give it (see [`SourceClaim`]), compress it
+    /// into the cache and make the path available.
     pub async fn receive_source<S, E>(
         &self,
-        path: &str,
+        claim: SourceClaim,
         nar_hash: &Hash,
-        references: Vec<String>,
         limit: u64,
         mut body: S,
     ) -> Result<OutputRecord, UploadError>
@@ -350,11 +354,18 @@ impl NarCache {
         tokio::io::AsyncWriteExt::flush(&mut file).await?;
         drop(file);
         let (t, want, cache) = (tmp.clone(), nar_hash.clone(), self.cache_dir());
-        let done = tokio::task::spawn_blocking(move || compress_source(&t, &want, &cache))
+        let path = claim.store_dir.full_path(&claim.path);
+        let references: Vec<String> = claim
+            .references
+            .iter()
+            .map(|r| claim.store_dir.full_path(r))
+            .collect();
+        let done = tokio::task::spawn_blocking(move || compress_source(&t, &want, &cache, &claim))
             .await
             .map_err(|e| UploadError::Commit(e.to_string()));
         let _ = std::fs::remove_file(&tmp);
         let (file_hash, file_size, nar_size) = done??;
+        let path = path.as_str();
         let rec = OutputRecord {
             path: path.to_string(),
             nar_hash: nar_hash.to_nix_string(),
@@ -387,6 +398,39 @@ impl NarCache {
             .map_err(|e| UploadError::Commit(e.to_string()))?;
         self.write_narinfos(std::slice::from_ref(&rec))?;
         Ok(rec)
+    }
+
+    /// The references a verified output NAR (by its `sha256:<base32>` FileHash) holds among
+    /// `candidates` (full store paths): the paths whose 32-character hash part appears in its
+    /// NAR, as Nix's `RefScanSink` finds them. `None` if no verified file has that hash. Reads
+    /// and decompresses the whole file: blocking.
+    pub fn scan_references(
+        &self,
+        file_hash: &str,
+        candidates: &[String],
+    ) -> Result<Option<std::collections::BTreeSet<String>>, UploadError> {
+        let Some(file) = self.nar_file(nar_url(file_hash).trim_start_matches("nar/")) else {
+            return Ok(None);
+        };
+        let f = match std::fs::File::open(&file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let by_hash: std::collections::BTreeMap<&str, &String> = candidates
+            .iter()
+            .filter_map(|p| Some((p.rsplit('/').next()?.get(..32)?, p)))
+            .collect();
+        let mut scanner = crate::nar::refs::RefScanner::new(by_hash.keys().map(|h| h.to_string()));
+        let mut dec = zstd::stream::read::Decoder::new(std::io::BufReader::new(f))?;
+        std::io::copy(&mut dec, &mut scanner)?;
+        Ok(Some(
+            scanner
+                .into_found()
+                .iter()
+                .filter_map(|h| by_hash.get(h.as_str()).map(|p| (*p).clone()))
+                .collect(),
+        ))
     }
 
     /// The narinfo of an available path, signed if a key is configured.
@@ -424,7 +468,10 @@ impl NarCache {
         for o in outputs {
             let ni = self.narinfo(o)?;
             let hash_part = super::keys::output_key(&o.path);
-            atomic_write(
+            // No fsync per file: sled's `outputs` record is the source of truth (narinfos are
+            // served from it), and a file lost or left empty by a crash is rewritten at the
+            // next start (`repair_narinfos`).
+            atomic_write_unsynced(
                 &self.cache_dir().join(format!("{hash_part}.narinfo")),
                 ni.to_string().as_bytes(),
             )?;
@@ -440,7 +487,7 @@ impl NarCache {
             let f = self
                 .cache_dir()
                 .join(format!("{}.narinfo", String::from_utf8_lossy(&k)));
-            if !f.exists() {
+            if std::fs::metadata(&f).map_or(true, |m| m.len() == 0) {
                 self.write_narinfos(std::slice::from_ref(&o))?;
                 n += 1;
             }
@@ -483,6 +530,13 @@ pub(crate) fn random_suffix() -> String {
     format!("{:016x}", rand::thread_rng().next_u64())
 }
 
+/// [`atomic_write`] without the fsync: for files that can be rebuilt from sled.
+pub fn atomic_write_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", random_suffix()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Write a file via a temporary name and a rename, so readers never see half of it.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", random_suffix()));
@@ -492,9 +546,62 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Validate an uncompressed source NAR against its claimed hash and compress it into the
-/// cache. Returns (FileHash, FileSize, NarSize).
-fn compress_source(tmp: &Path, want: &Hash, cache: &Path) -> Result<(Hash, u64, u64), UploadError> {
+/// What an uploader says a source is: its store path (in the served store dir) and the store
+/// paths it references.
+#[derive(Debug, Clone)]
+pub struct SourceClaim {
+    pub store_dir: StoreDir,
+    pub path: StorePath,
+    pub references: Vec<StorePath>,
+}
+
+/// Refuse a source whose claimed path is not one a store gives this NAR, name and references
+/// (`nix-store --add`, `builtins.toFile`, a flat fixed-output addition). The NAR is valid.
+fn check_source_path(tmp: &Path, nar_hash: &Hash, claim: &SourceClaim) -> Result<(), UploadError> {
+    use crate::nar::ca;
+    let flat = ca::flat_file(&mut std::io::BufReader::new(std::fs::File::open(tmp)?))?;
+    let cands = ca::candidates(
+        &claim.store_dir,
+        claim.path.name(),
+        nar_hash,
+        flat.as_ref(),
+        &claim.references,
+        Some(&claim.path),
+    )
+    .map_err(|e| UploadError::BadRequest(format!("source name {:?}: {e}", claim.path.name())))?;
+    if cands.iter().any(|c| c.path == claim.path) {
+        return Ok(());
+    }
+    let sd = &claim.store_dir;
+    let should: Vec<String> = cands
+        .iter()
+        .map(|c| {
+            let how = match c.kind {
+                ca::CaKind::Source => "added recursively (nix-store --add)",
+                ca::CaKind::Text => "a text file with these references (builtins.toFile)",
+                ca::CaKind::Flat => "a flat file (nix-store --add-fixed sha256)",
+            };
+            format!("{} ({how})", sd.full_path(&c.path))
+        })
+        .collect();
+    let refs: Vec<String> = claim.references.iter().map(|r| sd.full_path(r)).collect();
+    Err(UploadError::WrongSourcePath(format!(
+        "source {} is not the store path of its contents: with references [{}] a store names \
+         this NAR {}; upload it under its own path, or list the references it was added with",
+        sd.full_path(&claim.path),
+        refs.join(", "),
+        should.join(" or ")
+    )))
+}
+
+/// Validate an uncompressed source NAR against its claimed hash and path and compress it into
+/// the cache. Returns (FileHash, FileSize, NarSize).
+fn compress_source(
+    tmp: &Path,
+    want: &Hash,
+    cache: &Path,
+    claim: &SourceClaim,
+) -> Result<(Hash, u64, u64), UploadError> {
     let summary = crate::nar::validate(&mut std::io::BufReader::new(std::fs::File::open(tmp)?))
         .map_err(|e| UploadError::HashMismatch(format!("the body is not a valid NAR: {e}")))?;
     if &summary.nar_hash != want {
@@ -503,6 +610,7 @@ fn compress_source(tmp: &Path, want: &Hash, cache: &Path) -> Result<(Hash, u64, 
             summary.nar_hash
         )));
     }
+    check_source_path(tmp, &summary.nar_hash, claim)?;
     let ztmp = tmp.with_extension("nar.zst");
     let out = std::fs::File::create(&ztmp)?;
     let hw = crate::nar::HashingWriter::new(out);

@@ -59,7 +59,8 @@ impl Record for BuildRecord {
     }
 }
 
-/// The layout of version 1 of [`BuildRecord`], kept to read state dirs written before v2.
+/// The layouts of version 1 of [`BuildRecord`] and [`AgentRecord`], kept to read state dirs
+/// written before their version 2.
 pub mod v1 {
     use serde::{Deserialize, Serialize};
 
@@ -88,6 +89,35 @@ pub mod v1 {
         pub log_attempt: u32,
     }
 
+    /// `AgentRecord` version 1: the secret as a salted SHA-256.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct AgentRecordV1 {
+        pub id: u64,
+        pub name: String,
+        pub salt: Vec<u8>,
+        pub secret_hash: Vec<u8>,
+        pub systems: Vec<String>,
+        pub created_ms: u64,
+    }
+
+    impl From<AgentRecordV1> for super::AgentRecord {
+        fn from(r: AgentRecordV1) -> super::AgentRecord {
+            super::AgentRecord {
+                id: r.id,
+                name: r.name,
+                secret: super::SecretHash::SaltedSha256 {
+                    salt: r.salt,
+                    hash: r.secret_hash,
+                },
+                systems: r.systems,
+                created_ms: r.created_ms,
+                tags: None,
+                registered_by: String::new(),
+                secret_set_ms: r.created_ms,
+            }
+        }
+    }
+
     impl From<BuildRecordV1> for BuildRecord {
         fn from(r: BuildRecordV1) -> BuildRecord {
             BuildRecord {
@@ -109,6 +139,66 @@ pub mod v1 {
                 log_attempt: r.log_attempt,
                 request: String::new(),
             }
+        }
+    }
+}
+
+/// A [`BuildRecord`] read without copying its strings: the same layout (so the same bytes
+/// decode to it), every string borrowed. Only for reading (the start-up scan).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BuildView<'a> {
+    pub id: u64,
+    pub drv_path: &'a str,
+    pub system: &'a str,
+    pub priority: i32,
+    #[serde(borrow)]
+    pub tags: Vec<(&'a str, &'a str)>,
+    #[serde(with = "state_code")]
+    pub state: BuildState,
+    pub attempt: u32,
+    pub agent_id: u64,
+    #[serde(borrow)]
+    pub outputs: Vec<(&'a str, &'a str)>,
+    #[serde(borrow)]
+    pub needs: Vec<&'a str>,
+    pub created_ms: u64,
+    pub allocated_ms: u64,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub reason: &'a str,
+    pub log_attempt: u32,
+    pub request: &'a str,
+}
+
+impl<'a> BuildView<'a> {
+    /// A view of an owned record.
+    pub fn of(r: &'a BuildRecord) -> BuildView<'a> {
+        BuildView {
+            id: r.id,
+            drv_path: &r.drv_path,
+            system: &r.system,
+            priority: r.priority,
+            tags: r
+                .tags
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            state: r.state,
+            attempt: r.attempt,
+            agent_id: r.agent_id,
+            outputs: r
+                .outputs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            needs: r.needs.iter().map(String::as_str).collect(),
+            created_ms: r.created_ms,
+            allocated_ms: r.allocated_ms,
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+            reason: &r.reason,
+            log_attempt: r.log_attempt,
+            request: &r.request,
         }
     }
 }
@@ -162,20 +252,98 @@ impl Record for NarFileRecord {
     const NAME: &'static str = "nar-file";
 }
 
-/// A registered agent. Key: agent id. The secret is kept only as a salted hash.
+/// How an agent's secret is kept: never the secret itself. bincode writes the variant's
+/// index, so the order of the variants is part of the format: append only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SecretHash {
+    /// SHA-256 of the salt followed by the secret: what version 1 records hold. Still
+    /// accepted at session open, and replaced by [`SecretHash::Argon2id`] at the first
+    /// successful one.
+    SaltedSha256 { salt: Vec<u8>, hash: Vec<u8> },
+    /// Argon2id (RFC 9106, version 0x13) of the secret with this salt and these parameters:
+    /// memory in KiB, passes, lanes. The parameters are stored so that changing the defaults
+    /// later leaves existing records readable (they are rehashed at the next session open).
+    Argon2id {
+        m_kib: u32,
+        t: u32,
+        p: u32,
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
+}
+
+impl SecretHash {
+    /// The algorithm, for logs and `kiln state dump` (never the salt or the hash).
+    pub fn algorithm(&self) -> String {
+        match self {
+            SecretHash::SaltedSha256 { .. } => "salted-sha256".into(),
+            SecretHash::Argon2id { m_kib, t, p, .. } => {
+                format!("argon2id(m={m_kib},t={t},p={p})")
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for SecretHash {
+    /// Salts and hashes are secrets' neighbours: only the algorithm is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretHash({})", self.algorithm())
+    }
+}
+
+/// A registered agent. Key: agent id. The secret is kept only as a salted slow hash.
+///
+/// Version 2 replaced `salt` and `secret_hash` (salted SHA-256) with [`SecretHash`], and added
+/// `tags`, `registered_by` and `secret_set_ms`; version 1 records decode with their salted
+/// SHA-256, no tag limit, registered by an operator (see [`v1::AgentRecordV1`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRecord {
     pub id: u64,
     pub name: String,
-    pub salt: Vec<u8>,
-    pub secret_hash: Vec<u8>,
+    pub secret: SecretHash,
+    /// The systems the agent may claim: a session claims all of them (an empty list at
+    /// session open) or some; one claiming any other system is refused.
     pub systems: Vec<String>,
     pub created_ms: u64,
+    /// The tags (`key=value`) the agent may offer; `None`: any. (v2)
+    pub tags: Option<Vec<(String, String)>>,
+    /// "" when an operator created it (`kiln agent new`); else the id of the registration
+    /// token it registered itself with. (v2)
+    pub registered_by: String,
+    /// When the secret was set (created, rotated or rehashed). (v2)
+    pub secret_set_ms: u64,
 }
 
 impl Record for AgentRecord {
-    const VERSION: u8 = 1;
+    const VERSION: u8 = 2;
     const NAME: &'static str = "agent";
+
+    fn decode_older(version: u8, body: &[u8]) -> Option<Result<Self, StoreError>> {
+        match version {
+            1 => Some(decode_body::<v1::AgentRecordV1>(Self::NAME, body).map(Into::into)),
+            _ => None,
+        }
+    }
+}
+
+/// A registration token: whoever presents it may register an agent (the record is created at
+/// its first session). Key: the token's SHA-256 in lowercase hex (64 characters); the token
+/// itself is never stored (it holds 256 random bits, so a fast hash is enough).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationTokenRecord {
+    /// A short public name for it: the first 12 hex characters of its SHA-256.
+    pub id: String,
+    /// The systems agents registered with it may claim; `None`: whatever each claims at
+    /// registration.
+    pub systems: Option<Vec<String>>,
+    /// The tags they may offer; `None`: any.
+    pub tags: Option<Vec<(String, String)>>,
+    pub created_ms: u64,
+}
+
+impl Record for RegistrationTokenRecord {
+    const VERSION: u8 = 1;
+    const NAME: &'static str = "registration-token";
 }
 
 /// One entry of the durable event log. Key: sequence number.
@@ -343,6 +511,23 @@ mod tests {
         assert_eq!(decode::<BuildRecord>(&bytes).unwrap(), r);
     }
 
+    /// The borrowed view reads the same v2 bytes as the record (the start-up scan uses it).
+    #[test]
+    fn build_view_reads_the_v2_bytes() {
+        let mut r = sample_build();
+        r.request = "r1".into();
+        let bytes = encode(&r).unwrap();
+        match super::super::codec::decode_build_view(&bytes).unwrap() {
+            super::super::codec::View::Borrowed(v) => assert_eq!(v, BuildView::of(&r)),
+            super::super::codec::View::Owned(_) => panic!("v2 bytes decode borrowed"),
+        }
+        // v1 bytes come back owned, converted.
+        match super::super::codec::decode_build_view(&unhex(BUILD_V1_HEX)).unwrap() {
+            super::super::codec::View::Owned(o) => assert_eq!(o, sample_build()),
+            super::super::codec::View::Borrowed(_) => panic!("v1 bytes are converted"),
+        }
+    }
+
     #[test]
     fn event_record_v1_golden_bytes() {
         let r = EventRecord {
@@ -401,20 +586,7 @@ mod tests {
             "01 0100000000000000 0100000000000000 68 0200000000000000 0300000000000000"
                 .replace(' ', "")
         );
-        let agent = AgentRecord {
-            id: 1,
-            name: "a".into(),
-            salt: vec![7],
-            secret_hash: vec![8],
-            systems: vec!["x".into()],
-            created_ms: 2,
-        };
-        assert_eq!(
-            hex(&encode(&agent).unwrap()),
-            "01 0100000000000000 0100000000000000 61 0100000000000000 07 0100000000000000 08 \
-             0100000000000000 0100000000000000 78 0200000000000000"
-                .replace([' ', '\\', '\n'], "")
-        );
+        // AgentRecord's v1 bytes are pinned in `agent_record_v1_bytes_still_decode`.
         let work = HookWorkRecord {
             attempts: 1,
             next_attempt_ms: 2,
@@ -423,6 +595,102 @@ mod tests {
         assert_eq!(
             hex(&encode(&work).unwrap()),
             "01 01000000 0200000000000000 0100000000000000 65".replace(' ', "")
+        );
+    }
+
+    fn sample_agent() -> AgentRecord {
+        AgentRecord {
+            id: 1,
+            name: "a".into(),
+            secret: SecretHash::Argon2id {
+                m_kib: 19456,
+                t: 2,
+                p: 1,
+                salt: vec![7],
+                hash: vec![8],
+            },
+            systems: vec!["x".into()],
+            created_ms: 2,
+            tags: Some(vec![("k".into(), "v".into())]),
+            registered_by: "t".into(),
+            secret_set_ms: 3,
+        }
+    }
+
+    /// The v1 bytes of an agent record (pinned when v1 was current, in [2/8]).
+    const AGENT_V1_HEX: &str = "01 0100000000000000 0100000000000000 61 0100000000000000 07 \
+         0100000000000000 08 0100000000000000 0100000000000000 78 0200000000000000";
+
+    /// A state dir written by a kiln with v1 agent records still reads: the salted SHA-256
+    /// comes back as such (it is rehashed with Argon2id at the agent's next session).
+    #[test]
+    fn agent_record_v1_bytes_still_decode() {
+        let bytes = unhex(AGENT_V1_HEX);
+        let old = v1::AgentRecordV1 {
+            id: 1,
+            name: "a".into(),
+            salt: vec![7],
+            secret_hash: vec![8],
+            systems: vec!["x".into()],
+            created_ms: 2,
+        };
+        let mut v1_bytes = vec![1u8];
+        v1_bytes.extend(bincode::serialize(&old).unwrap());
+        assert_eq!(v1_bytes, bytes, "the v1 layout is kept exactly");
+        let rec = decode::<AgentRecord>(&bytes).unwrap();
+        assert_eq!(
+            rec,
+            AgentRecord {
+                id: 1,
+                name: "a".into(),
+                secret: SecretHash::SaltedSha256 {
+                    salt: vec![7],
+                    hash: vec![8],
+                },
+                systems: vec!["x".into()],
+                created_ms: 2,
+                tags: None,
+                registered_by: String::new(),
+                secret_set_ms: 2,
+            }
+        );
+    }
+
+    /// Pins the v2 encoding of an agent record (see `build_record_v2_golden_bytes`): the
+    /// secret's variant index (1 = Argon2id) and parameters, then the v2 fields.
+    #[test]
+    fn agent_record_v2_golden_bytes() {
+        let a = sample_agent();
+        let bytes = encode(&a).unwrap();
+        assert_eq!(
+            hex(&bytes),
+            "02 0100000000000000 0100000000000000 61 \
+             01000000 004c0000 02000000 01000000 0100000000000000 07 0100000000000000 08 \
+             0100000000000000 0100000000000000 78 0200000000000000 \
+             01 0100000000000000 0100000000000000 6b 0100000000000000 76 \
+             0100000000000000 74 0300000000000000"
+                .replace([' ', '\\', '\n'], "")
+        );
+        assert_eq!(decode::<AgentRecord>(&bytes).unwrap(), a);
+        // The debug form never shows salt or hash.
+        assert_eq!(
+            format!("{:?}", a.secret),
+            "SecretHash(argon2id(m=19456,t=2,p=1))"
+        );
+    }
+
+    #[test]
+    fn registration_token_record_v1_golden_bytes() {
+        let t = RegistrationTokenRecord {
+            id: "i".into(),
+            systems: Some(vec!["x".into()]),
+            tags: None,
+            created_ms: 4,
+        };
+        assert_eq!(
+            hex(&encode(&t).unwrap()),
+            "01 0100000000000000 69 01 0100000000000000 0100000000000000 78 00 0400000000000000"
+                .replace(' ', "")
         );
     }
 
@@ -449,15 +717,18 @@ mod tests {
             created_ms: 5,
         };
         assert_eq!(decode::<OutputRecord>(&encode(&o).unwrap()).unwrap(), o);
-        let a = AgentRecord {
-            id: 1,
-            name: "a".into(),
-            salt: vec![1],
-            secret_hash: vec![2],
-            systems: vec!["x".into()],
-            created_ms: 3,
-        };
+        let a = sample_agent();
         assert_eq!(decode::<AgentRecord>(&encode(&a).unwrap()).unwrap(), a);
+        let t = RegistrationTokenRecord {
+            id: "0123456789ab".into(),
+            systems: None,
+            tags: Some(vec![("k".into(), "v".into())]),
+            created_ms: 9,
+        };
+        assert_eq!(
+            decode::<RegistrationTokenRecord>(&encode(&t).unwrap()).unwrap(),
+            t
+        );
         let d = DrvRecord {
             contents: vec![0xff, 0],
         };

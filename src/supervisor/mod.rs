@@ -17,11 +17,13 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::actors::allocator::Allocator;
+use crate::actors::allocator::{Allocator, RefillHandle};
 use crate::actors::build_queue::BuildQueue;
+use crate::actors::credentials::{Credentials, Grant};
 use crate::actors::event_log::{Committed, EventLog};
 use crate::actors::hook_processor::HookProcessor;
 use crate::actors::registry::{AgentRegistry, Liveness, SessionActors, Sessions};
+use crate::actors::symbols::Symbols;
 use crate::actors::ActorError;
 use crate::config::Config;
 use crate::derivation::store_path::StoreDir;
@@ -41,8 +43,26 @@ pub struct Actors {
     /// The registry's running session actors (kept across registry restarts).
     pub session_actors: Arc<SessionActors>,
     pub restarts: Arc<Restarts>,
+    /// The systems and tag sets the queue and the allocator share.
+    pub symbols: Arc<Symbols>,
     /// The arbiters the actors run on; stopped at shutdown.
     pub arbiters: Vec<Arbiter>,
+}
+
+/// The registration tokens of the config file, read from their files.
+fn registration_grants(config: &Config) -> anyhow::Result<Vec<Grant>> {
+    config
+        .registration_tokens
+        .iter()
+        .map(|t| {
+            let token = t.read_token()?;
+            Ok(crate::actors::enrollment::config_grant(
+                &token,
+                t.systems.clone(),
+                t.tag_pairs()?,
+            ))
+        })
+        .collect()
 }
 
 /// Where the committer sends events once the event log exists (the committer starts first,
@@ -101,7 +121,15 @@ pub fn start(
 
     // Each actor is built by its factory before it is started; a restart calls the same
     // factory again (`Rebuild::rebuild`).
-    let allocator_actor = Allocator::new(store.clone(), restarts.clone());
+    let symbols = Arc::new(Symbols::default());
+    let refill: RefillHandle = Arc::new(OnceLock::new());
+    let allocator_actor = Allocator::new(
+        symbols.clone(),
+        Arc::from(config.scheduling.matched_tags.clone()),
+        restarts.clone(),
+        refill.clone(),
+        Duration::from_millis(config.timeouts.work_wait_max_ms),
+    );
     let allocator =
         actix::Supervisor::start_in_arbiter(&alloc_arbiter.handle(), move |_| allocator_actor);
 
@@ -117,19 +145,25 @@ pub fn start(
     let event_log = actix::Supervisor::start(move |_| event_log_actor);
     let _ = sink.set(event_log.clone().recipient());
 
+    // Built cheaply here; it loads the builds in `started`, on its own arbiter, while the
+    // listeners already answer (requests for it wait in its mailbox).
     let queue_actor = BuildQueue::new(
         store.clone(),
         committer.clone(),
         allocator.clone(),
         nars,
         restarts.clone(),
+        symbols.clone(),
         store_dir,
-    )?;
+    );
     let queue = actix::Supervisor::start_in_arbiter(&queue_arbiter.handle(), move |_| queue_actor);
+    let _ = refill.set(queue.clone().recipient());
 
     let sessions = Arc::new(Sessions::default());
     let liveness = Arc::new(Liveness::default());
     let session_actors = Arc::new(SessionActors::default());
+    let grants = registration_grants(config).map_err(|e| ActorError::Internal(format!("{e:#}")))?;
+    let credentials = Arc::new(Credentials::new(grants));
     let registry_actor = AgentRegistry::new(
         store,
         committer,
@@ -139,6 +173,7 @@ pub fn start(
         sessions.clone(),
         liveness.clone(),
         session_actors.clone(),
+        credentials,
         Duration::from_millis(config.timeouts.agent_timeout_ms),
         Duration::from_millis(config.timeouts.heartbeat_interval_ms),
         Duration::from_millis(config.timeouts.unheld_lease()),
@@ -154,6 +189,7 @@ pub fn start(
         liveness,
         session_actors,
         restarts,
+        symbols,
         arbiters: vec![queue_arbiter, alloc_arbiter, hooks_arbiter],
     })
 }

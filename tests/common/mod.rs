@@ -209,18 +209,28 @@ pub fn response(r: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Val
 /// A derivation with no inputs whose paths are what Nix computes; returns its `.drv` path and
 /// bytes.
 pub fn simple_drv(store_dir: &StoreDir, name: &str, script: &str) -> (String, Vec<u8>) {
+    system_drv(store_dir, name, "x86_64-linux", script)
+}
+
+/// [`simple_drv`] for another system (`aarch64-linux`, `i586-gnu`, `builtin`, ...).
+pub fn system_drv(
+    store_dir: &StoreDir,
+    name: &str,
+    system: &str,
+    script: &str,
+) -> (String, Vec<u8>) {
     let mut drv = Derivation {
         outputs: vec![(b"out".to_vec(), DerivationOutput::default())],
         input_drvs: vec![],
         input_srcs: vec![],
-        platform: b"x86_64-linux".to_vec(),
+        platform: system.as_bytes().to_vec(),
         builder: b"/bin/sh".to_vec(),
         args: vec![b"-c".to_vec(), script.as_bytes().to_vec()],
         env: vec![
             (b"builder".to_vec(), b"/bin/sh".to_vec()),
             (b"name".to_vec(), name.as_bytes().to_vec()),
             (b"out".to_vec(), Vec::new()),
-            (b"system".to_vec(), b"x86_64-linux".to_vec()),
+            (b"system".to_vec(), system.as_bytes().to_vec()),
         ],
     };
     let mut loader =

@@ -550,6 +550,7 @@ mod tests {
             secret: "s".into(),
             systems: vec![],
             max_parallel_builds: 1,
+            registration_token: None,
         };
         let mut c = Coordinator::new(&base, identity, Default::default(), tx).unwrap();
         c.set_transfer_stall(Duration::from_millis(1500));

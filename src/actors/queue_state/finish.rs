@@ -6,7 +6,8 @@
 //! - The same report again: `duplicate`, answered only after the first one's commit landed (a
 //!   repeat that arrives while it is in flight waits for it; if it fails, 503).
 //! - Refused for good (`bad_result`: an output missing or extra, a path or NarHash that is
-//!   not the verified upload's): the build is `failed`, its reason the refusal.
+//!   not the verified upload's, references that are not the ones the coordinator found in the
+//!   uploaded NAR): the build is `failed`, its reason the refusal.
 //! - Refused for now (`output_not_uploaded`: no verified upload with that file hash, e.g. the
 //!   upload's file vanished): the lease is released, the build is `runnable` again at the
 //!   same attempt, and runs again on the next allocation.
@@ -14,9 +15,10 @@
 //! Either refusal is committed like any transition (record, event, hook work) before the
 //! agent is answered, so an agent that drops the build on that answer leaves nothing behind.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::{entry, Accepted, Effects, QueueError, QueueState};
+use super::{Accepted, Effects, QueueError, QueueState};
+use crate::actors::symbols::PathDigest;
 use crate::protocol::{BuildId, BuildState, BuiltOutput, HeldPhase};
 use crate::store::keys::{output_key, u64_key};
 use crate::store::records::{BuildRecord, NarFileRecord, OutputRecord};
@@ -24,6 +26,12 @@ use crate::store::TreeId;
 
 /// Failure reasons the coordinator writes when it refuses a result start with this.
 pub const REFUSED: &str = "result refused: ";
+
+/// What the coordinator found in each reported output's uploaded NAR, by FileHash: the store
+/// paths (of the build's input closure and outputs) whose hash part appears in it. Scanned
+/// off the queue's thread before the report reaches it (`NarCache::scan_references`); a
+/// FileHash missing here has no verified file.
+pub type Scanned = BTreeMap<String, BTreeSet<String>>;
 
 /// How a result report was answered.
 #[derive(Debug)]
@@ -37,7 +45,7 @@ pub enum FinishAnswer {
 }
 
 impl QueueState {
-    /// Take a result report.
+    /// Take a result report whose references were not scanned (tests of the state machine).
     pub fn finish(
         &mut self,
         agent_id: u64,
@@ -45,6 +53,22 @@ impl QueueState {
         attempt: u32,
         outcome: Result<Vec<BuiltOutput>, String>,
         log_attempt: u32,
+        now: u64,
+    ) -> Result<(Effects, FinishAnswer), QueueError> {
+        self.finish_scanned(agent_id, id, attempt, outcome, log_attempt, None, now)
+    }
+
+    /// Take a result report; with `scanned`, each output's listed references must be the
+    /// ones found in its NAR.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_scanned(
+        &mut self,
+        agent_id: u64,
+        id: BuildId,
+        attempt: u32,
+        outcome: Result<Vec<BuiltOutput>, String>,
+        log_attempt: u32,
+        scanned: Option<&Scanned>,
         now: u64,
     ) -> Result<(Effects, FinishAnswer), QueueError> {
         let mut fx = Effects::default();
@@ -78,13 +102,24 @@ impl QueueState {
             Some(HeldPhase::Reporting),
             now,
         )?;
-        let b = self.leased(agent_id, id, attempt)?.clone();
+        let never_started = self.leased(agent_id, id, attempt)?.state() == BuildState::Allocated;
+        let b = self.live_record(id)?;
+        if never_started {
+            // A result with no start report before it is the start too (folded start).
+            fx.batch.event(
+                "build-started",
+                id,
+                agent_id,
+                serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id,
+                    "drv_path": b.drv_path}),
+            );
+        }
         let mut done = b.clone();
         done.finished_ms = now;
         done.log_attempt = log_attempt;
         match outcome {
             Ok(outputs) => {
-                let records = match self.verify_outputs(&b, &outputs, now) {
+                let records = match self.verify_outputs(&b, &outputs, scanned, now) {
                     Ok(r) => r,
                     Err(e @ QueueError::BadResult(_)) => {
                         self.refuse_for_good(&mut fx, done, &e)?;
@@ -111,8 +146,9 @@ impl QueueState {
                         "outputs": records.iter().map(|o| &o.path).collect::<Vec<_>>()}),
                 );
                 self.retire(&b);
-                let fresh: HashSet<String> = records.iter().map(|o| o.path.clone()).collect();
-                self.uncommitted_outputs.extend(fresh.iter().cloned());
+                let fresh: Vec<PathDigest> =
+                    records.iter().map(|o| PathDigest::of(&o.path)).collect();
+                self.uncommitted_outputs.extend(fresh.iter().copied());
                 self.unblock(&fresh, &mut fx)?;
                 fx.new_outputs = records;
             }
@@ -143,14 +179,6 @@ impl QueueState {
         );
         fx.finished.push(id);
         Ok((fx, FinishAnswer::Accepted))
-    }
-
-    /// `b` leaves the live builds (it finished).
-    fn retire(&mut self, b: &BuildRecord) {
-        self.unindex(b);
-        self.lease_off(b.agent_id, b.id);
-        self.forget_request(b);
-        self.live.remove(&b.id);
     }
 
     /// A report that can never be right for this attempt: the build fails with the refusal as
@@ -188,28 +216,31 @@ impl QueueState {
         id: BuildId,
         e: &QueueError,
     ) -> Result<(), QueueError> {
-        let Some(b) = self.live.get(&id).cloned() else {
+        let Some(agent_id) = self.live.get(&id).map(|b| b.agent_id) else {
             return Err(QueueError::NoSuchBuild(id));
         };
-        self.forget_request(&b);
-        self.lease_off(b.agent_id, id);
+        self.forget_request(id);
+        self.lease_off(agent_id, id);
+        self.set_state(id, BuildState::Runnable);
+        self.request_of.remove(&id);
         let Some(b) = self.live.get_mut(&id) else {
             return Err(QueueError::NoSuchBuild(id));
         };
-        b.state = BuildState::Runnable;
-        b.request.clear();
-        let agent_id = std::mem::take(&mut b.agent_id);
+        b.agent_id = 0;
+        let attempt = b.attempt;
         let why = format!("{REFUSED}{e}");
-        fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
+        self.put_live(fx, id)?;
         fx.batch.event(
             "lease-expired",
             id,
             agent_id,
-            serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": agent_id,
+            serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id,
                 "reason": why}),
         );
-        fx.runnable.push(entry(b));
-        tracing::warn!(build_id = id, attempt = b.attempt, agent_id, reason = %why, "result refused; the build goes back to the queue");
+        if let Some(b) = self.live.get(&id) {
+            fx.runnable.push(b.entry(id));
+        }
+        tracing::warn!(build_id = id, attempt, agent_id, reason = %why, "result refused; the build goes back to the queue");
         Ok(())
     }
 
@@ -218,6 +249,7 @@ impl QueueState {
         &self,
         b: &BuildRecord,
         outputs: &[BuiltOutput],
+        scanned: Option<&Scanned>,
         now: u64,
     ) -> Result<Vec<OutputRecord>, QueueError> {
         if outputs.len() != b.outputs.len() {
@@ -255,6 +287,26 @@ impl QueueState {
                     b.id, o.nar_hash, o.nar_size, nar.nar_hash, nar.nar_size
                 )));
             }
+            if let Some(scanned) = scanned {
+                let found = scanned
+                    .get(&o.file_hash)
+                    .ok_or_else(|| QueueError::NotUploaded {
+                        build: b.id,
+                        output: name.clone(),
+                        file_hash: o.file_hash.clone(),
+                    })?;
+                let listed: BTreeSet<String> = o.references.iter().cloned().collect();
+                if &listed != found {
+                    let show =
+                        |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+                    return Err(QueueError::BadResult(format!(
+                        "output {name:?} of build {}: the report lists references [{}] but its NAR refers to [{}] (of the build's inputs and outputs); report the references the output holds",
+                        b.id,
+                        show(&listed),
+                        show(found)
+                    )));
+                }
+            }
             records.push(OutputRecord {
                 path: path.clone(),
                 nar_hash: nar.nar_hash,
@@ -273,32 +325,29 @@ impl QueueState {
 
     /// Make runnable every blocked build whose last missing input is among `fresh`. Costs time
     /// proportional to the number of builds waiting on those paths.
-    fn unblock(&mut self, fresh: &HashSet<String>, fx: &mut Effects) -> Result<(), QueueError> {
+    fn unblock(&mut self, fresh: &[PathDigest], fx: &mut Effects) -> Result<(), QueueError> {
         let mut candidates = BTreeSet::new();
         for p in fresh {
             if let Some(set) = self.waiting.remove(p) {
-                candidates.extend(set);
+                for id in set {
+                    if let Some(b) = self.live.get_mut(&id) {
+                        b.missing = b.missing.saturating_sub(1);
+                        candidates.insert(id);
+                    }
+                }
             }
         }
         for id in candidates {
             let Some(b) = self.live.get(&id) else {
                 continue;
             };
-            if b.state != BuildState::Blocked {
+            if b.state != BuildState::Blocked || b.missing > 0 {
                 continue;
             }
-            let mut ready = true;
-            for n in &b.needs {
-                if !self.available(n)? {
-                    ready = false;
-                    break;
-                }
-            }
-            if ready {
-                let b = self.live.get_mut(&id).ok_or(QueueError::NoSuchBuild(id))?;
-                b.state = BuildState::Runnable;
-                fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
-                fx.runnable.push(entry(b));
+            self.set_state(id, BuildState::Runnable);
+            self.put_live(fx, id)?;
+            if let Some(b) = self.live.get(&id) {
+                fx.runnable.push(b.entry(id));
             }
         }
         Ok(())

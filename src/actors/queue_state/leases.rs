@@ -14,8 +14,9 @@
 //!   own is answered with `abandon`.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
-use super::{entry, Effects, QueueError, QueueState};
+use super::{Effects, QueueError, QueueState};
 use crate::protocol::{AgentCommand, AgentId, BuildId, BuildState, HeldBuild, HeldPhase};
 use crate::store::keys::u64_key;
 use crate::store::records::BuildRecord;
@@ -40,6 +41,12 @@ pub struct Allocation {
 }
 
 impl QueueState {
+    /// Is this work request one that already leased builds (so a retry is answered with
+    /// them)?
+    pub fn known_request(&self, agent_id: AgentId, request: &str) -> bool {
+        self.requests.contains_key(&(agent_id, request.to_string()))
+    }
+
     /// Lease runnable builds to an agent; builds no longer runnable are skipped. With a work
     /// request id that already leased builds, the candidates are given back to the allocator
     /// and the request's builds are answered again (the retry of a reply lost on the wire).
@@ -59,34 +66,38 @@ impl QueueState {
         }
         let mut fx = Effects::default();
         let mut leased = Vec::new();
+        let shared: Option<Arc<str>> = request.map(Arc::from);
         for id in candidates {
-            let Some(b) = self.live.get(id) else {
-                continue;
-            };
-            if b.state != BuildState::Runnable {
+            if self.live.get(id).map(|b| b.state) != Some(BuildState::Runnable) {
                 continue;
             }
-            let old = b.clone();
-            self.forget_request(&old);
+            self.forget_request(*id);
+            self.set_state(*id, BuildState::Allocated);
             let Some(b) = self.live.get_mut(id) else {
                 continue;
             };
-            b.state = BuildState::Allocated;
             b.attempt += 1;
             b.agent_id = agent_id;
             b.allocated_ms = now;
             b.started_ms = 0;
-            b.request = request.unwrap_or_default().to_string();
-            fx.batch.put(TreeId::Builds, &u64_key(*id), &*b)?;
+            let attempt = b.attempt;
+            match &shared {
+                Some(r) => {
+                    self.request_of.insert(*id, r.clone());
+                }
+                None => {
+                    self.request_of.remove(id);
+                }
+            }
+            let rec = self.put_live(&mut fx, *id)?;
             fx.batch.event(
                 "build-allocated",
                 *id,
                 agent_id,
-                serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": agent_id}),
+                serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id}),
             );
-            let b = b.clone();
-            self.lease_on(&b, now);
-            leased.push(b);
+            self.lease_on(*id, now);
+            leased.push(rec);
         }
         if let (Some(r), false) = (request, leased.is_empty()) {
             let key = (agent_id, r.to_string());
@@ -120,7 +131,7 @@ impl QueueState {
                 .get(id)
                 .filter(|b| b.state == BuildState::Runnable)
             {
-                fx.runnable.push(entry(b));
+                fx.runnable.push(b.entry(*id));
             }
         }
         fx.after = self.uncommitted_requests.get(&key).cloned();
@@ -131,16 +142,17 @@ impl QueueState {
             .unwrap_or_default();
         let mut leased = Vec::new();
         for id in ids {
-            let Some(b) = self.live.get(&id).cloned() else {
+            let Some(b) = self.live.get(&id) else {
                 continue;
             };
-            let mine = b.agent_id == agent_id && b.request == request;
+            let mine =
+                b.agent_id == agent_id && self.request_of.get(&id).is_some_and(|r| &**r == request);
             if mine && b.state.is_leased() {
-                self.lease_on(&b, now);
-                leased.push(b);
+                self.lease_on(id, now);
+                leased.push(self.live_record(id)?);
             } else if mine && b.state == BuildState::Runnable && b.attempt > 0 {
                 self.readopt(&mut fx, id, None, "work request retried", now)?;
-                leased.push(self.live[&id].clone());
+                leased.push(self.live_record(id)?);
             }
         }
         tracing::info!(
@@ -158,7 +170,7 @@ impl QueueState {
         ))
     }
 
-    /// Lease a released build (runnable at its attempt, last held by `b.agent_id`) to that
+    /// Lease a released build (runnable at its attempt, last held by its agent) to that
     /// agent again, at the same attempt, in the state its phase says.
     pub(super) fn readopt(
         &mut self,
@@ -168,57 +180,60 @@ impl QueueState {
         why: &str,
         now: u64,
     ) -> Result<(), QueueError> {
-        let Some(b) = self.live.get_mut(&id) else {
+        let Some(b) = self.live.get(&id) else {
             return Err(QueueError::NoSuchBuild(id));
         };
-        b.state = match (b.started_ms, phase) {
+        let to = match (b.started_ms, phase) {
             (0, _) => BuildState::Allocated,
             (_, Some(HeldPhase::Uploading | HeldPhase::Reporting)) => BuildState::Uploading,
             _ => BuildState::Building,
         };
-        fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
+        let (agent_id, attempt) = (b.agent_id, b.attempt);
+        self.set_state(id, to);
+        self.put_live(fx, id)?;
         fx.batch.event(
             "lease-readopted",
             id,
-            b.agent_id,
-            serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": b.agent_id,
-                "state": b.state, "reason": why}),
+            agent_id,
+            serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id,
+                "state": to, "reason": why}),
         );
         fx.unrunnable.push(id);
         tracing::info!(
             build_id = id,
-            attempt = b.attempt,
-            agent_id = b.agent_id,
+            attempt,
+            agent_id,
             reason = why,
             "lease re-adopted"
         );
-        let b = b.clone();
-        self.lease_on(&b, now);
+        self.lease_on(id, now);
         Ok(())
     }
 
     /// Return one leased build to the queue: runnable, same attempt, the agent kept as its
     /// last holder (which alone may re-adopt it).
     fn release_one(&mut self, fx: &mut Effects, id: BuildId, why: &str) -> Result<(), QueueError> {
-        let Some(b) = self.live.get_mut(&id) else {
+        let Some(b) = self.live.get(&id) else {
             return Ok(());
         };
         if !b.state.is_leased() {
             return Ok(());
         }
-        let agent_id = b.agent_id;
-        b.state = BuildState::Runnable;
-        fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
+        let (agent_id, attempt) = (b.agent_id, b.attempt);
+        self.set_state(id, BuildState::Runnable);
+        self.put_live(fx, id)?;
         fx.batch.event(
             "lease-expired",
             id,
             agent_id,
-            serde_json::json!({"build_id": id, "attempt": b.attempt, "agent_id": agent_id, "reason": why}),
+            serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id, "reason": why}),
         );
-        fx.runnable.push(entry(b));
+        if let Some(b) = self.live.get(&id) {
+            fx.runnable.push(b.entry(id));
+        }
         tracing::info!(
             build_id = id,
-            attempt = b.attempt,
+            attempt,
             agent_id,
             reason = why,
             "lease released"
@@ -226,7 +241,6 @@ impl QueueState {
         self.lease_off(agent_id, id);
         Ok(())
     }
-
     /// The agent is lost: every lease it holds expires. The attempt is not raised here; it
     /// rises when the build is allocated again.
     pub fn agent_lost(&mut self, agent_id: AgentId) -> Result<Effects, QueueError> {
@@ -262,7 +276,7 @@ impl QueueState {
             .map(|(id, _)| *id)
             .collect();
         for id in old {
-            if self.live.get(&id).map(|b| b.state) == Some(BuildState::Allocated) {
+            if self.live.get(&id).map(|b| b.state()) == Some(BuildState::Allocated) {
                 self.release_one(&mut fx, id, "never started and no heartbeat")?;
             }
         }

@@ -11,9 +11,12 @@
 //! read-only queries in `queries.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 mod finish;
 mod leases;
+mod live;
+mod load;
 mod queries;
 #[cfg(test)]
 mod tests;
@@ -21,21 +24,17 @@ mod tests;
 use thiserror::Error;
 use tokio::sync::watch;
 
-pub use finish::FinishAnswer;
+pub use finish::{FinishAnswer, Scanned};
 pub use leases::Unheld;
+pub use live::{LiveBuild, StateIndex, LIVE_STATES};
+pub use queries::ListPage;
 
+use super::runnable_index::RunnableEntry;
+use super::symbols::{PathDigest, Symbols};
 use crate::protocol::{AgentId, BuildId, BuildState, BuildSummary, HeldPhase};
 use crate::store::keys::{output_key, u64_key};
 use crate::store::records::{BuildRecord, OutputRecord};
-use crate::store::{meta, Batch, Store, StoreError, TreeId};
-
-/// A build the allocator may hand out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunnableEntry {
-    pub id: BuildId,
-    pub system: String,
-    pub priority: i32,
-}
+use crate::store::{Batch, Store, StoreError, TreeId};
 
 /// A work request, as the agent that sent it names it.
 pub type RequestKey = (AgentId, String);
@@ -84,6 +83,12 @@ pub struct Effects {
     pub finished: Vec<BuildId>,
     /// Work requests whose leases this transition records (confirmed the same way).
     pub requests: Vec<RequestKey>,
+    /// Builds this transition created: their full records stay in memory until the commit
+    /// lands (confirmed the same way), then sled answers for them.
+    pub submitted: Vec<BuildId>,
+    /// Runnable builds whose effective priority or waiting count changed: the allocator
+    /// re-keys them (sent after the commit, with `runnable`).
+    pub rekeyed: Vec<RunnableEntry>,
     /// Signalled when this transition's commit lands or fails; repeats of its requests that
     /// arrive meanwhile wait on it.
     pub landing: Option<LandingSender>,
@@ -153,14 +158,17 @@ struct Accepted {
 /// The in-memory state of the queue.
 pub struct QueueState {
     store: Store,
-    /// Every non-terminal build.
-    live: HashMap<BuildId, BuildRecord>,
+    symbols: Arc<Symbols>,
+    /// Every non-terminal build, compact (see [`LiveBuild`]).
+    live: HashMap<BuildId, LiveBuild>,
+    /// Live build ids by state (listings and gauges).
+    by_state: StateIndex,
     /// Missing store path -> blocked builds that need it.
-    waiting: HashMap<String, BTreeSet<BuildId>>,
+    waiting: HashMap<PathDigest, BTreeSet<BuildId>>,
     /// Output path -> the live build that will produce it.
-    producers: HashMap<String, BuildId>,
+    producers: HashMap<PathDigest, BuildId>,
     /// drv path -> its live build.
-    by_drv: HashMap<String, BuildId>,
+    by_drv: HashMap<PathDigest, BuildId>,
     /// Agent -> the builds leased to it -> when the lease was last handed to it (ms since the
     /// epoch: its allocation, a replay of its work request, or its re-adoption). The lease
     /// clock of heartbeat reconciliation starts there. Rebuilt at load (from `allocated_ms`);
@@ -171,6 +179,9 @@ pub struct QueueState {
     /// whose lease was released but not reallocated (the agent may re-adopt them by retrying
     /// the request). Rebuilt at load from the records' `request`.
     requests: HashMap<RequestKey, BTreeSet<BuildId>>,
+    /// The `request` field of live builds that have one (the work request of their current
+    /// attempt); only leased and recently released builds do.
+    request_of: HashMap<BuildId, Arc<str>>,
     /// Work requests whose leases are not durable yet: a retry waits for their commit.
     uncommitted_requests: HashMap<RequestKey, Landing>,
     /// Outputs this state made available whose commit is not confirmed yet. Memory runs ahead
@@ -178,10 +189,16 @@ pub struct QueueState {
     /// count them: otherwise two inputs finishing back to back each see the other as missing
     /// and their dependent stays blocked forever. Cleared by [`QueueState::committed`]; a
     /// failed commit restarts the actor, which reloads without them.
-    uncommitted_outputs: HashSet<String>,
+    uncommitted_outputs: HashSet<PathDigest>,
     /// Results accepted (verified) whose commit is not confirmed yet. The same result sent
     /// again meanwhile waits for that commit and is then a duplicate, not a stale report.
     uncommitted_finishes: HashMap<BuildId, Accepted>,
+    /// Full records of builds whose submission commit is in flight: until it lands, sled does
+    /// not have them, and a transition on them (e.g. a dependent unblocked by an input that
+    /// finished meanwhile) reads them here.
+    pending: HashMap<BuildId, Arc<BuildRecord>>,
+    /// Index writes for an old state dir, found by the load (see `load.rs`).
+    migration: Vec<Batch>,
     next_build_id: u64,
 }
 
@@ -193,51 +210,51 @@ pub fn is_available(store: &Store, path: &str) -> Result<bool, StoreError> {
 }
 
 impl QueueState {
-    /// Rebuild the state from sled.
-    pub fn load(store: Store) -> Result<QueueState, StoreError> {
-        let mut s = QueueState {
-            next_build_id: store.meta_u64(meta::NEXT_BUILD_ID)?.unwrap_or(1),
+    /// A state with no build (the actor's until its `started` loads the real one).
+    pub fn unloaded(store: Store, symbols: Arc<Symbols>) -> QueueState {
+        QueueState::empty(store, symbols, 1)
+    }
+
+    /// A state with nothing loaded (the builds are read by [`QueueState::load`]).
+    fn empty(store: Store, symbols: Arc<Symbols>, next_build_id: u64) -> QueueState {
+        QueueState {
             store,
+            symbols,
             live: HashMap::new(),
+            by_state: StateIndex::default(),
             waiting: HashMap::new(),
             producers: HashMap::new(),
             by_drv: HashMap::new(),
             leases: HashMap::new(),
             requests: HashMap::new(),
+            request_of: HashMap::new(),
             uncommitted_requests: HashMap::new(),
             uncommitted_outputs: HashSet::new(),
             uncommitted_finishes: HashMap::new(),
-        };
-        let records: Vec<BuildRecord> = s
-            .store
-            .scan::<BuildRecord>(TreeId::Builds)
-            .map(|r| r.map(|(_, b)| b))
-            .collect::<Result<_, _>>()?;
-        for b in records {
-            s.next_build_id = s.next_build_id.max(b.id + 1);
-            if !b.state.is_terminal() {
-                s.index(&b)?;
-                if b.state.is_leased() {
-                    s.lease_on(&b, b.allocated_ms);
-                } else if b.state == BuildState::Runnable {
-                    s.remember_request(&b);
-                }
-                s.live.insert(b.id, b);
-            }
+            pending: HashMap::new(),
+            migration: Vec::new(),
+            next_build_id,
         }
-        Ok(s)
     }
 
     /// Is a store path available, counting outputs whose commit is still under way?
     pub fn available(&self, path: &str) -> Result<bool, StoreError> {
-        Ok(self.uncommitted_outputs.contains(path) || is_available(&self.store, path)?)
+        Ok(self.uncommitted_outputs.contains(&PathDigest::of(path))
+            || is_available(&self.store, path)?)
     }
 
-    /// The commit that made these outputs available, accepted these results and recorded the
-    /// leases of these work requests is durable: sled answers for them now.
-    pub fn committed(&mut self, outputs: &[String], finished: &[BuildId], requests: &[RequestKey]) {
+    /// The commit that made these outputs available, accepted these results, recorded the
+    /// leases of these work requests and created these builds is durable: sled answers for
+    /// them now.
+    pub fn committed(
+        &mut self,
+        outputs: &[String],
+        finished: &[BuildId],
+        requests: &[RequestKey],
+        submitted: &[BuildId],
+    ) {
         for p in outputs {
-            self.uncommitted_outputs.remove(p);
+            self.uncommitted_outputs.remove(&PathDigest::of(p));
         }
         for id in finished {
             self.uncommitted_finishes.remove(id);
@@ -245,49 +262,141 @@ impl QueueState {
         for r in requests {
             self.uncommitted_requests.remove(r);
         }
-    }
-
-    fn index(&mut self, b: &BuildRecord) -> Result<(), StoreError> {
-        self.by_drv.insert(b.drv_path.clone(), b.id);
-        for (_, p) in &b.outputs {
-            self.producers.insert(p.clone(), b.id);
-        }
-        if b.state == BuildState::Blocked {
-            for need in &b.needs {
-                if !self.available(need)? {
-                    self.waiting.entry(need.clone()).or_default().insert(b.id);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn unindex(&mut self, b: &BuildRecord) {
-        if self.by_drv.get(&b.drv_path) == Some(&b.id) {
-            self.by_drv.remove(&b.drv_path);
-        }
-        for (_, p) in &b.outputs {
-            if self.producers.get(p) == Some(&b.id) {
-                self.producers.remove(p);
-            }
-        }
-        for need in &b.needs {
-            if let Some(set) = self.waiting.get_mut(need) {
-                set.remove(&b.id);
-                if set.is_empty() {
-                    self.waiting.remove(need);
-                }
-            }
+        for id in submitted {
+            self.pending.remove(id);
         }
     }
 
-    /// `b` is leased to `b.agent_id` from `handed` on: index the lease and its request.
-    fn lease_on(&mut self, b: &BuildRecord, handed: u64) {
-        self.leases
-            .entry(b.agent_id)
-            .or_default()
-            .insert(b.id, handed);
-        self.remember_request(b);
+    /// The parts of a build's record that never change after submission, as stored (from
+    /// the submission in flight, else sled); the live fields are not overlaid.
+    fn stored(&self, id: BuildId) -> Result<Option<BuildRecord>, StoreError> {
+        if let Some(r) = self.pending.get(&id) {
+            return Ok(Some((**r).clone()));
+        }
+        self.store.get(TreeId::Builds, &u64_key(id))
+    }
+
+    /// A build's current record: sled's (or the submission's in flight) with memory's live
+    /// fields on top. `None` for an unknown build.
+    pub fn full(&self, id: BuildId) -> Result<Option<BuildRecord>, StoreError> {
+        let Some(mut r) = self.stored(id)? else {
+            return Ok(None);
+        };
+        if let Some(l) = self.live.get(&id) {
+            r.state = l.state;
+            r.attempt = l.attempt;
+            r.agent_id = l.agent_id;
+            r.priority = l.priority;
+            r.allocated_ms = l.allocated_ms;
+            r.started_ms = l.started_ms;
+            r.request = self
+                .request_of
+                .get(&id)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+        }
+        Ok(Some(r))
+    }
+
+    /// The current record of a live build, for a transition that rewrites it.
+    fn live_record(&self, id: BuildId) -> Result<BuildRecord, QueueError> {
+        self.full(id)?.ok_or(QueueError::NoSuchBuild(id))
+    }
+
+    /// Stage the current record of live build `id` in the batch.
+    fn put_live(&self, fx: &mut Effects, id: BuildId) -> Result<BuildRecord, QueueError> {
+        let r = self.live_record(id)?;
+        fx.batch.put(TreeId::Builds, &u64_key(id), &r)?;
+        Ok(r)
+    }
+
+    fn add_live(&mut self, id: BuildId, l: LiveBuild) {
+        self.by_state.insert(id, l.state);
+        self.live.insert(id, l);
+    }
+
+    /// Move a live build to another live state (every state change goes through here, so
+    /// the per-state index stays in step).
+    fn set_state(&mut self, id: BuildId, to: BuildState) {
+        if let Some(l) = self.live.get_mut(&id) {
+            self.by_state.remove(id, l.state);
+            l.state = to;
+            self.by_state.insert(id, to);
+        }
+    }
+
+    /// `id` is no longer live (it finished or was canceled): drop it and everything that
+    /// names it. `rec` is its record (for the paths it was indexed under).
+    fn retire(&mut self, rec: &BuildRecord) {
+        let id = rec.id;
+        if self.by_drv.get(&PathDigest::of(&rec.drv_path)) == Some(&id) {
+            self.by_drv.remove(&PathDigest::of(&rec.drv_path));
+        }
+        for (_, p) in &rec.outputs {
+            let d = PathDigest::of(p);
+            if self.producers.get(&d) == Some(&id) {
+                self.producers.remove(&d);
+            }
+        }
+        for need in &rec.needs {
+            self.unwait(id, PathDigest::of(need), None);
+        }
+        if let Some(l) = self.live.get(&id) {
+            let agent = l.agent_id;
+            self.lease_off(agent, id);
+        }
+        self.forget_request(id);
+        if let Some(l) = self.live.remove(&id) {
+            self.by_state.remove(id, l.state);
+        }
+        self.request_of.remove(&id);
+    }
+
+    /// Blocked build `id` waits for `path`; the live build producing it (if any) has one more
+    /// build waiting on it.
+    fn wait_on(&mut self, id: BuildId, path: PathDigest, fx: &mut Effects) {
+        if !self.waiting.entry(path).or_default().insert(id) {
+            return;
+        }
+        self.change_rdeps(path, 1, Some(fx));
+    }
+
+    /// `id` no longer waits for `path`.
+    fn unwait(&mut self, id: BuildId, path: PathDigest, fx: Option<&mut Effects>) {
+        let Some(set) = self.waiting.get_mut(&path) else {
+            return;
+        };
+        if !set.remove(&id) {
+            return;
+        }
+        if set.is_empty() {
+            self.waiting.remove(&path);
+        }
+        self.change_rdeps(path, -1, fx);
+    }
+
+    fn change_rdeps(&mut self, path: PathDigest, by: i64, fx: Option<&mut Effects>) {
+        let Some(p) = self.producers.get(&path).copied() else {
+            return;
+        };
+        let Some(l) = self.live.get_mut(&p) else {
+            return;
+        };
+        l.rdeps = (l.rdeps as i64 + by).clamp(0, u32::MAX as i64) as u32;
+        if l.state == BuildState::Runnable {
+            if let Some(fx) = fx {
+                fx.rekeyed.push(l.entry(p));
+            }
+        }
+    }
+
+    /// `id` is leased to its agent from `handed` on: index the lease and its request.
+    fn lease_on(&mut self, id: BuildId, handed: u64) {
+        let Some(agent) = self.live.get(&id).map(|l| l.agent_id) else {
+            return;
+        };
+        self.leases.entry(agent).or_default().insert(id, handed);
+        self.remember_request(id);
     }
 
     /// `id` is no longer leased to `agent_id`.
@@ -300,47 +409,89 @@ impl QueueState {
         }
     }
 
-    fn remember_request(&mut self, b: &BuildRecord) {
-        if !b.request.is_empty() && b.agent_id != 0 {
-            self.requests
-                .entry((b.agent_id, b.request.clone()))
-                .or_default()
-                .insert(b.id);
+    fn request_key(&self, id: BuildId) -> Option<RequestKey> {
+        let r = self.request_of.get(&id)?;
+        let agent = self.live.get(&id)?.agent_id;
+        (agent != 0).then(|| (agent, r.to_string()))
+    }
+
+    fn remember_request(&mut self, id: BuildId) {
+        if let Some(key) = self.request_key(id) {
+            self.requests.entry(key).or_default().insert(id);
         }
     }
 
-    /// `b` no longer answers a retry of the work request that leased it (it finished, was
+    /// `id` no longer answers a retry of the work request that leased it (it finished, was
     /// canceled, or is leased under another request).
-    fn forget_request(&mut self, b: &BuildRecord) {
-        if b.request.is_empty() {
+    fn forget_request(&mut self, id: BuildId) {
+        let Some(key) = self.request_key(id) else {
             return;
-        }
-        let key = (b.agent_id, b.request.clone());
+        };
         if let Some(set) = self.requests.get_mut(&key) {
-            set.remove(&b.id);
+            set.remove(&id);
             if set.is_empty() {
                 self.requests.remove(&key);
             }
         }
     }
 
-    /// Every runnable build, for the allocator's index.
+    /// Every runnable build, for the allocator's index (its fill at start and after its
+    /// restart).
     pub fn runnable(&self) -> Vec<RunnableEntry> {
-        self.live
-            .values()
-            .filter(|b| b.state == BuildState::Runnable)
-            .map(entry)
+        let (ids, _) = self.by_state.page(
+            BuildState::Runnable,
+            0,
+            self.by_state.count(BuildState::Runnable),
+        );
+        ids.iter()
+            .filter_map(|id| self.live.get(id).map(|l| l.entry(*id)))
             .collect()
     }
 
-    /// A live build (tests and the fault points compare this with sled).
-    pub fn live(&self) -> &HashMap<BuildId, BuildRecord> {
-        &self.live
+    /// Live builds per state (gauges).
+    pub fn count(&self, s: BuildState) -> usize {
+        self.by_state.count(s)
     }
 
+    /// Agents that hold leases (the registry awaits them after a start).
+    pub fn lease_holders(&self) -> Vec<AgentId> {
+        let mut v: Vec<AgentId> = self.leases.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// A live build's compact entry.
+    pub fn live_entry(&self, id: BuildId) -> Option<&LiveBuild> {
+        self.live.get(&id)
+    }
+
+    /// Live builds.
+    pub fn live_len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Every live build's current record, from sled and memory (tests and the fault points
+    /// compare this with sled; it reads every live record, so only they use it).
+    pub fn live_records(&self) -> Result<HashMap<BuildId, BuildRecord>, StoreError> {
+        let mut out = HashMap::with_capacity(self.live.len());
+        for id in self.live.keys() {
+            if let Some(r) = self.full(*id)? {
+                out.insert(*id, r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fault point: change memory without committing (the `CorruptMemoryAndStop` faults).
     #[cfg(feature = "fault-points")]
-    pub fn live_mut(&mut self) -> &mut HashMap<BuildId, BuildRecord> {
-        &mut self.live
+    pub fn corrupt(&mut self) {
+        let ids: Vec<BuildId> = self.live.keys().copied().collect();
+        for id in ids {
+            if let Some(l) = self.live.get_mut(&id) {
+                l.priority = l.priority.wrapping_add(1000);
+            }
+            self.set_state(id, BuildState::Uploading);
+        }
     }
 
     /// Queue new builds (or return the live build of a derivation already queued).
@@ -360,35 +511,45 @@ impl QueueState {
                 &crate::store::records::DrvRecord { contents },
             )?;
         }
+        let tag_set = self.symbols.tag_set(&tags);
         let mut out = Vec::new();
         for t in targets {
-            if let Some(id) = self.by_drv.get(&t.drv_path) {
-                let b = &self.live[id];
-                let mut s = summary(b);
-                s.existing = true;
-                out.push(s);
+            let drv = PathDigest::of(&t.drv_path);
+            if let Some(l) = self
+                .by_drv
+                .get(&drv)
+                .and_then(|id| Some((*id, self.live.get(id)?)))
+            {
+                out.push(BuildSummary {
+                    id: l.0,
+                    drv_path: t.drv_path,
+                    system: t.system,
+                    state: l.1.state,
+                    priority: l.1.priority,
+                    existing: true,
+                });
                 continue;
             }
-            let mut missing = false;
+            let mut missing = Vec::new();
             for n in &t.needs {
                 if !self.available(n)? {
-                    missing = true;
-                    break;
+                    missing.push(PathDigest::of(n));
                 }
             }
             let id = self.next_build_id;
             self.next_build_id += 1;
+            let state = if missing.is_empty() {
+                BuildState::Runnable
+            } else {
+                BuildState::Blocked
+            };
             let b = BuildRecord {
                 id,
                 drv_path: t.drv_path,
                 system: t.system,
                 priority,
                 tags: tags.clone(),
-                state: if missing {
-                    BuildState::Blocked
-                } else {
-                    BuildState::Runnable
-                },
+                state,
                 attempt: 0,
                 agent_id: 0,
                 outputs: t.outputs,
@@ -402,6 +563,10 @@ impl QueueState {
                 request: String::new(),
             };
             fx.batch.put(TreeId::Builds, &u64_key(id), &b)?;
+            for (_, o) in &b.outputs {
+                fx.batch
+                    .put_raw(TreeId::OutputBuilds, output_key(o).as_bytes(), &u64_key(id));
+            }
             fx.batch.event(
                 "build-submitted",
                 id,
@@ -409,29 +574,52 @@ impl QueueState {
                 serde_json::json!({"build_id": id, "drv_path": b.drv_path, "system": b.system,
                     "priority": b.priority, "state": b.state}),
             );
-            if b.state == BuildState::Runnable {
-                fx.runnable.push(entry(&b));
+            let rdeps = b
+                .outputs
+                .iter()
+                .map(|(_, o)| self.waiting.get(&PathDigest::of(o)).map_or(0, |s| s.len()))
+                .sum::<usize>();
+            let l = LiveBuild {
+                state,
+                system: self.symbols.system(&b.system),
+                tags: tag_set,
+                attempt: 0,
+                priority,
+                effective: priority,
+                rdeps: rdeps.min(u32::MAX as usize) as u32,
+                missing: missing.len() as u32,
+                retries: 0,
+                agent_id: 0,
+                allocated_ms: 0,
+                started_ms: 0,
+                defer_until_ms: 0,
+            };
+            self.by_drv.insert(drv, id);
+            for (_, o) in &b.outputs {
+                self.producers.insert(PathDigest::of(o), id);
+            }
+            if state == BuildState::Runnable {
+                fx.runnable.push(l.entry(id));
+            }
+            self.add_live(id, l);
+            for m in missing {
+                self.wait_on(id, m, &mut fx);
             }
             out.push(summary(&b));
-            self.index(&b)?;
-            self.live.insert(id, b);
+            self.pending.insert(id, Arc::new(b));
+            fx.submitted.push(id);
         }
         fx.batch.put_raw(
             TreeId::Meta,
-            meta::NEXT_BUILD_ID,
+            crate::store::meta::NEXT_BUILD_ID,
             &self.next_build_id.to_be_bytes(),
         );
         Ok((fx, out))
     }
 
     /// The live build leased to `agent_id` at `attempt`, or why not.
-    fn leased(
-        &mut self,
-        agent_id: u64,
-        id: BuildId,
-        attempt: u32,
-    ) -> Result<&mut BuildRecord, QueueError> {
-        let b = match self.live.get_mut(&id) {
+    fn leased(&self, agent_id: u64, id: BuildId, attempt: u32) -> Result<&LiveBuild, QueueError> {
+        let b = match self.live.get(&id) {
             Some(b) => b,
             None => {
                 let rec: Option<BuildRecord> = self.store.get(TreeId::Builds, &u64_key(id))?;
@@ -522,18 +710,24 @@ impl QueueState {
         if order(b.state) >= order(to) {
             return Ok(fx); // a repeated report: nothing to do
         }
-        b.state = to;
-        if to == BuildState::Building || b.started_ms == 0 {
-            b.started_ms = now;
+        let first_start = to == BuildState::Building || b.started_ms == 0;
+        // An upload that comes before any start report is the start too (an agent may fold
+        // its start into its first upload: one request and one commit fewer per build).
+        let starts = to == BuildState::Building || b.state == BuildState::Allocated;
+        self.set_state(id, to);
+        if first_start {
+            if let Some(l) = self.live.get_mut(&id) {
+                l.started_ms = now;
+            }
         }
-        fx.batch.put(TreeId::Builds, &u64_key(id), &*b)?;
-        if to == BuildState::Building {
+        let r = self.put_live(&mut fx, id)?;
+        if starts {
             fx.batch.event(
                 "build-started",
                 id,
                 agent_id,
                 serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id,
-                    "drv_path": b.drv_path}),
+                    "drv_path": r.drv_path}),
             );
         }
         Ok(fx)
@@ -555,15 +749,13 @@ impl QueueState {
                 "canceling a running build is not supported yet (it arrives with scheduling, issue [4/8]); wait for it to finish".into(),
             ));
         }
-        let mut b = b.clone();
         let was_runnable = b.state == BuildState::Runnable;
-        self.unindex(&b);
-        self.forget_request(&b);
-        self.live.remove(&id);
+        let mut b = self.live_record(id)?;
+        let mut fx = Effects::default();
+        self.retire_with(&b, &mut fx);
         b.state = BuildState::Canceled;
         b.finished_ms = now;
         b.reason = "canceled by request".into();
-        let mut fx = Effects::default();
         fx.batch.put(TreeId::Builds, &u64_key(id), &b)?;
         fx.batch.event(
             "build-canceled",
@@ -576,13 +768,13 @@ impl QueueState {
         }
         Ok((fx, summary(&b)))
     }
-}
 
-fn entry(b: &BuildRecord) -> RunnableEntry {
-    RunnableEntry {
-        id: b.id,
-        system: b.system.clone(),
-        priority: b.priority,
+    /// [`QueueState::retire`], telling the allocator of producers whose waiting count fell.
+    fn retire_with(&mut self, rec: &BuildRecord, fx: &mut Effects) {
+        for need in &rec.needs {
+            self.unwait(rec.id, PathDigest::of(need), Some(fx));
+        }
+        self.retire(rec);
     }
 }
 

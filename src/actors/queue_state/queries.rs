@@ -1,12 +1,23 @@
 //! Read-only questions to the queue: a build's record and detail (with why a blocked build
-//! waits), listings, and the builds an agent holds. Kept apart from the transitions in
-//! `mod.rs`; none of these change state.
+//! waits), pages of listings, and the builds an agent holds. Kept apart from the transitions
+//! in `mod.rs`; none of these change state, and none looks at more builds than it answers
+//! about (a listing of a live state pages through the per-state index; terminal states and
+//! "every build" are read from sled by the caller, off the actor's thread).
 
 use super::{summary, QueueError, QueueState};
-use crate::protocol::{BuildDetail, BuildId, BuildState, BuildSummary, MissingInput, OutputSpec};
+use crate::actors::symbols::PathDigest;
+use crate::protocol::{BuildDetail, BuildId, BuildState, MissingInput, OutputSpec};
 use crate::store::keys::u64_key;
 use crate::store::records::BuildRecord;
 use crate::store::TreeId;
+
+/// A page of live build ids in one state: `(id, state, priority)` as memory has them now, and
+/// whether more follow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    pub builds: Vec<(BuildId, BuildState, i32)>,
+    pub more: bool,
+}
 
 impl QueueState {
     /// Builds currently leased to an agent, in id order (from the lease index: no scan).
@@ -17,12 +28,36 @@ impl QueueState {
             .unwrap_or_default()
     }
 
-    /// The record of any build, live or finished.
+    /// The record of any build, live (memory over sled) or finished.
     pub fn record(&self, id: BuildId) -> Result<Option<BuildRecord>, QueueError> {
-        if let Some(b) = self.live.get(&id) {
-            return Ok(Some(b.clone()));
+        Ok(self.full(id)?)
+    }
+
+    /// Up to `limit` live builds in state `s` after id `after` (a live state; see
+    /// [`ListPage`]).
+    pub fn list_live(&self, s: BuildState, after: BuildId, limit: usize) -> ListPage {
+        let (ids, more) = self.by_state.page(s, after, limit);
+        ListPage {
+            builds: ids
+                .into_iter()
+                .filter_map(|id| {
+                    let l = self.live.get(&id)?;
+                    Some((id, l.state, l.priority))
+                })
+                .collect(),
+            more,
         }
-        Ok(self.store.get(TreeId::Builds, &u64_key(id))?)
+    }
+
+    /// The live state and priority of each of `ids` that is live (a listing read from sled
+    /// shows memory's newer state for these).
+    pub fn live_states(&self, ids: &[BuildId]) -> Vec<(BuildId, BuildState, i32)> {
+        ids.iter()
+            .filter_map(|id| {
+                let l = self.live.get(id)?;
+                Some((*id, l.state, l.priority))
+            })
+            .collect()
     }
 
     /// Everything `kiln build show` prints.
@@ -64,25 +99,28 @@ impl QueueState {
         })
     }
 
-    /// Explain why a path is missing: who would make it, and how that is going.
+    /// Explain why a path is missing: who would make it, and how that is going. The live
+    /// producer from memory, else the last build of that output from the `output_builds`
+    /// index: one lookup, no scan.
     fn missing_input(&self, path: &str) -> Result<MissingInput, QueueError> {
-        if let Some(id) = self.producers.get(path) {
-            let st = self.live[id].state;
-            return Ok(MissingInput {
-                path: path.to_string(),
-                build: Some(*id),
-                build_state: Some(st),
-                note: format!("input build {id} is {st}"),
-            });
-        }
-        // The latest finished build that produced it, if any.
-        let mut last: Option<BuildRecord> = None;
-        for r in self.store.scan::<BuildRecord>(TreeId::Builds) {
-            let (_, r) = r?;
-            if r.outputs.iter().any(|(_, p)| p == path) {
-                last = Some(r);
+        if let Some(id) = self.producers.get(&PathDigest::of(path)) {
+            if let Some(l) = self.live.get(id) {
+                let st = l.state;
+                return Ok(MissingInput {
+                    path: path.to_string(),
+                    build: Some(*id),
+                    build_state: Some(st),
+                    note: format!("input build {id} is {st}"),
+                });
             }
         }
+        let last: Option<BuildRecord> = match self.store.last_build_of(path)? {
+            Some(id) => self
+                .store
+                .get::<BuildRecord>(TreeId::Builds, &u64_key(id))?
+                .filter(|r| r.outputs.iter().any(|(_, p)| p == path)),
+            None => None,
+        };
         Ok(match last {
             Some(r) => MissingInput {
                 path: path.to_string(),
@@ -101,26 +139,5 @@ impl QueueState {
                 note: "no build produces it: submit its derivation".into(),
             },
         })
-    }
-
-    /// Builds in id order, optionally of one state.
-    pub fn list(
-        &self,
-        state: Option<BuildState>,
-        limit: usize,
-    ) -> Result<Vec<BuildSummary>, QueueError> {
-        let mut out = Vec::new();
-        for r in self.store.scan::<BuildRecord>(TreeId::Builds) {
-            let (_, r) = r?;
-            // Live builds may be ahead of sled by an uncommitted transition: prefer memory.
-            let r = self.live.get(&r.id).cloned().unwrap_or(r);
-            if state.is_none_or(|s| s == r.state) {
-                out.push(summary(&r));
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
     }
 }

@@ -51,7 +51,7 @@ impl Fixture {
             Box::new(|_: &[EventRecord]| {}),
         )
         .unwrap();
-        let mut q = QueueState::load(store.clone()).unwrap();
+        let mut q = QueueState::load(store.clone(), Arc::new(Symbols::default())).unwrap();
         let (fx, builds) = q
             .submit(
                 names.iter().map(|n| target(n, &[])).collect(),
@@ -75,7 +75,8 @@ impl Fixture {
     fn commit(&mut self, fx: Effects) {
         self.c.commit_blocking(fx.batch).unwrap();
         let outputs: Vec<String> = fx.new_outputs.iter().map(|o| o.path.clone()).collect();
-        self.q.committed(&outputs, &fx.finished, &fx.requests);
+        self.q
+            .committed(&outputs, &fx.finished, &fx.requests, &fx.submitted);
         if let Some(tx) = fx.landing {
             tx.send_replace(Some(true));
         }
@@ -104,7 +105,7 @@ impl Fixture {
     }
 
     fn reload(&mut self) {
-        self.q = QueueState::load(self.store.clone()).unwrap();
+        self.q = QueueState::load(self.store.clone(), Arc::new(Symbols::default())).unwrap();
     }
 }
 
@@ -151,7 +152,7 @@ fn inputs_finishing_back_to_back_before_their_commits_unblock_the_dependent() {
         Box::new(|_: &[EventRecord]| {}),
     )
     .unwrap();
-    let mut q = QueueState::load(store.clone()).unwrap();
+    let mut q = QueueState::load(store.clone(), Arc::new(Symbols::default())).unwrap();
     let (fx, builds) = q
         .submit(
             vec![target("a", &[]), target("b", &[]), target("c", &["a", "b"])],
@@ -200,7 +201,7 @@ fn inputs_finishing_back_to_back_before_their_commits_unblock_the_dependent() {
     );
     c.commit_blocking(fx_a.batch).unwrap();
     c.commit_blocking(fx_b.batch).unwrap();
-    q.committed(&[out_path("a"), out_path("b")], &[a, b], &[]);
+    q.committed(&[out_path("a"), out_path("b")], &[a, b], &[], &[]);
     assert!(q.uncommitted_outputs.is_empty() && q.uncommitted_finishes.is_empty());
     // After the commit, sled answers: the same result again is a duplicate.
     let (dup, answer) = q.finish(7, a, 1, Ok(built("a")), 0, 6).unwrap();
@@ -209,8 +210,8 @@ fn inputs_finishing_back_to_back_before_their_commits_unblock_the_dependent() {
         q.available(&out_path("a")).unwrap(),
         "sled answers once committed"
     );
-    let again = QueueState::load(store).unwrap();
-    assert_eq!(again.live()[&cid].state, BuildState::Runnable);
+    let again = QueueState::load(store, Arc::new(Symbols::default())).unwrap();
+    assert_eq!(again.live_entry(cid).unwrap().state(), BuildState::Runnable);
     c.shutdown_blocking();
 }
 
@@ -535,6 +536,10 @@ fn refused_results_settle_the_build() {
     let (mut f, ids) = Fixture::new(&["a", "b"]);
     let (fx, _) = f.q.allocate(7, None, &ids, 10).unwrap();
     f.commit(fx);
+    for id in &ids {
+        let fx = f.q.advance(7, *id, 1, BuildState::Building, 10).unwrap();
+        f.commit(fx);
+    }
     f.uploaded("a");
 
     // NarHash that is not the upload's: refused for good, the build fails.
@@ -625,4 +630,309 @@ fn unstarted_leases_of_an_agent_without_heartbeats_end() {
     assert_eq!(fx.runnable[0].id, ids[0]);
     f.commit(fx);
     assert_eq!(f.q.leased_to(7), vec![ids[1]]);
+}
+
+/// The tie-break of the allocator: a build's `rdeps` counts the blocked builds waiting on its
+/// outputs, whichever is submitted first; every change re-keys a runnable build, and a reload
+/// computes the same numbers.
+#[test]
+fn builds_waiting_on_a_build_raise_its_rdeps_and_rekey_it() {
+    let (mut f, ids) = Fixture::new(&["a", "b"]);
+    let (fx, waiting) =
+        f.q.submit(
+            vec![target("c", &["a"]), target("d", &["a"])],
+            vec![],
+            0,
+            vec![],
+            2,
+        )
+        .unwrap();
+    assert!(waiting.iter().all(|b| b.state == BuildState::Blocked));
+    assert_eq!(f.q.live_entry(ids[0]).unwrap().rdeps, 2);
+    assert_eq!(f.q.live_entry(ids[1]).unwrap().rdeps, 0);
+    let rekeyed: Vec<(BuildId, u32)> = fx.rekeyed.iter().map(|e| (e.id, e.rdeps)).collect();
+    assert_eq!(rekeyed, vec![(ids[0], 1), (ids[0], 2)]);
+    f.commit(fx);
+    f.reload();
+    assert_eq!(f.q.live_entry(ids[0]).unwrap().rdeps, 2, "a reload agrees");
+    // A dependent canceled: one fewer waits.
+    let (fx, _) = f.q.cancel(waiting[0].id, 3).unwrap();
+    assert_eq!(f.q.live_entry(ids[0]).unwrap().rdeps, 1);
+    assert_eq!(
+        fx.rekeyed
+            .iter()
+            .map(|e| (e.id, e.rdeps))
+            .collect::<Vec<_>>(),
+        vec![(ids[0], 1)]
+    );
+    f.commit(fx);
+    // A producer submitted after its dependent starts with the dependent counted.
+    let (fx, early) =
+        f.q.submit(vec![target("e", &["z"])], vec![], 0, vec![], 4)
+            .unwrap();
+    assert_eq!(early[0].state, BuildState::Blocked);
+    f.commit(fx);
+    let (fx, z) =
+        f.q.submit(vec![target("z", &[])], vec![], 0, vec![], 5)
+            .unwrap();
+    assert_eq!(f.q.live_entry(z[0].id).unwrap().rdeps, 1);
+    assert_eq!(
+        fx.runnable.iter().map(|e| e.rdeps).collect::<Vec<_>>(),
+        vec![1]
+    );
+    f.commit(fx);
+}
+
+/// Listings of a live state page through the per-state index; every build once, in id
+/// order, and the index follows every transition.
+#[test]
+fn live_listings_page_through_the_state_index() {
+    let names: Vec<String> = (0..7).map(|i| format!("p{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (mut f, ids) = Fixture::new(&refs);
+    let (fx, _) = f.q.allocate(3, None, &ids[..2], 2).unwrap();
+    f.commit(fx);
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = f.q.list_live(BuildState::Runnable, after, 2);
+        seen.extend(page.builds.iter().map(|b| b.0));
+        assert!(page.builds.iter().all(|b| b.1 == BuildState::Runnable));
+        match (page.more, page.builds.last()) {
+            (true, Some(last)) => after = last.0,
+            _ => break,
+        }
+    }
+    assert_eq!(seen, ids[2..].to_vec());
+    let leased = f.q.list_live(BuildState::Allocated, 0, 10);
+    assert_eq!(
+        leased.builds.iter().map(|b| b.0).collect::<Vec<_>>(),
+        ids[..2].to_vec()
+    );
+    assert!(!leased.more);
+    assert_eq!(f.q.count(BuildState::Runnable), 5);
+    assert_eq!(f.q.count(BuildState::Allocated), 2);
+    // The same after a reload from sled.
+    f.reload();
+    assert_eq!(f.q.count(BuildState::Runnable), 5);
+    assert_eq!(f.q.count(BuildState::Allocated), 2);
+}
+
+/// An agent may skip the start report: its first upload, or its result, records the start
+/// (`build-started`) once, and a start report after it changes nothing.
+#[test]
+fn a_first_upload_or_result_without_a_start_report_records_the_start() {
+    let (mut f, ids) = Fixture::new(&["a", "b"]);
+    let (fx, _) = f.q.allocate(7, None, &ids, 10).unwrap();
+    f.commit(fx);
+    let fx =
+        f.q.advance(7, ids[0], 1, BuildState::Uploading, 11)
+            .unwrap();
+    assert_eq!(kinds(&fx), vec!["build-started"]);
+    f.commit(fx);
+    assert_eq!(f.state(ids[0]), BuildState::Uploading);
+    assert!(f.q.record(ids[0]).unwrap().unwrap().started_ms == 11);
+    let fx = f.q.advance(7, ids[0], 1, BuildState::Building, 12).unwrap();
+    assert!(fx.batch.is_empty(), "a late start report is a no-op");
+    // A failure reported with no start and no upload: started, then failed, in one commit.
+    let (fx, answer) = f.q.finish(7, ids[1], 1, Err("no".into()), 0, 13).unwrap();
+    assert!(matches!(answer, FinishAnswer::Accepted));
+    assert_eq!(kinds(&fx), vec!["build-started", "build-failed"]);
+    f.commit(fx);
+    assert_eq!(f.state(ids[1]), BuildState::Failed);
+}
+
+/// Everything the queue keeps in memory, in a comparable form: symbol ids resolved to names
+/// (a reload interns them afresh), maps sorted. Two states with the same fingerprint answer
+/// every request the same way.
+fn fingerprint(q: &QueueState) -> String {
+    use std::collections::BTreeMap;
+    let live: BTreeMap<BuildId, String> = q
+        .live
+        .iter()
+        .map(|(id, l)| {
+            let sys = q.symbols.system_name(l.system);
+            let tags = q.symbols.tags(l.tags);
+            let mut l = l.clone();
+            l.system = 0;
+            l.tags = 0;
+            (*id, format!("{sys} {tags:?} {l:?}"))
+        })
+        .collect();
+    let by_state: Vec<(BuildState, Vec<BuildId>)> = LIVE_STATES
+        .iter()
+        .map(|s| (*s, q.by_state.page(*s, 0, usize::MAX).0))
+        .collect();
+    let digests = |m: &HashMap<PathDigest, BuildId>| -> BTreeMap<[u8; 20], BuildId> {
+        m.iter().map(|(d, id)| (d.0, *id)).collect()
+    };
+    let waiting: BTreeMap<[u8; 20], &BTreeSet<BuildId>> =
+        q.waiting.iter().map(|(d, s)| (d.0, s)).collect();
+    let leases: BTreeMap<AgentId, &BTreeMap<BuildId, u64>> =
+        q.leases.iter().map(|(a, m)| (*a, m)).collect();
+    let requests: BTreeMap<&RequestKey, &BTreeSet<BuildId>> = q.requests.iter().collect();
+    let request_of: BTreeMap<BuildId, &str> =
+        q.request_of.iter().map(|(id, r)| (*id, &**r)).collect();
+    format!(
+        "live {live:#?}\nby_state {by_state:?}\nwaiting {waiting:?}\nproducers {:?}\n\
+         by_drv {:?}\nleases {leases:?}\nrequests {requests:?}\nrequest_of {request_of:?}\n\
+         next {}",
+        digests(&q.producers),
+        digests(&q.by_drv),
+        q.next_build_id
+    )
+}
+
+/// Restart equals sled: after a mix of every kind of transition (submissions of several
+/// systems, tag sets and priorities; blocked builds raising their producers' `rdeps`; leases
+/// under work request ids; a start; a result unblocking a dependent; a released lease; a
+/// cancel), the state rebuilt from sled by the one-scan load is the state memory had, index
+/// for index, and the allocator's entries agree too.
+#[test]
+fn a_reload_from_sled_equals_memory_after_every_kind_of_transition() {
+    let (mut f, ids) = Fixture::new(&["a", "b", "c"]);
+    let arm = |name: &str, needs: &[&str]| Target {
+        system: "aarch64-linux".into(),
+        ..target(name, needs)
+    };
+    let (fx, blocked) =
+        f.q.submit(
+            vec![
+                target("d", &["a"]),
+                target("e", &["a", "b"]),
+                arm("f", &["c"]),
+            ],
+            vec![],
+            5,
+            vec![("big-memory".into(), "yes".into())],
+            2,
+        )
+        .unwrap();
+    f.commit(fx);
+    let (fx, arm_ready) =
+        f.q.submit(vec![arm("g", &[])], vec![], -3, vec![], 3)
+            .unwrap();
+    f.commit(fx);
+    assert!(blocked.iter().all(|b| b.state == BuildState::Blocked));
+    assert_eq!(f.q.live_entry(ids[0]).unwrap().rdeps, 2);
+    // Lease a and b under a request id; start a; finish b (e still waits on a).
+    let (fx, got) = f.q.allocate(7, Some("w-1"), &ids[..2], 4).unwrap();
+    f.commit(fx);
+    assert_eq!(got.leased.len(), 2);
+    let fx = f.q.advance(7, ids[0], 1, BuildState::Building, 5).unwrap();
+    f.commit(fx);
+    f.uploaded("b");
+    let (fx, _) = f.q.finish(7, ids[1], 1, Ok(built("b")), 0, 6).unwrap();
+    f.commit(fx);
+    // Lease c to another agent, then that agent is lost: c is runnable again, its request
+    // remembered for re-adoption.
+    let (fx, _) = f.q.allocate(8, Some("w-2"), &ids[2..3], 7).unwrap();
+    f.commit(fx);
+    let fx = f.q.agent_lost(8).unwrap();
+    f.commit(fx);
+    // Cancel the arm build nobody waits for.
+    let (fx, _) = f.q.cancel(arm_ready[0].id, 8).unwrap();
+    f.commit(fx);
+
+    assert_eq!(f.q.count(BuildState::Building), 1);
+    assert_eq!(f.q.count(BuildState::Blocked), 3);
+    let before = fingerprint(&f.q);
+    let runnable_before = named_entries(&f.q);
+    assert_eq!(runnable_before.len(), 1, "{runnable_before:?}");
+    f.reload();
+    assert_eq!(
+        fingerprint(&f.q),
+        before,
+        "the reloaded state equals memory"
+    );
+    assert_eq!(
+        named_entries(&f.q),
+        runnable_before,
+        "the allocator is filled with the same entries"
+    );
+}
+
+/// The allocator's entries (group by name, effective priority, rdeps), by id.
+fn named_entries(q: &QueueState) -> Vec<String> {
+    let mut v = q.runnable();
+    v.sort_by_key(|e| e.id);
+    v.iter()
+        .map(|e| {
+            format!(
+                "{} {} {:?} {} {}",
+                e.id,
+                q.symbols.system_name(e.group.system),
+                q.symbols.tags(e.group.tags),
+                e.effective,
+                e.rdeps
+            )
+        })
+        .collect()
+}
+
+/// `kiln build show` of a blocked build names the last build of each missing input through the
+/// `output_builds` index (value: the build id, u64 big-endian, raw), also once that build left
+/// memory; a state dir without the index (written before it existed) gets it at its load.
+#[test]
+fn show_of_a_blocked_build_finds_the_last_producer_through_the_index() {
+    let (mut f, ids) = Fixture::new(&["x"]);
+    let x = ids[0];
+    let key = out_path("x");
+    let key = crate::store::keys::output_key(&key).to_string();
+    assert_eq!(f.store.last_build_of(&out_path("x")).unwrap(), Some(x));
+    let (fx, _) = f.q.allocate(7, None, &[x], 2).unwrap();
+    f.commit(fx);
+    let (fx, _) = f.q.finish(7, x, 1, Err("boom".into()), 0, 3).unwrap();
+    f.commit(fx);
+    assert!(f.q.live_entry(x).is_none(), "x left memory");
+    let (fx, d) =
+        f.q.submit(vec![target("d", &["x"])], vec![], 0, vec![], 4)
+            .unwrap();
+    f.commit(fx);
+    let d = d[0].id;
+    let show = |q: &QueueState| {
+        let detail = q.detail(d, &|_| None).unwrap();
+        assert_eq!(detail.summary.state, BuildState::Blocked);
+        let w = &detail.waiting_for[0];
+        (w.build, w.build_state, w.note.clone())
+    };
+    let want = (Some(x), Some(BuildState::Failed));
+    let (b, st, note) = show(&f.q);
+    assert_eq!((b, st), want, "{note}");
+    assert!(note.contains("boom"), "{note}");
+
+    // An old state dir: no index, no marker. The load writes both; then show finds x again.
+    let mut b = Batch::new();
+    b.delete(TreeId::OutputBuilds, key.as_bytes());
+    b.delete(TreeId::Meta, crate::store::meta::OUTPUT_BUILDS_INDEXED);
+    f.c.commit_blocking(b).unwrap();
+    assert_eq!(f.store.last_build_of(&out_path("x")).unwrap(), None);
+    f.reload();
+    let migration = f.q.take_migration();
+    // Golden bytes of the index entry: key = the output's hash part, value = the build id,
+    // u64 big-endian, no version byte.
+    let entry = migration
+        .iter()
+        .flat_map(|b| &b.ops)
+        .find_map(|op| match op {
+            crate::store::committer::Op::Put(TreeId::OutputBuilds, k, v) if k == key.as_bytes() => {
+                Some(v.clone())
+            }
+            _ => None,
+        })
+        .expect("the load indexes x's output");
+    assert_eq!(entry, vec![0, 0, 0, 0, 0, 0, 0, x as u8]);
+    for b in migration {
+        f.c.commit_blocking(b).unwrap();
+    }
+    assert_eq!(f.store.last_build_of(&out_path("x")).unwrap(), Some(x));
+    assert!(f
+        .store
+        .meta_u64(crate::store::meta::OUTPUT_BUILDS_INDEXED)
+        .unwrap()
+        .is_some());
+    let (b, st, _) = show(&f.q);
+    assert_eq!((b, st), want);
+    f.reload();
+    assert!(f.q.take_migration().is_empty(), "migrated once");
 }
