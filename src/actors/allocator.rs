@@ -24,11 +24,12 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::guard::{catch, Rebuild};
+use super::registry::Liveness;
 use super::restarts::Restarts;
 use super::runnable_index::{AgentMatch, RunnableEntry, RunnableIndex};
 use super::symbols::Symbols;
 use super::ActorError;
-use crate::protocol::BuildId;
+use crate::protocol::{AgentId, BuildId};
 
 pub use super::runnable_index::Group;
 
@@ -40,13 +41,27 @@ const FILL_WAIT: Duration = Duration::from_secs(60);
 
 /// Whether the HTTP request a work request came from is still there: the handler holds the
 /// `Arc<()>` for as long as it waits, the allocator and the queue hold this. Dropped requests
-/// (the agent closed the connection) are never served nor leased.
-#[derive(Debug, Clone, Default)]
-pub struct RequestAlive(pub Weak<()>);
+/// (the agent closed the connection) are never served nor leased; nor are those of an agent
+/// declared lost meanwhile (with its liveness given): a stopped agent's connection stays
+/// open, and a build handed to it would wait for nobody.
+#[derive(Clone, Default)]
+pub struct RequestAlive(pub Weak<()>, pub Option<(Arc<Liveness>, AgentId)>);
+
+impl std::fmt::Debug for RequestAlive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestAlive")
+            .field("gone", &self.gone())
+            .finish()
+    }
+}
 
 impl RequestAlive {
     pub fn gone(&self) -> bool {
         self.0.strong_count() == 0
+            || self
+                .1
+                .as_ref()
+                .is_some_and(|(liveness, agent)| liveness.is_lost(*agent))
     }
 }
 

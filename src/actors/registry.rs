@@ -83,6 +83,15 @@ impl Liveness {
         }
     }
 
+    /// True while `agent` is declared lost.
+    pub fn is_lost(&self, agent: AgentId) -> bool {
+        self.inner
+            .read()
+            .ok()
+            .and_then(|m| m.get(&agent).map(|e| e.1 == Seen::Lost))
+            .unwrap_or(false)
+    }
+
     pub fn status(&self, agent: AgentId) -> (String, Option<u64>) {
         match self.inner.read().ok().and_then(|m| m.get(&agent).copied()) {
             None => ("never-seen".into(), None),

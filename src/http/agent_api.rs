@@ -150,7 +150,7 @@ async fn work(
         max: body.max_builds,
         request: body.request_id,
         wait,
-        alive: weak.map(RequestAlive),
+        alive: weak.map(|w| RequestAlive(w, Some((state.liveness.clone(), auth.0)))),
     });
     let peer = req.conn_data::<super::peer::PeerSocket>().cloned();
     let reply = match peer {
