@@ -538,11 +538,27 @@ fn apply(
             agents,
             restart,
             rep,
+            random,
         } => {
+            // An agent the seed picked that is down (killed before, not restarted yet) is
+            // replaced by the next one up, so that a kill is never lost to the draw; an agent
+            // named explicitly is not replaced.
+            let n = live.farm.agents.len();
+            let mut chosen: Vec<usize> = Vec::new();
             for i in agents {
-                if live.farm.agents[i].child.is_none() {
-                    continue;
+                let up = |j: usize| live.farm.agents[j].child.is_some();
+                let pick = if up(i) || !random {
+                    Some(i)
+                } else {
+                    (1..n)
+                        .map(|k| (i + k) % n)
+                        .find(|&j| up(j) && !chosen.contains(&j))
+                };
+                if let Some(j) = pick.filter(|&j| up(j) && !chosen.contains(&j)) {
+                    chosen.push(j);
                 }
+            }
+            for i in chosen {
                 live.kill_agent(h, i, "kill");
                 if let Some(r) = restart {
                     let mut rng = Rng::derive(seed, &[0x72_73_74, rep, i as u64]);

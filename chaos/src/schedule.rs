@@ -32,6 +32,8 @@ pub(crate) enum Step {
         agents: Vec<usize>,
         restart: Option<[f64; 2]>,
         rep: u64,
+        /// Drawn by the seed (`random_agents`), not named.
+        random: bool,
     },
     RestartAgent(usize),
     KillCoordinator {
@@ -97,6 +99,7 @@ pub(crate) fn timeline(s: &Scenario, seed: u64) -> Vec<(Duration, Step)> {
                         agents,
                         restart: item.restart_after_s,
                         rep: key,
+                        random: item.agents.is_empty(),
                     },
                 )),
                 ScheduleAction::KillCoordinator => steps.push((
