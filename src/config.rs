@@ -28,6 +28,17 @@ pub struct Config {
     pub hooks: Vec<HookConfig>,
     /// Optional narinfo signing key file (Nix's `name:base64` secret key format).
     pub signing_key_file: Option<PathBuf>,
+    /// The client listener's browser-safety settings.
+    pub client_api: ClientApiConfig,
+}
+
+/// `[client_api]`: which names the client listener answers to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientApiConfig {
+    /// Host names (or IPs) a request's `Host` may carry besides `localhost`, `127.0.0.1`,
+    /// `::1` and the host of `client_listen`; any other `Host` is refused (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for Config {
@@ -43,6 +54,7 @@ impl Default for Config {
             supervision: SupervisionConfig::default(),
             hooks: Vec::new(),
             signing_key_file: None,
+            client_api: ClientApiConfig::default(),
         }
     }
 }

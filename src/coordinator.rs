@@ -187,6 +187,7 @@ async fn serve(
         liveness: actors.liveness.clone(),
         nars,
         store: store.clone(),
+        committer: committer.clone(),
         config: config.clone(),
         prometheus,
         #[cfg(feature = "fault-points")]

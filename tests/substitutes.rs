@@ -36,6 +36,7 @@ fn with_a_source(extra: &str) -> (Coordinator, tempfile::TempDir, String, String
     let path = format!("{}/{}-source", store.display(), "1".repeat(32));
     let (code, r) = response(
         ureq::put(&c.url("/api/v1/sources"))
+            .set("Content-Type", "application/x-nix-archive")
             .query("path", &path)
             .query("nar_hash", &sha256(&nar))
             .query("references", "")

@@ -196,6 +196,11 @@ impl Client {
                 req = req.set("Authorization", &format!("Bearer {token}"));
             }
             let result = match &body {
+                // A body-less POST still says JSON: the coordinator refuses state-changing
+                // requests without a non-simple content type (browser safety).
+                Body::Empty if method != "GET" && method != "HEAD" => {
+                    req.set("Content-Type", "application/json").call()
+                }
                 Body::Empty => req.call(),
                 Body::Json(v) => req.send_json(v),
                 Body::Stream(open) => {
@@ -204,7 +209,8 @@ impl Client {
                         url: self.base.clone(),
                         detail: format!("{e:#}"),
                     })?;
-                    req.send(reader)
+                    req.set("Content-Type", "application/x-nix-archive")
+                        .send(reader)
                 }
             };
             match result {

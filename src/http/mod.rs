@@ -5,6 +5,7 @@
 //! [`error`] alone. Every route has a body limit.
 
 pub mod agent_api;
+pub mod auth;
 pub mod client_api;
 pub mod error;
 #[cfg(feature = "fault-points")]
@@ -35,6 +36,8 @@ pub struct AppState {
     pub liveness: Arc<Liveness>,
     pub nars: Arc<NarCache>,
     pub store: Store,
+    /// Writes of the client API that no actor owns (client tokens).
+    pub committer: crate::store::Committer,
     pub config: Arc<Config>,
     pub prometheus: PrometheusHandle,
     /// What the fault points reach (test builds only).
@@ -106,14 +109,20 @@ pub fn bind(
     .with_context(|| format!("failed to listen on {listen} (agents, substitutes, metrics)"))?;
     let agent_addr = agent.addrs()[0].to_string();
     let s2 = state.clone();
+    let gate = web::Data::new(auth::Gate {
+        hosts: auth::AllowedHosts::new(client_listen, &state.config.client_api.allowed_hosts),
+        tls: false,
+    });
     let client = HttpServer::new(move || {
         let big = web::JsonConfig::default()
             .limit(big_limit)
             .error_handler(error::json_error);
         let app = App::new()
             .app_data(s2.clone())
+            .app_data(gate.clone())
             .app_data(small())
-            .app_data(web::QueryConfig::default().error_handler(error::query_error));
+            .app_data(web::QueryConfig::default().error_handler(error::query_error))
+            .wrap(actix_web::middleware::from_fn(auth::gate));
         #[cfg(feature = "fault-points")]
         let app = app.service(faults::scope());
         app.service(
@@ -123,6 +132,20 @@ pub fn bind(
     .workers(2)
     .bind(client_listen)
     .with_context(|| format!("failed to listen on {client_listen} (client API)"))?;
-    let client_addr = client.addrs()[0].to_string();
+    let client_bound = client.addrs()[0];
+    let client_addr = client_bound.to_string();
+    log_client_access(&state.store, client_bound);
     Ok((agent.run(), client.run(), agent_addr, client_addr))
+}
+
+/// Say at start who may use the client listener: with no client token, loopback only (loudly
+/// when it is bound to a non-loopback address, where everyone else is refused).
+fn log_client_access(store: &Store, bound: std::net::SocketAddr) {
+    if auth::tokens_exist(store) {
+        tracing::info!(client_listen = %bound, "client API requires a token (KILN_TOKEN or --token-file)");
+    } else if auth::is_loopback(bound.ip()) {
+        tracing::info!(client_listen = %bound, "no client token exists: the client API serves loopback connections only, without a token");
+    } else {
+        tracing::warn!(client_listen = %bound, "the client listener is bound to a non-loopback address but no client token exists: every non-loopback connection is refused until `kiln token new` creates one");
+    }
 }

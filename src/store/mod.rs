@@ -34,10 +34,11 @@ pub enum TreeId {
     HookWork = 7,
     HookDead = 8,
     Meta = 9,
+    ClientTokens = 10,
 }
 
 impl TreeId {
-    pub const ALL: [TreeId; 10] = [
+    pub const ALL: [TreeId; 11] = [
         TreeId::Derivations,
         TreeId::Builds,
         TreeId::Outputs,
@@ -48,6 +49,7 @@ impl TreeId {
         TreeId::HookWork,
         TreeId::HookDead,
         TreeId::Meta,
+        TreeId::ClientTokens,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +64,7 @@ impl TreeId {
             TreeId::HookWork => "hook_work",
             TreeId::HookDead => "hook_dead",
             TreeId::Meta => "meta",
+            TreeId::ClientTokens => "client_tokens",
         }
     }
 }
