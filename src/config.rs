@@ -30,6 +30,32 @@ pub struct Config {
     pub signing_key_file: Option<PathBuf>,
     /// The client listener's browser-safety settings.
     pub client_api: ClientApiConfig,
+    /// TLS on the listeners (off unless `cert_file` is set).
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`: certificates of the listeners. Files are PEM; SIGHUP re-reads them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificate chain of both listeners (unless the client listener has its own); setting
+    /// it turns TLS on.
+    pub cert_file: Option<PathBuf>,
+    /// Private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// The client listener's own certificate chain and key, if it should not use `cert_file`.
+    pub client_listener_cert_file: Option<PathBuf>,
+    pub client_listener_key_file: Option<PathBuf>,
+    /// Mutual TLS on the agent listener: every connection must present a client certificate
+    /// signed by one of these CA certificates (substitute clients too).
+    pub agent_client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether the listeners speak TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
 }
 
 /// `[client_api]`: which names the client listener answers to.
@@ -55,6 +81,7 @@ impl Default for Config {
             hooks: Vec::new(),
             signing_key_file: None,
             client_api: ClientApiConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -76,6 +103,9 @@ pub struct Timeouts {
     /// A partial output upload nobody resumed for this long is removed, with its lock (also
     /// at start, judged by the partial file's modification time).
     pub partial_upload_expiry_ms: u64,
+    /// A connection must deliver a complete request head (line and headers) within this long
+    /// of opening (or of its last request), else it is closed (both listeners).
+    pub request_header_ms: u64,
 }
 
 impl Timeouts {
@@ -95,6 +125,7 @@ impl Default for Timeouts {
             unheld_lease_ms: None,
             transfer_stall_ms: 60_000,
             partial_upload_expiry_ms: 24 * 3600 * 1000,
+            request_header_ms: 10_000,
         }
     }
 }
@@ -280,6 +311,24 @@ impl Config {
         anyhow::ensure!(
             self.timeouts.transfer_stall_ms >= 100,
             "timeouts.transfer_stall_ms must be at least 100 (0.1 s)"
+        );
+        anyhow::ensure!(
+            self.timeouts.request_header_ms >= 100,
+            "timeouts.request_header_ms must be at least 100 (0.1 s)"
+        );
+        let tls = &self.tls;
+        anyhow::ensure!(
+            tls.cert_file.is_some() == tls.key_file.is_some(),
+            "tls.cert_file and tls.key_file go together: set both (or neither, for no TLS)"
+        );
+        anyhow::ensure!(
+            tls.client_listener_cert_file.is_some() == tls.client_listener_key_file.is_some(),
+            "tls.client_listener_cert_file and tls.client_listener_key_file go together: set both or neither"
+        );
+        anyhow::ensure!(
+            tls.enabled()
+                || (tls.client_listener_cert_file.is_none() && tls.agent_client_ca_file.is_none()),
+            "tls.client_listener_cert_file and tls.agent_client_ca_file need tls.cert_file and tls.key_file (TLS on): set them"
         );
         anyhow::ensure!(
             self.timeouts.partial_upload_expiry_ms >= 1000,

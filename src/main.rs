@@ -36,6 +36,9 @@ enum Command {
     /// Work with narinfo files.
     #[command(subcommand)]
     Narinfo(NarinfoCommand),
+    /// Make TLS certificates for self-hosting.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Run a demo farm: a coordinator, two agents and a graph of derivations.
     Demo(kiln::client::demo::DemoArgs),
     #[command(flatten)]
@@ -48,6 +51,19 @@ enum StateCommand {
     Dump {
         #[arg(long, default_value = "./kiln-state")]
         state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Write a CA (ca.pem, ca-key.pem), a server certificate (server.pem, server-key.pem) for
+    /// the given names, and an agent client certificate (agent.pem, agent-key.pem) into DIR;
+    /// keys get mode 0600.
+    Init {
+        dir: PathBuf,
+        /// A DNS name or IP address the coordinator is reached by (repeatable).
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
     },
 }
 
@@ -109,6 +125,29 @@ fn state_dump(state_dir: &std::path::Path, out: &mut dyn Write) -> anyhow::Resul
     Ok(0)
 }
 
+fn tls_init(dir: &std::path::Path, names: &[String], out: &mut dyn Write) -> anyhow::Result<i32> {
+    let f = kiln::http::tls::init(dir, names)?;
+    writeln!(out, "CA certificate:     {}", f.ca.display())?;
+    writeln!(
+        out,
+        "server certificate: {} (key {})",
+        f.server_cert.display(),
+        f.server_key.display()
+    )?;
+    writeln!(
+        out,
+        "agent certificate:  {} (key {})",
+        f.agent_cert.display(),
+        f.agent_key.display()
+    )?;
+    writeln!(
+        out,
+        "set [tls] cert_file and key_file to the server pair; give agents and clients --ca-file {}",
+        f.ca.display()
+    )?;
+    Ok(0)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let stdout = std::io::stdout();
@@ -135,6 +174,7 @@ fn main() -> ExitCode {
             key,
             store_dir,
         }) => kiln::nar::cli::narinfo_verify(&file, &key, store_dir.as_deref(), &mut out),
+        Command::Tls(TlsCommand::Init { dir, names }) => tls_init(&dir, &names, &mut out),
         Command::Demo(args) => kiln::client::demo::run(args),
         Command::Client(cmd) => kiln::client::cli::run(cmd),
     };

@@ -28,6 +28,10 @@ pub struct ClientOpts {
     /// Without it, the `KILN_TOKEN` environment variable is sent when set.
     #[arg(long, env = "KILN_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// For an https:// coordinator: trust only this CA certificate (PEM), e.g. the ca.pem of
+    /// `kiln tls init`. Without it the built-in web roots are trusted.
+    #[arg(long, env = "KILN_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Print the coordinator's answer as JSON instead of human text.
     #[arg(long)]
     pub json: bool,
@@ -36,7 +40,7 @@ pub struct ClientOpts {
 impl ClientOpts {
     /// The HTTP client these options describe.
     pub fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::new(&self.coordinator, self.token()?))
+        Client::with_ca(&self.coordinator, self.token()?, self.ca_file.as_deref())
     }
 
     /// The token: `--token-file` (trimmed), else `KILN_TOKEN`, else none.

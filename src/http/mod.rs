@@ -11,6 +11,7 @@ pub mod error;
 #[cfg(feature = "fault-points")]
 pub mod faults;
 pub mod substitutes;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -75,11 +76,19 @@ impl AppState {
     }
 }
 
-/// Bind both listeners; returns the servers (not yet awaited) and their bound addresses.
+/// TLS settings of the two listeners (see [`tls`]).
+pub struct TlsServers {
+    pub agent: rustls::ServerConfig,
+    pub client: rustls::ServerConfig,
+}
+
+/// Bind both listeners (with TLS when `tls` is given); returns the servers (not yet awaited)
+/// and their bound addresses.
 pub fn bind(
     state: web::Data<AppState>,
     listen: &str,
     client_listen: &str,
+    tls: Option<TlsServers>,
 ) -> anyhow::Result<(
     actix_web::dev::Server,
     actix_web::dev::Server,
@@ -94,6 +103,11 @@ pub fn bind(
             .error_handler(error::json_error)
     };
     let big_limit = (state.config.limits.submit_body_mb << 20) as usize;
+    let header_timeout = std::time::Duration::from_millis(state.config.timeouts.request_header_ms);
+    let (agent_tls, client_tls) = match tls {
+        Some(t) => (Some(t.agent), Some(t.client)),
+        None => (None, None),
+    };
     let s1 = state.clone();
     let small1 = small;
     let agent = HttpServer::new(move || {
@@ -105,13 +119,17 @@ pub fn bind(
             .configure(substitutes::routes)
     })
     .workers(2)
-    .bind(listen)
+    .client_request_timeout(header_timeout);
+    let agent = match agent_tls {
+        Some(cfg) => agent.bind_rustls_0_23(listen, cfg),
+        None => agent.bind(listen),
+    }
     .with_context(|| format!("failed to listen on {listen} (agents, substitutes, metrics)"))?;
     let agent_addr = agent.addrs()[0].to_string();
     let s2 = state.clone();
     let gate = web::Data::new(auth::Gate {
         hosts: auth::AllowedHosts::new(client_listen, &state.config.client_api.allowed_hosts),
-        tls: false,
+        tls: client_tls.is_some(),
     });
     let client = HttpServer::new(move || {
         let big = web::JsonConfig::default()
@@ -130,7 +148,11 @@ pub fn bind(
         )
     })
     .workers(2)
-    .bind(client_listen)
+    .client_request_timeout(header_timeout);
+    let client = match client_tls {
+        Some(cfg) => client.bind_rustls_0_23(client_listen, cfg),
+        None => client.bind(client_listen),
+    }
     .with_context(|| format!("failed to listen on {client_listen} (client API)"))?;
     let client_bound = client.addrs()[0];
     let client_addr = client_bound.to_string();
