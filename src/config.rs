@@ -193,6 +193,10 @@ pub struct Limits {
     pub log_decompressed_mb: u64,
     /// Largest JSON body on the other routes, in KiB.
     pub json_body_kb: u64,
+    /// A request body (any route, both listeners) that averages fewer bytes per second than
+    /// this over `min_body_rate_window_ms` is cut (HTTP 408).
+    pub min_body_rate_bytes_per_s: u64,
+    pub min_body_rate_window_ms: u64,
 }
 
 impl Default for Limits {
@@ -204,6 +208,8 @@ impl Default for Limits {
             log_mb: 64,
             log_decompressed_mb: 1024,
             json_body_kb: 256,
+            min_body_rate_bytes_per_s: 1024,
+            min_body_rate_window_ms: 30_000,
         }
     }
 }
@@ -315,6 +321,10 @@ impl Config {
         anyhow::ensure!(
             self.timeouts.request_header_ms >= 100,
             "timeouts.request_header_ms must be at least 100 (0.1 s)"
+        );
+        anyhow::ensure!(
+            self.limits.min_body_rate_window_ms >= 1000,
+            "limits.min_body_rate_window_ms must be at least 1000 (1 s)"
         );
         let tls = &self.tls;
         anyhow::ensure!(

@@ -170,6 +170,11 @@ pub fn json_error(
             "too_large",
             format!("request body is over this route's limit of {limit} bytes"),
         ),
+        J::Payload(actix_web::error::PayloadError::Io(io))
+            if io.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_too_slow", io.to_string())
+        }
         other => ApiError::bad_request(format!("request body is not the expected JSON: {other}")),
     };
     e.into()

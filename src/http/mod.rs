@@ -10,6 +10,7 @@ pub mod client_api;
 pub mod error;
 #[cfg(feature = "fault-points")]
 pub mod faults;
+pub mod limits;
 pub mod substitutes;
 pub mod tls;
 
@@ -108,11 +109,18 @@ pub fn bind(
         Some(t) => (Some(t.agent), Some(t.client)),
         None => (None, None),
     };
+    let body_rate = web::Data::new(limits::BodyRate {
+        min_bytes_per_s: state.config.limits.min_body_rate_bytes_per_s,
+        window: std::time::Duration::from_millis(state.config.limits.min_body_rate_window_ms),
+    });
+    let rate1 = body_rate.clone();
     let s1 = state.clone();
     let small1 = small;
     let agent = HttpServer::new(move || {
         App::new()
             .app_data(s1.clone())
+            .app_data(rate1.clone())
+            .wrap(actix_web::middleware::from_fn(limits::body_rate))
             .app_data(small1())
             .app_data(web::QueryConfig::default().error_handler(error::query_error))
             .service(web::scope(crate::protocol::AGENT_API).configure(agent_api::routes))
@@ -138,8 +146,10 @@ pub fn bind(
         let app = App::new()
             .app_data(s2.clone())
             .app_data(gate.clone())
+            .app_data(body_rate.clone())
             .app_data(small())
             .app_data(web::QueryConfig::default().error_handler(error::query_error))
+            .wrap(actix_web::middleware::from_fn(limits::body_rate))
             .wrap(actix_web::middleware::from_fn(auth::gate));
         #[cfg(feature = "fault-points")]
         let app = app.service(faults::scope());

@@ -1,0 +1,119 @@
+//! Request limits against a real coordinator, with raw sockets: a client that drips its
+//! headers is cut by the header timeout, one that drips a body at 100 B/s is cut by the body
+//! rate floor (HTTP 408), and an oversized body is refused before it is read (HTTP 413) — on
+//! the client listener and on the agent listener.
+
+mod common;
+
+use std::io::{ErrorKind, Read as _, Write as _};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::Coordinator;
+
+/// Most drips before the test gives up (each drip waits `DRIP`): bounds the test at ~60 s.
+const MAX_DRIPS: usize = 300;
+const DRIP: Duration = Duration::from_millis(200);
+
+/// What the server did while we dripped.
+#[derive(Debug)]
+enum Outcome {
+    /// It answered; the bytes it sent.
+    Answered(String),
+    /// It closed or reset the connection without an answer.
+    Closed,
+    /// We sent every drip and it still waited.
+    StillWaiting,
+}
+
+/// Send `head`, then each of `drips` one after the other with a pause, watching for the
+/// server to answer or close.
+fn drip(addr: &str, head: &str, drips: impl Iterator<Item = Vec<u8>>) -> Outcome {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    for piece in drips.take(MAX_DRIPS) {
+        std::thread::sleep(DRIP);
+        let mut buf = [0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(0) if got.is_empty() => return Outcome::Closed,
+            Ok(0) => return Outcome::Answered(String::from_utf8_lossy(&got).into_owned()),
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                // Read the rest of the answer (it is small), then report it.
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let _ = s.read_to_end(&mut got);
+                return Outcome::Answered(String::from_utf8_lossy(&got).into_owned());
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return Outcome::Closed,
+        }
+        if s.write_all(&piece).is_err() {
+            return Outcome::Closed;
+        }
+    }
+    Outcome::StillWaiting
+}
+
+fn start(dir: &std::path::Path) -> Coordinator {
+    let store = dir.join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    Coordinator::start(
+        dir,
+        &store,
+        "[timeouts]\nrequest_header_ms = 1000\n[limits]\nmin_body_rate_window_ms = 2000\n",
+    )
+}
+
+#[test]
+fn slow_headers_slow_bodies_and_oversized_bodies_are_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = start(tmp.path());
+    let client = c.client_url.trim_start_matches("http://").to_string();
+    let agent = c.agent_url.trim_start_matches("http://").to_string();
+
+    for addr in [&client, &agent] {
+        // Headers at one short line per drip never complete in time.
+        let head = format!("GET /api/v1/builds HTTP/1.1\r\nHost: {addr}\r\n");
+        let out = drip(addr, &head, std::iter::repeat(b"X-Drip: a\r\n".to_vec()));
+        match &out {
+            Outcome::Closed => {}
+            Outcome::Answered(text) => assert!(text.starts_with("HTTP/1.1 408"), "{addr}: {text}"),
+            Outcome::StillWaiting => panic!("{addr}: dripped headers were never cut"),
+        }
+    }
+
+    // A body at 100 B/s (20 bytes per 200 ms) against a floor of 1 KiB/s: cut with 408.
+    for (addr, path) in [
+        (&client, "/api/v1/builds"),
+        (&agent, "/api/agent/v1/session"),
+    ] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        );
+        let out = drip(addr, &head, std::iter::repeat(vec![b' '; 20]));
+        match &out {
+            Outcome::Answered(text) => {
+                assert!(text.starts_with("HTTP/1.1 408"), "{path}: {text}");
+                assert!(text.contains("body_too_slow"), "{path}: {text}");
+            }
+            other => panic!("{path}: a 100 B/s body was not answered with 408: {other:?}"),
+        }
+    }
+
+    // A declared body over the route's limit is refused before any of it is sent.
+    let head = format!(
+        "POST /api/v1/agents HTTP/1.1\r\nHost: {client}\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
+    );
+    match drip(&client, &head, std::iter::repeat(Vec::new())) {
+        Outcome::Answered(text) => assert!(text.starts_with("HTTP/1.1 413"), "{text}"),
+        other => panic!("an oversized body was not refused with 413: {other:?}"),
+    }
+
+    // Controls: a complete request on a fresh connection is served on both listeners.
+    let (code, body) = common::get(&c.url("/api/v1/builds"));
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = common::get(&c.agent("/nix-cache-info"));
+    assert_eq!(code, 200, "{body}");
+}
