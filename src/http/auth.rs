@@ -97,7 +97,7 @@ impl AllowedHosts {
     }
 
     pub fn allows(&self, authority: &str) -> bool {
-        host_of(authority).is_some_and(|h| self.0.iter().any(|a| *a == h))
+        host_of(authority).is_some_and(|h| self.0.contains(&h))
     }
 }
 
