@@ -197,6 +197,10 @@ pub struct Limits {
     /// this over `min_body_rate_window_ms` is cut (HTTP 408).
     pub min_body_rate_bytes_per_s: u64,
     pub min_body_rate_window_ms: u64,
+    /// Output and log uploads one agent may have in progress at once (429 over it).
+    pub max_uploads_per_agent: usize,
+    /// Output and log uploads in progress at once, in all (503 over it).
+    pub max_uploads: usize,
 }
 
 impl Default for Limits {
@@ -210,6 +214,8 @@ impl Default for Limits {
             json_body_kb: 256,
             min_body_rate_bytes_per_s: 1024,
             min_body_rate_window_ms: 30_000,
+            max_uploads_per_agent: 8,
+            max_uploads: 256,
         }
     }
 }

@@ -188,6 +188,10 @@ async fn serve(
         nars,
         store: store.clone(),
         committer: committer.clone(),
+        upload_slots: crate::http::limits::UploadSlots::new(
+            config.limits.max_uploads_per_agent,
+            config.limits.max_uploads,
+        ),
         config: config.clone(),
         prometheus,
         #[cfg(feature = "fault-points")]

@@ -117,3 +117,57 @@ fn slow_headers_slow_bodies_and_oversized_bodies_are_cut() {
     let (code, body) = common::get(&c.agent("/nix-cache-info"));
     assert_eq!(code, 200, "{body}");
 }
+
+/// With `max_uploads_per_agent = 1`, an agent's second upload while its first is in progress
+/// is refused before its body is read (429 + Retry-After), and is taken once the first ends.
+#[test]
+fn uploads_over_the_per_agent_cap_wait_with_429() {
+    use common::transfer::{
+        compressed_nar, held_build, send_partial, upload_status, upload_target,
+    };
+    let h = held_build("[limits]\nmax_uploads_per_agent = 1\n");
+    let (zst, fh, _, _) = compressed_nar(h.tmp.path(), 200_000);
+    let size = zst.len() as u64;
+    let half = zst.len() / 2;
+    let first = send_partial(
+        &h.c.agent_url,
+        "PUT",
+        &upload_target(h.build, "out", &fh, size, 0),
+        &[("x-kiln-session", &h.token)],
+        size,
+        &zst[..half],
+    );
+    common::wait_for("the first half to arrive", Duration::from_secs(60), || {
+        (upload_status(&h, &fh, size)["received"].as_u64() == Some(half as u64)).then_some(())
+    });
+    let log = zstd::encode_all(&b"a log line\n"[..], 1).unwrap();
+    let put_log = || {
+        common::response(
+            ureq::put(&h.c.agent(&format!("/api/agent/v1/builds/{}/log?attempt=1", h.build)))
+                .set("x-kiln-session", &h.token)
+                .send_bytes(&log),
+        )
+    };
+    let (code, body) = put_log();
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_uploads", "{body}");
+    let r = ureq::put(&h.c.agent(&format!("/api/agent/v1/builds/{}/log?attempt=1", h.build)))
+        .set("x-kiln-session", &h.token)
+        .send_bytes(&log);
+    match r {
+        Err(ureq::Error::Status(429, resp)) => {
+            assert!(
+                resp.header("retry-after").is_some(),
+                "429 without Retry-After"
+            )
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    assert!(common::transfer::metric(&h.c, "kiln_uploads_refused_total") >= 2.0);
+    // The first upload's link breaks: its slot comes back.
+    drop(first);
+    common::wait_for("the slot to come back", Duration::from_secs(60), || {
+        let (code, _) = put_log();
+        (code == 200).then_some(())
+    });
+}

@@ -63,7 +63,9 @@ impl ResponseError for ApiError {
     /// caller when to come back; `kiln-agent` waits that long instead of its own backoff.
     fn error_response(&self) -> HttpResponse {
         let mut r = HttpResponse::build(self.status);
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
             r.insert_header(("Retry-After", RETRY_AFTER_S));
         }
         r.json(ErrorBody {

@@ -104,3 +104,105 @@ pub async fn body_rate(
     }
     next.call(req).await
 }
+
+/// Caps on uploads in progress (output NARs and logs): per agent and in all. A request over a
+/// cap is refused before its body is read — 429 (per agent) or 503 (in all), both with
+/// `Retry-After`, which the agent honours.
+#[derive(Debug)]
+pub struct UploadSlots {
+    per_agent: usize,
+    total: usize,
+    held: std::sync::Mutex<(usize, std::collections::HashMap<u64, usize>)>,
+}
+
+/// One upload slot; given back when dropped (the request ended, however it ended).
+pub struct UploadSlot {
+    slots: std::sync::Arc<UploadSlots>,
+    agent: u64,
+}
+
+impl UploadSlots {
+    pub fn new(per_agent: usize, total: usize) -> std::sync::Arc<UploadSlots> {
+        std::sync::Arc::new(UploadSlots {
+            per_agent: per_agent.max(1),
+            total: total.max(1),
+            held: Default::default(),
+        })
+    }
+
+    /// Take a slot for `agent`, or say why not.
+    pub fn acquire(
+        self: &std::sync::Arc<Self>,
+        agent: u64,
+    ) -> Result<UploadSlot, super::error::ApiError> {
+        use actix_web::http::StatusCode;
+        let mut g = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = g.1.get(&agent).copied().unwrap_or(0);
+        if mine >= self.per_agent {
+            metrics::counter!("kiln_uploads_refused_total", "cap" => "agent").increment(1);
+            return Err(super::error::ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_uploads",
+                format!(
+                    "this agent already has {mine} uploads in progress (limits.max_uploads_per_agent): retry after one ends"
+                ),
+            ));
+        }
+        if g.0 >= self.total {
+            metrics::counter!("kiln_uploads_refused_total", "cap" => "total").increment(1);
+            return Err(super::error::ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "uploads_busy",
+                format!(
+                    "{} uploads are in progress, the most the coordinator takes at once (limits.max_uploads): retry shortly",
+                    g.0
+                ),
+            ));
+        }
+        g.0 += 1;
+        *g.1.entry(agent).or_insert(0) += 1;
+        Ok(UploadSlot {
+            slots: self.clone(),
+            agent,
+        })
+    }
+
+    /// Uploads in progress, in all.
+    pub fn in_use(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        let mut g = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = g.0.saturating_sub(1);
+        if let Some(n) = g.1.get_mut(&self.agent) {
+            *n -= 1;
+            if *n == 0 {
+                g.1.remove(&self.agent);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_slots_cap_per_agent_and_in_all_and_come_back_on_drop() {
+        let s = UploadSlots::new(2, 3);
+        let a1 = s.acquire(1).unwrap();
+        let _a2 = s.acquire(1).unwrap();
+        let e = s.acquire(1).err().unwrap();
+        assert_eq!((e.status.as_u16(), e.code), (429, "too_many_uploads"));
+        let _b1 = s.acquire(2).unwrap();
+        let e = s.acquire(3).err().unwrap();
+        assert_eq!((e.status.as_u16(), e.code), (503, "uploads_busy"));
+        drop(a1);
+        assert_eq!(s.in_use(), 2);
+        let _c = s.acquire(3).unwrap();
+        assert_eq!(s.in_use(), 3);
+    }
+}

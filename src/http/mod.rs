@@ -38,6 +38,8 @@ pub struct AppState {
     pub liveness: Arc<Liveness>,
     pub nars: Arc<NarCache>,
     pub store: Store,
+    /// Caps on agent uploads in progress ([`limits::UploadSlots`]).
+    pub upload_slots: Arc<limits::UploadSlots>,
     /// Writes of the client API that no actor owns (client tokens).
     pub committer: crate::store::Committer,
     pub config: Arc<Config>,
