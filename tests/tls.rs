@@ -129,6 +129,84 @@ fn tls_trusts_only_its_ca_requires_agent_certificates_and_reloads_on_sighup() {
     );
     assert_eq!(with_cert, Ok(200));
 
+    // Real agents: with the wrong CA it fails with the rustls error and the hint; without a
+    // client certificate the handshake fails; with the right CA and certificate it connects.
+    let http = {
+        let cfg = kiln::http::tls::client_config(&ca, None).unwrap();
+        ureq::AgentBuilder::new()
+            .tls_config(Arc::new(cfg))
+            .timeout(LIMIT)
+            .build()
+    };
+    let created: serde_json::Value = http
+        .post(&format!("{client}/api/v1/agents"))
+        .send_json(serde_json::json!({"name": "a1", "systems": ["x86_64-linux"]}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let secret = t.join("a1.secret");
+    std::fs::write(&secret, created["secret"].as_str().unwrap()).unwrap();
+    let agent_bin = common::kiln_bin().with_file_name("kiln-agent");
+    assert!(
+        agent_bin.exists(),
+        "build the workspace: {} is missing",
+        agent_bin.display()
+    );
+    let run_agent = |tag: &str, ca_file: &Path, cert: bool| {
+        let mut cmd = Command::new(&agent_bin);
+        cmd.arg("--coordinator")
+            .arg(&agent)
+            .args(["--name", "a1", "--system", "x86_64-linux"])
+            .arg("--secret-file")
+            .arg(&secret)
+            .arg("--store-dir")
+            .arg(&store)
+            .arg("--state-dir")
+            .arg(t.join(format!("agent-{tag}")))
+            .arg("--ca-file")
+            .arg(ca_file);
+        if cert {
+            cmd.arg("--client-cert")
+                .arg(good.join("agent.pem"))
+                .arg("--client-key")
+                .arg(good.join("agent-key.pem"));
+        }
+        let log = t.join(format!("agent-{tag}.log"));
+        let mut p = kiln::client::procs::Processes::default();
+        p.spawn(tag, cmd, &log).unwrap();
+        (p, log)
+    };
+    let read = |log: &Path| std::fs::read_to_string(log).unwrap_or_default();
+    let (mut p, log) = run_agent("wrong-ca", &wrong.join("ca.pem"), true);
+    wait_for("the wrong-CA agent's error", LIMIT, || {
+        let l = read(&log);
+        (l.contains("certificate") && l.contains("check --ca-file")).then_some(())
+    });
+    p.kill_all();
+    let (mut p, log) = run_agent("no-cert", &ca, false);
+    wait_for("the certificate-less agent's error", LIMIT, || {
+        let l = read(&log);
+        l.contains("call failed, retrying").then_some(())
+    });
+    p.kill_all();
+    let agents_status = || -> Option<String> {
+        let v: serde_json::Value = http
+            .get(&format!("{client}/api/v1/agents"))
+            .call()
+            .ok()?
+            .into_json()
+            .ok()?;
+        Some(v[0]["status"].as_str()?.to_string())
+    };
+    assert_eq!(agents_status().as_deref(), Some("never-seen"));
+    let (mut p, _) = run_agent("good", &ca, true);
+    wait_for(
+        "the agent with the right CA and certificate to connect",
+        LIMIT,
+        || (agents_status().as_deref() == Some("connected")).then_some(()),
+    );
+    p.kill_all();
+
     // Reload: the next CA's certificate is not served yet; after replacing the files and
     // SIGHUP it is, to new connections, and the old CA is no longer enough.
     let builds = format!("{client}/api/v1/builds");
