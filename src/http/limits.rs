@@ -67,6 +67,19 @@ pub fn guard(inner: Payload, rate: BodyRate) -> Payload {
             match tokio::time::timeout_at(g.deadline, g.inner.next()).await {
                 Ok(Some(Ok(chunk))) => {
                     g.bytes += chunk.len() as u64;
+                    // A body that never pauses is judged here: the timer only fires while
+                    // the next chunk is awaited.
+                    let now = tokio::time::Instant::now();
+                    if now >= g.deadline {
+                        if g.bytes < min_per_window {
+                            g.done = true;
+                            metrics::counter!("kiln_slow_bodies_cut_total").increment(1);
+                            let rate = g.rate;
+                            return Some((Err(too_slow(rate)), g));
+                        }
+                        g.deadline = now + g.rate.window;
+                        g.bytes = 0;
+                    }
                     return Some((Ok::<Bytes, PayloadError>(chunk), g));
                 }
                 Ok(Some(Err(e))) => {
@@ -81,7 +94,7 @@ pub fn guard(inner: Payload, rate: BodyRate) -> Payload {
                     return Some((Err(too_slow(rate)), g));
                 }
                 Err(_window_over) => {
-                    g.deadline += g.rate.window;
+                    g.deadline = tokio::time::Instant::now() + g.rate.window;
                     g.bytes = 0;
                 }
             }
