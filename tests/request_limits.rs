@@ -171,3 +171,31 @@ fn uploads_over_the_per_agent_cap_wait_with_429() {
         (code == 200).then_some(())
     });
 }
+
+/// The rate floor judges windows, not the whole body: an upload that streams fast for several
+/// windows without a pause and then slows to 8 KiB/s (above the 1 KiB/s floor) is not cut.
+#[test]
+fn a_fast_then_slower_upload_above_the_floor_is_not_cut() {
+    use common::transfer::{
+        compressed_nar, held_build, read_response, send_partial, upload_target,
+    };
+    let h = held_build("[limits]\nmin_body_rate_window_ms = 1000\n");
+    let (zst, fh, _, _) = compressed_nar(h.tmp.path(), 24 << 20);
+    let size = zst.len() as u64;
+    // The last 24 KiB go at 8 KiB/s, in 1 KiB pieces; everything before at full speed.
+    let slow_from = zst.len() - (24 << 10);
+    let mut s = send_partial(
+        &h.c.agent_url,
+        "PUT",
+        &upload_target(h.build, "out", &fh, size, 0),
+        &[("x-kiln-session", &h.token)],
+        size,
+        &zst[..slow_from],
+    );
+    for piece in zst[slow_from..].chunks(1024) {
+        std::thread::sleep(Duration::from_millis(125));
+        s.write_all(piece).unwrap();
+    }
+    let r = read_response(&mut s, false);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}

@@ -511,13 +511,17 @@ mod tests {
     fn config_is_valid_for_the_coordinator() {
         let dir = TempDir::new("kiln-demo-test").unwrap();
         let file = dir.path().join("c.toml");
+        let certs = crate::http::tls::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
         write_config(
             &file,
             &dir.path().join("st\"ate"),
             &dir.path().join("store"),
+            &certs,
         )
         .unwrap();
         let config = crate::config::Config::load(Some(&file)).unwrap();
+        assert_eq!(config.tls.cert_file.as_ref(), Some(&certs.server_cert));
+        assert_eq!(config.tls.key_file.as_ref(), Some(&certs.server_key));
         assert_eq!(config.state_dir, dir.path().join("st\"ate"));
         assert_eq!(config.store_dir, Some(dir.path().join("store")));
         assert_eq!(config.timeouts.heartbeat_interval_ms, 1000);
