@@ -37,6 +37,10 @@ pub struct Config {
     /// Registration tokens with which agents may register themselves (besides those made
     /// with `kiln agent registration-token new`).
     pub registration_tokens: Vec<RegistrationTokenConfig>,
+    /// The client listener's browser-safety settings.
+    pub client_api: ClientApiConfig,
+    /// TLS on the listeners (off unless `cert_file` is set).
+    pub tls: TlsConfig,
 }
 
 /// A registration token from the config file. The token itself stays in its own file.
@@ -107,6 +111,39 @@ pub fn warn_if_others_can_read(path: &Path, what: &str) {
     }
 }
 
+/// `[tls]`: certificates of the listeners. Files are PEM; SIGHUP re-reads them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificate chain of both listeners (unless the client listener has its own); setting
+    /// it turns TLS on.
+    pub cert_file: Option<PathBuf>,
+    /// Private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// The client listener's own certificate chain and key, if it should not use `cert_file`.
+    pub client_listener_cert_file: Option<PathBuf>,
+    pub client_listener_key_file: Option<PathBuf>,
+    /// Mutual TLS on the agent listener: every connection must present a client certificate
+    /// signed by one of these CA certificates (substitute clients too).
+    pub agent_client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether the listeners speak TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+}
+
+/// `[client_api]`: which names the client listener answers to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientApiConfig {
+    /// Host names (or IPs) a request's `Host` may carry besides `localhost`, `127.0.0.1`,
+    /// `::1` and the host of `client_listen`; any other `Host` is refused (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -123,6 +160,8 @@ impl Default for Config {
             signing_key_file: None,
             guix_signatures: false,
             registration_tokens: Vec::new(),
+            client_api: ClientApiConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -147,6 +186,9 @@ pub struct Timeouts {
     /// A partial output upload nobody resumed for this long is removed, with its lock (also
     /// at start, judged by the partial file's modification time).
     pub partial_upload_expiry_ms: u64,
+    /// A connection must deliver a complete request head (line and headers) within this long
+    /// of opening (or of its last request), else it is closed (both listeners).
+    pub request_header_ms: u64,
 }
 
 impl Timeouts {
@@ -167,6 +209,7 @@ impl Default for Timeouts {
             work_wait_max_ms: 20_000,
             transfer_stall_ms: 60_000,
             partial_upload_expiry_ms: 24 * 3600 * 1000,
+            request_header_ms: 10_000,
         }
     }
 }
@@ -244,6 +287,14 @@ pub struct Limits {
     pub log_decompressed_mb: u64,
     /// Largest JSON body on the other routes, in KiB.
     pub json_body_kb: u64,
+    /// A request body (any route, both listeners) that averages fewer bytes per second than
+    /// this over `min_body_rate_window_ms` is cut (HTTP 408).
+    pub min_body_rate_bytes_per_s: u64,
+    pub min_body_rate_window_ms: u64,
+    /// Output and log uploads one agent may have in progress at once (429 over it).
+    pub max_uploads_per_agent: usize,
+    /// Output and log uploads in progress at once, in all (503 over it).
+    pub max_uploads: usize,
 }
 
 impl Default for Limits {
@@ -255,6 +306,10 @@ impl Default for Limits {
             log_mb: 64,
             log_decompressed_mb: 1024,
             json_body_kb: 256,
+            min_body_rate_bytes_per_s: 1024,
+            min_body_rate_window_ms: 30_000,
+            max_uploads_per_agent: 8,
+            max_uploads: 256,
         }
     }
 }
@@ -362,6 +417,28 @@ impl Config {
         anyhow::ensure!(
             self.timeouts.transfer_stall_ms >= 100,
             "timeouts.transfer_stall_ms must be at least 100 (0.1 s)"
+        );
+        anyhow::ensure!(
+            self.timeouts.request_header_ms >= 100,
+            "timeouts.request_header_ms must be at least 100 (0.1 s)"
+        );
+        anyhow::ensure!(
+            self.limits.min_body_rate_window_ms >= 1000,
+            "limits.min_body_rate_window_ms must be at least 1000 (1 s)"
+        );
+        let tls = &self.tls;
+        anyhow::ensure!(
+            tls.cert_file.is_some() == tls.key_file.is_some(),
+            "tls.cert_file and tls.key_file go together: set both (or neither, for no TLS)"
+        );
+        anyhow::ensure!(
+            tls.client_listener_cert_file.is_some() == tls.client_listener_key_file.is_some(),
+            "tls.client_listener_cert_file and tls.client_listener_key_file go together: set both or neither"
+        );
+        anyhow::ensure!(
+            tls.enabled()
+                || (tls.client_listener_cert_file.is_none() && tls.agent_client_ca_file.is_none()),
+            "tls.client_listener_cert_file and tls.agent_client_ca_file need tls.cert_file and tls.key_file (TLS on): set them"
         );
         anyhow::ensure!(
             self.timeouts.partial_upload_expiry_ms >= 1000,

@@ -195,6 +195,11 @@ async fn serve(
         liveness: actors.liveness.clone(),
         nars,
         store: store.clone(),
+        committer: committer.clone(),
+        upload_slots: crate::http::limits::UploadSlots::new(
+            config.limits.max_uploads_per_agent,
+            config.limits.max_uploads,
+        ),
         config: config.clone(),
         prometheus,
         #[cfg(feature = "fault-points")]
@@ -204,12 +209,16 @@ async fn serve(
             committer: committer.clone(),
         },
     });
+    let (tls, certs) = tls_servers(&config)?;
+    let tls_on = tls.is_some();
     let (agent_srv, client_srv, listen, client_listen) =
-        crate::http::bind(state, &config.listen, &config.client_listen)?;
-    tracing::info!(listen = %listen, client_listen = %client_listen, state_dir = %config.state_dir.display(), "coordinator ready");
+        crate::http::bind(state, &config.listen, &config.client_listen, tls)?;
+    spawn_cert_reloader(certs);
+    tracing::info!(listen = %listen, client_listen = %client_listen, tls = tls_on, state_dir = %config.state_dir.display(), "coordinator ready");
     if let Some(f) = &ready_file {
         let body =
-            serde_json::json!({"listen": listen, "client_listen": client_listen}).to_string();
+            serde_json::json!({"listen": listen, "client_listen": client_listen, "tls": tls_on})
+                .to_string();
         write_ready_file(f, &body)?;
     }
     let (agent_handle, client_handle) = (agent_srv.handle(), client_srv.handle());
@@ -251,6 +260,69 @@ async fn serve(
         );
     }
     Ok(exit)
+}
+
+/// The listeners' TLS configs (none when `tls.cert_file` is unset), and the certificates that
+/// SIGHUP reloads.
+fn tls_servers(
+    config: &Config,
+) -> anyhow::Result<(
+    Option<crate::http::TlsServers>,
+    Vec<Arc<crate::http::tls::ReloadingCert>>,
+)> {
+    use crate::http::tls::{server_config, ReloadingCert};
+    let t = &config.tls;
+    let (Some(cert), Some(key)) = (&t.cert_file, &t.key_file) else {
+        return Ok((None, Vec::new()));
+    };
+    crate::http::tls::install_default_provider();
+    let main = ReloadingCert::load(cert, key)?;
+    let client_cert = match (&t.client_listener_cert_file, &t.client_listener_key_file) {
+        (Some(c), Some(k)) => ReloadingCert::load(c, k)?,
+        _ => main.clone(),
+    };
+    let mut certs = vec![main.clone()];
+    if !Arc::ptr_eq(&main, &client_cert) {
+        certs.push(client_cert.clone());
+    }
+    let servers = crate::http::TlsServers {
+        agent: server_config(main, t.agent_client_ca_file.as_deref())?,
+        client: server_config(client_cert, None)?,
+    };
+    if let Some(ca) = &t.agent_client_ca_file {
+        tracing::info!(client_ca = %ca.display(), "agent listener requires client certificates (mutual TLS)");
+    }
+    Ok((Some(servers), certs))
+}
+
+/// On SIGHUP, re-read the listeners' certificate files; new connections get the new
+/// certificate. A file that does not load leaves the old certificate in service.
+fn spawn_cert_reloader(certs: Vec<Arc<crate::http::tls::ReloadingCert>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    if certs.is_empty() {
+        return;
+    }
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP: certificates will not reload");
+            return;
+        }
+    };
+    actix::spawn(async move {
+        while hup.recv().await.is_some() {
+            for c in &certs {
+                match c.reload() {
+                    Ok(()) => {
+                        tracing::info!(cert = %c.cert_file().display(), "reloaded the TLS certificate")
+                    }
+                    Err(e) => {
+                        tracing::error!(cert = %c.cert_file().display(), error = %format!("{e:#}"), "failed to reload the TLS certificate; keeping the old one")
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Removes partial uploads nobody resumes, every `NarCache::sweep_interval`, on a blocking

@@ -39,6 +39,9 @@ enum Command {
     /// Narinfo signing keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Make TLS certificates for self-hosting.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Run a demo farm: a coordinator, two agents and a graph of derivations.
     Demo(kiln::client::demo::DemoArgs),
     #[command(flatten)]
@@ -51,6 +54,19 @@ enum StateCommand {
     Dump {
         #[arg(long, default_value = "./kiln-state")]
         state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Write a CA (ca.pem, ca-key.pem), a server certificate (server.pem, server-key.pem) for
+    /// the given names, and an agent client certificate (agent.pem, agent-key.pem) into DIR;
+    /// keys get mode 0600.
+    Init {
+        dir: PathBuf,
+        /// A DNS name or IP address the coordinator is reached by (repeatable).
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
     },
 }
 
@@ -146,6 +162,29 @@ fn state_dump(state_dir: &std::path::Path, out: &mut dyn Write) -> anyhow::Resul
     Ok(0)
 }
 
+fn tls_init(dir: &std::path::Path, names: &[String], out: &mut dyn Write) -> anyhow::Result<i32> {
+    let f = kiln::http::tls::init(dir, names)?;
+    writeln!(out, "CA certificate:     {}", f.ca.display())?;
+    writeln!(
+        out,
+        "server certificate: {} (key {})",
+        f.server_cert.display(),
+        f.server_key.display()
+    )?;
+    writeln!(
+        out,
+        "agent certificate:  {} (key {})",
+        f.agent_cert.display(),
+        f.agent_key.display()
+    )?;
+    writeln!(
+        out,
+        "set [tls] cert_file and key_file to the server pair; give agents and clients --ca-file {}",
+        f.ca.display()
+    )?;
+    Ok(0)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let stdout = std::io::stdout();
@@ -192,6 +231,7 @@ fn main() -> ExitCode {
         Command::Key(KeyCommand::Public { secret_file, guix }) => {
             kiln::nar::cli::key_public(&secret_file, guix, &mut out)
         }
+        Command::Tls(TlsCommand::Init { dir, names }) => tls_init(&dir, &names, &mut out),
         Command::Demo(args) => kiln::client::demo::run(args),
         Command::Client(cmd) => kiln::client::cli::run(cmd),
     };

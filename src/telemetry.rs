@@ -95,6 +95,14 @@ fn describe() {
         "kiln_transfer_stalls_total",
         "Request bodies dropped because no byte arrived for timeouts.transfer_stall_ms"
     );
+    describe_counter!(
+        "kiln_slow_bodies_cut_total",
+        "Request bodies cut for arriving slower than limits.min_body_rate_bytes_per_s"
+    );
+    describe_counter!(
+        "kiln_uploads_refused_total",
+        "Uploads refused over a cap, by cap (agent: max_uploads_per_agent, total: max_uploads)"
+    );
     describe_gauge!("kiln_hook_pending", "Hook runs waiting or running, by hook");
     describe_counter!(
         "kiln_hook_runs_total",

@@ -146,6 +146,7 @@ fn bad_input_is_refused_with_a_clear_4xx_and_changes_nothing() {
     let wrong = kiln::derivation::Hash::sha256(b"not this nar");
     let src_path = format!("{}/{}-src", sd.as_str(), "2".repeat(32));
     let r = ureq::put(&c.url("/api/v1/sources"))
+        .set("Content-Type", "application/x-nix-archive")
         .query("path", &src_path)
         .query("nar_hash", &wrong.to_nix_string())
         .send_bytes(&nar);

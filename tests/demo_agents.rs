@@ -89,7 +89,12 @@ fn each_agent_option_starts_one_agent_and_the_graph_is_built() {
     for args in [&sa[0], &sb[0]] {
         assert_eq!(value_of(args, "--executor"), Some("native"), "{args:?}");
         assert!(
-            value_of(args, "--coordinator").is_some_and(|u| u.starts_with("http://127.0.0.1:")),
+            value_of(args, "--coordinator").is_some_and(|u| u.starts_with("https://127.0.0.1:")),
+            "{args:?}"
+        );
+        // TLS on: each agent trusts the demo's own CA.
+        assert!(
+            value_of(args, "--ca-file").is_some_and(|f| f.ends_with("pki/ca.pem")),
             "{args:?}"
         );
         assert_eq!(
@@ -103,6 +108,9 @@ fn each_agent_option_starts_one_agent_and_the_graph_is_built() {
         .find_map(|l| l.strip_prefix("kiln demo: kept "))
         .map(PathBuf::from)
         .unwrap_or_else(|| panic!("--keep did not name the directory: {stderr}"));
+    // Authentication on: the coordinator had a token from its start.
+    let log = std::fs::read_to_string(kept.join("coordinator.log")).unwrap();
+    assert!(log.contains("client API requires a token"), "{log}");
     let mut logs: Vec<String> = std::fs::read_dir(&kept)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

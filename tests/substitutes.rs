@@ -42,6 +42,7 @@ fn with_a_source(extra: &str) -> (Coordinator, tempfile::TempDir, String, String
     let path = sd.full_path(&own);
     let (code, r) = response(
         ureq::put(&c.url("/api/v1/sources"))
+            .set("Content-Type", "application/x-nix-archive")
             .query("path", &path)
             .query("nar_hash", &sha256(&nar))
             .query("references", "")
@@ -177,6 +178,8 @@ fn nar_files_answer_range_requests() {
 /// signatures required.
 struct Nix {
     conf: tempfile::TempDir,
+    /// `NIX_SSL_CERT_FILE`: the only CA Nix trusts for https substituters.
+    ca_file: Option<PathBuf>,
 }
 
 impl Nix {
@@ -200,14 +203,22 @@ impl Nix {
             ),
         )
         .unwrap();
-        Nix { conf }
+        Nix {
+            conf,
+            ca_file: None,
+        }
     }
 
     fn run(&self, program: &str, args: &[&str]) -> String {
-        let out = Command::new(program)
-            .args(args)
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .env("NIX_CONF_DIR", self.conf.path())
             .env_remove("NIX_PATH")
+            .env_remove("NIX_SSL_CERT_FILE");
+        if let Some(ca) = &self.ca_file {
+            cmd.env("NIX_SSL_CERT_FILE", ca);
+        }
+        let out = cmd
             .output()
             .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
         assert!(
@@ -241,10 +252,50 @@ fn agent_bin() -> PathBuf {
 
 #[test]
 fn a_real_nix_substitutes_an_output_built_by_kiln() {
+    substitute_through_kiln(false);
+}
+
+/// The same over HTTPS: Kiln's own CA (`kiln tls init`) is the only one the agent and Nix
+/// trust (`--ca-file`, `NIX_SSL_CERT_FILE`).
+#[test]
+fn a_real_nix_substitutes_over_https_with_kilns_ca() {
+    substitute_through_kiln(true);
+}
+
+fn substitute_through_kiln(tls: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("store");
     std::fs::create_dir_all(&store).unwrap();
     let sd = StoreDir::new(&store).unwrap();
+    let pki = tmp.path().join("pki");
+    let mut tls_config = String::new();
+    let mut h = ureq::AgentBuilder::new().timeout(Duration::from_secs(120));
+    if tls {
+        let out = Command::new(kiln_bin())
+            .args(["tls", "init"])
+            .arg(&pki)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        tls_config = format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            pki.join("server.pem").display().to_string(),
+            pki.join("server-key.pem").display().to_string()
+        );
+        kiln::http::tls::install_default_provider();
+        let cfg = kiln::http::tls::client_config(&pki.join("ca.pem"), None).unwrap();
+        h = h.tls_config(std::sync::Arc::new(cfg));
+    }
+    let h = h.build();
+    let scheme = |url: &str| {
+        if tls {
+            url.replacen("http://", "https://", 1)
+        } else {
+            url.to_string()
+        }
+    };
+    let post = |url: &str, body: &serde_json::Value| response(h.post(url).send_json(body.clone()));
+    let get = |url: &str| response(h.get(url).call());
     // A signing key made by Nix itself.
     let keygen = Nix::new("none:AAAA");
     let (sec, public) = (tmp.path().join("key.sec"), tmp.path().join("key.pub"));
@@ -260,10 +311,14 @@ fn a_real_nix_substitutes_an_output_built_by_kiln() {
     let c = Coordinator::start(
         tmp.path(),
         &store,
-        &format!("signing_key_file = {:?}\n", sec.display().to_string()),
+        &format!(
+            "signing_key_file = {:?}\n{tls_config}",
+            sec.display().to_string()
+        ),
     );
+    let (client_url, agent_url) = (scheme(&c.client_url), scheme(&c.agent_url));
     let (code, agent) = post(
-        &c.url("/api/v1/agents"),
+        &format!("{client_url}/api/v1/agents"),
         &serde_json::json!({"name": "a1", "systems": ["x86_64-linux"]}),
     );
     assert_eq!(code, 200, "{agent}");
@@ -274,7 +329,7 @@ fn a_real_nix_substitutes_an_output_built_by_kiln() {
                   printf 'bytes \\377\\n' > $out/share/data; ln -s ../bin/hello $out/share/link";
     let (drv, bytes) = simple_drv(&sd, "substituted", script);
     let (code, r) = post(
-        &c.url("/api/v1/builds"),
+        &format!("{client_url}/api/v1/builds"),
         &serde_json::json!({"derivations": [{"path": drv, "contents": b64(&bytes)}], "builds": [drv]}),
     );
     assert_eq!(code, 200, "{r}");
@@ -283,7 +338,7 @@ fn a_real_nix_substitutes_an_output_built_by_kiln() {
     let mut agent = kiln::client::procs::Processes::default();
     let mut cmd = Command::new(agent_bin());
     cmd.arg("--coordinator")
-        .arg(&c.agent_url)
+        .arg(&agent_url)
         .args(["--name", "a1", "--system", "x86_64-linux"])
         .arg("--secret-file")
         .arg(&secret)
@@ -291,21 +346,28 @@ fn a_real_nix_substitutes_an_output_built_by_kiln() {
         .arg(&store)
         .arg("--state-dir")
         .arg(&agent_state);
+    if tls {
+        cmd.arg("--ca-file").arg(pki.join("ca.pem"));
+    }
     agent
         .spawn("a1", cmd, &tmp.path().join("agent.log"))
         .unwrap();
     let detail = wait_for("the build to finish", Duration::from_secs(120), || {
-        let (_, d) = get(&c.url(&format!("/api/v1/builds/{id}")));
+        let (_, d) = get(&format!("{client_url}/api/v1/builds/{id}"));
         let s = d["summary"]["state"].as_str().unwrap_or("").to_string();
         (s == "succeeded" || s == "failed").then_some(d)
     });
     assert_eq!(detail["summary"]["state"], "succeeded", "{detail}");
     let out = detail["outputs"][0]["path"].as_str().unwrap().to_string();
 
-    let nix = Nix::new(std::fs::read_to_string(&public).unwrap().trim());
+    let mut nix = Nix::new(std::fs::read_to_string(&public).unwrap().trim());
+    if tls {
+        nix.ca_file = Some(pki.join("ca.pem"));
+    }
     // Kiln serves a store dir other than /nix/store: Nix is told so (`?store=`), as any Nix
     // user of such a store does.
-    let cache = format!("{}?store={}", c.agent_url, store.display());
+    let cache = format!("{agent_url}?store={}", store.display());
+    assert_eq!(cache.starts_with("https://"), tls, "{cache}");
     // nix copy --from Kiln into a fresh store.
     let copied = tmp.path().join("copied");
     let dest = fresh_store(&store, &copied);

@@ -521,6 +521,8 @@ fn call(
     }
     let r = match body {
         Some(b) => req.send_json(b.clone()),
+        // The client listener refuses a state-changing request without a JSON content type.
+        None if method != "GET" => req.set("Content-Type", "application/json").call(),
         None => req.call(),
     };
     let resp = match r {

@@ -95,6 +95,17 @@ pub struct Args {
     /// from where it stopped (not a limit on the whole transfer).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub transfer_stall_timeout: u64,
+    /// For an https:// coordinator: trust only this CA certificate (PEM), e.g. the ca.pem of
+    /// `kiln tls init`. Without it the built-in web roots are trusted.
+    #[arg(long, env = "KILN_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for a coordinator that requires mutual TLS; needs
+    /// --client-key.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The key of --client-cert (PEM).
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 impl Args {

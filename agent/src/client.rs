@@ -83,6 +83,63 @@ pub struct Coordinator {
     transfer_stall: Duration,
 }
 
+/// How the agent checks the coordinator's certificate and proves its own (mutual TLS).
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// Trust only the CA certificates in this PEM file (else the built-in web roots).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate chain and its key (PEM), for a coordinator that requires one.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// The one HTTP client of the agent. rustls (ring) keeps a TLS session cache per client, so
+/// reconnects resume sessions.
+fn http_client(tls: &TlsOptions) -> anyhow::Result<reqwest::Client> {
+    use anyhow::Context as _;
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        // Above the longest long poll (`MAX_WORK_WAIT`): a long poll sends no byte while it
+        // waits.
+        .read_timeout(Duration::from_secs(60))
+        // Requests are small and answered at once: no Nagle delay on any connection.
+        .tcp_nodelay(true)
+        .user_agent(concat!("kiln-agent/", env!("CARGO_PKG_VERSION")));
+    if let Some(ca) = &tls.ca_file {
+        let pem = std::fs::read(ca)
+            .with_context(|| format!("failed to read the CA file {}", ca.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("the CA file {} is not PEM certificates", ca.display()))?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "the CA file {} holds no certificate",
+            ca.display()
+        );
+        b = b.tls_built_in_root_certs(false);
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    if let Some((cert, key)) = &tls.client_cert {
+        let mut pem = std::fs::read(cert)
+            .with_context(|| format!("failed to read the client certificate {}", cert.display()))?;
+        pem.push(b'\n');
+        pem.extend(
+            std::fs::read(key)
+                .with_context(|| format!("failed to read the client key {}", key.display()))?,
+        );
+        let id = reqwest::Identity::from_pem(&pem).with_context(|| {
+            format!(
+                "client certificate {} and key {} are not a usable PEM pair",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        b = b.identity(id);
+    }
+    b.build()
+        .map_err(|e| anyhow::anyhow!("failed to build the HTTP client: {e}"))
+}
+
 impl Coordinator {
     pub fn new(
         base: &str,
@@ -90,16 +147,7 @@ impl Coordinator {
         held: Held,
         commands: mpsc::UnboundedSender<AgentCommand>,
     ) -> anyhow::Result<Coordinator> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            // Above the longest long poll (`MAX_WORK_WAIT`): a long poll sends no byte while
-            // it waits.
-            .read_timeout(Duration::from_secs(60))
-            // Requests are small and answered at once: no Nagle delay on any connection.
-            .tcp_nodelay(true)
-            .user_agent(concat!("kiln-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| anyhow::anyhow!("failed to build the HTTP client: {e}"))?;
+        let http = http_client(&TlsOptions::default())?;
         Ok(Coordinator {
             http,
             base: base.trim_end_matches('/').to_owned(),
@@ -110,6 +158,12 @@ impl Coordinator {
             commands,
             transfer_stall: crate::transfer::DEFAULT_STALL,
         })
+    }
+
+    /// Use these TLS settings for every later request (`--ca-file`, `--client-cert`).
+    pub fn set_tls(&mut self, tls: &TlsOptions) -> anyhow::Result<()> {
+        self.http = http_client(tls)?;
+        Ok(())
     }
 
     /// Sets the stall timeout of uploads and downloads (`--transfer-stall-timeout`).

@@ -164,6 +164,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         let mut coordinator = Coordinator::new(&args.coordinator, identity, held.clone(), tx)?;
         coordinator.set_transfer_stall(Duration::from_secs(args.transfer_stall_timeout));
+        coordinator.set_tls(&kiln_agent::client::TlsOptions {
+            ca_file: args.ca_file.clone(),
+            client_cert: args.client_cert.clone().zip(args.client_key.clone()),
+        })?;
         let limits = Limits {
             timeout: Duration::from_secs(args.timeout),
             max_silent: Duration::from_secs(args.max_silent_time),

@@ -135,6 +135,12 @@ pub fn classify_transport(err: &reqwest::Error) -> CallError {
         message.push_str(&s.to_string());
         source = s.source();
     }
+    if message.contains("certificate") {
+        message.push_str(
+            " (TLS: check --ca-file names the CA that signed the coordinator's certificate, and \
+             --client-cert/--client-key if it requires mutual TLS)",
+        );
+    }
     CallError::transient(message)
 }
 

@@ -66,6 +66,9 @@ pub struct Farm {
     pub client_addr: Option<SocketAddr>,
     pub agents: Vec<Agent>,
     pub coordinator_starts: u32,
+    /// The admin client token, made offline before the first start: the run goes through
+    /// client authentication as a real deployment does.
+    pub token: String,
 }
 
 /// What a coordinator writes to its ready file.
@@ -119,6 +122,9 @@ impl Farm {
         );
         std::fs::write(&config, text)
             .with_context(|| format!("failed to write {}", config.display()))?;
+        let token =
+            kiln::client::cli::create_token_offline(&state, "chaos", kiln::protocol::Scope::Admin)?
+                .token;
         Ok(Farm {
             bins,
             dir: dir.to_path_buf(),
@@ -132,6 +138,7 @@ impl Farm {
             client_addr: None,
             agents: Vec::new(),
             coordinator_starts: 0,
+            token,
         })
     }
 
@@ -148,7 +155,7 @@ impl Farm {
     }
 
     pub fn client(&self) -> Client {
-        Client::new(&self.client_url(), None)
+        Client::new(&self.client_url(), Some(self.token.clone()))
     }
 
     /// Start the coordinator (on the ports of its first start, after that) and wait for its

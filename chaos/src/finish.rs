@@ -48,7 +48,7 @@ pub(crate) fn finish(
     let scratch = dir.join("served");
     std::fs::create_dir_all(&scratch)
         .with_context(|| format!("failed to create {}", scratch.display()))?;
-    let current = poll_states(&h, &live.farm.client_url()).unwrap_or(states);
+    let current = poll_states(&h, &live.farm.client_url(), &live.farm.token).unwrap_or(states);
     let acked = subs
         .acknowledged
         .lock()

@@ -69,9 +69,14 @@ pub(crate) fn http() -> ureq::Agent {
 }
 
 /// Build id -> state, from the client API (`None` while the coordinator is down).
-pub(crate) fn poll_states(h: &ureq::Agent, client_url: &str) -> Option<BTreeMap<u64, String>> {
+pub(crate) fn poll_states(
+    h: &ureq::Agent,
+    client_url: &str,
+    token: &str,
+) -> Option<BTreeMap<u64, String>> {
     let v: serde_json::Value = h
         .get(&format!("{client_url}/api/v1/builds"))
+        .set("Authorization", &format!("Bearer {token}"))
         .call()
         .ok()?
         .into_json()
@@ -89,9 +94,10 @@ pub(crate) fn poll_states(h: &ureq::Agent, client_url: &str) -> Option<BTreeMap<
     )
 }
 
-fn count_building(h: &ureq::Agent, client_url: &str) -> Option<usize> {
+fn count_building(h: &ureq::Agent, client_url: &str, token: &str) -> Option<usize> {
     let v: serde_json::Value = h
         .get(&format!("{client_url}/api/v1/builds?state=building"))
+        .set("Authorization", &format!("Bearer {token}"))
         .call()
         .ok()?
         .into_json()
@@ -308,6 +314,7 @@ fn run_in(
     let subs = Arc::new(Submissions::default());
     let submitter = submit_batches(
         live.farm.client_url(),
+        live.farm.token.clone(),
         &graph,
         s.graph.batches,
         Duration::from_secs(s.graph.submit_spread_s),
@@ -363,7 +370,10 @@ fn play(
         }
         if let Some((_, restart, rep)) = armed {
             if now.duration_since(building_seen.0) > Duration::from_millis(100) {
-                building_seen = (now, count_building(&h, &client_url).unwrap_or(0));
+                building_seen = (
+                    now,
+                    count_building(&h, &client_url, &live.farm.token).unwrap_or(0),
+                );
             }
             let uploading: u64 = live.proxies.iter().map(Proxy::uploads_in_flight).sum();
             if building_seen.1 >= 1 && uploading >= 1 {
@@ -382,7 +392,7 @@ fn play(
         }
         if now.duration_since(last_poll) >= Duration::from_millis(500) {
             last_poll = now;
-            if let Some(st) = poll_states(&h, &client_url) {
+            if let Some(st) = poll_states(&h, &client_url, &live.farm.token) {
                 states = st;
             }
             let acked = subs

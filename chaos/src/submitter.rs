@@ -23,6 +23,7 @@ pub(crate) struct Submissions {
 /// Submit the graph in batches (inputs first), retrying each until acknowledged.
 pub(crate) fn submit_batches(
     client_url: String,
+    token: String,
     graph: &ChaosGraph,
     batches: usize,
     spread: Duration,
@@ -39,7 +40,7 @@ pub(crate) fn submit_batches(
         .collect();
     let start = Instant::now();
     std::thread::spawn(move || {
-        let client = kiln::client::http::Client::new(&client_url, None);
+        let client = kiln::client::http::Client::new(&client_url, Some(token));
         let k = chunks.len().max(1) as u32;
         for (i, chunk) in chunks.into_iter().enumerate() {
             let at = start + spread * i as u32 / k;

@@ -15,15 +15,24 @@ use super::http::{Client, DEFAULT_COORDINATOR};
 use super::render;
 use super::submit::{self, SubmitOptions};
 use crate::protocol::{
-    AgentCreated, AgentInfo, BuildDetail, BuildId, BuildState, BuildSummary, NewAgent,
+    AgentCreated, AgentInfo, BuildDetail, BuildId, BuildState, BuildSummary, NewAgent, NewToken,
+    Scope, TokenCreated,
 };
 
 /// Options every client command takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClientOpts {
-    /// The coordinator's client API. `KILN_TOKEN`, when set, is sent as a bearer token.
+    /// The coordinator's client API.
     #[arg(long, env = "KILN_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
+    /// A file holding the client token (from `kiln token new`), sent as a bearer token.
+    /// Without it, the `KILN_TOKEN` environment variable is sent when set.
+    #[arg(long, env = "KILN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// For an https:// coordinator: trust only this CA certificate (PEM), e.g. the ca.pem of
+    /// `kiln tls init`. Without it the built-in web roots are trusted.
+    #[arg(long, env = "KILN_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Print the coordinator's answer as JSON instead of human text.
     #[arg(long)]
     pub json: bool,
@@ -31,8 +40,27 @@ pub struct ClientOpts {
 
 impl ClientOpts {
     /// The HTTP client these options describe.
-    pub fn client(&self) -> Client {
-        Client::new(&self.coordinator, std::env::var("KILN_TOKEN").ok())
+    pub fn client(&self) -> anyhow::Result<Client> {
+        Client::with_ca(&self.coordinator, self.token()?, self.ca_file.as_deref())
+    }
+
+    /// The token: `--token-file` (trimmed), else `KILN_TOKEN`, else none.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        match &self.token_file {
+            Some(f) => {
+                let text = std::fs::read_to_string(f).with_context(|| {
+                    format!("failed to read the client token file {}", f.display())
+                })?;
+                let t = text.trim();
+                anyhow::ensure!(
+                    !t.is_empty(),
+                    "the client token file {} is empty: write the token from `kiln token new` into it",
+                    f.display()
+                );
+                Ok(Some(t.to_string()))
+            }
+            None => Ok(std::env::var("KILN_TOKEN").ok().filter(|t| !t.is_empty())),
+        }
     }
 }
 
@@ -51,6 +79,40 @@ pub enum ClientCommand {
     Agent(AgentCommand),
     /// List the registered agents.
     Agents(AgentsArgs),
+    /// Create client-API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a client token; prints it (shown only once) or writes it to --save-to.
+    New(TokenNewArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TokenNewArgs {
+    /// read (list, show, logs, events), submit (also submit, sources, cancel) or admin (also
+    /// agents and tokens).
+    #[arg(long, value_parser = parse_scope)]
+    pub scope: Scope,
+    /// A label for the token (shown in `kiln state dump`).
+    #[arg(long, default_value = "token")]
+    pub name: String,
+    /// Create it offline in this state dir (the coordinator must be stopped): how the first
+    /// token is made. Without it, the coordinator creates it (needs an admin token, or a
+    /// loopback connection while no token exists).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Write the token to this file (mode 0600) instead of printing it.
+    #[arg(long)]
+    pub save_to: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+fn parse_scope(s: &str) -> Result<Scope, String> {
+    Scope::parse(s).ok_or_else(|| format!("unknown scope {s:?}: use read, submit or admin"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -177,6 +239,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
             super::enroll::token(c, &mut out)?
         }
         ClientCommand::Agents(a) => agents_cmd(a, &mut out)?,
+        ClientCommand::Token(TokenCommand::New(a)) => token_new_cmd(a, &mut out)?,
     };
     out.flush().context("failed to write to stdout")?;
     Ok(code)
@@ -192,7 +255,7 @@ pub(super) fn print_json<T: serde::Serialize>(
 }
 
 fn submit_cmd(a: SubmitArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
-    let client = a.opts.client();
+    let client = a.opts.client()?;
     let options = SubmitOptions {
         priority: a.priority,
         tags: a.tags,
@@ -210,7 +273,7 @@ fn submit_cmd(a: SubmitArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
 }
 
 fn builds_cmd(a: BuildsArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
-    let client = a.opts.client();
+    let client = a.opts.client()?;
     let (builds, next) = list_page(&client, a.state, a.limit, a.cursor)?;
     if a.opts.json {
         print_json(out, &builds)?;
@@ -264,7 +327,7 @@ pub fn list_builds(
 }
 
 fn show_cmd(a: BuildIdArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
-    let client = a.opts.client();
+    let client = a.opts.client()?;
     let detail: BuildDetail = client.get_json(&format!("builds/{}", a.id), &[])?;
     if a.opts.json {
         print_json(out, &detail)?;
@@ -277,13 +340,13 @@ fn show_cmd(a: BuildIdArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
 /// The log is bytes (builders print anything): it is copied to stdout as is, with or without
 /// `--json`.
 fn log_cmd(a: BuildIdArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
-    let client = a.opts.client();
+    let client = a.opts.client()?;
     client.get_to(&format!("builds/{}/log", a.id), out)?;
     Ok(0)
 }
 
 fn cancel_cmd(a: BuildIdArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
-    let client = a.opts.client();
+    let client = a.opts.client()?;
     let summary: BuildSummary = client.post_empty(&format!("builds/{}/cancel", a.id))?;
     if a.opts.json {
         print_json(out, &summary)?;
@@ -294,7 +357,7 @@ fn cancel_cmd(a: BuildIdArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
 }
 
 fn agent_new_cmd(a: NewAgentArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
-    let client = a.opts.client();
+    let client = a.opts.client()?;
     let mut created = create_agent(&client, &a.name, &a.systems)?;
     if let Some(file) = &a.secret_file {
         write_secret(file, &created.secret)?;
@@ -357,8 +420,53 @@ pub fn write_secret(file: &Path, secret: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn token_new_cmd(a: TokenNewArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+    let created = match &a.state_dir {
+        Some(dir) => create_token_offline(dir, &a.name, a.scope)?,
+        None => a.opts.client()?.post_json(
+            "tokens",
+            &NewToken {
+                name: a.name.clone(),
+                scope: a.scope,
+            },
+        )?,
+    };
+    if let Some(file) = &a.save_to {
+        write_secret(file, &created.token)?;
+        writeln!(
+            out,
+            "token {:?} ({}) created; written to {}",
+            created.name,
+            created.scope.as_str(),
+            file.display()
+        )?;
+    } else if a.opts.json {
+        print_json(out, &created)?;
+    } else {
+        writeln!(out, "{}", created.token)?;
+    }
+    Ok(0)
+}
+
+/// Store a new token's hash straight into a stopped coordinator's state dir.
+pub fn create_token_offline(dir: &Path, name: &str, scope: Scope) -> anyhow::Result<TokenCreated> {
+    use crate::store::{Committer, Store, StoreOptions};
+    let store = Store::open(dir, &StoreOptions::default())
+        .with_context(|| format!("failed to open the state dir {} (stop the coordinator first, or leave out --state-dir to ask it)", dir.display()))?;
+    let (token, batch) = crate::http::auth::mint_token(name, scope)?;
+    let committer = Committer::start(store, Default::default(), Box::new(|_| {}))?;
+    let result = committer.commit_blocking(batch);
+    committer.shutdown_blocking();
+    result.with_context(|| format!("failed to store the token in {}", dir.display()))?;
+    Ok(TokenCreated {
+        name: name.to_string(),
+        scope,
+        token,
+    })
+}
+
 fn agents_cmd(a: AgentsArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
-    let client = a.opts.client();
+    let client = a.opts.client()?;
     let agents: Vec<AgentInfo> = client.get_json("agents", &[])?;
     if a.opts.json {
         print_json(out, &agents)?;

@@ -6,7 +6,8 @@
 //! which is how scripts/cross proves the boards' agents), generates the default
 //! derivation graph ([`super::graph`]) in a temporary store dir, submits it with the same code
 //! as `kiln submit`, shows progress on stderr, and ends with `N built, M failed in S s` (or one
-//! JSON object). Every child is SIGKILLed when the demo ends, however it ends
+//! JSON object). TLS and client authentication are on: the demo makes its own CA, server
+//! certificate and admin token in the temporary directory. Every child is SIGKILLed when the demo ends, however it ends
 //! ([`super::procs`]); the temporary directory is removed unless `--keep` is given or
 //! something went wrong (then its logs are kept and named).
 
@@ -107,8 +108,14 @@ fn run_in(args: &DemoArgs, dir: &Path, procs: &mut Processes) -> anyhow::Result<
     let state = dir.join("state");
     std::fs::create_dir_all(&store)
         .with_context(|| format!("failed to create {}", store.display()))?;
+    // TLS and authentication on, as in production: a CA and server certificate of its own,
+    // and an admin token made offline before the coordinator starts.
+    let pki = dir.join("pki");
+    let certs = crate::http::tls::init(&pki, &["localhost".into(), "127.0.0.1".into()])?;
+    let token = super::cli::create_token_offline(&state, "demo", crate::protocol::Scope::Admin)?;
+    write_secret(&dir.join("admin.token"), &token.token)?;
     let config = dir.join("coordinator.toml");
-    write_config(&config, &state, &store)?;
+    write_config(&config, &state, &store, &certs)?;
 
     let ready_file = dir.join("ready.json");
     let mut cmd = Command::new(&bins.kiln);
@@ -127,11 +134,13 @@ fn run_in(args: &DemoArgs, dir: &Path, procs: &mut Processes) -> anyhow::Result<
         .arg(&ready_file);
     procs.spawn("the coordinator", cmd, &dir.join("coordinator.log"))?;
     let ready = wait_for_ready(&ready_file, procs)?;
-    let coordinator = format!("http://{}", ready.client_listen);
-    let client = Client::new(&coordinator, std::env::var("KILN_TOKEN").ok());
+    let coordinator = format!("https://{}", ready.client_listen);
+    let client = Client::with_ca(&coordinator, Some(token.token), Some(&certs.ca))?;
     status(&format!(
-        "coordinator at {coordinator} (agents: http://{})",
-        ready.listen
+        "coordinator at {coordinator} (agents: https://{}; TLS with the CA {}, admin token in {})",
+        ready.listen,
+        certs.ca.display(),
+        dir.join("admin.token").display()
     ));
 
     let system = graph::default_system();
@@ -146,7 +155,9 @@ fn run_in(args: &DemoArgs, dir: &Path, procs: &mut Processes) -> anyhow::Result<
             .with_context(|| format!("failed to create {}", agent_state.display()))?;
         let mut cmd = Command::new(program);
         cmd.arg("--coordinator")
-            .arg(format!("http://{}", ready.listen))
+            .arg(format!("https://{}", ready.listen))
+            .arg("--ca-file")
+            .arg(&certs.ca)
             .args(["--name", name, "--secret-file"])
             .arg(&secret)
             .args(["--system", &system, "--store-dir"])
@@ -315,7 +326,12 @@ fn toml_str(s: &Path) -> anyhow::Result<String> {
     Ok(toml::Value::String(s.to_string()).to_string())
 }
 
-fn write_config(file: &Path, state: &Path, store: &Path) -> anyhow::Result<()> {
+fn write_config(
+    file: &Path,
+    state: &Path,
+    store: &Path,
+    certs: &crate::http::tls::InitFiles,
+) -> anyhow::Result<()> {
     let text = format!(
         r#"# Written by `kiln demo`; every key is documented in docs/configuration.md.
 state_dir = {state}
@@ -332,9 +348,15 @@ agent_timeout_ms = 10000
 name = "demo-build-succeeded"
 events = ["build-succeeded"]
 exec = ["/bin/sh", "-c", "cat > /dev/null"]
+
+[tls]
+cert_file = {cert}
+key_file = {key}
 "#,
         state = toml_str(state)?,
         store = toml_str(store)?,
+        cert = toml_str(&certs.server_cert)?,
+        key = toml_str(&certs.server_key)?,
     );
     std::fs::write(file, text).with_context(|| format!("failed to write {}", file.display()))
 }
@@ -489,13 +511,17 @@ mod tests {
     fn config_is_valid_for_the_coordinator() {
         let dir = TempDir::new("kiln-demo-test").unwrap();
         let file = dir.path().join("c.toml");
+        let certs = crate::http::tls::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
         write_config(
             &file,
             &dir.path().join("st\"ate"),
             &dir.path().join("store"),
+            &certs,
         )
         .unwrap();
         let config = crate::config::Config::load(Some(&file)).unwrap();
+        assert_eq!(config.tls.cert_file.as_ref(), Some(&certs.server_cert));
+        assert_eq!(config.tls.key_file.as_ref(), Some(&certs.server_key));
         assert_eq!(config.state_dir, dir.path().join("st\"ate"));
         assert_eq!(config.store_dir, Some(dir.path().join("store")));
         assert_eq!(config.timeouts.heartbeat_interval_ms, 1000);

@@ -74,7 +74,7 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 
 /// `kiln agent rotate-secret NAME`.
 pub fn rotate(a: RotateArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
-    let client = a.opts.client();
+    let client = a.opts.client()?;
     let mut rotated: AgentCreated =
         client.post_empty(&format!("agents/{}/rotate-secret", a.name))?;
     if let Some(file) = &a.secret_file {
@@ -111,7 +111,7 @@ pub fn token(cmd: TokenCommand, out: &mut dyn Write) -> anyhow::Result<i32> {
         TokenCommand::New(a) => new_token(a, out),
         TokenCommand::List(a) => {
             let tokens: Vec<RegistrationTokenRecord> =
-                a.opts.client().get_json("registration-tokens", &[])?;
+                a.opts.client()?.get_json("registration-tokens", &[])?;
             if a.opts.json {
                 print_json(out, &tokens)?;
             } else {
@@ -137,7 +137,7 @@ pub fn token(cmd: TokenCommand, out: &mut dyn Write) -> anyhow::Result<i32> {
         TokenCommand::Revoke(a) => {
             let revoked: RegistrationTokenRecord = a
                 .opts
-                .client()
+                .client()?
                 .post_empty(&format!("registration-tokens/{}/revoke", a.id))?;
             if a.opts.json {
                 print_json(out, &revoked)?;
@@ -155,7 +155,7 @@ fn new_token(a: NewTokenArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
         tags: (!a.tags.is_empty()).then_some(a.tags),
     };
     let mut created: RegistrationTokenCreated =
-        a.opts.client().post_json("registration-tokens", &body)?;
+        a.opts.client()?.post_json("registration-tokens", &body)?;
     if let Some(file) = &a.token_file {
         write_secret(file, &created.token)
             .with_context(|| format!("the token {} was made but not saved", created.id))?;

@@ -30,6 +30,11 @@ pub enum ClientError {
          Set --coordinator or KILN_COORDINATOR"
     )]
     Unreachable { url: String, detail: String },
+    #[error(
+        "the coordinator at {url} did not prove who it is ({detail}): pass the CA that signed its \
+         certificate with --ca-file or KILN_CA_FILE (`kiln tls init` writes ca.pem)"
+    )]
+    Untrusted { url: String, detail: String },
     #[error("the coordinator URL {url:?} is not usable ({detail}): give one like {DEFAULT_COORDINATOR} with --coordinator or KILN_COORDINATOR")]
     BadUrl { url: String, detail: String },
     #[error("the coordinator refused {request}: {message} ({code}, HTTP {status})")]
@@ -98,17 +103,40 @@ pub enum Body<'a> {
 }
 
 impl Client {
-    /// A client of the coordinator at `base` (e.g. `http://127.0.0.1:8746`).
+    /// A client of the coordinator at `base` (e.g. `http://127.0.0.1:8746`); an `https://`
+    /// base trusts the built-in web roots.
     pub fn new(base: &str, token: Option<String>) -> Client {
-        let agent = ureq::AgentBuilder::new()
+        Client::from_builder(base, token, Client::builder())
+    }
+
+    /// A client that trusts only the CA certificates in `ca_file` for `https://` (the
+    /// `ca.pem` of `kiln tls init`), or the built-in web roots when `None`.
+    pub fn with_ca(
+        base: &str,
+        token: Option<String>,
+        ca_file: Option<&std::path::Path>,
+    ) -> anyhow::Result<Client> {
+        let mut builder = Client::builder();
+        if let Some(ca) = ca_file {
+            crate::http::tls::install_default_provider();
+            let config = crate::http::tls::client_config(ca, None)?;
+            builder = builder.tls_config(std::sync::Arc::new(config));
+        }
+        Ok(Client::from_builder(base, token, builder))
+    }
+
+    fn builder() -> ureq::AgentBuilder {
+        ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
             .timeout_read(Duration::from_secs(300))
             .timeout_write(Duration::from_secs(300))
-            .build();
+    }
+
+    fn from_builder(base: &str, token: Option<String>, builder: ureq::AgentBuilder) -> Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.filter(|t| !t.is_empty()),
-            agent,
+            agent: builder.build(),
         }
     }
 
@@ -209,6 +237,11 @@ impl Client {
                 req = req.set("Authorization", &format!("Bearer {token}"));
             }
             let result = match &body {
+                // A body-less POST still says JSON: the coordinator refuses state-changing
+                // requests without a non-simple content type (browser safety).
+                Body::Empty if method != "GET" && method != "HEAD" => {
+                    req.set("Content-Type", "application/json").call()
+                }
                 Body::Empty => req.call(),
                 Body::Json(v) => req.send_json(v),
                 Body::Stream(open) => {
@@ -217,7 +250,8 @@ impl Client {
                         url: self.base.clone(),
                         detail: format!("{e:#}"),
                     })?;
-                    req.send(reader)
+                    req.set("Content-Type", "application/x-nix-archive")
+                        .send(reader)
                 }
             };
             match result {
@@ -295,6 +329,12 @@ fn transport_error(t: ureq::Transport, request: &str, base: &str) -> ClientError
         Some(src) if !detail.contains(&src.to_string()) => format!("{detail}: {src}"),
         _ => detail,
     };
+    if detail.contains("certificate") || detail.contains("UnknownIssuer") {
+        return ClientError::Untrusted {
+            url: base.to_string(),
+            detail,
+        };
+    }
     match t.kind() {
         ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::Dns => ClientError::Unreachable {
             url: base.to_string(),

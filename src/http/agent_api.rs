@@ -266,6 +266,7 @@ async fn upload(
         ));
     }
     check_declared(&state, build_id, &name).await?;
+    let _slot = state.upload_slots.acquire(auth.0)?;
     progress(
         &state,
         &auth,
@@ -288,6 +289,7 @@ async fn upload_log(
 ) -> Result<HttpResponse, ApiError> {
     let build_id = path.into_inner();
     progress(&state, &auth, build_id, q.attempt, None).await?;
+    let _slot = state.upload_slots.acquire(auth.0)?;
     let limits = LogLimits {
         compressed: state.config.limits.log_mb << 20,
         decompressed: state.config.limits.log_decompressed_mb << 20,

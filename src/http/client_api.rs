@@ -1,4 +1,5 @@
 //! Client API routes (`/api/v1`) and the event stream: translate HTTP to actor messages.
+//! Every route is behind [`super::auth::gate`], which maps it to a token scope.
 
 use actix_web::{get, post, put, web, HttpRequest, HttpResponse};
 use futures_util::stream;
@@ -11,8 +12,8 @@ use crate::actors::queue_state::is_available;
 use crate::actors::registry::{CreateAgent, ListAgents};
 use crate::derivation::Hash;
 use crate::protocol::{
-    BuildId, BuildState, BuildSummary, BuildsQuery, MissingPaths, NewAgent, PathsQuery,
-    SourceQuery, SubmitBuilds, DEFAULT_LIST_LIMIT, NEXT_CURSOR_HEADER,
+    BuildId, BuildState, BuildSummary, BuildsQuery, MissingPaths, NewAgent, NewToken, PathsQuery,
+    SourceQuery, SubmitBuilds, TokenCreated, DEFAULT_LIST_LIMIT, NEXT_CURSOR_HEADER,
 };
 use crate::store::keys::u64_key;
 use crate::store::records::BuildRecord;
@@ -41,6 +42,28 @@ async fn new_agent(
         .await
         .map_err(ApiError::mailbox)??;
     Ok(HttpResponse::Ok().json(created))
+}
+
+/// A new client token (admin scope; see `super::auth`). Only its hash is stored.
+#[post("/tokens")]
+async fn new_token(
+    state: web::Data<AppState>,
+    body: web::Json<NewToken>,
+) -> Result<HttpResponse, ApiError> {
+    let NewToken { name, scope } = body.into_inner();
+    if name.is_empty() || name.len() > 128 {
+        return Err(ApiError::bad_request(format!(
+            "token name {name:?} must be 1 to 128 bytes"
+        )));
+    }
+    let (token, batch) = super::auth::mint_token(&name, scope).map_err(internal)?;
+    state
+        .committer
+        .commit(batch)
+        .await
+        .map_err(|e| ApiError::from(crate::actors::ActorError::Commit(e)))?;
+    tracing::info!(name = %name, scope = scope.as_str(), "client token created");
+    Ok(HttpResponse::Ok().json(TokenCreated { name, scope, token }))
 }
 
 #[get("/agents")]
@@ -345,6 +368,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, big: web::JsonConfig) {
             .route(web::post().to(missing_sources)),
     )
     .service(new_agent)
+    .service(new_token)
     .service(agents)
     .service(put_source)
     .service(show)

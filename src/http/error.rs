@@ -67,7 +67,9 @@ impl ResponseError for ApiError {
     /// caller when to come back; `kiln-agent` waits that long instead of its own backoff.
     fn error_response(&self) -> HttpResponse {
         let mut r = HttpResponse::build(self.status);
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
             r.insert_header(("Retry-After", RETRY_AFTER_S));
         }
         r.json(ErrorBody {
@@ -178,6 +180,11 @@ pub fn json_error(
             "too_large",
             format!("request body is over this route's limit of {limit} bytes"),
         ),
+        J::Payload(actix_web::error::PayloadError::Io(io))
+            if io.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_too_slow", io.to_string())
+        }
         other => ApiError::bad_request(format!("request body is not the expected JSON: {other}")),
     };
     e.into()

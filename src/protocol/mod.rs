@@ -383,6 +383,57 @@ pub struct ResultAck {
 // Client API
 // ---------------------------------------------------------------------------------------------
 
+/// Every client token starts with this (so secret scanners and people can tell one); the
+/// client sends it as `Authorization: Bearer <token>`.
+pub const CLIENT_TOKEN_PREFIX: &str = "kiln-";
+
+/// What a client token may do. Each scope includes the ones before it: `read` (list, show,
+/// logs, events, agents), `submit` (also submit, upload sources, cancel), `admin` (also create
+/// agents and tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Submit,
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 3] = [Scope::Read, Scope::Submit, Scope::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Submit => "submit",
+            Scope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// Whether a token of this scope may do what `needed` allows.
+    pub fn allows(self, needed: Scope) -> bool {
+        self >= needed
+    }
+}
+
+/// `POST /api/v1/tokens` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewToken {
+    pub name: String,
+    pub scope: Scope,
+}
+
+/// The token is shown once; the coordinator keeps only its SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub name: String,
+    pub scope: Scope,
+    pub token: String,
+}
+
 /// `POST /api/v1/agents`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NewAgent {

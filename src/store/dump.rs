@@ -62,6 +62,11 @@ fn render(t: TreeId, k: &[u8], v: &[u8]) -> anyhow::Result<(String, String)> {
             (key, json(&decode::<HookWorkRecord>(v)?)?)
         }
         TreeId::Meta => (text(k), id_value(v)),
+        // The key is the token's SHA-256, shown in hex; the token itself is not stored.
+        TreeId::ClientTokens => (
+            k.iter().map(|b| format!("{b:02x}")).collect(),
+            json(&decode::<ClientTokenRecord>(v)?)?,
+        ),
     })
 }
 

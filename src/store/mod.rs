@@ -36,10 +36,11 @@ pub enum TreeId {
     Meta = 9,
     RegistrationTokens = 10,
     OutputBuilds = 11,
+    ClientTokens = 12,
 }
 
 impl TreeId {
-    pub const ALL: [TreeId; 12] = [
+    pub const ALL: [TreeId; 13] = [
         TreeId::Derivations,
         TreeId::Builds,
         TreeId::Outputs,
@@ -52,6 +53,7 @@ impl TreeId {
         TreeId::Meta,
         TreeId::RegistrationTokens,
         TreeId::OutputBuilds,
+        TreeId::ClientTokens,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +70,7 @@ impl TreeId {
             TreeId::Meta => "meta",
             TreeId::RegistrationTokens => "registration_tokens",
             TreeId::OutputBuilds => "output_builds",
+            TreeId::ClientTokens => "client_tokens",
         }
     }
 }

@@ -346,6 +346,22 @@ impl Record for RegistrationTokenRecord {
     const NAME: &'static str = "registration-token";
 }
 
+/// A client-API token. Key: the SHA-256 of the token's text (32 bytes); the token itself is
+/// never stored, so a copy of the state dir grants nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientTokenRecord {
+    /// A label for people (`kiln token new --name`); not unique.
+    pub name: String,
+    /// `read`, `submit` or `admin` (see `crate::protocol::Scope`).
+    pub scope: String,
+    pub created_ms: u64,
+}
+
+impl Record for ClientTokenRecord {
+    const VERSION: u8 = 1;
+    const NAME: &'static str = "client-token";
+}
+
 /// One entry of the durable event log. Key: sequence number.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord {
@@ -692,6 +708,22 @@ mod tests {
             "01 0100000000000000 69 01 0100000000000000 0100000000000000 78 00 0400000000000000"
                 .replace(' ', "")
         );
+    }
+
+    /// Pins the v1 encoding of a client token record (see `build_record_v1_golden_bytes`).
+    #[test]
+    fn client_token_record_v1_golden_bytes() {
+        let t = ClientTokenRecord {
+            name: "ci".into(),
+            scope: "read".into(),
+            created_ms: 5,
+        };
+        let bytes = encode(&t).unwrap();
+        assert_eq!(
+            hex(&bytes),
+            "01 0200000000000000 6369 0400000000000000 72656164 0500000000000000".replace(' ', "")
+        );
+        assert_eq!(decode::<ClientTokenRecord>(&bytes).unwrap(), t);
     }
 
     #[test]

@@ -1,0 +1,452 @@
+//! The client listener's gate against a real coordinator process: every client route × every
+//! token scope and no (or a wrong) token is refused with 401/403; cross-origin `text/plain`
+//! POSTs, foreign `Origin`s and foreign `Host`s are refused on every route; and none of it
+//! changes `kiln state dump`. Tokens are made with the real `kiln token new`, offline and
+//! online, and the real `kiln submit` sends one from `--token-file`.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{b64, simple_drv, state_dump, wait_for, Coordinator};
+use kiln::derivation::store_path::StoreDir;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn kiln() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.env_remove("KILN_COORDINATOR")
+        .env_remove("KILN_TOKEN")
+        .env_remove("KILN_TOKEN_FILE");
+    cmd
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// One raw HTTP/1.1 exchange: (status, head, body). `host` overrides the Host header.
+fn raw(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    host: Option<&str>,
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.set_write_timeout(Some(LIMIT)).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        host.unwrap_or(addr),
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    // One write: head and body reach the server together, so answering early leaves no
+    // unread bytes behind (which would reset the connection under the answer).
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    s.write_all(&bytes).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: no HTTP answer: {text:?}"));
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+enum Need {
+    Read,
+    Submit,
+    Admin,
+}
+
+struct Route {
+    method: &'static str,
+    path: String,
+    content_type: &'static str,
+    body: Vec<u8>,
+    need: Need,
+    /// A GET that streams forever when allowed (not sent with a sufficient token).
+    endless: bool,
+}
+
+fn token_file(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn every_client_route_refuses_missing_wrong_and_narrow_tokens_and_foreign_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let sd = StoreDir::new(&store).unwrap();
+    let state = tmp.path().join("state");
+    let t = tmp.path();
+
+    // The first token, offline, before the coordinator ever ran.
+    let out = run_ok(
+        kiln()
+            .args(["token", "new", "--scope", "admin", "--name", "root"])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--save-to")
+            .arg(t.join("admin.tok")),
+    );
+    assert!(out.contains("written to"), "{out}");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(t.join("admin.tok"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    let mut c = Coordinator::start(t, &store, "");
+    assert!(
+        c.log().contains("client API requires a token"),
+        "{}",
+        c.log()
+    );
+    // More tokens, online, with the admin one.
+    for scope in ["read", "submit"] {
+        run_ok(
+            kiln()
+                .args(["token", "new", "--scope", scope, "--name", scope])
+                .args(["--coordinator", &c.client_url])
+                .arg("--token-file")
+                .arg(t.join("admin.tok"))
+                .arg("--save-to")
+                .arg(t.join(format!("{scope}.tok"))),
+        );
+    }
+    // Without a token the CLI is refused, and says what to do.
+    let out = kiln()
+        .args(["builds", "--coordinator", &c.client_url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("HTTP 401") && err.contains("KILN_TOKEN"),
+        "{err}"
+    );
+    // A read token cannot submit (403 through the CLI), a submit token can.
+    let (drv, bytes) = simple_drv(&sd, "seed", "echo > $out");
+    std::fs::write(&drv, &bytes).unwrap();
+    let out = kiln()
+        .args(["submit", &drv, "--coordinator", &c.client_url])
+        .arg("--store-dir")
+        .arg(&store)
+        .env("KILN_TOKEN", token_file(t, "read.tok"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("HTTP 403"),
+        "{out:?}"
+    );
+    run_ok(
+        kiln()
+            .args(["submit", &drv, "--coordinator", &c.client_url])
+            .arg("--store-dir")
+            .arg(&store)
+            .arg("--token-file")
+            .arg(t.join("submit.tok")),
+    );
+    run_ok(
+        kiln()
+            .args(["agent", "new", "a1", "--system", "x86_64-linux"])
+            .args(["--coordinator", &c.client_url])
+            .env("KILN_TOKEN", token_file(t, "admin.tok")),
+    );
+    let listed = run_ok(
+        kiln()
+            .args(["builds", "--json", "--coordinator", &c.client_url])
+            .env("KILN_TOKEN", token_file(t, "read.tok")),
+    );
+    assert!(listed.contains("seed"), "{listed}");
+    c.stop();
+    let before = state_dump(&state);
+    assert_eq!(before.matches("client_tokens ").count(), 3, "{before}");
+    assert!(
+        !before.contains(&token_file(t, "admin.tok")),
+        "a token is stored in clear"
+    );
+
+    c.spawn();
+    let addr = c.client_url.trim_start_matches("http://").to_string();
+    let (drv2, bytes2) = simple_drv(&sd, "intruder", "echo > $out");
+    let submit_body = serde_json::json!({
+        "derivations": [{"path": drv2, "contents": b64(&bytes2)}],
+        "builds": [drv2],
+    });
+    let src = t.join("src");
+    std::fs::write(&src, b"a source").unwrap();
+    let mut nar = Vec::new();
+    kiln::nar::dump(&src, &mut nar).unwrap();
+    let nar_hash = kiln::derivation::Hash::sha256(&nar).to_nix_string();
+    let src_path = format!("{}/{}-src", sd.as_str(), "3".repeat(32));
+    let json = |v: serde_json::Value| v.to_string().into_bytes();
+    let route = |method, path: &str, content_type, body: Vec<u8>, need| Route {
+        method,
+        path: format!("/api/v1{path}"),
+        content_type,
+        body,
+        need,
+        endless: false,
+    };
+    let mut routes = vec![
+        route("GET", "/builds", "", vec![], Need::Read),
+        route("GET", "/builds?state=runnable", "", vec![], Need::Read),
+        route("GET", "/builds/1", "", vec![], Need::Read),
+        route("GET", "/builds/1/log", "", vec![], Need::Read),
+        route("GET", "/agents", "", vec![], Need::Read),
+        route("GET", "/events?since=0", "", vec![], Need::Read),
+        route(
+            "POST",
+            "/builds",
+            "application/json",
+            json(submit_body),
+            Need::Submit,
+        ),
+        route(
+            "POST",
+            "/builds/1/cancel",
+            "application/json",
+            vec![],
+            Need::Submit,
+        ),
+        route(
+            "POST",
+            "/sources/missing",
+            "application/json",
+            json(serde_json::json!({"paths": [src_path]})),
+            Need::Submit,
+        ),
+        route(
+            "PUT",
+            &format!("/sources?path={src_path}&nar_hash={nar_hash}&references="),
+            "application/x-nix-archive",
+            nar,
+            Need::Submit,
+        ),
+        route(
+            "POST",
+            "/agents",
+            "application/json",
+            json(serde_json::json!({"name": "intruder", "systems": ["x86_64-linux"]})),
+            Need::Admin,
+        ),
+        route(
+            "POST",
+            "/tokens",
+            "application/json",
+            json(serde_json::json!({"name": "intruder", "scope": "admin"})),
+            Need::Admin,
+        ),
+    ];
+    routes[5].endless = true;
+    let creds: Vec<(&str, Option<String>, Option<Need>)> = vec![
+        ("no token", None, None),
+        (
+            "unknown token",
+            Some(format!("Bearer kiln-{}", "0".repeat(64))),
+            None,
+        ),
+        ("not a bearer", Some("Basic cm9vdDpyb290".into()), None),
+        (
+            "read",
+            Some(format!("Bearer {}", token_file(t, "read.tok"))),
+            Some(Need::Read),
+        ),
+        (
+            "submit",
+            Some(format!("Bearer {}", token_file(t, "submit.tok"))),
+            Some(Need::Submit),
+        ),
+        (
+            "admin",
+            Some(format!("Bearer {}", token_file(t, "admin.tok"))),
+            Some(Need::Admin),
+        ),
+    ];
+    let mut refused = 0;
+    for r in &routes {
+        for (label, auth, held) in &creds {
+            let mut headers = Vec::new();
+            if !r.content_type.is_empty() {
+                headers.push(("Content-Type", r.content_type.to_string()));
+            }
+            if let Some(a) = auth {
+                headers.push(("Authorization", a.clone()));
+            }
+            let what = format!("{} {} with {label}", r.method, r.path);
+            match held {
+                None => {
+                    let (code, head, body) = raw(&addr, r.method, &r.path, &headers, None, &r.body);
+                    assert_eq!(code, 401, "{what}: {body}");
+                    assert!(head.contains("www-authenticate: bearer"), "{what}: {head}");
+                    assert!(body.contains("\"unauthorized\""), "{what}: {body}");
+                    refused += 1;
+                }
+                Some(h) if *h < r.need => {
+                    let (code, _, body) = raw(&addr, r.method, &r.path, &headers, None, &r.body);
+                    assert_eq!(code, 403, "{what}: {body}");
+                    assert!(body.contains("\"forbidden\""), "{what}: {body}");
+                    refused += 1;
+                }
+                // Allowed reads are sent too: they pass the gate (and change nothing).
+                Some(_) if r.method == "GET" && !r.endless => {
+                    let (code, _, body) = raw(&addr, r.method, &r.path, &headers, None, &r.body);
+                    assert!(code == 200 || code == 404, "{what}: {code} {body}");
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    assert_eq!(refused, 6 * 3 + 4 * 4 + 2 * 5, "refusals counted");
+
+    // Browser safety, with the admin token (so only the browser checks can refuse).
+    let admin = format!("Bearer {}", token_file(t, "admin.tok"));
+    for r in &routes {
+        let auth = ("Authorization", admin.clone());
+        let own_type = ("Content-Type", r.content_type.to_string());
+        let what = format!("{} {}", r.method, r.path);
+        if r.method != "GET" {
+            // A cross-origin "simple request" a web page can send without a preflight.
+            let (code, head, body) = raw(
+                &addr,
+                r.method,
+                &r.path,
+                &[
+                    auth.clone(),
+                    ("Content-Type", "text/plain".into()),
+                    ("Origin", "http://evil.example".into()),
+                ],
+                None,
+                &r.body,
+            );
+            assert_eq!(code, 403, "{what} cross-origin text/plain: {body}");
+            assert!(!head.contains("access-control-allow"), "{what}: {head}");
+            // The same without an Origin (a form post from a page that hides it): still no.
+            let (code, _, body) = raw(
+                &addr,
+                r.method,
+                &r.path,
+                &[auth.clone(), ("Content-Type", "text/plain".into())],
+                None,
+                &r.body,
+            );
+            assert_eq!(code, 415, "{what} text/plain: {body}");
+            assert!(body.contains("content_type_required"), "{what}: {body}");
+            // The right type from a foreign origin.
+            let (code, _, body) = raw(
+                &addr,
+                r.method,
+                &r.path,
+                &[
+                    auth.clone(),
+                    own_type.clone(),
+                    ("Origin", "http://evil.example".into()),
+                ],
+                None,
+                &r.body,
+            );
+            assert_eq!(code, 403, "{what} foreign origin: {body}");
+            assert!(body.contains("cross_origin"), "{what}: {body}");
+        }
+        // DNS rebinding: a foreign Host, on every route (reads too).
+        let port = addr.rsplit(':').next().unwrap();
+        let (code, _, body) = raw(
+            &addr,
+            r.method,
+            &r.path,
+            &[auth.clone(), own_type.clone()],
+            Some(&format!("evil.example:{port}")),
+            &r.body,
+        );
+        assert_eq!(code, 403, "{what} foreign Host: {body}");
+        assert!(body.contains("host_not_allowed"), "{what}: {body}");
+    }
+    // Controls: the same admin token, own Origin and localhost Host pass the gate.
+    let (code, _, body) = raw(
+        &addr,
+        "GET",
+        "/api/v1/builds",
+        &[
+            ("Authorization", admin.clone()),
+            ("Origin", format!("http://{addr}")),
+        ],
+        None,
+        b"",
+    );
+    assert_eq!(code, 200, "{body}");
+    let port = addr.rsplit(':').next().unwrap();
+    let (code, _, body) = raw(
+        &addr,
+        "GET",
+        "/api/v1/builds",
+        &[("Authorization", admin.clone())],
+        Some(&format!("localhost:{port}")),
+        b"",
+    );
+    assert_eq!(code, 200, "{body}");
+
+    c.stop();
+    let after = state_dump(&state);
+    assert_eq!(before, after, "refused requests changed the state");
+}
+
+/// With no client token at all, the listener serves loopback callers without one, and says so.
+#[test]
+fn without_tokens_loopback_callers_need_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let c = Coordinator::start(tmp.path(), &store, "");
+    wait_for("the access log line", LIMIT, || {
+        c.log()
+            .contains("the client API serves loopback connections only")
+            .then_some(())
+    });
+    let addr = c.client_url.trim_start_matches("http://").to_string();
+    let (code, _, body) = raw(&addr, "GET", "/api/v1/builds", &[], None, b"");
+    assert_eq!(code, 200, "{body}");
+    // The browser checks hold without tokens too.
+    let (code, _, body) = raw(
+        &addr,
+        "POST",
+        "/api/v1/builds/1/cancel",
+        &[
+            ("Content-Type", "text/plain".into()),
+            ("Origin", "http://evil.example".into()),
+        ],
+        None,
+        b"",
+    );
+    assert_eq!(code, 403, "{body}");
+}
