@@ -24,6 +24,7 @@ use crate::protocol::{
     AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, BuiltOutput, HeldBuild,
     ResultAck, SubmitBuilds, Submitted,
 };
+use crate::config::PriorityRule;
 use crate::store::committer::Permit;
 use crate::store::nar_cache::NarCache;
 use crate::store::records::{AgentRecord, BuildRecord};
@@ -43,6 +44,8 @@ pub struct BuildQueue {
     state: QueueState,
     /// The store dir this coordinator serves, once fixed (config, env, or first submission).
     store_dir: Option<StoreDir>,
+    /// `[[scheduling.priority_rules]]` (handed to every state this actor loads).
+    rules: Arc<[PriorityRule]>,
 }
 
 impl BuildQueue {
@@ -54,9 +57,11 @@ impl BuildQueue {
         restarts: Arc<Restarts>,
         symbols: Arc<Symbols>,
         store_dir: Option<StoreDir>,
+        rules: Arc<[PriorityRule]>,
     ) -> BuildQueue {
         BuildQueue {
             state: QueueState::unloaded(store.clone(), symbols.clone()),
+            rules,
             store,
             committer,
             allocator,
@@ -87,6 +92,7 @@ impl BuildQueue {
         for batch in state.take_migration() {
             self.committer.commit_blocking(batch)?;
         }
+        state.set_rules(self.rules.clone());
         self.state = state;
         if !rekeyed.is_empty() {
             self.allocator.do_send(Rekey(rekeyed));
@@ -266,6 +272,7 @@ impl Rebuild for BuildQueue {
             self.restarts.clone(),
             self.symbols.clone(),
             store_dir,
+            self.rules.clone(),
         ))
     }
 }
@@ -616,6 +623,29 @@ impl Handler<Cancel> for BuildQueue {
                     .increment(1);
                 self.commit(permit, fx, s)
             }
+            Err(e) => Self::ready(Err(e)),
+        }
+    }
+}
+
+/// Set a live build's own priority (`kiln build priority ID N`).
+#[derive(Message)]
+#[rtype(result = "Result<BuildSummary, ActorError>")]
+pub struct SetPriority {
+    pub id: BuildId,
+    pub priority: i32,
+}
+
+impl Handler<SetPriority> for BuildQueue {
+    type Result = ResponseActFuture<Self, Result<BuildSummary, ActorError>>;
+
+    fn handle(&mut self, msg: SetPriority, ctx: &mut Context<Self>) -> Self::Result {
+        let r = guarded::<Self, _>(NAME, ctx, |_| {
+            let permit = self.reserve()?;
+            Ok((permit, self.state.set_priority(msg.id, msg.priority)?))
+        });
+        match r {
+            Ok((permit, (fx, s))) => self.commit(permit, fx, s),
             Err(e) => Self::ready(Err(e)),
         }
     }
