@@ -262,7 +262,11 @@ impl PriorityRule {
         anyhow::ensure!(
             self.priority.is_some() != self.add.is_some(),
             "{at} must have exactly one of priority (set) or add (raise by), not {}",
-            if self.priority.is_some() { "both" } else { "neither" }
+            if self.priority.is_some() {
+                "both"
+            } else {
+                "neither"
+            }
         );
         if let Some(t) = &self.tag {
             anyhow::ensure!(
@@ -550,7 +554,11 @@ add = -1
             apply_priority_rules(rules, base, system, tags, drv)
         };
         assert_eq!(apply(0, "x86_64-linux", &ci, kernel), 5);
-        assert_eq!(apply(0, "x86_64-linux", &[], kernel), 0, "the tag must match too");
+        assert_eq!(
+            apply(0, "x86_64-linux", &[], kernel),
+            0,
+            "the tag must match too"
+        );
         assert_eq!(apply(3, "i586-gnu", &ci, kernel), 15, "set, then add");
         assert_eq!(apply(3, "i586-gnu", &[], "/s/h-hello.drv"), 9);
         assert_eq!(apply(3, "x86_64-linux", &[], "/s/h-hello-2.drv"), 3);
@@ -600,10 +608,12 @@ add = 2
 ",
             "without '/'",
         );
-        let err = toml::from_str::<Config>("[[scheduling.priority_rules]]
+        let err = toml::from_str::<Config>(
+            "[[scheduling.priority_rules]]
 sytem = 'x'
-")
-            .unwrap_err();
+",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("sytem"), "{err}");
     }
 

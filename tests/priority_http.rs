@@ -65,7 +65,11 @@ fn rules_and_reprioritisation_order_the_queue_and_survive_a_restart() {
     let urgent = simple_drv(&sd, "urgent-fix", "echo > $out");
     let got = submit(&c, &[lib, app, other, urgent]);
     let (lib, app, other, urgent) = (got[0], got[1], got[2], got[3]);
-    assert_eq!(build(&c, urgent)["summary"]["priority"], 7, "the rule applied");
+    assert_eq!(
+        build(&c, urgent)["summary"]["priority"],
+        7,
+        "the rule applied"
+    );
     assert_eq!(build(&c, other)["summary"]["priority"], 0);
     assert_eq!(state_of(&c, app), "blocked");
 
@@ -82,7 +86,10 @@ fn rules_and_reprioritisation_order_the_queue_and_survive_a_restart() {
         String::from_utf8_lossy(&out.stderr)
     );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((summary["id"].as_u64(), summary["priority"].as_i64()), (Some(app), Some(20)));
+    assert_eq!(
+        (summary["id"].as_u64(), summary["priority"].as_i64()),
+        (Some(app), Some(20))
+    );
     assert_eq!(build(&c, app)["summary"]["priority"], 20, "stored");
     let reprioritized = events(&c)
         .into_iter()
@@ -92,7 +99,10 @@ fn rules_and_reprioritisation_order_the_queue_and_survive_a_restart() {
     assert_eq!(reprioritized[0]["data"]["effective"], 20);
 
     // The route refuses what it cannot do.
-    let (code, body) = post(&c.url("/api/v1/builds/9999/priority"), &json!({"priority": 1}));
+    let (code, body) = post(
+        &c.url("/api/v1/builds/9999/priority"),
+        &json!({"priority": 1}),
+    );
     assert_eq!(code, 404, "{body}");
     let (code, body) = post(
         &c.url(&format!("/api/v1/builds/{app}/priority")),

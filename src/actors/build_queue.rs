@@ -19,12 +19,12 @@ use super::restarts::Restarts;
 use super::submission::{prepare, Prepared, SubmitError};
 use super::symbols::Symbols;
 use super::{guarded, ActorError};
+use crate::config::PriorityRule;
 use crate::derivation::store_path::StoreDir;
 use crate::protocol::{
     AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, BuiltOutput, HeldBuild,
     ResultAck, SubmitBuilds, Submitted,
 };
-use crate::config::PriorityRule;
 use crate::store::committer::Permit;
 use crate::store::nar_cache::NarCache;
 use crate::store::records::{AgentRecord, BuildRecord};

@@ -139,8 +139,11 @@ impl QueueState {
         fx: &mut Effects,
     ) -> Result<(), StoreError> {
         // Can fall: had `old` through a waiter (its own priority is lower).
-        let can_fall =
-            |q: &QueueState, id: BuildId| q.live.get(&id).is_some_and(|l| l.effective == old && l.priority < old);
+        let can_fall = |q: &QueueState, id: BuildId| {
+            q.live
+                .get(&id)
+                .is_some_and(|l| l.effective == old && l.priority < old)
+        };
         let mut visited: HashSet<BuildId> = HashSet::new();
         let mut post: Vec<BuildId> = Vec::new();
         for root in roots {

@@ -983,11 +983,18 @@ fn derived_priority_follows_submissions_reprioritisation_and_cancel() {
     assert_eq!([eff(&f, a), eff(&f, b), eff(&f, c), eff(&f, d)], [3; 4]);
     assert_eq!(fx.rekeyed.last().map(|e| (e.id, e.effective)), Some((a, 3)));
     f.commit(fx);
-    assert_eq!(f.q.full(d).unwrap().unwrap().priority, 3, "own priority stored");
+    assert_eq!(
+        f.q.full(d).unwrap().unwrap().priority,
+        3,
+        "own priority stored"
+    );
     // Up in the middle: only what b needs rises.
     let (fx, _) = f.q.set_priority(b, 7).unwrap();
     f.commit(fx);
-    assert_eq!([eff(&f, a), eff(&f, b), eff(&f, c), eff(&f, d)], [7, 7, 3, 3]);
+    assert_eq!(
+        [eff(&f, a), eff(&f, b), eff(&f, c), eff(&f, d)],
+        [7, 7, 3, 3]
+    );
     // A second dependent of a, lower than b.
     let (fx, e) =
         f.q.submit(vec![target("e", &["a"])], vec![], 5, vec![], 4)
@@ -1188,10 +1195,18 @@ fn dependents_of_a_failed_build_fail_and_come_back_when_it_is_rebuilt() {
         assert_eq!(reason(&f, id), format!("input build {why} failed"));
     }
     assert_eq!((eff(&f, x), f.q.live_entry(x).unwrap().rdeps), (0, 0));
-    assert_eq!(f.q.count(BuildState::Blocked), 1, "only r (behind p and q) waits");
+    assert_eq!(
+        f.q.count(BuildState::Blocked),
+        1,
+        "only r (behind p and q) waits"
+    );
     let before = fingerprint(&f.q);
     f.reload();
-    assert_eq!(fingerprint(&f.q), before, "a reload rebuilds the same index");
+    assert_eq!(
+        fingerprint(&f.q),
+        before,
+        "a reload rebuilds the same index"
+    );
 
     // a resubmitted: nothing comes back until it is built.
     let (fx, again) =
@@ -1203,13 +1218,19 @@ fn dependents_of_a_failed_build_fail_and_come_back_when_it_is_rebuilt() {
     assert_eq!(f.state(b), BuildState::Failed);
     let fx = run_to_end(&mut f, a2, "a", true, 11);
     assert_eq!(
-        kinds(&fx).iter().filter(|k| **k == "build-requeued").count(),
+        kinds(&fx)
+            .iter()
+            .filter(|k| **k == "build-requeued")
+            .count(),
         3,
         "{:?}",
         kinds(&fx)
     );
     assert_eq!(
-        fx.runnable.iter().map(|e| (e.id, e.effective)).collect::<Vec<_>>(),
+        fx.runnable
+            .iter()
+            .map(|e| (e.id, e.effective))
+            .collect::<Vec<_>>(),
         vec![(b, 5)],
         "b keeps its priority (c waits on it)"
     );
@@ -1223,7 +1244,10 @@ fn dependents_of_a_failed_build_fail_and_come_back_when_it_is_rebuilt() {
     f.reload();
     assert_eq!(fingerprint(&f.q), before);
     let fx = run_to_end(&mut f, b, "b", true, 20);
-    assert_eq!(fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(), vec![c]);
+    assert_eq!(
+        fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![c]
+    );
     f.commit(fx);
 
     // r is behind p and q; both fail; p rebuilt alone does not bring r back.
@@ -1249,7 +1273,10 @@ fn dependents_of_a_failed_build_fail_and_come_back_when_it_is_rebuilt() {
             .unwrap();
     f.commit(fx);
     let fx = run_to_end(&mut f, q2[0].id, "q", true, 41);
-    assert_eq!(fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(), vec![r]);
+    assert_eq!(
+        fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![r]
+    );
     f.commit(fx);
     assert_eq!(f.state(r), BuildState::Runnable);
     assert_eq!(id_of(&f, "r"), r, "the same build, live again");
