@@ -49,6 +49,7 @@ pub struct BuildQueue {
 }
 
 impl BuildQueue {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         committer: Committer,
