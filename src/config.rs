@@ -252,6 +252,132 @@ pub struct SchedulingConfig {
     /// agent that offers (or requires) that tag with the same value. Other tags are
     /// information only.
     pub matched_tags: Vec<String>,
+    /// Rules that set or raise a build's own priority at submission, applied in order.
+    pub priority_rules: Vec<PriorityRule>,
+}
+
+/// `[[scheduling.priority_rules]]`: when every matcher given matches a submitted build, set
+/// its priority (`priority`) or add to it (`add`). At least one matcher, exactly one action.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriorityRule {
+    /// The build's system, exactly (`i586-gnu`).
+    pub system: Option<String>,
+    /// A tag the build carries, `key=value`.
+    pub tag: Option<String>,
+    /// A glob (`*`, `?`) on the derivation's name: its file name without the hash and
+    /// `.drv` (`linux-libre-*`).
+    pub name: Option<String>,
+    /// Set the priority to this.
+    pub priority: Option<i32>,
+    /// Add this to the priority (saturating).
+    pub add: Option<i32>,
+}
+
+impl PriorityRule {
+    /// Does the rule match a build of `system` with `tags` and `.drv` path `drv_path`?
+    pub fn matches(&self, system: &str, tags: &[(String, String)], drv_path: &str) -> bool {
+        if self.system.as_deref().is_some_and(|s| s != system) {
+            return false;
+        }
+        if let Some(t) = &self.tag {
+            let Some((k, v)) = t.split_once('=') else {
+                return false;
+            };
+            if !tags.iter().any(|(tk, tv)| tk == k && tv == v) {
+                return false;
+            }
+        }
+        if let Some(g) = &self.name {
+            if !glob_matches(g, drv_name(drv_path)) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn check(&self, i: usize) -> anyhow::Result<()> {
+        let at = format!("scheduling.priority_rules[{i}]");
+        anyhow::ensure!(
+            self.system.is_some() || self.tag.is_some() || self.name.is_some(),
+            "{at} matches nothing: give at least one of system, tag or name"
+        );
+        anyhow::ensure!(
+            self.priority.is_some() != self.add.is_some(),
+            "{at} must have exactly one of priority (set) or add (raise by), not {}",
+            if self.priority.is_some() {
+                "both"
+            } else {
+                "neither"
+            }
+        );
+        if let Some(t) = &self.tag {
+            anyhow::ensure!(
+                t.split_once('=').is_some_and(|(k, _)| !k.is_empty()),
+                "{at}: tag {t:?} is not key=value (e.g. tag = \"origin=ci\")"
+            );
+        }
+        if let Some(s) = &self.system {
+            anyhow::ensure!(!s.is_empty(), "{at}: system is empty");
+        }
+        if let Some(n) = &self.name {
+            anyhow::ensure!(
+                !n.is_empty() && !n.contains('/'),
+                "{at}: name {n:?} must be a non-empty glob on the derivation name, without '/' (e.g. \"linux-libre-*\")"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The priority of a build submitted with `base`, after every matching rule, in order.
+pub fn apply_priority_rules(
+    rules: &[PriorityRule],
+    base: i32,
+    system: &str,
+    tags: &[(String, String)],
+    drv_path: &str,
+) -> i32 {
+    rules
+        .iter()
+        .filter(|r| r.matches(system, tags, drv_path))
+        .fold(base, |p, r| match (r.priority, r.add) {
+            (Some(set), _) => set,
+            (None, Some(add)) => p.saturating_add(add),
+            (None, None) => p,
+        })
+}
+
+/// The derivation name of a `.drv` path: `/gnu/store/<hash>-hello-2.12.drv` -> `hello-2.12`.
+pub fn drv_name(drv_path: &str) -> &str {
+    let file = drv_path.rsplit('/').next().unwrap_or(drv_path);
+    let file = file.strip_suffix(".drv").unwrap_or(file);
+    file.split_once('-').map_or(file, |(_, name)| name)
+}
+
+/// A glob with `*` (any run of characters) and `?` (one character), matched in full.
+/// Iterative with one backtrack point: O(pattern × text) at worst.
+pub fn glob_matches(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
 }
 
 /// The restart intensity: past `max_restarts` restarts of one actor within `window_s`, the
@@ -387,6 +513,9 @@ impl Config {
                 h.name
             );
         }
+        for (i, r) in self.scheduling.priority_rules.iter().enumerate() {
+            r.check(i)?;
+        }
         let t = &self.timeouts;
         anyhow::ensure!(
             t.agent_timeout_ms >= 1000,
@@ -473,6 +602,96 @@ mod tests {
         assert_eq!(c.client_listen, "127.0.0.1:8746");
         let err = toml::from_str::<Config>("lissen = 'x'").unwrap_err();
         assert!(err.to_string().contains("lissen"), "{err}");
+    }
+
+    /// Priority rules: parsed, validated with the rule and the fault named, matched on
+    /// system, tag and name glob (all given must match), applied in order (set, then add).
+    #[test]
+    fn priority_rules_are_validated_and_applied_in_order() {
+        let c: Config = toml::from_str(
+            r#"
+[[scheduling.priority_rules]]
+system = "i586-gnu"
+priority = 10
+[[scheduling.priority_rules]]
+name = "linux-libre-*"
+tag = "origin=ci"
+add = 5
+[[scheduling.priority_rules]]
+name = "?ello"
+add = -1
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let rules = &c.scheduling.priority_rules;
+        let ci = vec![("origin".to_string(), "ci".to_string())];
+        let kernel = "/gnu/store/0123456789abcdfghijklmnpqrsvwxyz-linux-libre-6.1.drv";
+        let apply = |base, system, tags: &[(String, String)], drv| {
+            apply_priority_rules(rules, base, system, tags, drv)
+        };
+        assert_eq!(apply(0, "x86_64-linux", &ci, kernel), 5);
+        assert_eq!(
+            apply(0, "x86_64-linux", &[], kernel),
+            0,
+            "the tag must match too"
+        );
+        assert_eq!(apply(3, "i586-gnu", &ci, kernel), 15, "set, then add");
+        assert_eq!(apply(3, "i586-gnu", &[], "/s/h-hello.drv"), 9);
+        assert_eq!(apply(3, "x86_64-linux", &[], "/s/h-hello-2.drv"), 3);
+        assert_eq!(apply(i32::MAX, "x86_64-linux", &ci, kernel), i32::MAX);
+        assert_eq!(drv_name("/gnu/store/abc-hello-2.12.drv"), "hello-2.12");
+        assert!(glob_matches("*a*b?", "xxaxxbbc"));
+        assert!(!glob_matches("a*", "ba"));
+        assert!(glob_matches("*", ""));
+
+        let refused = |body: &str, needle: &str| {
+            let c: Config = toml::from_str(body).unwrap();
+            let err = format!("{:#}", c.validate().unwrap_err());
+            assert!(err.contains(needle), "{err}");
+            assert!(err.contains("scheduling.priority_rules[0]"), "{err}");
+        };
+        refused(
+            "[[scheduling.priority_rules]]
+priority = 1
+",
+            "matches nothing",
+        );
+        refused(
+            "[[scheduling.priority_rules]]
+system = 'x'
+",
+            "exactly one of priority (set) or add (raise by), not neither",
+        );
+        refused(
+            "[[scheduling.priority_rules]]
+system = 'x'
+priority = 1
+add = 2
+",
+            "not both",
+        );
+        refused(
+            "[[scheduling.priority_rules]]
+tag = 'origin'
+add = 2
+",
+            "is not key=value",
+        );
+        refused(
+            "[[scheduling.priority_rules]]
+name = '/gnu/store/*'
+add = 2
+",
+            "without '/'",
+        );
+        let err = toml::from_str::<Config>(
+            "[[scheduling.priority_rules]]
+sytem = 'x'
+",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("sytem"), "{err}");
     }
 
     /// Pins the liveness limits: an agent timeout under 1 s, a heartbeat interval not below

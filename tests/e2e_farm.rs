@@ -340,7 +340,7 @@ fn two_agents_build_a_graph_in_dependency_order_with_verified_nars_and_one_hook_
 }
 
 #[test]
-fn a_failing_builder_fails_its_build_with_a_log_and_blocks_its_dependents() {
+fn a_failing_builder_fails_its_build_with_a_log_and_its_dependents_with_it() {
     let mut f = farm(&["diamond-left"]);
     let left = f.graph.get("diamond-left").unwrap().drv_path.clone();
     let blocked: Vec<String> = f
@@ -363,11 +363,14 @@ fn a_failing_builder_fails_its_build_with_a_log_and_blocks_its_dependents() {
             && others
                 .iter()
                 .all(|p| m.get(p).is_some_and(|(_, s)| s == "succeeded"))
+            && blocked
+                .iter()
+                .all(|p| m.get(p).is_some_and(|(_, s)| s != "blocked"))
     });
     for p in &blocked {
         assert_eq!(
-            builds[p].1, "blocked",
-            "{p} should wait for its failed input"
+            builds[p].1, "failed",
+            "{p} should fail with its failed input, not wait forever"
         );
     }
     let left_id = builds[&left].0;
@@ -391,7 +394,7 @@ fn a_failing_builder_fails_its_build_with_a_log_and_blocks_its_dependents() {
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(log.contains("fails on purpose"), "log: {log}");
 
-    // `kiln build show` of the dependent says which input failed.
+    // `kiln build show` of the dependent says which input failed (its reason).
     let bottom = &f.graph.get("diamond-bottom").unwrap().drv_path;
     let bottom_id = builds[bottom].0;
     let out = Command::new(kiln_bin())
@@ -411,7 +414,7 @@ fn a_failing_builder_fails_its_build_with_a_log_and_blocks_its_dependents() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        show.contains(&format!("build {left_id} failed")),
+        show.contains(&format!("input build {left_id} failed")),
         "kiln build show {bottom_id} should name the failed input build {left_id}:\n{show}"
     );
 }

@@ -74,9 +74,9 @@ pub fn check(ev: &Evidence<'_>) -> Vec<InvariantResult> {
     let builds = by_build(&ev.dump.events);
     let doomed = ev.graph.doomed();
     vec![
-        all_terminal(ev, &doomed),
+        all_terminal(ev),
         none_allocated(ev),
-        failed_only_where_builder_fails(ev),
+        failed_only_where_builder_fails(ev, &doomed),
         result_accepted_once(ev, &builds),
         builder_runs_bounded(ev, &builds),
         served_nars(ev),
@@ -103,16 +103,13 @@ fn agent_name(ev: &Evidence<'_>, id: u64) -> String {
         .unwrap_or_else(|| format!("agent id {id}"))
 }
 
-fn all_terminal(ev: &Evidence<'_>, doomed: &[bool]) -> InvariantResult {
+/// Every build ends terminal, including those behind a failing builder (they fail with
+/// their input, see `failed_only_where_builder_fails`).
+fn all_terminal(ev: &Evidence<'_>) -> InvariantResult {
     let mut bad = Vec::new();
     for b in ev.dump.builds.values() {
         let terminal = matches!(b.state.as_str(), "succeeded" | "failed" | "canceled");
-        let blocked_ok = b.state == "blocked"
-            && ev
-                .graph
-                .by_drv(&b.drv_path)
-                .is_some_and(|d| doomed[d.index] && !d.fails);
-        if !terminal && !blocked_ok {
+        if !terminal {
             bad.push(format!(
                 "build {} ({}) is {} at attempt {}",
                 b.id,
@@ -182,13 +179,19 @@ fn none_allocated(ev: &Evidence<'_>) -> InvariantResult {
     InvariantResult::from("none-left-allocated", bad)
 }
 
-fn failed_only_where_builder_fails(ev: &Evidence<'_>) -> InvariantResult {
+/// A build fails only where its builder fails, or (reason `input build N failed`, never run)
+/// behind an input whose builder fails.
+fn failed_only_where_builder_fails(ev: &Evidence<'_>, doomed: &[bool]) -> InvariantResult {
     let mut bad = Vec::new();
     for b in ev.dump.builds.values() {
         let Some(d) = ev.graph.by_drv(&b.drv_path) else {
             continue;
         };
-        if b.state == "failed" && !d.fails {
+        let behind_failed_input = doomed[d.index]
+            && b.attempt == 0
+            && b.reason.starts_with("input build ")
+            && b.reason.ends_with(" failed");
+        if b.state == "failed" && !d.fails && !behind_failed_input {
             bad.push(format!(
                 "build {} ({}) failed though its builder succeeds: {}",
                 b.id, d.name, b.reason

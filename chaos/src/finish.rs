@@ -202,10 +202,11 @@ pub(crate) fn finish(
     recovery.insert("agent_retries".into(), retries as u64);
     recovery.insert("agent_reconnects".into(), reconnects as u64);
     let (realloc, detect) = counters::loss_timings(&ev);
+    // Builds whose builder fails, and those behind them (they fail with their input).
     let doomed = graph.doomed();
     let mut builds = BuildCounts {
         total: dump.builds.len(),
-        expected_failures: graph.drvs.iter().filter(|d| d.fails).count(),
+        expected_failures: graph.drvs.iter().filter(|d| doomed[d.index]).count(),
         ..BuildCounts::default()
     };
     for b in dump.builds.values() {
@@ -213,7 +214,6 @@ pub(crate) fn finish(
             "succeeded" => builds.succeeded += 1,
             "failed" => builds.failed += 1,
             "canceled" => {}
-            "blocked" if graph.by_drv(&b.drv_path).is_some_and(|d| doomed[d.index]) => {}
             _ => builds.not_terminal += 1,
         }
     }

@@ -161,7 +161,7 @@ impl Report {
         let b = &self.builds;
         let _ = writeln!(
             s,
-            "  builds: {} total, {} succeeded, {} failed ({} fail on purpose), {} not terminal",
+            "  builds: {} total, {} succeeded, {} failed ({} expected: on purpose or behind one that is), {} not terminal",
             b.total, b.succeeded, b.failed, b.expected_failures, b.not_terminal
         );
         let list = |m: &BTreeMap<String, u64>| {

@@ -353,7 +353,6 @@ fn play(
     let client_url = live.farm.client_url();
     let mut steps = timeline(s, seed);
     steps.reverse();
-    let doomed = graph.doomed();
     let mut states: BTreeMap<u64, String> = BTreeMap::new();
     let mut last_poll = Instant::now() - Duration::from_secs(1);
     let mut last_scrape = Instant::now();
@@ -401,11 +400,10 @@ fn play(
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             let mut done = 0;
-            for (id, drv) in &acked {
+            // Builds behind a failing builder end `failed` too (input failed).
+            for (id, _) in &acked {
                 let st = states.get(id).map(String::as_str).unwrap_or("");
-                let doomed_block =
-                    st == "blocked" && graph.by_drv(drv).is_some_and(|d| doomed[d.index]);
-                if matches!(st, "succeeded" | "failed" | "canceled") || doomed_block {
+                if matches!(st, "succeeded" | "failed" | "canceled") {
                     done += 1;
                 }
             }

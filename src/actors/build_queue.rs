@@ -19,6 +19,7 @@ use super::restarts::Restarts;
 use super::submission::{prepare, Prepared, SubmitError};
 use super::symbols::Symbols;
 use super::{guarded, ActorError};
+use crate::config::PriorityRule;
 use crate::derivation::store_path::StoreDir;
 use crate::protocol::{
     AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, BuiltOutput, HeldBuild,
@@ -43,9 +44,12 @@ pub struct BuildQueue {
     state: QueueState,
     /// The store dir this coordinator serves, once fixed (config, env, or first submission).
     store_dir: Option<StoreDir>,
+    /// `[[scheduling.priority_rules]]` (handed to every state this actor loads).
+    rules: Arc<[PriorityRule]>,
 }
 
 impl BuildQueue {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         committer: Committer,
@@ -54,9 +58,11 @@ impl BuildQueue {
         restarts: Arc<Restarts>,
         symbols: Arc<Symbols>,
         store_dir: Option<StoreDir>,
+        rules: Arc<[PriorityRule]>,
     ) -> BuildQueue {
         BuildQueue {
             state: QueueState::unloaded(store.clone(), symbols.clone()),
+            rules,
             store,
             committer,
             allocator,
@@ -87,6 +93,7 @@ impl BuildQueue {
         for batch in state.take_migration() {
             self.committer.commit_blocking(batch)?;
         }
+        state.set_rules(self.rules.clone());
         self.state = state;
         if !rekeyed.is_empty() {
             self.allocator.do_send(Rekey(rekeyed));
@@ -266,6 +273,7 @@ impl Rebuild for BuildQueue {
             self.restarts.clone(),
             self.symbols.clone(),
             store_dir,
+            self.rules.clone(),
         ))
     }
 }
@@ -616,6 +624,29 @@ impl Handler<Cancel> for BuildQueue {
                     .increment(1);
                 self.commit(permit, fx, s)
             }
+            Err(e) => Self::ready(Err(e)),
+        }
+    }
+}
+
+/// Set a live build's own priority (`kiln build priority ID N`).
+#[derive(Message)]
+#[rtype(result = "Result<BuildSummary, ActorError>")]
+pub struct SetPriority {
+    pub id: BuildId,
+    pub priority: i32,
+}
+
+impl Handler<SetPriority> for BuildQueue {
+    type Result = ResponseActFuture<Self, Result<BuildSummary, ActorError>>;
+
+    fn handle(&mut self, msg: SetPriority, ctx: &mut Context<Self>) -> Self::Result {
+        let r = guarded::<Self, _>(NAME, ctx, |_| {
+            let permit = self.reserve()?;
+            Ok((permit, self.state.set_priority(msg.id, msg.priority)?))
+        });
+        match r {
+            Ok((permit, (fx, s))) => self.commit(permit, fx, s),
             Err(e) => Self::ready(Err(e)),
         }
     }

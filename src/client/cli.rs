@@ -1,4 +1,4 @@
-//! Client subcommands (`kiln submit`, `kiln builds`, `kiln build show|log|cancel`,
+//! Client subcommands (`kiln submit`, `kiln builds`, `kiln build show|log|cancel|priority`,
 //! `kiln agent new|rotate-secret|registration-token`, `kiln agents`): clap definitions and
 //! what each command prints (the enrollment commands are in [`super::enroll`]).
 //!
@@ -71,7 +71,7 @@ pub enum ClientCommand {
     Submit(SubmitArgs),
     /// List builds.
     Builds(BuildsArgs),
-    /// Show, read the log of, or cancel one build.
+    /// Show, read the log of, cancel or reprioritise one build.
     #[command(subcommand)]
     Build(BuildCommand),
     /// Register agents.
@@ -162,6 +162,19 @@ pub enum BuildCommand {
     Log(BuildIdArgs),
     /// Cancel a build that no agent holds yet.
     Cancel(BuildIdArgs),
+    /// Set a queued build's own priority (higher runs first); the builds it needs inherit it.
+    Priority(PriorityArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PriorityArgs {
+    /// The build id (see `kiln builds`).
+    pub id: BuildId,
+    /// The new priority.
+    #[arg(allow_negative_numbers = true)]
+    pub priority: i32,
+    #[command(flatten)]
+    pub opts: ClientOpts,
 }
 
 #[derive(clap::Args, Debug)]
@@ -233,6 +246,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Build(BuildCommand::Show(a)) => show_cmd(a, &mut out)?,
         ClientCommand::Build(BuildCommand::Log(a)) => log_cmd(a, &mut out)?,
         ClientCommand::Build(BuildCommand::Cancel(a)) => cancel_cmd(a, &mut out)?,
+        ClientCommand::Build(BuildCommand::Priority(a)) => priority_cmd(a, &mut out)?,
         ClientCommand::Agent(AgentCommand::New(a)) => agent_new_cmd(a, &mut out)?,
         ClientCommand::Agent(AgentCommand::RotateSecret(a)) => super::enroll::rotate(a, &mut out)?,
         ClientCommand::Agent(AgentCommand::RegistrationToken(c)) => {
@@ -348,6 +362,20 @@ fn log_cmd(a: BuildIdArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
 fn cancel_cmd(a: BuildIdArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     let client = a.opts.client()?;
     let summary: BuildSummary = client.post_empty(&format!("builds/{}/cancel", a.id))?;
+    if a.opts.json {
+        print_json(out, &summary)?;
+    } else {
+        render::summary_line(out, &summary)?;
+    }
+    Ok(0)
+}
+
+fn priority_cmd(a: PriorityArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+    let client = a.opts.client();
+    let summary: BuildSummary = client.post_json(
+        &format!("builds/{}/priority", a.id),
+        &serde_json::json!({"priority": a.priority}),
+    )?;
     if a.opts.json {
         print_json(out, &summary)?;
     } else {

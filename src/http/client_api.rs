@@ -6,7 +6,9 @@ use futures_util::stream;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::actors::build_queue::{Cancel, GetRecord, ListLive, LiveStates, Show, Submit};
+use crate::actors::build_queue::{
+    Cancel, GetRecord, ListLive, LiveStates, SetPriority, Show, Submit,
+};
 use crate::actors::event_log::{event_json, Subscribe};
 use crate::actors::queue_state::is_available;
 use crate::actors::registry::{CreateAgent, ListAgents};
@@ -313,6 +315,30 @@ async fn cancel(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpRe
     Ok(HttpResponse::Ok().json(s))
 }
 
+/// The body of `POST /builds/{id}/priority`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriorityBody {
+    priority: i32,
+}
+
+#[post("/builds/{id}/priority")]
+async fn priority(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+    body: web::Json<PriorityBody>,
+) -> Result<HttpResponse, ApiError> {
+    let s = state
+        .queue
+        .send(SetPriority {
+            id: id.into_inner(),
+            priority: body.priority,
+        })
+        .await
+        .map_err(ApiError::mailbox)??;
+    Ok(HttpResponse::Ok().json(s))
+}
+
 #[derive(serde::Deserialize)]
 struct EventsQuery {
     since: Option<u64>,
@@ -374,6 +400,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, big: web::JsonConfig) {
     .service(show)
     .service(log)
     .service(cancel)
+    .service(priority)
     .service(events)
     .configure(super::enrollment::routes);
 }

@@ -155,6 +155,7 @@ pub fn start(
         restarts.clone(),
         symbols.clone(),
         store_dir,
+        Arc::from(config.scheduling.priority_rules.clone()),
     );
     let queue = actix::Supervisor::start_in_arbiter(&queue_arbiter.handle(), move |_| queue_actor);
     let _ = refill.set(queue.clone().recipient());

@@ -122,7 +122,7 @@ impl QueueState {
                 let records = match self.verify_outputs(&b, &outputs, scanned, now) {
                     Ok(r) => r,
                     Err(e @ QueueError::BadResult(_)) => {
-                        self.refuse_for_good(&mut fx, done, &e)?;
+                        self.refuse_for_good(&mut fx, done, &e, now)?;
                         return Ok((fx, FinishAnswer::Refused(e)));
                     }
                     Err(e @ QueueError::NotUploaded { .. }) => {
@@ -150,6 +150,7 @@ impl QueueState {
                     records.iter().map(|o| PathDigest::of(&o.path)).collect();
                 self.uncommitted_outputs.extend(fresh.iter().copied());
                 self.unblock(&fresh, &mut fx)?;
+                self.requeue_failed_dependents(&fresh, &mut fx)?;
                 fx.new_outputs = records;
             }
             Err(reason) => {
@@ -164,6 +165,7 @@ impl QueueState {
                         "drv_path": b.drv_path, "reason": reason}),
                 );
                 self.retire(&b);
+                self.fail_dependents(id, digests(&b), now, &mut fx)?;
             }
         }
         // The marker of an accepted result, only now that it passed verification.
@@ -182,12 +184,13 @@ impl QueueState {
     }
 
     /// A report that can never be right for this attempt: the build fails with the refusal as
-    /// its reason. Its dependents stay blocked, as after any failure.
+    /// its reason. Its dependents fail behind it, as after any failure.
     fn refuse_for_good(
         &mut self,
         fx: &mut Effects,
         mut done: BuildRecord,
         e: &QueueError,
+        now: u64,
     ) -> Result<(), QueueError> {
         let reason = format!("{REFUSED}{e}");
         done.state = BuildState::Failed;
@@ -203,6 +206,7 @@ impl QueueState {
         );
         tracing::warn!(build_id = done.id, attempt = done.attempt, agent_id = done.agent_id, reason = %reason, "result refused; the build fails");
         self.retire(&done);
+        self.fail_dependents(done.id, digests(&done), now, fx)?;
         Ok(())
     }
 
@@ -352,4 +356,9 @@ impl QueueState {
         }
         Ok(())
     }
+}
+
+/// The digests of a build's output paths.
+fn digests(b: &BuildRecord) -> Vec<PathDigest> {
+    b.outputs.iter().map(|(_, o)| PathDigest::of(o)).collect()
 }

@@ -30,8 +30,8 @@ impl QueueState {
 
     /// [`QueueState::load`], handing the runnable builds to `runnable` in chunks while the
     /// scan goes on (so the allocator can index them meanwhile, on its own thread). Entries
-    /// are handed over with `rdeps` 0; the builds whose `rdeps` the end of the scan raised
-    /// are returned, to re-key.
+    /// are handed over with `rdeps` 0 and their own priority; the builds whose `rdeps` or
+    /// effective priority the end of the scan raised are returned, to re-key.
     pub fn load_streaming(
         store: Store,
         symbols: Arc<Symbols>,
@@ -44,6 +44,8 @@ impl QueueState {
         let mut migration = vec![Batch::new()];
         // Availability of the inputs of blocked builds, each path asked of sled once.
         let mut available: HashMap<PathDigest, bool> = HashMap::new();
+        // Each blocked build's missing paths (the edges of derived priority), dropped after.
+        let mut missing_of: HashMap<u64, Vec<PathDigest>> = HashMap::new();
         store.visit_builds(|b| -> Result<(), StoreError> {
             s.next_build_id = s.next_build_id.max(b.id + 1);
             if migrate {
@@ -66,6 +68,23 @@ impl QueueState {
                 }
             }
             if b.state.is_terminal() {
+                // A build failed behind a failed input waits for its missing paths to be built.
+                if super::is_input_failed(b.state, b.attempt, b.reason) {
+                    for need in &b.needs {
+                        let d = PathDigest::of(need);
+                        let ok = match available.get(&d) {
+                            Some(ok) => *ok,
+                            None => {
+                                let ok = s.available(need)?;
+                                available.insert(d, ok);
+                                ok
+                            }
+                        };
+                        if !ok {
+                            s.input_failed.entry(d).or_default().insert(b.id);
+                        }
+                    }
+                }
                 return Ok(());
             }
             let mut missing = 0u32;
@@ -83,6 +102,7 @@ impl QueueState {
                     if !ok {
                         missing += 1;
                         s.waiting.entry(d).or_default().insert(b.id);
+                        missing_of.entry(b.id).or_default().push(d);
                     }
                 }
             }
@@ -129,15 +149,22 @@ impl QueueState {
             .filter_map(|(p, set)| Some((*s.producers.get(p)?, set.len())))
             .collect();
         runnable(chunk);
-        let mut rekeyed = Vec::new();
+        let mut changed = std::collections::BTreeSet::new();
         for (producer, n) in counts {
             if let Some(l) = s.live.get_mut(&producer) {
                 l.rdeps = l.rdeps.saturating_add(n.min(u32::MAX as usize) as u32);
                 if l.state == BuildState::Runnable {
-                    rekeyed.push(l.entry(producer));
+                    changed.insert(producer);
                 }
             }
         }
+        // Derived priorities are not stored: recompute them from the own priorities.
+        changed.extend(s.compute_effective(&missing_of)?);
+        drop(missing_of);
+        let rekeyed = changed
+            .into_iter()
+            .filter_map(|id| Some(s.live.get(&id)?.entry(id)))
+            .collect();
         if migrate {
             if let Some(last) = migration.last_mut() {
                 last.put_raw(TreeId::Meta, meta::OUTPUT_BUILDS_INDEXED, &u64_key(1));

@@ -14,9 +14,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 mod finish;
+mod input_failed;
 mod leases;
 mod live;
 mod load;
+mod priority;
 mod queries;
 #[cfg(test)]
 mod tests;
@@ -25,12 +27,14 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 pub use finish::{FinishAnswer, Scanned};
+pub use input_failed::{input_failed_reason, is_input_failed};
 pub use leases::Unheld;
 pub use live::{LiveBuild, StateIndex, LIVE_STATES};
 pub use queries::ListPage;
 
 use super::runnable_index::RunnableEntry;
 use super::symbols::{PathDigest, Symbols};
+use crate::config::{apply_priority_rules, PriorityRule};
 use crate::protocol::{AgentId, BuildId, BuildState, BuildSummary, HeldPhase};
 use crate::store::keys::{output_key, u64_key};
 use crate::store::records::{BuildRecord, OutputRecord};
@@ -199,6 +203,11 @@ pub struct QueueState {
     pending: HashMap<BuildId, Arc<BuildRecord>>,
     /// Index writes for an old state dir, found by the load (see `load.rs`).
     migration: Vec<Batch>,
+    /// Missing path -> the builds that failed because the input producing it failed (see
+    /// `input_failed.rs`); rebuilt at load from their records.
+    input_failed: HashMap<PathDigest, BTreeSet<BuildId>>,
+    /// `[[scheduling.priority_rules]]`, applied to each build at submission.
+    rules: Arc<[PriorityRule]>,
     next_build_id: u64,
 }
 
@@ -233,8 +242,15 @@ impl QueueState {
             uncommitted_finishes: HashMap::new(),
             pending: HashMap::new(),
             migration: Vec::new(),
+            input_failed: HashMap::new(),
+            rules: Arc::from(Vec::new()),
             next_build_id,
         }
+    }
+
+    /// The priority rules submissions go through from now on.
+    pub fn set_rules(&mut self, rules: Arc<[PriorityRule]>) {
+        self.rules = rules;
     }
 
     /// Is a store path available, counting outputs whose commit is still under way?
@@ -538,6 +554,8 @@ impl QueueState {
             }
             let id = self.next_build_id;
             self.next_build_id += 1;
+            let priority =
+                apply_priority_rules(&self.rules, priority, &t.system, &tags, &t.drv_path);
             let state = if missing.is_empty() {
                 BuildState::Runnable
             } else {
@@ -579,13 +597,19 @@ impl QueueState {
                 .iter()
                 .map(|(_, o)| self.waiting.get(&PathDigest::of(o)).map_or(0, |s| s.len()))
                 .sum::<usize>();
+            // Builds submitted earlier may already wait on this one's outputs.
+            let out_digests: Vec<PathDigest> =
+                b.outputs.iter().map(|(_, o)| PathDigest::of(o)).collect();
+            let effective = self
+                .waiters_max(&out_digests)
+                .map_or(priority, |w| w.max(priority));
             let l = LiveBuild {
                 state,
                 system: self.symbols.system(&b.system),
                 tags: tag_set,
                 attempt: 0,
                 priority,
-                effective: priority,
+                effective,
                 rdeps: rdeps.min(u32::MAX as usize) as u32,
                 missing: missing.len() as u32,
                 retries: 0,
@@ -608,6 +632,14 @@ impl QueueState {
             out.push(summary(&b));
             self.pending.insert(id, Arc::new(b));
             fx.submitted.push(id);
+            self.raise_inputs(id, effective, Some(&mut fx), &|q, b| q.inputs_of(b))?;
+        }
+        // A build made runnable above may have been raised by a later target: hand the
+        // allocator its current numbers.
+        for e in &mut fx.runnable {
+            if let Some(l) = self.live.get(&e.id) {
+                *e = l.entry(e.id);
+            }
         }
         fx.batch.put_raw(
             TreeId::Meta,
@@ -750,9 +782,13 @@ impl QueueState {
             ));
         }
         let was_runnable = b.state == BuildState::Runnable;
+        let old = b.effective;
+        let inputs = self.inputs_of(id)?;
         let mut b = self.live_record(id)?;
         let mut fx = Effects::default();
         self.retire_with(&b, &mut fx);
+        // Its inputs no longer inherit its priority.
+        self.lower_inputs(inputs, old, &mut fx)?;
         b.state = BuildState::Canceled;
         b.finished_ms = now;
         b.reason = "canceled by request".into();

@@ -773,10 +773,12 @@ fn fingerprint(q: &QueueState) -> String {
     let requests: BTreeMap<&RequestKey, &BTreeSet<BuildId>> = q.requests.iter().collect();
     let request_of: BTreeMap<BuildId, &str> =
         q.request_of.iter().map(|(id, r)| (*id, &**r)).collect();
+    let input_failed: BTreeMap<[u8; 20], &BTreeSet<BuildId>> =
+        q.input_failed.iter().map(|(d, s)| (d.0, s)).collect();
     format!(
         "live {live:#?}\nby_state {by_state:?}\nwaiting {waiting:?}\nproducers {:?}\n\
          by_drv {:?}\nleases {leases:?}\nrequests {requests:?}\nrequest_of {request_of:?}\n\
-         next {}",
+         input_failed {input_failed:?}\nnext {}",
         digests(&q.producers),
         digests(&q.by_drv),
         q.next_build_id
@@ -935,4 +937,348 @@ fn show_of_a_blocked_build_finds_the_last_producer_through_the_index() {
     assert_eq!((b, st), want);
     f.reload();
     assert!(f.q.take_migration().is_empty(), "migrated once");
+}
+
+fn eff(f: &Fixture, id: BuildId) -> i32 {
+    f.q.live_entry(id).unwrap().effective
+}
+
+/// Derived priority: inputs inherit the highest effective priority of the builds waiting on
+/// them, transitively, on submission (either order) and on re-prioritisation up and down (a
+/// diamond falls as a whole); a canceled dependent takes its priority away; the allocator is
+/// told (re-keyed) for runnable builds; a reload derives the same values.
+#[test]
+fn derived_priority_follows_submissions_reprioritisation_and_cancel() {
+    let (mut f, ids) = Fixture::new(&["a"]);
+    let a = ids[0];
+    let (fx, chain) =
+        f.q.submit(
+            vec![target("b", &["a"]), target("c", &["b"])],
+            vec![],
+            0,
+            vec![],
+            2,
+        )
+        .unwrap();
+    f.commit(fx);
+    let (b, c) = (chain[0].id, chain[1].id);
+    let (fx, top) =
+        f.q.submit(vec![target("d", &["c"])], vec![], 10, vec![], 3)
+            .unwrap();
+    let d = top[0].id;
+    assert_eq!([eff(&f, a), eff(&f, b), eff(&f, c), eff(&f, d)], [10; 4]);
+    assert_eq!(
+        fx.rekeyed
+            .iter()
+            .map(|e| (e.id, e.effective))
+            .collect::<Vec<_>>(),
+        vec![(a, 10)],
+        "only the runnable input is re-keyed"
+    );
+    f.commit(fx);
+    // Down: the chain follows.
+    let (fx, s) = f.q.set_priority(d, 3).unwrap();
+    assert_eq!(s.priority, 3);
+    assert_eq!(kinds(&fx), vec!["build-reprioritized"]);
+    assert_eq!([eff(&f, a), eff(&f, b), eff(&f, c), eff(&f, d)], [3; 4]);
+    assert_eq!(fx.rekeyed.last().map(|e| (e.id, e.effective)), Some((a, 3)));
+    f.commit(fx);
+    assert_eq!(
+        f.q.full(d).unwrap().unwrap().priority,
+        3,
+        "own priority stored"
+    );
+    // Up in the middle: only what b needs rises.
+    let (fx, _) = f.q.set_priority(b, 7).unwrap();
+    f.commit(fx);
+    assert_eq!(
+        [eff(&f, a), eff(&f, b), eff(&f, c), eff(&f, d)],
+        [7, 7, 3, 3]
+    );
+    // A second dependent of a, lower than b.
+    let (fx, e) =
+        f.q.submit(vec![target("e", &["a"])], vec![], 5, vec![], 4)
+            .unwrap();
+    f.commit(fx);
+    assert_eq!(eff(&f, a), 7);
+    // b back to 0: b inherits 3 from c, a the highest of its waiters (e's 5).
+    let (fx, _) = f.q.set_priority(b, 0).unwrap();
+    f.commit(fx);
+    assert_eq!([eff(&f, a), eff(&f, b), eff(&f, c)], [5, 3, 3]);
+    // e canceled: a falls to what b gives it.
+    let (fx, _) = f.q.cancel(e[0].id, 5).unwrap();
+    assert_eq!(fx.rekeyed.last().map(|e| (e.id, e.effective)), Some((a, 3)));
+    f.commit(fx);
+    assert_eq!(eff(&f, a), 3);
+
+    // A diamond: t needs l and r, both need base. Lowering t lowers all of them.
+    let (fx, _) =
+        f.q.submit(vec![target("base", &[])], vec![], 0, vec![], 6)
+            .unwrap();
+    f.commit(fx);
+    let (fx, sides) =
+        f.q.submit(
+            vec![target("l", &["base"]), target("r", &["base"])],
+            vec![],
+            1,
+            vec![],
+            7,
+        )
+        .unwrap();
+    f.commit(fx);
+    let (fx, t) =
+        f.q.submit(vec![target("t", &["l", "r"])], vec![], 8, vec![], 8)
+            .unwrap();
+    f.commit(fx);
+    let base = f.q.by_drv[&PathDigest::of(&target("base", &[]).drv_path)];
+    let (l, r, t) = (sides[0].id, sides[1].id, t[0].id);
+    assert_eq!([eff(&f, base), eff(&f, l), eff(&f, r)], [8; 3]);
+    let (fx, _) = f.q.set_priority(t, -2).unwrap();
+    f.commit(fx);
+    assert_eq!(
+        [eff(&f, base), eff(&f, l), eff(&f, r), eff(&f, t)],
+        [1, 1, 1, -2]
+    );
+    let (fx, _) = f.q.set_priority(r, 4).unwrap();
+    f.commit(fx);
+    assert_eq!([eff(&f, base), eff(&f, l), eff(&f, r)], [4, 1, 4]);
+
+    // A producer submitted after its dependent starts with the dependent's priority, and
+    // the allocator gets it with that value.
+    let (fx, _) =
+        f.q.submit(vec![target("x", &["y"])], vec![], 9, vec![], 9)
+            .unwrap();
+    f.commit(fx);
+    let (fx, y) =
+        f.q.submit(vec![target("y", &[])], vec![], 0, vec![], 10)
+            .unwrap();
+    assert_eq!(eff(&f, y[0].id), 9);
+    assert_eq!(
+        fx.runnable.iter().map(|e| e.effective).collect::<Vec<_>>(),
+        vec![9]
+    );
+    f.commit(fx);
+
+    // Restart equals memory (effective priorities are derived again at load).
+    let before = fingerprint(&f.q);
+    let entries = named_entries(&f.q);
+    f.reload();
+    assert_eq!(fingerprint(&f.q), before);
+    assert_eq!(named_entries(&f.q), entries);
+
+    // Finished and unknown builds cannot be reprioritised.
+    f.uploaded("y");
+    let (fx, _) = f.q.allocate(7, None, &[y[0].id], 11).unwrap();
+    f.commit(fx);
+    let (fx, _) = f.q.finish(7, y[0].id, 1, Ok(built("y")), 0, 12).unwrap();
+    f.commit(fx);
+    assert!(matches!(
+        f.q.set_priority(y[0].id, 1),
+        Err(QueueError::WrongState(_, BuildState::Succeeded, _))
+    ));
+    assert!(matches!(
+        f.q.set_priority(9999, 1),
+        Err(QueueError::NoSuchBuild(9999))
+    ));
+}
+
+/// Priority rules apply at submission, per build (its system, the submission's tags, its
+/// derivation name), and what they give is the stored own priority (a reload keeps it).
+#[test]
+fn priority_rules_set_the_own_priority_at_submission() {
+    let (mut f, _) = Fixture::new(&[]);
+    let rules: Vec<PriorityRule> = toml::from_str::<crate::config::Config>(
+        "[[scheduling.priority_rules]]\nsystem = 'i586-gnu'\npriority = 20\n\
+         [[scheduling.priority_rules]]\nname = 'kern*'\nadd = 4\n\
+         [[scheduling.priority_rules]]\ntag = 'origin=ci'\nadd = -10\n",
+    )
+    .unwrap()
+    .scheduling
+    .priority_rules;
+    f.q.set_rules(Arc::from(rules));
+    let hurd = Target {
+        system: "i586-gnu".into(),
+        ..target("hurd", &[])
+    };
+    let (fx, got) =
+        f.q.submit(
+            vec![hurd, target("kernel", &[]), target("other", &[])],
+            vec![],
+            1,
+            vec![],
+            2,
+        )
+        .unwrap();
+    f.commit(fx);
+    assert_eq!(
+        got.iter().map(|b| b.priority).collect::<Vec<_>>(),
+        vec![20, 5, 1]
+    );
+    let (fx, ci) =
+        f.q.submit(
+            vec![target("kernel2", &[])],
+            vec![],
+            1,
+            vec![("origin".into(), "ci".into())],
+            3,
+        )
+        .unwrap();
+    f.commit(fx);
+    assert_eq!(ci[0].priority, -5);
+    f.reload();
+    assert_eq!(f.q.live_entry(got[0].id).unwrap().priority, 20);
+    assert_eq!(f.q.live_entry(ci[0].id).unwrap().effective, -5);
+}
+
+/// Run build `id` (named `name`) on agent 7 to the end: leased, then finished with
+/// `ok` (uploaded first) or a builder failure.
+fn run_to_end(f: &mut Fixture, id: BuildId, name: &str, ok: bool, now: u64) -> Effects {
+    let (fx, got) = f.q.allocate(7, None, &[id], now).unwrap();
+    assert_eq!(got.leased.len(), 1, "build {id} ({name}) is leased");
+    f.commit(fx);
+    let outcome = if ok {
+        f.uploaded(name);
+        Ok(built(name))
+    } else {
+        Err("builder exited with 1".to_string())
+    };
+    let (fx, answer) = f.q.finish(7, id, 1, outcome, 1, now + 1).unwrap();
+    assert!(matches!(answer, FinishAnswer::Accepted));
+    fx
+}
+
+fn reason(f: &Fixture, id: BuildId) -> String {
+    f.q.record(id).unwrap().unwrap().reason
+}
+
+fn id_of(f: &Fixture, name: &str) -> BuildId {
+    f.q.by_drv[&PathDigest::of(&target(name, &[]).drv_path)]
+}
+
+/// Dependents of a failed build fail too, transitively, each naming its failed input, with
+/// a `build-failed` event each; their other inputs lose the priority they gave; a reload
+/// agrees. When the failed input is built again they are requeued (runnable or blocked),
+/// except one still behind another failed input, which follows once that one is built too.
+#[test]
+fn dependents_of_a_failed_build_fail_and_come_back_when_it_is_rebuilt() {
+    let (mut f, ids) = Fixture::new(&["a", "x", "p", "q"]);
+    let (a, x, p, q) = (ids[0], ids[1], ids[2], ids[3]);
+    let (fx, deps) =
+        f.q.submit(
+            vec![
+                target("b", &["a"]),
+                target("c", &["b"]),
+                target("d", &["a", "x"]),
+                target("r", &["p", "q"]),
+            ],
+            vec![],
+            5,
+            vec![],
+            2,
+        )
+        .unwrap();
+    f.commit(fx);
+    let (b, c, d, r) = (deps[0].id, deps[1].id, deps[2].id, deps[3].id);
+    assert_eq!(eff(&f, x), 5);
+    let fx = run_to_end(&mut f, a, "a", false, 3);
+    assert_eq!(
+        kinds(&fx).iter().filter(|k| **k == "build-failed").count(),
+        4,
+        "a and its three dependents: {:?}",
+        kinds(&fx)
+    );
+    assert!(fx.runnable.is_empty());
+    assert_eq!(fx.rekeyed.last().map(|e| (e.id, e.effective)), Some((x, 0)));
+    f.commit(fx);
+    for (id, why) in [(b, a), (c, b), (d, a)] {
+        assert_eq!(f.state(id), BuildState::Failed);
+        assert_eq!(reason(&f, id), format!("input build {why} failed"));
+    }
+    assert_eq!((eff(&f, x), f.q.live_entry(x).unwrap().rdeps), (0, 0));
+    assert_eq!(
+        f.q.count(BuildState::Blocked),
+        1,
+        "only r (behind p and q) waits"
+    );
+    let before = fingerprint(&f.q);
+    f.reload();
+    assert_eq!(
+        fingerprint(&f.q),
+        before,
+        "a reload rebuilds the same index"
+    );
+
+    // a resubmitted: nothing comes back until it is built.
+    let (fx, again) =
+        f.q.submit(vec![target("a", &[])], vec![], 0, vec![], 10)
+            .unwrap();
+    f.commit(fx);
+    let a2 = again[0].id;
+    assert_ne!(a2, a);
+    assert_eq!(f.state(b), BuildState::Failed);
+    let fx = run_to_end(&mut f, a2, "a", true, 11);
+    assert_eq!(
+        kinds(&fx)
+            .iter()
+            .filter(|k| **k == "build-requeued")
+            .count(),
+        3,
+        "{:?}",
+        kinds(&fx)
+    );
+    assert_eq!(
+        fx.runnable
+            .iter()
+            .map(|e| (e.id, e.effective))
+            .collect::<Vec<_>>(),
+        vec![(b, 5)],
+        "b keeps its priority (c waits on it)"
+    );
+    f.commit(fx);
+    assert_eq!(f.state(b), BuildState::Runnable);
+    assert_eq!(f.state(c), BuildState::Blocked);
+    assert_eq!(f.state(d), BuildState::Blocked, "d waits on x");
+    assert_eq!(reason(&f, c), "");
+    assert_eq!(eff(&f, x), 5, "x inherits d's priority again");
+    let before = fingerprint(&f.q);
+    f.reload();
+    assert_eq!(fingerprint(&f.q), before);
+    let fx = run_to_end(&mut f, b, "b", true, 20);
+    assert_eq!(
+        fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![c]
+    );
+    f.commit(fx);
+
+    // r is behind p and q; both fail; p rebuilt alone does not bring r back.
+    let fx = run_to_end(&mut f, p, "p", false, 30);
+    f.commit(fx);
+    assert_eq!(reason(&f, r), format!("input build {p} failed"));
+    let fx = run_to_end(&mut f, q, "q", false, 32);
+    assert_eq!(kinds(&fx), vec!["build-started", "build-failed"]);
+    f.commit(fx);
+    let (fx, p2) =
+        f.q.submit(vec![target("p", &[])], vec![], 0, vec![], 34)
+            .unwrap();
+    f.commit(fx);
+    let fx = run_to_end(&mut f, p2[0].id, "p", true, 35);
+    assert!(!kinds(&fx).contains(&"build-requeued"), "{:?}", kinds(&fx));
+    f.commit(fx);
+    assert_eq!(f.state(r), BuildState::Failed);
+    let before = fingerprint(&f.q);
+    f.reload();
+    assert_eq!(fingerprint(&f.q), before);
+    let (fx, q2) =
+        f.q.submit(vec![target("q", &[])], vec![], 0, vec![], 40)
+            .unwrap();
+    f.commit(fx);
+    let fx = run_to_end(&mut f, q2[0].id, "q", true, 41);
+    assert_eq!(
+        fx.runnable.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![r]
+    );
+    f.commit(fx);
+    assert_eq!(f.state(r), BuildState::Runnable);
+    assert_eq!(id_of(&f, "r"), r, "the same build, live again");
+    assert!(f.q.input_failed.is_empty());
 }
