@@ -371,7 +371,7 @@ fn cancel_cmd(a: BuildIdArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
 }
 
 fn priority_cmd(a: PriorityArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
-    let client = a.opts.client();
+    let client = a.opts.client()?;
     let summary: BuildSummary = client.post_json(
         &format!("builds/{}/priority", a.id),
         &serde_json::json!({"priority": a.priority}),

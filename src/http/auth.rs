@@ -62,7 +62,14 @@ pub fn tokens_exist(store: &Store) -> bool {
 pub fn required_scope(method: &Method, path: &str) -> Scope {
     let rest = path.strip_prefix(CLIENT_API).unwrap_or(path);
     let reading = matches!(*method, Method::GET | Method::HEAD);
-    if rest == "/agents" || rest.starts_with("/tokens") || rest.starts_with("/faults") {
+    // Agents (creation, secret rotation), registration tokens, client tokens and fault points
+    // are the operator's: admin, except reading the agent list.
+    let admin_area = rest == "/agents"
+        || rest.starts_with("/agents/")
+        || rest.starts_with("/registration-tokens")
+        || rest.starts_with("/tokens")
+        || rest.starts_with("/faults");
+    if admin_area {
         return if reading && rest == "/agents" {
             Scope::Read
         } else {
@@ -331,6 +338,21 @@ mod tests {
         assert_eq!(required_scope(&Method::POST, &p("/agents")), Scope::Admin);
         assert_eq!(required_scope(&Method::POST, &p("/tokens")), Scope::Admin);
         assert_eq!(required_scope(&Method::GET, &p("/tokens")), Scope::Admin);
+        assert_eq!(
+            required_scope(&Method::POST, &p("/agents/b1/rotate-secret")),
+            Scope::Admin
+        );
+        for m in [Method::GET, Method::POST] {
+            assert_eq!(required_scope(&m, &p("/registration-tokens")), Scope::Admin);
+        }
+        assert_eq!(
+            required_scope(&Method::POST, &p("/registration-tokens/x/revoke")),
+            Scope::Admin
+        );
+        assert_eq!(
+            required_scope(&Method::POST, &p("/builds/3/priority")),
+            Scope::Submit
+        );
     }
 
     #[test]
