@@ -85,7 +85,7 @@ impl RegistrationTokenConfig {
         let token = text.trim().to_string();
         anyhow::ensure!(
             token.len() >= 32,
-            "registration token file {} holds {} characters; a token needs at least 32 (make one with `kiln agent registration-token new --token-file`, or `head -c 32 /dev/urandom | xxd -p -c 64`)",
+            "registration token file {} holds {} characters; a token needs at least 32 (make one with `kiln agent registration-token new --save-to FILE`, or `head -c 32 /dev/urandom | xxd -p -c 64`)",
             f.display(),
             token.len()
         );

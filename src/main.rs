@@ -244,3 +244,15 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every subcommand's arguments are consistent (unique names, valid defaults): clap checks
+    /// a subcommand only when it is used, so a clash (two `--token-file`s) would otherwise
+    /// show only to the user who runs that command.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
+    }
+}

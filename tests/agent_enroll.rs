@@ -125,7 +125,7 @@ fn agents_register_with_a_token_rotate_and_are_refused_after() {
             "x86_64-linux",
             "--tag",
             "big-memory=yes",
-            "--token-file",
+            "--save-to",
             token_file.to_str().unwrap(),
         ],
     ));

@@ -1,6 +1,6 @@
 //! `kiln agent rotate-secret` and `kiln agent registration-token new|list|revoke`: enrolling
 //! agents from the operator's side. Secrets and tokens are shown once; `--secret-file` and
-//! `--token-file` keep them off the terminal (written with mode 0600).
+//! `--save-to` keep them off the terminal (written with mode 0600).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -42,9 +42,10 @@ pub struct NewTokenArgs {
     /// Limit the tags they may offer to these (repeatable); default: any.
     #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
     pub tags: Vec<(String, String)>,
-    /// Write the token to this file (mode 0600) instead of printing it.
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
+    /// Write the token to this file (mode 0600) instead of printing it. (Not `--token-file`:
+    /// that is the client token every client command may be given.)
+    #[arg(long = "save-to", value_name = "FILE")]
+    pub save_to: Option<PathBuf>,
     #[command(flatten)]
     pub opts: ClientOpts,
 }
@@ -156,7 +157,7 @@ fn new_token(a: NewTokenArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     };
     let mut created: RegistrationTokenCreated =
         a.opts.client()?.post_json("registration-tokens", &body)?;
-    if let Some(file) = &a.token_file {
+    if let Some(file) = &a.save_to {
         write_secret(file, &created.token)
             .with_context(|| format!("the token {} was made but not saved", created.id))?;
         created.token = String::new();
