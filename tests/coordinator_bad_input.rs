@@ -165,6 +165,7 @@ fn bad_input_is_refused_with_a_clear_4xx_and_changes_nothing() {
             &own_path
         };
         let r = ureq::put(&c.url("/api/v1/sources"))
+            .set("Content-Type", "application/x-nix-archive")
             .query("path", path)
             .query("nar_hash", &nar_hash.to_nix_string())
             .query("references", refs)

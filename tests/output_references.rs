@@ -66,6 +66,7 @@ fn a_result_whose_references_are_not_its_nars_is_refused() {
     );
     let (code, r) = response(
         ureq::put(&c.url("/api/v1/sources"))
+            .set("Content-Type", "application/x-nix-archive")
             .query("path", &src)
             .query("nar_hash", &src_hash.to_nix_string())
             .query("references", "")

@@ -92,6 +92,7 @@ fn added(nix: &Nix, path: &str) -> Added {
 fn upload(c: &Coordinator, path: &str, a: &Added, refs: &[String]) -> (u16, serde_json::Value) {
     response(
         ureq::put(&c.url("/api/v1/sources"))
+            .set("Content-Type", "application/x-nix-archive")
             .query("path", path)
             .query("nar_hash", &a.nar_hash)
             .query("references", &refs.join(","))
