@@ -67,6 +67,9 @@ fn record(id: u64) -> BuildRecord {
         reason: String::new(),
         log_attempt: 0,
         request: String::new(),
+        retries: 0,
+        builder_retries: 0,
+        defer_until_ms: 0,
     }
 }
 

@@ -254,6 +254,50 @@ pub struct SchedulingConfig {
     pub matched_tags: Vec<String>,
     /// Rules that set or raise a build's own priority at submission, applied in order.
     pub priority_rules: Vec<PriorityRule>,
+    /// Automatic retries of failed attempts (`[scheduling.retries]`).
+    pub retries: RetryConfig,
+}
+
+/// `[scheduling.retries]`: how often a build is put back in the queue after a failed attempt,
+/// and how long it waits before it is offered again (docs/runtime-semantics.md, "Retries").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Retries after infrastructure failures (agent lost or disconnected, lease not held,
+    /// setup or upload failure reported by the agent). The next failure fails the build.
+    pub infrastructure: u32,
+    /// Retries after builder failures (the agent reported the build itself failed).
+    pub builder: u32,
+    /// The wait before the second retry; the first retry is offered at once, each later one
+    /// waits twice as long as the one before, up to `backoff_max_ms`.
+    pub backoff_initial_ms: u64,
+    /// The longest wait between retries.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> RetryConfig {
+        RetryConfig {
+            infrastructure: 3,
+            builder: 0,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 60_000,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// How long the build waits before retry number `retry` (1 = the first): none for the
+    /// first, then `backoff_initial_ms` doubled per retry, capped by `backoff_max_ms`.
+    pub fn backoff_ms(&self, retry: u32) -> u64 {
+        if retry <= 1 {
+            return 0;
+        }
+        let doublings = (retry - 2).min(32);
+        self.backoff_initial_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.backoff_max_ms)
+    }
 }
 
 /// `[[scheduling.priority_rules]]`: when every matcher given matches a submitted build, set
@@ -516,6 +560,13 @@ impl Config {
         for (i, r) in self.scheduling.priority_rules.iter().enumerate() {
             r.check(i)?;
         }
+        let r = &self.scheduling.retries;
+        anyhow::ensure!(
+            r.backoff_initial_ms <= r.backoff_max_ms,
+            "scheduling.retries.backoff_initial_ms is {} but backoff_max_ms is {}: the first wait cannot exceed the longest; raise backoff_max_ms",
+            r.backoff_initial_ms,
+            r.backoff_max_ms
+        );
         let t = &self.timeouts;
         anyhow::ensure!(
             t.agent_timeout_ms >= 1000,

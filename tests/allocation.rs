@@ -103,6 +103,7 @@ fn a_failed_lease_gives_back_exactly_its_builds() {
                 builds,
                 priority: 0,
                 tags: vec![],
+                defer_until_ms: 0,
             }))
             .await
             .unwrap()

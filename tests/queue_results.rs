@@ -91,6 +91,7 @@ fn a_duplicate_result_is_answered_only_after_the_first_commit() {
                 builds: vec![p],
                 priority: 0,
                 tags: vec![],
+                defer_until_ms: 0,
             }))
             .await
             .unwrap()

@@ -202,6 +202,7 @@ async fn submit(actors: &Actors, sd: &StoreDir, prefix: &str, n: usize) -> Vec<u
             builds,
             priority: 0,
             tags: vec![],
+            defer_until_ms: 0,
         }))
         .await
         .unwrap()

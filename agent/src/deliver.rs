@@ -10,7 +10,7 @@
 //! `stale_attempt` anywhere means the build is no longer ours.
 
 use kiln::protocol::{
-    BuiltOutput, HeldPhase, LogQuery, Outcome, ResultAck, ResultReport, UploadStatus,
+    BuiltOutput, FailureKind, HeldPhase, LogQuery, Outcome, ResultAck, ResultReport, UploadStatus,
     SESSION_HEADER,
 };
 
@@ -49,7 +49,10 @@ pub async fn deliver(
                         out.name, e.code, e.message
                     );
                     tracing::error!(build_id = id, output = %out.name, reason = %reason, "failing the build");
-                    report.outcome = Outcome::Failed { reason };
+                    report.outcome = Outcome::Failed {
+                        reason,
+                        kind: FailureKind::Upload,
+                    };
                     dir.write_report(&report)
                         .await
                         .map_err(|e| CallError::transient(format!("{e:#}")))?;

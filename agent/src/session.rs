@@ -27,7 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln::protocol::{
-    AgentCommand, Assignment, BuildId, Heartbeat, HeartbeatReply, HeldPhase, Outcome, StartReport,
+    AgentCommand, Assignment, BuildId, FailureKind, Heartbeat, HeartbeatReply, HeldPhase, Outcome,
+    StartReport,
     WorkReply, WorkRequest, SESSION_HEADER,
 };
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -539,9 +540,17 @@ async fn run_allocated(
     release();
     let outcome = match result {
         Ok(BuildResult::Built(outputs)) => Outcome::Succeeded { outputs },
-        Ok(BuildResult::Failed(reason)) => Outcome::Failed { reason },
+        Ok(BuildResult::Failed(reason)) => Outcome::Failed {
+            reason,
+            kind: FailureKind::Builder,
+        },
+        Ok(BuildResult::SetupFailed(reason)) => Outcome::Failed {
+            reason,
+            kind: FailureKind::Setup,
+        },
         Ok(BuildResult::Stopped(StopReason::Cancel)) => Outcome::Failed {
             reason: "canceled".into(),
+            kind: FailureKind::Builder,
         },
         Ok(BuildResult::Stopped(reason)) => {
             if reason == StopReason::Abandon {
@@ -553,6 +562,7 @@ async fn run_allocated(
         }
         Err(e) => Outcome::Failed {
             reason: format!("agent error: {e:#}"),
+            kind: FailureKind::Setup,
         },
     };
     let report = StoredReport::new(id, attempt, outcome, dir.log().exists());
@@ -595,7 +605,7 @@ async fn build(
         }
     };
     if let Err(reason) = fetched {
-        return Ok(BuildResult::Failed(reason));
+        return Ok(BuildResult::SetupFailed(reason));
     }
     agent.executor.run(a, dir, stop).await
 }
@@ -663,7 +673,7 @@ async fn deliver_and_finish(
             Ok(Delivered::Acknowledged { duplicate }) => {
                 let counter = match &report.outcome {
                     Outcome::Succeeded { .. } => &metrics::BUILDS_SUCCEEDED,
-                    Outcome::Failed { reason } if reason == "canceled" => &metrics::BUILDS_CANCELED,
+                    Outcome::Failed { reason, .. } if reason == "canceled" => &metrics::BUILDS_CANCELED,
                     Outcome::Failed { .. } => &metrics::BUILDS_FAILED,
                 };
                 counter.inc();
@@ -689,7 +699,10 @@ async fn deliver_and_finish(
                 match after_refusal(&code, &message, &report.outcome) {
                     AfterRefusal::ReportFailure(reason) => {
                         tracing::warn!(build_id = id, attempt, code = %code, "coordinator refused the result; reporting the build failed instead");
-                        report.outcome = Outcome::Failed { reason };
+                        report.outcome = Outcome::Failed {
+                            reason,
+                            kind: FailureKind::Builder,
+                        };
                         match dir.write_report(&report).await {
                             Ok(()) => continue,
                             Err(e) => tracing::error!(
@@ -722,6 +735,7 @@ mod tests {
     fn failure() -> Outcome {
         Outcome::Failed {
             reason: "builder exited with status 1".into(),
+            kind: FailureKind::Builder,
         }
     }
 

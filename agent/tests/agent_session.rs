@@ -121,6 +121,7 @@ async fn a_stored_report_is_resent_after_a_restart() {
     std::fs::write(decided.log(), b"it broke \xff\n").unwrap();
     let outcome = Outcome::Failed {
         reason: "builder exited with status 1".into(),
+        kind: kiln::protocol::FailureKind::Builder,
     };
     decided
         .write_report(&StoredReport::new(9, 2, outcome.clone(), true))
@@ -201,7 +202,8 @@ async fn a_cancel_command_stops_the_builder_and_reports_canceled() {
     assert_eq!(
         result.outcome,
         Outcome::Failed {
-            reason: "canceled".into()
+            reason: "canceled".into(),
+            kind: kiln::protocol::FailureKind::Builder,
         }
     );
     let log = fake

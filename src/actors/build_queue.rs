@@ -19,7 +19,7 @@ use super::restarts::Restarts;
 use super::submission::{prepare, Prepared, SubmitError};
 use super::symbols::Symbols;
 use super::{guarded, ActorError};
-use crate::config::PriorityRule;
+use crate::config::{PriorityRule, RetryConfig};
 use crate::derivation::store_path::StoreDir;
 use crate::protocol::{
     AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, BuiltOutput, HeldBuild,
@@ -31,6 +31,10 @@ use crate::store::records::{AgentRecord, BuildRecord};
 use crate::store::{meta, now_ms, Committer, Store, TreeId};
 
 const NAME: &str = "build queue";
+
+/// How often the queue looks whether the earliest deferral ended (the granularity of
+/// backoffs and `defer_until`).
+const WAKE_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub struct BuildQueue {
     store: Store,
@@ -46,6 +50,8 @@ pub struct BuildQueue {
     store_dir: Option<StoreDir>,
     /// `[[scheduling.priority_rules]]` (handed to every state this actor loads).
     rules: Arc<[PriorityRule]>,
+    /// `[scheduling.retries]` (handed to every state this actor loads).
+    retry: RetryConfig,
 }
 
 impl BuildQueue {
@@ -59,10 +65,12 @@ impl BuildQueue {
         symbols: Arc<Symbols>,
         store_dir: Option<StoreDir>,
         rules: Arc<[PriorityRule]>,
+        retry: RetryConfig,
     ) -> BuildQueue {
         BuildQueue {
             state: QueueState::unloaded(store.clone(), symbols.clone()),
             rules,
+            retry,
             store,
             committer,
             allocator,
@@ -82,18 +90,24 @@ impl BuildQueue {
         let mut first = true;
         let mut handed = 0usize;
         let (mut state, rekeyed) =
-            QueueState::load_streaming(self.store.clone(), self.symbols.clone(), &mut |entries| {
-                handed += entries.len();
-                allocator.do_send(Fill {
-                    entries,
-                    first: std::mem::take(&mut first),
-                    last: false,
-                });
-            })?;
+            QueueState::load_streaming(
+                self.store.clone(),
+                self.symbols.clone(),
+                now_ms(),
+                &mut |entries| {
+                    handed += entries.len();
+                    allocator.do_send(Fill {
+                        entries,
+                        first: std::mem::take(&mut first),
+                        last: false,
+                    });
+                },
+            )?;
         for batch in state.take_migration() {
             self.committer.commit_blocking(batch)?;
         }
         state.set_rules(self.rules.clone());
+        state.set_retry(self.retry);
         self.state = state;
         if !rekeyed.is_empty() {
             self.allocator.do_send(Rekey(rekeyed));
@@ -217,6 +231,20 @@ impl BuildQueue {
         Box::pin(actix::fut::ready(r))
     }
 
+    /// Offer the builds whose deferral (a submission's `defer_until`, a retry's backoff) has
+    /// ended. The timer checks only the earliest deferral, so a tick costs nothing when none
+    /// is due.
+    fn wake_deferred(&mut self) {
+        let now = now_ms();
+        if self.state.next_wake().is_some_and(|t| t <= now) {
+            let due = self.state.wake(now);
+            if !due.is_empty() {
+                tracing::debug!(builds = due.len(), "deferrals ended");
+                self.allocator.do_send(BuildsRunnable(due));
+            }
+        }
+    }
+
     /// Live builds per state, from the per-state index (no scan).
     fn update_gauges(&self) {
         for st in LIVE_STATES {
@@ -242,6 +270,9 @@ impl Actor for BuildQueue {
             self.update_gauges();
             ctx.run_interval(std::time::Duration::from_secs(2), |act, ctx| {
                 catch(NAME, ctx, |_| act.update_gauges());
+            });
+            ctx.run_interval(WAKE_TICK, |act, ctx| {
+                catch(NAME, ctx, |_| act.wake_deferred());
             });
         });
     }
@@ -274,6 +305,7 @@ impl Rebuild for BuildQueue {
             self.symbols.clone(),
             store_dir,
             self.rules.clone(),
+            self.retry,
         ))
     }
 }
@@ -299,6 +331,7 @@ impl Handler<Submit> for BuildQueue {
         let store = self.store.clone();
         let store_dir = self.store_dir.clone();
         let req = msg.0;
+        let defer_until_ms = req.defer_until_ms;
         // Parsing and hashing run on a blocking thread; the decision runs on this loop.
         let check = async move {
             let r = tokio::task::spawn_blocking(move || {
@@ -312,7 +345,7 @@ impl Handler<Submit> for BuildQueue {
         Box::pin(guard_future::<Self, _, _>(NAME, check).then(guard_map(
             NAME,
             || Self::ready(Err(unavailable(NAME))),
-            |checked: Checked, act: &mut Self, ctx: &mut Context<Self>| {
+            move |checked: Checked, act: &mut Self, ctx: &mut Context<Self>| {
                 let (prepared, priority, tags) = match checked {
                     Ok(x) => x,
                     Err(e) => return Self::ready(Err(e)),
@@ -345,6 +378,7 @@ impl Handler<Submit> for BuildQueue {
                     targets: prepared.targets.into(),
                     priority,
                     tags,
+                    defer_until_ms,
                     store_dir_record,
                     out: Vec::new(),
                     reply,
@@ -373,6 +407,7 @@ struct Chunked {
     targets: std::collections::VecDeque<super::queue_state::Target>,
     priority: i32,
     tags: Vec<(String, String)>,
+    defer_until_ms: u64,
     store_dir_record: Option<String>,
     out: Vec<crate::protocol::BuildSummary>,
     reply: tokio::sync::oneshot::Sender<Result<Submitted, ActorError>>,
@@ -407,9 +442,14 @@ impl BuildQueue {
             } else {
                 Vec::new()
             };
-            let (mut fx, builds) =
-                self.state
-                    .submit(targets, drvs, c.priority, c.tags.clone(), now_ms())?;
+            let (mut fx, builds) = self.state.submit_deferred(
+                targets,
+                drvs,
+                c.priority,
+                c.tags.clone(),
+                c.defer_until_ms,
+                now_ms(),
+            )?;
             if let Some(d) = c.store_dir_record.take() {
                 fx.batch
                     .put_raw(TreeId::Meta, meta::STORE_DIR, d.as_bytes());
@@ -556,7 +596,7 @@ pub struct Finish {
     pub agent_id: u64,
     pub build_id: BuildId,
     pub attempt: u32,
-    pub outcome: Result<Vec<BuiltOutput>, String>,
+    pub outcome: super::queue_state::ReportedOutcome,
     /// The attempt whose log is stored, if one was uploaded.
     pub log_attempt: u32,
     /// The references found in each output's NAR (success reports; see
@@ -594,6 +634,11 @@ impl Handler<Finish> for BuildQueue {
                     "succeeded"
                 };
                 metrics::counter!("kiln_builds_finished_total", "result" => result).increment(1);
+                self.commit(permit, fx, ResultAck { duplicate: false })
+            }
+            Ok((permit, (fx, FinishAnswer::Requeued))) => {
+                metrics::counter!("kiln_builds_finished_total", "result" => "requeued")
+                    .increment(1);
                 self.commit(permit, fx, ResultAck { duplicate: false })
             }
             Ok((permit, (fx, FinishAnswer::Refused(e)))) => Box::pin(
@@ -665,7 +710,7 @@ impl Handler<AgentLost> for BuildQueue {
     fn handle(&mut self, msg: AgentLost, ctx: &mut Context<Self>) -> Self::Result {
         let r = guarded::<Self, _>(NAME, ctx, |_| {
             let permit = self.reserve()?;
-            Ok((permit, self.state.agent_lost(msg.agent_id)?))
+            Ok((permit, self.state.agent_lost(msg.agent_id, now_ms())?))
         });
         match r {
             Ok((permit, fx)) => self.commit(permit, fx, ()),

@@ -134,8 +134,117 @@ pub struct SubmitArgs {
     /// coordinator lacks is built too.
     #[arg(long)]
     pub only_targets: bool,
+    /// Do not offer the new builds to agents before TIME: RFC 3339 in UTC
+    /// (`2026-12-24T18:00:00Z`) or relative to now (`+30s`, `+30m`, `+2h`, `+1d`).
+    #[arg(long, value_name = "TIME", value_parser = parse_defer_until)]
+    pub defer_until: Option<DeferUntil>,
     #[command(flatten)]
     pub opts: ClientOpts,
+}
+
+/// `--defer-until`: a time, or a delay from the moment of the submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeferUntil {
+    /// ms since the epoch.
+    At(u64),
+    /// ms from now.
+    After(u64),
+}
+
+impl DeferUntil {
+    /// ms since the epoch, relative delays counted from `now_ms`.
+    pub fn at(self, now_ms: u64) -> u64 {
+        match self {
+            DeferUntil::At(t) => t,
+            DeferUntil::After(d) => now_ms.saturating_add(d),
+        }
+    }
+}
+
+/// Parse `--defer-until` (see [`SubmitArgs::defer_until`]).
+pub fn parse_defer_until(s: &str) -> Result<DeferUntil, String> {
+    if let Some(rel) = s.strip_prefix('+') {
+        let split = rel.find(|c: char| !c.is_ascii_digit()).unwrap_or(rel.len());
+        let (n, unit) = rel.split_at(split);
+        let n: u64 = n.parse().map_err(|_| {
+            format!("{s:?} is not a relative time: write + then a number and a unit, e.g. +30m")
+        })?;
+        let ms = match unit {
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown unit {unit:?}; use s, m, h or d (e.g. +30m, +2h)"
+                ))
+            }
+        };
+        return n
+            .checked_mul(ms)
+            .map(DeferUntil::After)
+            .ok_or_else(|| format!("{s:?} is too far in the future"));
+    }
+    parse_rfc3339_utc(s).map(DeferUntil::At).ok_or_else(|| {
+        format!(
+            "{s:?} is not a time: use RFC 3339 in UTC (e.g. 2026-12-24T18:00:00Z) or a relative time (e.g. +30m, +2h)"
+        )
+    })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fff](Z|+00:00)` as ms since the epoch; `None` for anything else
+/// (another offset, a date before 1970, an impossible date).
+fn parse_rfc3339_utc(s: &str) -> Option<u64> {
+    let s = s
+        .strip_suffix('Z')
+        .or_else(|| s.strip_suffix('z'))
+        .or_else(|| s.strip_suffix("+00:00"))?;
+    let (date, time) = s.split_once(['T', 't', ' '])?;
+    let num = |x: &str, len: usize| -> Option<u64> {
+        (x.len() == len && x.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| x.parse().ok())
+            .flatten()
+    };
+    let mut d = date.split('-');
+    let (y, m, day) = (num(d.next()?, 4)?, num(d.next()?, 2)?, num(d.next()?, 2)?);
+    if d.next().is_some() {
+        return None;
+    }
+    let (hms, frac) = match time.split_once('.') {
+        Some((hms, f)) => (hms, Some(f)),
+        None => (time, None),
+    };
+    let mut t = hms.split(':');
+    let (hh, mm, ss) = (num(t.next()?, 2)?, num(t.next()?, 2)?, num(t.next()?, 2)?);
+    if t.next().is_some() {
+        return None;
+    }
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if y < 1970 || !(1..=12).contains(&m) || day == 0 || day > days_in[(m - 1) as usize] {
+        return None;
+    }
+    if hh > 23 || mm > 59 || ss > 59 {
+        return None;
+    }
+    let ms = match frac {
+        None => 0,
+        Some(f) if !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()) => {
+            let f3: String = f.chars().chain("000".chars()).take(3).collect();
+            f3.parse::<u64>().ok()?
+        }
+        Some(_) => return None,
+    };
+    // Days from the epoch to the date (Howard Hinnant's days_from_civil).
+    let (y, m) = (y as i64, m as i64);
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    Some(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + ms)
 }
 
 #[derive(clap::Args, Debug)]
@@ -274,6 +383,9 @@ fn submit_cmd(a: SubmitArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
         priority: a.priority,
         tags: a.tags,
         only_targets: a.only_targets,
+        defer_until_ms: a
+            .defer_until
+            .map_or(0, |d| d.at(crate::store::now_ms())),
     };
     let submitted = submit::submit_files(&client, a.store_dir.as_deref(), &a.drvs, &options)?;
     if a.opts.json {
@@ -522,6 +634,47 @@ mod tests {
         assert!(parse_tag("=x").unwrap_err().contains("KEY=VALUE"));
         assert_eq!(parse_state("failed").unwrap(), BuildState::Failed);
         assert!(parse_state("done").unwrap_err().contains("succeeded"));
+    }
+
+    /// `--defer-until`: RFC 3339 UTC and relative times parse to the right instant; other
+    /// offsets, impossible dates and unknown units are refused with what to write instead.
+    #[test]
+    fn defer_until_parses_utc_and_relative_times() {
+        assert_eq!(
+            parse_defer_until("1970-01-01T00:00:01Z").unwrap(),
+            DeferUntil::At(1_000)
+        );
+        // 2000-02-29 12:34:56.789 UTC (the date `render::utc` pins).
+        assert_eq!(
+            parse_defer_until("2000-02-29T12:34:56.789Z").unwrap(),
+            DeferUntil::At(951_827_696_789)
+        );
+        assert_eq!(
+            parse_defer_until("2000-02-29T12:34:56.789+00:00").unwrap(),
+            DeferUntil::At(951_827_696_789)
+        );
+        assert_eq!(
+            parse_defer_until("+30m").unwrap(),
+            DeferUntil::After(1_800_000)
+        );
+        assert_eq!(
+            parse_defer_until("+2h").unwrap(),
+            DeferUntil::After(7_200_000)
+        );
+        assert_eq!(parse_defer_until("+2h").unwrap().at(1_000), 7_201_000);
+        assert_eq!(parse_defer_until("+45s").unwrap(), DeferUntil::After(45_000));
+        for bad in [
+            "2001-02-29T00:00:00Z",
+            "2026-12-24T18:00:00+01:00",
+            "2026-12-24T24:00:00Z",
+            "2026-12-24",
+            "tomorrow",
+            "+",
+        ] {
+            let e = parse_defer_until(bad).unwrap_err();
+            assert!(e.contains("RFC 3339") || e.contains("relative"), "{bad}: {e}");
+        }
+        assert!(parse_defer_until("+3w").unwrap_err().contains("unknown unit"));
     }
 
     #[test]

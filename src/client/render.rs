@@ -149,6 +149,20 @@ pub fn build_detail(out: &mut dyn Write, d: &BuildDetail, now_ms: u64) -> anyhow
             text.push_str(&format!("    {:<w$}  {}\n", o.name, o.path));
         }
     }
+    if d.retries > 0 || d.builder_retries > 0 {
+        text.push_str(&format!(
+            "  retries:   {} infrastructure, {} builder\n",
+            d.retries, d.builder_retries
+        ));
+    }
+    if let Some(t) = d.defer_until_ms {
+        let when = if t > now_ms {
+            format!("in {}", seconds(t - now_ms))
+        } else {
+            "over".to_string()
+        };
+        text.push_str(&format!("  deferred:  until {} ({when})\n", utc(t)));
+    }
     if let Some(reason) = &d.reason {
         text.push_str(&format!("  reason:    {reason}\n"));
     }
@@ -250,11 +264,22 @@ mod tests {
                 note: "input build 7 failed: builder exited with status 1".into(),
             }],
             has_log: false,
+            retries: 2,
+            builder_retries: 0,
+            defer_until_ms: Some(5000),
         };
         let mut out = Vec::new();
         build_detail(&mut out, &d, 3000).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("build 9: blocked"), "{text}");
+        assert!(
+            text.contains("retries:   2 infrastructure, 0 builder"),
+            "{text}"
+        );
+        assert!(
+            text.contains("deferred:  until 1970-01-01 00:00:05.000 UTC (in 2"),
+            "{text}"
+        );
         assert!(
             text.contains("waiting for /s/def-foo: build 7 failed"),
             "{text}"

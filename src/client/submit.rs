@@ -32,6 +32,8 @@ pub struct SubmitOptions {
     pub tags: Vec<(String, String)>,
     /// Ask for builds of the targets only, not of input derivations whose outputs are missing.
     pub only_targets: bool,
+    /// Do not offer the new builds before this time (ms since the epoch; 0 = at once).
+    pub defer_until_ms: u64,
 }
 
 /// One `.drv` of a closure.
@@ -211,6 +213,7 @@ pub fn submit(
         builds,
         priority: options.priority,
         tags: options.tags.clone(),
+        defer_until_ms: options.defer_until_ms,
     };
     Ok(client.post_json("builds", &body)?)
 }

@@ -318,7 +318,7 @@ async fn result(
     };
     let outcome = match report.outcome {
         Outcome::Succeeded { outputs } => Ok(outputs),
-        Outcome::Failed { reason } => Err(reason),
+        Outcome::Failed { reason, kind } => Err((reason, kind)),
     };
     let scanned = match &outcome {
         Ok(outputs) => {

@@ -356,8 +356,40 @@ pub struct ResultReport {
 pub enum Outcome {
     /// Every output was uploaded and verified first.
     Succeeded { outputs: Vec<BuiltOutput> },
-    /// The builder failed (non-zero exit, timeout, missing output, ...).
-    Failed { reason: String },
+    /// The build failed: the builder (non-zero exit, timeout, missing output, ...), or, as
+    /// `kind` says, the agent's setup or an upload.
+    Failed {
+        reason: String,
+        /// What failed; absent = `builder` (agents before retries did not send it).
+        #[serde(default)]
+        kind: FailureKind,
+    },
+}
+
+/// What failed in a failure report. Setup and upload failures are infrastructure failures:
+/// the coordinator retries them (`scheduling.retries.infrastructure`); builder failures are
+/// final unless `scheduling.retries.builder` says otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// The builder ran and failed (or the build was canceled).
+    #[default]
+    Builder,
+    /// The agent could not prepare the build (fetching inputs, its build directory, starting
+    /// the builder).
+    Setup,
+    /// The build succeeded but an output could not be uploaded.
+    Upload,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Builder => "builder",
+            FailureKind::Setup => "setup",
+            FailureKind::Upload => "upload",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -517,6 +549,10 @@ pub struct SubmitBuilds {
     pub priority: i32,
     #[serde(default)]
     pub tags: Vec<(String, String)>,
+    /// Do not offer the new builds to agents before this time (ms since the Unix epoch, UTC;
+    /// 0 or a past time = at once). Builds already queued keep theirs.
+    #[serde(default)]
+    pub defer_until_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -559,6 +595,16 @@ pub struct BuildDetail {
     /// For a blocked build: each missing input, and what stands in its way.
     pub waiting_for: Vec<MissingInput>,
     pub has_log: bool,
+    /// Infrastructure failures so far (each put the build back in the queue, up to the cap).
+    #[serde(default)]
+    pub retries: u32,
+    /// Builder failures so far that were retried (`scheduling.retries.builder`).
+    #[serde(default)]
+    pub builder_retries: u32,
+    /// Not offered to agents before this time (ms since the epoch): its `defer_until` or a
+    /// retry's backoff. Absent when never deferred.
+    #[serde(default)]
+    pub defer_until_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -11,7 +11,8 @@ use crate::protocol::BuildState;
 /// A build: the state machine's record. Key: build id (big-endian u64).
 ///
 /// Version 2 added `request`; version 1 records decode with `request` empty (see
-/// [`v1::BuildRecordV1`]).
+/// [`v1::BuildRecordV1`]). Version 3 added `retries`, `builder_retries` and `defer_until_ms`;
+/// version 2 records decode with them 0 (see [`v2::BuildRecordV2`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildRecord {
     pub id: u64,
@@ -45,16 +46,85 @@ pub struct BuildRecord {
     /// agent that sends no request ids). A retry of that request by that agent is answered
     /// with the same assignments, also after a coordinator restart. (v2)
     pub request: String,
+    /// Infrastructure failures so far (agent lost or disconnected, setup or upload failure),
+    /// each of which put the build back in the queue; the retry cap counts these. (v3)
+    pub retries: u32,
+    /// Builder failures so far that put the build back in the queue (only with
+    /// `scheduling.retries.builder` above 0). (v3)
+    pub builder_retries: u32,
+    /// Not offered to agents before this time (ms since the epoch; 0 = no deferral): the
+    /// submission's `defer_until`, or the end of a retry's backoff. (v3)
+    pub defer_until_ms: u64,
 }
 
 impl Record for BuildRecord {
-    const VERSION: u8 = 2;
+    const VERSION: u8 = 3;
     const NAME: &'static str = "build";
 
     fn decode_older(version: u8, body: &[u8]) -> Option<Result<Self, StoreError>> {
         match version {
             1 => Some(decode_body::<v1::BuildRecordV1>(Self::NAME, body).map(Into::into)),
+            2 => Some(decode_body::<v2::BuildRecordV2>(Self::NAME, body).map(Into::into)),
             _ => None,
+        }
+    }
+}
+
+/// The layout of version 2 of [`BuildRecord`], kept to read state dirs written before its
+/// version 3.
+pub mod v2 {
+    use serde::{Deserialize, Serialize};
+
+    use super::{state_code, BuildRecord};
+    use crate::protocol::BuildState;
+
+    /// `BuildRecord` version 2: everything up to `request`, no retry counts or deferral.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct BuildRecordV2 {
+        pub id: u64,
+        pub drv_path: String,
+        pub system: String,
+        pub priority: i32,
+        pub tags: Vec<(String, String)>,
+        #[serde(with = "state_code")]
+        pub state: BuildState,
+        pub attempt: u32,
+        pub agent_id: u64,
+        pub outputs: Vec<(String, String)>,
+        pub needs: Vec<String>,
+        pub created_ms: u64,
+        pub allocated_ms: u64,
+        pub started_ms: u64,
+        pub finished_ms: u64,
+        pub reason: String,
+        pub log_attempt: u32,
+        pub request: String,
+    }
+
+    impl From<BuildRecordV2> for BuildRecord {
+        fn from(r: BuildRecordV2) -> BuildRecord {
+            BuildRecord {
+                id: r.id,
+                drv_path: r.drv_path,
+                system: r.system,
+                priority: r.priority,
+                tags: r.tags,
+                state: r.state,
+                attempt: r.attempt,
+                agent_id: r.agent_id,
+                outputs: r.outputs,
+                needs: r.needs,
+                created_ms: r.created_ms,
+                allocated_ms: r.allocated_ms,
+                started_ms: r.started_ms,
+                finished_ms: r.finished_ms,
+                reason: r.reason,
+                log_attempt: r.log_attempt,
+                request: r.request,
+                retries: 0,
+                builder_retries: 0,
+                defer_until_ms: 0,
+            }
         }
     }
 }
@@ -138,6 +208,9 @@ pub mod v1 {
                 reason: r.reason,
                 log_attempt: r.log_attempt,
                 request: String::new(),
+                retries: 0,
+                builder_retries: 0,
+                defer_until_ms: 0,
             }
         }
     }
@@ -168,6 +241,9 @@ pub struct BuildView<'a> {
     pub reason: &'a str,
     pub log_attempt: u32,
     pub request: &'a str,
+    pub retries: u32,
+    pub builder_retries: u32,
+    pub defer_until_ms: u64,
 }
 
 impl<'a> BuildView<'a> {
@@ -199,6 +275,9 @@ impl<'a> BuildView<'a> {
             reason: &r.reason,
             log_attempt: r.log_attempt,
             request: &r.request,
+            retries: r.retries,
+            builder_retries: r.builder_retries,
+            defer_until_ms: r.defer_until_ms,
         }
     }
 }
@@ -454,6 +533,9 @@ mod tests {
             reason: "".into(),
             log_attempt: 0,
             request: "".into(),
+            retries: 0,
+            builder_retries: 0,
+            defer_until_ms: 0,
         }
     }
 
@@ -512,35 +594,84 @@ mod tests {
         assert_eq!(v1_bytes, bytes);
     }
 
-    /// Pins the v2 encoding of a build record: if this fails, the on-disk format changed and
-    /// needs a new version with a decoder for this one, not an edit of this test.
+    /// The v2 bytes of `sample_build` with request "r1" (pinned when v2 was current, in
+    /// [3/8]).
+    fn build_v2_hex() -> String {
+        let v1_body = &BUILD_V1_HEX.replace(' ', "")[2..];
+        format!("02{v1_body}0200000000000000 7231").replace(' ', "")
+    }
+
+    /// A state dir written by a kiln with v2 build records still reads: the v2 bytes decode
+    /// to the same build with no retries and no deferral; and the v2 layout encodes to them.
     #[test]
-    fn build_record_v2_golden_bytes() {
+    fn build_record_v2_bytes_still_decode() {
+        let bytes = unhex(&build_v2_hex());
         let mut r = sample_build();
         r.request = "r1".into();
+        assert_eq!(decode::<BuildRecord>(&bytes).unwrap(), r);
+        let old = v2::BuildRecordV2 {
+            id: 7,
+            drv_path: "/s/a.drv".into(),
+            system: "x".into(),
+            priority: -1,
+            tags: vec![("k".into(), "v".into())],
+            state: BuildState::Runnable,
+            attempt: 2,
+            agent_id: 3,
+            outputs: vec![("out".into(), "/s/o".into())],
+            needs: vec!["/s/i".into()],
+            created_ms: 1,
+            allocated_ms: 2,
+            started_ms: 3,
+            finished_ms: 4,
+            reason: "".into(),
+            log_attempt: 0,
+            request: "r1".into(),
+        };
+        let mut v2_bytes = vec![2u8];
+        v2_bytes.extend(bincode::serialize(&old).unwrap());
+        assert_eq!(v2_bytes, bytes);
+    }
+
+    /// Pins the v3 encoding of a build record: if this fails, the on-disk format changed and
+    /// needs a new version with a decoder for this one, not an edit of this test. The v2 body,
+    /// then `retries`, `builder_retries` (u32 LE) and `defer_until_ms` (u64 LE).
+    #[test]
+    fn build_record_v3_golden_bytes() {
+        let mut r = sample_build();
+        r.request = "r1".into();
+        r.retries = 2;
+        r.builder_retries = 1;
+        r.defer_until_ms = 0x0102;
         let bytes = encode(&r).unwrap();
-        let v1_body = &BUILD_V1_HEX.replace(' ', "")[2..];
+        let v2_body = &build_v2_hex()[2..];
         assert_eq!(
             hex(&bytes),
-            format!("02{v1_body}0200000000000000 7231").replace(' ', "")
+            format!("03{v2_body}02000000 01000000 0201000000000000").replace(' ', "")
         );
         assert_eq!(decode::<BuildRecord>(&bytes).unwrap(), r);
     }
 
-    /// The borrowed view reads the same v2 bytes as the record (the start-up scan uses it).
+    /// The borrowed view reads the same v3 bytes as the record (the start-up scan uses it).
     #[test]
-    fn build_view_reads_the_v2_bytes() {
+    fn build_view_reads_the_v3_bytes() {
         let mut r = sample_build();
         r.request = "r1".into();
+        r.retries = 3;
+        r.defer_until_ms = 99;
         let bytes = encode(&r).unwrap();
         match super::super::codec::decode_build_view(&bytes).unwrap() {
             super::super::codec::View::Borrowed(v) => assert_eq!(v, BuildView::of(&r)),
-            super::super::codec::View::Owned(_) => panic!("v2 bytes decode borrowed"),
+            super::super::codec::View::Owned(_) => panic!("v3 bytes decode borrowed"),
         }
-        // v1 bytes come back owned, converted.
+        // v1 and v2 bytes come back owned, converted.
         match super::super::codec::decode_build_view(&unhex(BUILD_V1_HEX)).unwrap() {
             super::super::codec::View::Owned(o) => assert_eq!(o, sample_build()),
             super::super::codec::View::Borrowed(_) => panic!("v1 bytes are converted"),
+        }
+        match super::super::codec::decode_build_view(&unhex(&build_v2_hex())).unwrap() {
+            super::super::codec::View::Owned(o) => assert_eq!(o.request, "r1"),
+            super::super::codec::View::Borrowed(_) => panic!("v2 bytes are converted"),
         }
     }
 

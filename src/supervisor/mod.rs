@@ -156,6 +156,7 @@ pub fn start(
         symbols.clone(),
         store_dir,
         Arc::from(config.scheduling.priority_rules.clone()),
+        config.scheduling.retries,
     );
     let queue = actix::Supervisor::start_in_arbiter(&queue_arbiter.handle(), move |_| queue_actor);
     let _ = refill.set(queue.clone().recipient());

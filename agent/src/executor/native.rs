@@ -32,6 +32,9 @@ use crate::state::{blocking, remove_tree, BuildDir};
 pub enum BuildResult {
     Built(Vec<BuiltOutput>),
     Failed(String),
+    /// The build could not be prepared (its inputs could not be fetched): an infrastructure
+    /// failure, which the coordinator retries (reported with `kind: setup`).
+    SetupFailed(String),
     Stopped(StopReason),
 }
 

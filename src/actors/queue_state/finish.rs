@@ -10,16 +10,20 @@
 //!   uploaded NAR): the build is `failed`, its reason the refusal.
 //! - Refused for now (`output_not_uploaded`: no verified upload with that file hash, e.g. the
 //!   upload's file vanished): the lease is released, the build is `runnable` again at the
-//!   same attempt, and runs again on the next allocation.
+//!   same attempt, and runs again on the next allocation. An upload failure: it counts toward
+//!   the retry cap and waits out the backoff (`retries.rs`); past the cap the build fails.
+//! - A failure report of kind `setup` or `upload` (infrastructure), or of kind `builder` when
+//!   builder retries are configured: within the cap, the build goes back to the queue like a
+//!   refusal for now (answered as accepted: the agent drops it); past it, it fails.
 //!
 //! Either refusal is committed like any transition (record, event, hook work) before the
 //! agent is answered, so an agent that drops the build on that answer leaves nothing behind.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Accepted, Effects, QueueError, QueueState};
+use super::{Accepted, Effects, FailureClass, QueueError, QueueState, Retry};
 use crate::actors::symbols::PathDigest;
-use crate::protocol::{BuildId, BuildState, BuiltOutput, HeldPhase};
+use crate::protocol::{BuildId, BuildState, BuiltOutput, FailureKind, HeldPhase};
 use crate::store::keys::{output_key, u64_key};
 use crate::store::records::{BuildRecord, NarFileRecord, OutputRecord};
 use crate::store::TreeId;
@@ -42,10 +46,17 @@ pub enum FinishAnswer {
     Duplicate,
     /// Refused; the build's new state is in the effects. Answer the error after the commit.
     Refused(QueueError),
+    /// A failure the build is retried after: back in the queue (acknowledged to the agent,
+    /// which drops the build, after the commit).
+    Requeued,
 }
 
+/// A reported outcome: the outputs, or why and where it failed.
+pub type ReportedOutcome = Result<Vec<BuiltOutput>, (String, FailureKind)>;
+
 impl QueueState {
-    /// Take a result report whose references were not scanned (tests of the state machine).
+    /// Take a result report whose references were not scanned, a failure being the
+    /// builder's (tests of the state machine).
     pub fn finish(
         &mut self,
         agent_id: u64,
@@ -55,6 +66,7 @@ impl QueueState {
         log_attempt: u32,
         now: u64,
     ) -> Result<(Effects, FinishAnswer), QueueError> {
+        let outcome = outcome.map_err(|r| (r, FailureKind::Builder));
         self.finish_scanned(agent_id, id, attempt, outcome, log_attempt, None, now)
     }
 
@@ -66,7 +78,7 @@ impl QueueState {
         agent_id: u64,
         id: BuildId,
         attempt: u32,
-        outcome: Result<Vec<BuiltOutput>, String>,
+        outcome: ReportedOutcome,
         log_attempt: u32,
         scanned: Option<&Scanned>,
         now: u64,
@@ -117,6 +129,32 @@ impl QueueState {
         let mut done = b.clone();
         done.finished_ms = now;
         done.log_attempt = log_attempt;
+        let outcome = match outcome {
+            Ok(o) => Ok(o),
+            Err((reason, kind)) => {
+                let (class, why) = match kind {
+                    FailureKind::Builder => (FailureClass::Builder, reason),
+                    k => (
+                        FailureClass::Infrastructure,
+                        format!("{} failure: {reason}", k.as_str()),
+                    ),
+                };
+                match self.count_failure(id, class, &why, now) {
+                    Retry::Requeued { not_before } => {
+                        self.requeue_reported(&mut fx, id, &why, not_before)?;
+                        return Ok((fx, FinishAnswer::Requeued));
+                    }
+                    Retry::GiveUp(reason) => {
+                        // The counts as they are now (the record read above predates them).
+                        if let Some(l) = self.live.get(&id) {
+                            done.retries = l.retries;
+                            done.builder_retries = l.builder_retries;
+                        }
+                        Err(reason)
+                    }
+                }
+            }
+        };
         match outcome {
             Ok(outputs) => {
                 let records = match self.verify_outputs(&b, &outputs, scanned, now) {
@@ -126,7 +164,13 @@ impl QueueState {
                         return Ok((fx, FinishAnswer::Refused(e)));
                     }
                     Err(e @ QueueError::NotUploaded { .. }) => {
-                        self.refuse_for_now(&mut fx, id, &e)?;
+                        let why = format!("{REFUSED}{e}");
+                        match self.count_failure(id, FailureClass::Infrastructure, &why, now) {
+                            Retry::Requeued { not_before } => {
+                                self.requeue_reported(&mut fx, id, &why, not_before)?
+                            }
+                            Retry::GiveUp(reason) => self.give_up(&mut fx, id, reason, now)?,
+                        }
                         return Ok((fx, FinishAnswer::Refused(e)));
                     }
                     Err(e) => return Err(e),
@@ -210,15 +254,18 @@ impl QueueState {
         Ok(())
     }
 
-    /// A report that may be right next time (an upload is missing): the lease is released and
-    /// the build is runnable again, same attempt. The agent drops it on this answer, so it is
-    /// nobody's to re-adopt: no last holder, no work request (a heartbeat sent before the agent
-    /// read the refusal gets `abandon`, not the lease back).
-    fn refuse_for_now(
+    /// A report after which the build is retried (an upload is missing, a setup or upload
+    /// failure, a builder failure with retries configured; already counted): the lease is
+    /// released and the build is runnable again, same attempt, offered from `not_before` on
+    /// (0: at once). The agent drops it on the answer, so it is nobody's to re-adopt: no last
+    /// holder, no work request (a heartbeat sent before the agent read the answer gets
+    /// `abandon`, not the lease back).
+    fn requeue_reported(
         &mut self,
         fx: &mut Effects,
         id: BuildId,
-        e: &QueueError,
+        why: &str,
+        not_before: u64,
     ) -> Result<(), QueueError> {
         let Some(agent_id) = self.live.get(&id).map(|b| b.agent_id) else {
             return Err(QueueError::NoSuchBuild(id));
@@ -231,20 +278,17 @@ impl QueueState {
             return Err(QueueError::NoSuchBuild(id));
         };
         b.agent_id = 0;
-        let attempt = b.attempt;
-        let why = format!("{REFUSED}{e}");
+        let (attempt, retries) = (b.attempt, b.retries);
         self.put_live(fx, id)?;
         fx.batch.event(
             "lease-expired",
             id,
             agent_id,
             serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id,
-                "reason": why}),
+                "reason": why, "retries": retries, "defer_until_ms": not_before}),
         );
-        if let Some(b) = self.live.get(&id) {
-            fx.runnable.push(b.entry(id));
-        }
-        tracing::warn!(build_id = id, attempt, agent_id, reason = %why, "result refused; the build goes back to the queue");
+        self.offer(id, fx);
+        tracing::warn!(build_id = id, attempt, agent_id, retries, defer_until_ms = not_before, reason = %why, "attempt failed; the build goes back to the queue");
         Ok(())
     }
 
@@ -350,9 +394,7 @@ impl QueueState {
             }
             self.set_state(id, BuildState::Runnable);
             self.put_live(fx, id)?;
-            if let Some(b) = self.live.get(&id) {
-                fx.runnable.push(b.entry(id));
-            }
+            self.offer(id, fx);
         }
         Ok(())
     }

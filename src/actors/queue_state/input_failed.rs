@@ -205,7 +205,8 @@ impl QueueState {
                     effective,
                     rdeps: rdeps.min(u32::MAX as usize) as u32,
                     missing: missing.len() as u32,
-                    retries: 0,
+                    retries: rec.retries,
+                    builder_retries: rec.builder_retries,
                     agent_id: 0,
                     allocated_ms: 0,
                     started_ms: 0,
@@ -220,11 +221,7 @@ impl QueueState {
                     self.wait_on(d, m, fx);
                 }
                 self.raise_inputs(d, effective, Some(fx), &|q, b| q.inputs_of(b))?;
-                if let Some(l) = self.live.get(&d) {
-                    if state == BuildState::Runnable {
-                        fx.runnable.push(l.entry(d));
-                    }
-                }
+                self.offer(d, fx);
                 // Until this commit lands, sled still has the failed record.
                 self.pending.insert(d, Arc::new(rec));
                 fx.submitted.push(d);

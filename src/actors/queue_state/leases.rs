@@ -12,11 +12,14 @@
 //! - A build the agent lists that is runnable at that very attempt, last held by that agent,
 //!   is re-adopted: leased to it again, same attempt. Anything else it lists that is not its
 //!   own is answered with `abandon`.
+//! - A lease that ends without a result is an infrastructure failure: it counts toward the
+//!   build's retry cap and the build waits out its backoff (`retries.rs`); past the cap the
+//!   build fails. A re-adoption adds no failure and ends the backoff.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::{Effects, QueueError, QueueState};
+use super::{Effects, FailureClass, QueueError, QueueState, Retry, GAVE_UP};
 use crate::protocol::{AgentCommand, AgentId, BuildId, BuildState, HeldBuild, HeldPhase};
 use crate::store::keys::u64_key;
 use crate::store::records::BuildRecord;
@@ -68,7 +71,9 @@ impl QueueState {
         let mut leased = Vec::new();
         let shared: Option<Arc<str>> = request.map(Arc::from);
         for id in candidates {
-            if self.live.get(id).map(|b| b.state) != Some(BuildState::Runnable) {
+            if self.live.get(id).map(|b| b.state) != Some(BuildState::Runnable)
+                || self.is_deferred(*id)
+            {
                 continue;
             }
             self.forget_request(*id);
@@ -126,13 +131,7 @@ impl QueueState {
         let (agent_id, request) = (key.0, key.1.as_str());
         let mut fx = Effects::default();
         for id in candidates {
-            if let Some(b) = self
-                .live
-                .get(id)
-                .filter(|b| b.state == BuildState::Runnable)
-            {
-                fx.runnable.push(b.entry(*id));
-            }
+            self.offer(*id, &mut fx);
         }
         fx.after = self.uncommitted_requests.get(&key).cloned();
         let ids: Vec<BuildId> = self
@@ -190,6 +189,8 @@ impl QueueState {
         };
         let (agent_id, attempt) = (b.agent_id, b.attempt);
         self.set_state(id, to);
+        // Not a new failure: the release counted; the backoff ends with the re-adoption.
+        self.undefer(id);
         self.put_live(fx, id)?;
         fx.batch.event(
             "lease-readopted",
@@ -211,8 +212,15 @@ impl QueueState {
     }
 
     /// Return one leased build to the queue: runnable, same attempt, the agent kept as its
-    /// last holder (which alone may re-adopt it).
-    fn release_one(&mut self, fx: &mut Effects, id: BuildId, why: &str) -> Result<(), QueueError> {
+    /// last holder (which alone may re-adopt it). An infrastructure failure: counted, and the
+    /// build waits out its backoff, or fails when that was one too many.
+    fn release_one(
+        &mut self,
+        fx: &mut Effects,
+        id: BuildId,
+        why: &str,
+        now: u64,
+    ) -> Result<(), QueueError> {
         let Some(b) = self.live.get(&id) else {
             return Ok(());
         };
@@ -221,32 +229,44 @@ impl QueueState {
         }
         let (agent_id, attempt) = (b.agent_id, b.attempt);
         self.set_state(id, BuildState::Runnable);
-        self.put_live(fx, id)?;
+        self.lease_off(agent_id, id);
+        let retry = self.count_failure(id, FailureClass::Infrastructure, why, now);
+        let retries = self.live.get(&id).map_or(0, |b| b.retries);
+        let not_before = match &retry {
+            Retry::Requeued { not_before } => {
+                self.put_live(fx, id)?;
+                *not_before
+            }
+            Retry::GiveUp(_) => 0,
+        };
         fx.batch.event(
             "lease-expired",
             id,
             agent_id,
-            serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id, "reason": why}),
+            serde_json::json!({"build_id": id, "attempt": attempt, "agent_id": agent_id,
+                "reason": why, "retries": retries, "defer_until_ms": not_before}),
         );
-        if let Some(b) = self.live.get(&id) {
-            fx.runnable.push(b.entry(id));
-        }
         tracing::info!(
             build_id = id,
             attempt,
             agent_id,
+            retries,
+            defer_until_ms = not_before,
             reason = why,
             "lease released"
         );
-        self.lease_off(agent_id, id);
+        match retry {
+            Retry::Requeued { .. } => self.offer(id, fx),
+            Retry::GiveUp(reason) => self.give_up(fx, id, reason, now)?,
+        }
         Ok(())
     }
     /// The agent is lost: every lease it holds expires. The attempt is not raised here; it
     /// rises when the build is allocated again.
-    pub fn agent_lost(&mut self, agent_id: AgentId) -> Result<Effects, QueueError> {
+    pub fn agent_lost(&mut self, agent_id: AgentId, now: u64) -> Result<Effects, QueueError> {
         let mut fx = Effects::default();
         for id in self.leased_to(agent_id) {
-            self.release_one(&mut fx, id, "agent lost")?;
+            self.release_one(&mut fx, id, "agent lost", now)?;
         }
         fx.batch.event(
             "agent-lost",
@@ -277,7 +297,7 @@ impl QueueState {
             .collect();
         for id in old {
             if self.live.get(&id).map(|b| b.state()) == Some(BuildState::Allocated) {
-                self.release_one(&mut fx, id, "never started and no heartbeat")?;
+                self.release_one(&mut fx, id, "never started and no heartbeat", now)?;
             }
         }
         Ok(fx)
@@ -332,7 +352,7 @@ impl QueueState {
                 continue;
             }
             if bound.is_none_or(|ms| now.saturating_sub(handed) > ms) {
-                self.release_one(&mut fx, id, why)?;
+                self.release_one(&mut fx, id, why, now)?;
             }
         }
         Ok((fx, commands))
@@ -358,10 +378,12 @@ impl QueueState {
         // Finished by this agent's own report at this attempt: the same.
         let rec: Option<BuildRecord> = self.store.get(TreeId::Builds, &u64_key(h.build_id))?;
         Ok(match rec {
+            // A build failed because it ran out of retries was not finished by a report.
             Some(r)
                 if matches!(r.state, BuildState::Succeeded | BuildState::Failed)
                     && r.agent_id == agent_id
-                    && r.attempt == h.attempt =>
+                    && r.attempt == h.attempt
+                    && !r.reason.starts_with(GAVE_UP) =>
             {
                 Verdict::Keep
             }

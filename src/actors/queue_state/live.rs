@@ -29,13 +29,17 @@ pub struct LiveBuild {
     pub rdeps: u32,
     /// For a blocked build: how many of its inputs are still missing.
     pub missing: u32,
-    /// Automatic retries so far (for the scheduling rules' retry cap).
+    /// Infrastructure failures so far (see `retries.rs`; `BuildRecord::retries`).
     pub retries: u32,
+    /// Builder failures so far that were retried (`BuildRecord::builder_retries`).
+    pub builder_retries: u32,
     /// The lease holder, or the last holder of a released lease (see `BuildRecord`).
     pub agent_id: AgentId,
     pub allocated_ms: u64,
     pub started_ms: u64,
-    /// Not to be allocated before this time (ms since the epoch; 0 = no deferral).
+    /// Not to be allocated before this time (ms since the epoch; 0 = no deferral): the
+    /// submission's `defer_until` or a retry's backoff. Only a build also on the queue's timer
+    /// (`QueueState::deferred`) is held back; the time stays for `kiln build show`.
     pub defer_until_ms: u64,
 }
 

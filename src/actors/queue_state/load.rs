@@ -25,16 +25,29 @@ const RUNNABLE_CHUNK: usize = 65_536;
 impl QueueState {
     /// Rebuild the state from sled (see the module doc).
     pub fn load(store: Store, symbols: Arc<Symbols>) -> Result<QueueState, StoreError> {
-        Ok(QueueState::load_streaming(store, symbols, &mut |_| {})?.0)
+        QueueState::load_at(store, symbols, crate::store::now_ms())
+    }
+
+    /// [`QueueState::load`] at time `now` (deferrals that end later are put back on the
+    /// timer; earlier ones are over).
+    pub fn load_at(
+        store: Store,
+        symbols: Arc<Symbols>,
+        now: u64,
+    ) -> Result<QueueState, StoreError> {
+        Ok(QueueState::load_streaming(store, symbols, now, &mut |_| {})?.0)
     }
 
     /// [`QueueState::load`], handing the runnable builds to `runnable` in chunks while the
     /// scan goes on (so the allocator can index them meanwhile, on its own thread). Entries
     /// are handed over with `rdeps` 0 and their own priority; the builds whose `rdeps` or
-    /// effective priority the end of the scan raised are returned, to re-key.
+    /// effective priority the end of the scan raised are returned, to re-key. A build deferred
+    /// past `now` (a submission's `defer_until`, a retry's backoff) goes back on the timer
+    /// instead of to the allocator.
     pub fn load_streaming(
         store: Store,
         symbols: Arc<Symbols>,
+        now: u64,
         runnable: &mut dyn FnMut(Vec<RunnableEntry>),
     ) -> Result<(QueueState, Vec<RunnableEntry>), StoreError> {
         let mut chunk: Vec<RunnableEntry> = Vec::new();
@@ -119,13 +132,18 @@ impl QueueState {
                 effective: b.priority,
                 rdeps: 0,
                 missing,
-                retries: 0,
+                retries: b.retries,
+                builder_retries: b.builder_retries,
                 agent_id: b.agent_id,
                 allocated_ms: b.allocated_ms,
                 started_ms: b.started_ms,
-                defer_until_ms: 0,
+                defer_until_ms: b.defer_until_ms,
             };
-            if b.state == BuildState::Runnable {
+            let deferred = b.defer_until_ms > now;
+            if deferred {
+                s.deferred.insert((b.defer_until_ms, b.id));
+            }
+            if b.state == BuildState::Runnable && !deferred {
                 chunk.push(l.entry(b.id));
                 if chunk.len() >= RUNNABLE_CHUNK {
                     runnable(std::mem::take(&mut chunk));

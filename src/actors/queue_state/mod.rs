@@ -20,21 +20,25 @@ mod live;
 mod load;
 mod priority;
 mod queries;
+mod retries;
+#[cfg(test)]
+mod retries_tests;
 #[cfg(test)]
 mod tests;
 
 use thiserror::Error;
 use tokio::sync::watch;
 
-pub use finish::{FinishAnswer, Scanned};
+pub use finish::{FinishAnswer, ReportedOutcome, Scanned};
 pub use input_failed::{input_failed_reason, is_input_failed};
 pub use leases::Unheld;
 pub use live::{LiveBuild, StateIndex, LIVE_STATES};
 pub use queries::ListPage;
+pub use retries::{FailureClass, Retry, GAVE_UP};
 
 use super::runnable_index::RunnableEntry;
 use super::symbols::{PathDigest, Symbols};
-use crate::config::{apply_priority_rules, PriorityRule};
+use crate::config::{apply_priority_rules, PriorityRule, RetryConfig};
 use crate::protocol::{AgentId, BuildId, BuildState, BuildSummary, HeldPhase};
 use crate::store::keys::{output_key, u64_key};
 use crate::store::records::{BuildRecord, OutputRecord};
@@ -208,6 +212,11 @@ pub struct QueueState {
     input_failed: HashMap<PathDigest, BTreeSet<BuildId>>,
     /// `[[scheduling.priority_rules]]`, applied to each build at submission.
     rules: Arc<[PriorityRule]>,
+    /// `[scheduling.retries]` (see `retries.rs`).
+    retry: RetryConfig,
+    /// The timer of deferred builds: (not before, build), earliest first. A runnable build
+    /// here is not offered to the allocator until [`QueueState::wake`] takes it out.
+    deferred: BTreeSet<(u64, BuildId)>,
     next_build_id: u64,
 }
 
@@ -244,6 +253,8 @@ impl QueueState {
             migration: Vec::new(),
             input_failed: HashMap::new(),
             rules: Arc::from(Vec::new()),
+            retry: RetryConfig::default(),
+            deferred: BTreeSet::new(),
             next_build_id,
         }
     }
@@ -305,6 +316,9 @@ impl QueueState {
             r.priority = l.priority;
             r.allocated_ms = l.allocated_ms;
             r.started_ms = l.started_ms;
+            r.retries = l.retries;
+            r.builder_retries = l.builder_retries;
+            r.defer_until_ms = l.defer_until_ms;
             r.request = self
                 .request_of
                 .get(&id)
@@ -362,6 +376,7 @@ impl QueueState {
             self.lease_off(agent, id);
         }
         self.forget_request(id);
+        self.undefer(id);
         if let Some(l) = self.live.remove(&id) {
             self.by_state.remove(id, l.state);
         }
@@ -460,6 +475,7 @@ impl QueueState {
             self.by_state.count(BuildState::Runnable),
         );
         ids.iter()
+            .filter(|id| !self.is_deferred(**id))
             .filter_map(|id| self.live.get(id).map(|l| l.entry(*id)))
             .collect()
     }
@@ -519,6 +535,25 @@ impl QueueState {
         tags: Vec<(String, String)>,
         now: u64,
     ) -> Result<(Effects, Vec<BuildSummary>), QueueError> {
+        self.submit_deferred(targets, drvs, priority, tags, 0, now)
+    }
+
+    /// [`QueueState::submit`], the new builds not offered before `defer_until_ms` (ms since
+    /// the epoch; 0 or a past time: at once). A derivation already queued keeps its own.
+    pub fn submit_deferred(
+        &mut self,
+        targets: Vec<Target>,
+        drvs: Vec<(String, Vec<u8>)>,
+        priority: i32,
+        tags: Vec<(String, String)>,
+        defer_until_ms: u64,
+        now: u64,
+    ) -> Result<(Effects, Vec<BuildSummary>), QueueError> {
+        let defer_until_ms = if defer_until_ms > now {
+            defer_until_ms
+        } else {
+            0
+        };
         let mut fx = Effects::default();
         for (path, contents) in drvs {
             fx.batch.put(
@@ -579,6 +614,9 @@ impl QueueState {
                 reason: String::new(),
                 log_attempt: 0,
                 request: String::new(),
+                retries: 0,
+                builder_retries: 0,
+                defer_until_ms,
             };
             fx.batch.put(TreeId::Builds, &u64_key(id), &b)?;
             for (_, o) in &b.outputs {
@@ -590,7 +628,8 @@ impl QueueState {
                 id,
                 0,
                 serde_json::json!({"build_id": id, "drv_path": b.drv_path, "system": b.system,
-                    "priority": b.priority, "state": b.state}),
+                    "priority": b.priority, "state": b.state,
+                    "defer_until_ms": b.defer_until_ms}),
             );
             let rdeps = b
                 .outputs
@@ -613,6 +652,7 @@ impl QueueState {
                 rdeps: rdeps.min(u32::MAX as usize) as u32,
                 missing: missing.len() as u32,
                 retries: 0,
+                builder_retries: 0,
                 agent_id: 0,
                 allocated_ms: 0,
                 started_ms: 0,
@@ -622,10 +662,9 @@ impl QueueState {
             for (_, o) in &b.outputs {
                 self.producers.insert(PathDigest::of(o), id);
             }
-            if state == BuildState::Runnable {
-                fx.runnable.push(l.entry(id));
-            }
             self.add_live(id, l);
+            self.defer(id, defer_until_ms);
+            self.offer(id, &mut fx);
             for m in missing {
                 self.wait_on(id, m, &mut fx);
             }

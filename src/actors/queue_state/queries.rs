@@ -96,6 +96,9 @@ impl QueueState {
             reason: (!b.reason.is_empty()).then(|| b.reason.clone()),
             waiting_for,
             has_log: b.log_attempt != 0,
+            retries: b.retries,
+            builder_retries: b.builder_retries,
+            defer_until_ms: (b.defer_until_ms != 0).then_some(b.defer_until_ms),
         })
     }
 

@@ -8,7 +8,7 @@ use crate::store::committer::CommitterOptions;
 use crate::store::records::{EventRecord, NarFileRecord};
 use crate::store::{Committer, StoreOptions};
 
-fn target(name: &str, needs: &[&str]) -> Target {
+pub(super) fn target(name: &str, needs: &[&str]) -> Target {
     Target {
         drv_path: format!("/s/{name:a<32}-{name}.drv"),
         system: "x86_64-linux".into(),
@@ -17,11 +17,11 @@ fn target(name: &str, needs: &[&str]) -> Target {
     }
 }
 
-fn out_path(name: &str) -> String {
+pub(super) fn out_path(name: &str) -> String {
     format!("/s/{name:b<32}-{name}")
 }
 
-fn built(name: &str) -> Vec<BuiltOutput> {
+pub(super) fn built(name: &str) -> Vec<BuiltOutput> {
     vec![BuiltOutput {
         name: "out".into(),
         path: out_path(name),
@@ -33,16 +33,16 @@ fn built(name: &str) -> Vec<BuiltOutput> {
     }]
 }
 
-struct Fixture {
+pub(super) struct Fixture {
     _dir: tempfile::TempDir,
-    store: Store,
-    c: Committer,
-    q: QueueState,
+    pub(super) store: Store,
+    pub(super) c: Committer,
+    pub(super) q: QueueState,
 }
 
 impl Fixture {
     /// A queue with the given builds submitted (all runnable) and committed; their ids.
-    fn new(names: &[&str]) -> (Fixture, Vec<BuildId>) {
+    pub(super) fn new(names: &[&str]) -> (Fixture, Vec<BuildId>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         let c = Committer::start(
@@ -72,7 +72,7 @@ impl Fixture {
     }
 
     /// Commit like the actor does: flush, then confirm, then signal the landing.
-    fn commit(&mut self, fx: Effects) {
+    pub(super) fn commit(&mut self, fx: Effects) {
         self.c.commit_blocking(fx.batch).unwrap();
         let outputs: Vec<String> = fx.new_outputs.iter().map(|o| o.path.clone()).collect();
         self.q
@@ -83,7 +83,7 @@ impl Fixture {
     }
 
     /// The verified upload of `name`'s output, as the upload route commits it.
-    fn uploaded(&mut self, name: &str) {
+    pub(super) fn uploaded(&mut self, name: &str) {
         let mut b = Batch::new();
         let rec = NarFileRecord {
             file_size: 1,
@@ -100,11 +100,11 @@ impl Fixture {
         self.c.commit_blocking(b).unwrap();
     }
 
-    fn state(&self, id: BuildId) -> BuildState {
+    pub(super) fn state(&self, id: BuildId) -> BuildState {
         self.q.record(id).unwrap().unwrap().state
     }
 
-    fn reload(&mut self) {
+    pub(super) fn reload(&mut self) {
         self.q = QueueState::load(self.store.clone(), Arc::new(Symbols::default())).unwrap();
     }
 }
@@ -115,11 +115,11 @@ impl Drop for Fixture {
     }
 }
 
-fn kinds(fx: &Effects) -> Vec<&str> {
+pub(super) fn kinds(fx: &Effects) -> Vec<&str> {
     fx.batch.events.iter().map(|e| e.kind.as_str()).collect()
 }
 
-fn held(id: BuildId, attempt: u32, phase: HeldPhase) -> HeldBuild {
+pub(super) fn held(id: BuildId, attempt: u32, phase: HeldPhase) -> HeldBuild {
     HeldBuild {
         build_id: id,
         attempt,
@@ -319,7 +319,7 @@ fn a_retry_readopts_a_released_build_nobody_took() {
     let (mut f, ids) = Fixture::new(&["a"]);
     let (fx, _) = f.q.allocate(7, Some("r1"), &ids, 10).unwrap();
     f.commit(fx);
-    let fx = f.q.agent_lost(7).unwrap();
+    let fx = f.q.agent_lost(7, 0).unwrap();
     assert_eq!(kinds(&fx), vec!["lease-expired", "agent-lost"]);
     f.commit(fx);
     assert_eq!(f.state(ids[0]), BuildState::Runnable);
@@ -408,7 +408,7 @@ fn a_lost_agent_readopts_what_nobody_took_and_abandons_what_moved_on() {
     f.commit(fx);
     let fx = f.q.advance(7, a, 1, BuildState::Building, 11).unwrap();
     f.commit(fx);
-    let fx = f.q.agent_lost(7).unwrap();
+    let fx = f.q.agent_lost(7, 0).unwrap();
     f.commit(fx);
     let (fx, cmds) =
         f.q.reconcile(
@@ -429,7 +429,7 @@ fn a_lost_agent_readopts_what_nobody_took_and_abandons_what_moved_on() {
     );
 
     // Lost again; this time another agent takes the build.
-    let fx = f.q.agent_lost(7).unwrap();
+    let fx = f.q.agent_lost(7, 0).unwrap();
     f.commit(fx);
     let (fx, got) = f.q.allocate(8, None, &ids, 30).unwrap();
     assert_eq!(attempts(&got.leased), vec![(a, 2)]);
@@ -467,7 +467,7 @@ fn a_report_from_a_lost_agent_readopts_what_nobody_took() {
         let fx = f.q.advance(7, id, 1, BuildState::Building, 11).unwrap();
         f.commit(fx);
     }
-    let fx = f.q.agent_lost(7).unwrap();
+    let fx = f.q.agent_lost(7, 0).unwrap();
     f.commit(fx);
     assert_eq!(f.state(a), BuildState::Runnable);
 
@@ -499,7 +499,7 @@ fn a_report_from_a_lost_agent_readopts_what_nobody_took() {
     assert_eq!((rec.state, rec.attempt), (BuildState::Failed, 1));
 
     // Lost again, and this time the build moves on: the old attempt's report is refused.
-    let fx = f.q.agent_lost(7).unwrap();
+    let fx = f.q.agent_lost(7, 0).unwrap();
     f.commit(fx);
     let (fx, got) = f.q.allocate(8, None, &[a], 20).unwrap();
     assert_eq!(attempts(&got.leased), vec![(a, 2)]);
@@ -830,7 +830,7 @@ fn a_reload_from_sled_equals_memory_after_every_kind_of_transition() {
     // remembered for re-adoption.
     let (fx, _) = f.q.allocate(8, Some("w-2"), &ids[2..3], 7).unwrap();
     f.commit(fx);
-    let fx = f.q.agent_lost(8).unwrap();
+    let fx = f.q.agent_lost(8, 0).unwrap();
     f.commit(fx);
     // Cancel the arm build nobody waits for.
     let (fx, _) = f.q.cancel(arm_ready[0].id, 8).unwrap();
