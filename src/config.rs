@@ -655,6 +655,33 @@ mod tests {
         assert!(err.to_string().contains("lissen"), "{err}");
     }
 
+    /// `[scheduling.retries]`: defaults, keys read, the backoff bound checked.
+    #[test]
+    fn retries_parse_with_defaults_and_are_validated() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.scheduling.retries, RetryConfig::default());
+        assert_eq!(c.scheduling.retries.infrastructure, 3);
+        assert_eq!(c.scheduling.retries.builder, 0);
+        let c: Config = toml::from_str(
+            "[scheduling.retries]\ninfrastructure = 5\nbuilder = 1\nbackoff_initial_ms = 10\nbackoff_max_ms = 30\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let r = c.scheduling.retries;
+        assert_eq!((r.infrastructure, r.builder), (5, 1));
+        assert_eq!(
+            (1..=4).map(|n| r.backoff_ms(n)).collect::<Vec<_>>(),
+            vec![0, 10, 20, 30]
+        );
+        let c: Config = toml::from_str(
+            "[scheduling.retries]\nbackoff_initial_ms = 5000\nbackoff_max_ms = 1000\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", c.validate().unwrap_err());
+        assert!(err.contains("backoff_initial_ms is 5000"), "{err}");
+        assert!(toml::from_str::<Config>("[scheduling.retries]\ninfra = 1\n").is_err());
+    }
+
     /// Priority rules: parsed, validated with the rule and the fault named, matched on
     /// system, tag and name glob (all given must match), applied in order (set, then add).
     #[test]

@@ -159,6 +159,7 @@ fn deferred_builds_are_offered_only_from_their_time_on() {
     // A restart loads the deferral from the record.
     s.c.kill9();
     s.c.spawn();
+    a.base = s.c.agent_url.clone();
     a.reopen(json!([]));
     assert!(a.work(None, 4)["builds"].as_array().unwrap().is_empty());
     assert_eq!(build(&s.c, late)["defer_until_ms"], until);

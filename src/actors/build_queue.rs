@@ -22,7 +22,7 @@ use super::{guarded, ActorError};
 use crate::config::{PriorityRule, RetryConfig};
 use crate::derivation::store_path::StoreDir;
 use crate::protocol::{
-    AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, BuiltOutput, HeldBuild,
+    AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, HeldBuild,
     ResultAck, SubmitBuilds, Submitted,
 };
 use crate::store::committer::Permit;

@@ -428,10 +428,12 @@ fn a_lost_agent_readopts_what_nobody_took_and_abandons_what_moved_on() {
         (BuildState::Building, 1, 7)
     );
 
-    // Lost again; this time another agent takes the build.
+    // Lost again; this time another agent takes the build, once the second failure's backoff
+    // (1 s by default) is over.
     let fx = f.q.agent_lost(7, 0).unwrap();
     f.commit(fx);
-    let (fx, got) = f.q.allocate(8, None, &ids, 30).unwrap();
+    assert_eq!(f.q.wake(1_000).len(), 1);
+    let (fx, got) = f.q.allocate(8, None, &ids, 1_000).unwrap();
     assert_eq!(attempts(&got.leased), vec![(a, 2)]);
     f.commit(fx);
     // Another agent cannot adopt what agent 7 was released from, either.
@@ -498,10 +500,12 @@ fn a_report_from_a_lost_agent_readopts_what_nobody_took() {
     let rec = f.q.record(b).unwrap().unwrap();
     assert_eq!((rec.state, rec.attempt), (BuildState::Failed, 1));
 
-    // Lost again, and this time the build moves on: the old attempt's report is refused.
+    // Lost again, and this time the build moves on (after the second failure's backoff): the
+    // old attempt's report is refused.
     let fx = f.q.agent_lost(7, 0).unwrap();
     f.commit(fx);
-    let (fx, got) = f.q.allocate(8, None, &[a], 20).unwrap();
+    assert_eq!(f.q.wake(1_000).len(), 1);
+    let (fx, got) = f.q.allocate(8, None, &[a], 1_000).unwrap();
     assert_eq!(attempts(&got.leased), vec![(a, 2)]);
     f.commit(fx);
     assert!(matches!(
