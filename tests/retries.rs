@@ -102,7 +102,10 @@ fn setup_failures_are_retried_up_to_the_cap_then_fail_the_build() {
     let expired = events_of(&ev, "lease-expired", id);
     assert_eq!(expired.len(), 2, "{expired:?}");
     assert_eq!(expired[0]["data"]["retries"], 1);
-    assert_eq!(expired[0]["data"]["defer_until_ms"], 0, "the first retry is at once");
+    assert_eq!(
+        expired[0]["data"]["defer_until_ms"], 0,
+        "the first retry is at once"
+    );
     assert_eq!(expired[1]["data"]["retries"], 2);
     assert!(expired[1]["data"]["defer_until_ms"].as_u64().unwrap() > 0);
     assert_eq!(events_of(&ev, "build-failed", id).len(), 1);

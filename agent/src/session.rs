@@ -28,8 +28,7 @@ use std::time::Duration;
 
 use kiln::protocol::{
     AgentCommand, Assignment, BuildId, FailureKind, Heartbeat, HeartbeatReply, HeldPhase, Outcome,
-    StartReport,
-    WorkReply, WorkRequest, SESSION_HEADER,
+    StartReport, WorkReply, WorkRequest, SESSION_HEADER,
 };
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -673,7 +672,9 @@ async fn deliver_and_finish(
             Ok(Delivered::Acknowledged { duplicate }) => {
                 let counter = match &report.outcome {
                     Outcome::Succeeded { .. } => &metrics::BUILDS_SUCCEEDED,
-                    Outcome::Failed { reason, .. } if reason == "canceled" => &metrics::BUILDS_CANCELED,
+                    Outcome::Failed { reason, .. } if reason == "canceled" => {
+                        &metrics::BUILDS_CANCELED
+                    }
                     Outcome::Failed { .. } => &metrics::BUILDS_FAILED,
                 };
                 counter.inc();

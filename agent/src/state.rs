@@ -304,10 +304,15 @@ mod tests {
         let decided = state.build_dir(1, 2);
         decided.create().await.unwrap();
         decided.write_assignment(&assignment(1)).await.unwrap();
-        let report = StoredReport::new(1, 2, Outcome::Failed {
+        let report = StoredReport::new(
+            1,
+            2,
+            Outcome::Failed {
                 reason: "x".into(),
                 kind: kiln::protocol::FailureKind::Builder,
-            }, true);
+            },
+            true,
+        );
         decided.write_report(&report).await.unwrap();
         let undecided = state.build_dir(3, 2);
         undecided.create().await.unwrap();

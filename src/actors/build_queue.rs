@@ -22,8 +22,8 @@ use super::{guarded, ActorError};
 use crate::config::{PriorityRule, RetryConfig};
 use crate::derivation::store_path::StoreDir;
 use crate::protocol::{
-    AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, HeldBuild,
-    ResultAck, SubmitBuilds, Submitted,
+    AgentCommand, BuildDetail, BuildId, BuildState, BuildSummary, HeldBuild, ResultAck,
+    SubmitBuilds, Submitted,
 };
 use crate::store::committer::Permit;
 use crate::store::nar_cache::NarCache;
@@ -89,20 +89,19 @@ impl BuildQueue {
         let allocator = self.allocator.clone();
         let mut first = true;
         let mut handed = 0usize;
-        let (mut state, rekeyed) =
-            QueueState::load_streaming(
-                self.store.clone(),
-                self.symbols.clone(),
-                now_ms(),
-                &mut |entries| {
-                    handed += entries.len();
-                    allocator.do_send(Fill {
-                        entries,
-                        first: std::mem::take(&mut first),
-                        last: false,
-                    });
-                },
-            )?;
+        let (mut state, rekeyed) = QueueState::load_streaming(
+            self.store.clone(),
+            self.symbols.clone(),
+            now_ms(),
+            &mut |entries| {
+                handed += entries.len();
+                allocator.do_send(Fill {
+                    entries,
+                    first: std::mem::take(&mut first),
+                    last: false,
+                });
+            },
+        )?;
         for batch in state.take_migration() {
             self.committer.commit_blocking(batch)?;
         }

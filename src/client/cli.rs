@@ -220,7 +220,20 @@ fn parse_rfc3339_utc(s: &str) -> Option<u64> {
         return None;
     }
     let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let days_in = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let days_in = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     if y < 1970 || !(1..=12).contains(&m) || day == 0 || day > days_in[(m - 1) as usize] {
         return None;
     }
@@ -383,9 +396,7 @@ fn submit_cmd(a: SubmitArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
         priority: a.priority,
         tags: a.tags,
         only_targets: a.only_targets,
-        defer_until_ms: a
-            .defer_until
-            .map_or(0, |d| d.at(crate::store::now_ms())),
+        defer_until_ms: a.defer_until.map_or(0, |d| d.at(crate::store::now_ms())),
     };
     let submitted = submit::submit_files(&client, a.store_dir.as_deref(), &a.drvs, &options)?;
     if a.opts.json {
@@ -662,7 +673,10 @@ mod tests {
             DeferUntil::After(7_200_000)
         );
         assert_eq!(parse_defer_until("+2h").unwrap().at(1_000), 7_201_000);
-        assert_eq!(parse_defer_until("+45s").unwrap(), DeferUntil::After(45_000));
+        assert_eq!(
+            parse_defer_until("+45s").unwrap(),
+            DeferUntil::After(45_000)
+        );
         for bad in [
             "2001-02-29T00:00:00Z",
             "2026-12-24T18:00:00+01:00",
@@ -672,9 +686,14 @@ mod tests {
             "+",
         ] {
             let e = parse_defer_until(bad).unwrap_err();
-            assert!(e.contains("RFC 3339") || e.contains("relative"), "{bad}: {e}");
+            assert!(
+                e.contains("RFC 3339") || e.contains("relative"),
+                "{bad}: {e}"
+            );
         }
-        assert!(parse_defer_until("+3w").unwrap_err().contains("unknown unit"));
+        assert!(parse_defer_until("+3w")
+            .unwrap_err()
+            .contains("unknown unit"));
     }
 
     #[test]

@@ -54,9 +54,9 @@ impl QueueState {
 
     /// Is live build `id` waiting for its deferral to end?
     pub fn is_deferred(&self, id: BuildId) -> bool {
-        self.live
-            .get(&id)
-            .is_some_and(|l| l.defer_until_ms != 0 && self.deferred.contains(&(l.defer_until_ms, id)))
+        self.live.get(&id).is_some_and(|l| {
+            l.defer_until_ms != 0 && self.deferred.contains(&(l.defer_until_ms, id))
+        })
     }
 
     /// Do not offer `id` before `until` (ms since the epoch): recorded in the build and queued
@@ -144,16 +144,20 @@ impl QueueState {
         if n > cap {
             let failures = if n == 1 { "failure" } else { "failures" };
             return Retry::GiveUp(match class {
-                FailureClass::Infrastructure => format!(
-                    "{GAVE_UP}{n} infrastructure {failures} ({cap} retries; last: {why})"
-                ),
+                FailureClass::Infrastructure => {
+                    format!("{GAVE_UP}{n} infrastructure {failures} ({cap} retries; last: {why})")
+                }
                 FailureClass::Builder => {
                     format!("{why} (gave up after {n} builder {failures}, {cap} retries)")
                 }
             });
         }
         let wait = cfg.backoff_ms(n);
-        let not_before = if wait == 0 { 0 } else { now.saturating_add(wait) };
+        let not_before = if wait == 0 {
+            0
+        } else {
+            now.saturating_add(wait)
+        };
         self.defer(id, not_before);
         Retry::Requeued { not_before }
     }

@@ -87,10 +87,9 @@ fn the_infrastructure_cap_reached_fails_the_build_with_the_reason() {
     let (mut f, ids) = Fixture::new(&["a"]);
     f.q.set_retry(policy(1, 0));
     let a = ids[0];
-    let (fx, dep) = f
-        .q
-        .submit(vec![target("d", &["a"])], vec![], 0, vec![], 2)
-        .unwrap();
+    let (fx, dep) =
+        f.q.submit(vec![target("d", &["a"])], vec![], 0, vec![], 2)
+            .unwrap();
     f.commit(fx);
     let d = dep[0].id;
     assert_eq!(f.state(d), BuildState::Blocked);
@@ -101,7 +100,12 @@ fn the_infrastructure_cap_reached_fails_the_build_with_the_reason() {
     let fx = f.q.agent_lost(8, 40).unwrap();
     assert_eq!(
         kinds(&fx),
-        vec!["lease-expired", "build-failed", "build-failed", "agent-lost"]
+        vec![
+            "lease-expired",
+            "build-failed",
+            "build-failed",
+            "agent-lost"
+        ]
     );
     assert_eq!(fx.unrunnable, vec![a]);
     assert!(fx.runnable.is_empty());
@@ -142,7 +146,10 @@ fn reported_setup_failures_are_retried_then_fail_the_build() {
     assert!(kinds(&fx).contains(&"lease-expired"));
     f.commit(fx);
     let r = f.q.record(a).unwrap().unwrap();
-    assert_eq!((r.state, r.retries, r.agent_id), (BuildState::Runnable, 1, 0));
+    assert_eq!(
+        (r.state, r.retries, r.agent_id),
+        (BuildState::Runnable, 1, 0)
+    );
     // The same report again is stale: the agent no longer holds the build.
     assert!(matches!(
         f.q.finish_scanned(7, a, 1, setup(), 0, None, 21),
@@ -194,7 +201,10 @@ fn builder_failures_are_final_unless_retries_are_configured() {
     f.commit(fx);
     let r = f.q.record(b).unwrap().unwrap();
     assert_eq!(r.state, BuildState::Failed);
-    assert_eq!(r.reason, "boom (gave up after 2 builder failures, 1 retries)");
+    assert_eq!(
+        r.reason,
+        "boom (gave up after 2 builder failures, 1 retries)"
+    );
 }
 
 /// A submission deferred to a later time: not offered, not allocatable, not in the fill;
@@ -202,9 +212,8 @@ fn builder_failures_are_final_unless_retries_are_configured() {
 #[test]
 fn a_deferred_submission_is_offered_only_when_the_timer_wakes_it() {
     let (mut f, ids) = Fixture::new(&["base"]);
-    let (fx, subs) = f
-        .q
-        .submit_deferred(
+    let (fx, subs) =
+        f.q.submit_deferred(
             vec![target("x", &[]), target("y", &["base"])],
             vec![],
             0,
@@ -231,10 +240,9 @@ fn a_deferred_submission_is_offered_only_when_the_timer_wakes_it() {
     assert_eq!(ids_of(&f.q.wake(5_000)), vec![x, y]);
     assert_eq!(lease(&mut f, 7, x, 5_000), 1);
     // A past time is no deferral.
-    let (fx, subs) = f
-        .q
-        .submit_deferred(vec![target("z", &[])], vec![], 0, vec![], 10, 6_000)
-        .unwrap();
+    let (fx, subs) =
+        f.q.submit_deferred(vec![target("z", &[])], vec![], 0, vec![], 10, 6_000)
+            .unwrap();
     assert_eq!(ids_of(&fx.runnable), vec![subs[0].id]);
     f.commit(fx);
     assert_eq!(f.q.record(subs[0].id).unwrap().unwrap().defer_until_ms, 0);
@@ -282,10 +290,9 @@ fn a_reload_keeps_retries_and_deferrals() {
     lease(&mut f, 8, a, 30);
     let fx = f.q.agent_lost(8, 40).unwrap();
     f.commit(fx);
-    let (fx, subs) = f
-        .q
-        .submit_deferred(vec![target("c", &[])], vec![], 0, vec![], 9_000, 50)
-        .unwrap();
+    let (fx, subs) =
+        f.q.submit_deferred(vec![target("c", &[])], vec![], 0, vec![], 9_000, 50)
+            .unwrap();
     f.commit(fx);
     let c = subs[0].id;
     let symbols = || Arc::new(Symbols::default());
