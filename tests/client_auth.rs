@@ -481,6 +481,26 @@ fn get_with(addr: &str, path: &str, token: &str) -> (u16, String) {
     (code, body)
 }
 
+/// `kiln token list --json` (online with `admin`, or offline), as JSON values.
+fn list(c: Option<&Coordinator>, admin: &str, state: &Path) -> Vec<serde_json::Value> {
+    let mut cmd = kiln();
+    cmd.args(["token", "list", "--json"]);
+    match c {
+        Some(c) => {
+            cmd.args(["--coordinator", &c.client_url])
+                .env("KILN_TOKEN", admin);
+        }
+        None => {
+            cmd.arg("--state-dir").arg(state);
+        }
+    }
+    serde_json::from_str::<serde_json::Value>(&run_ok(&mut cmd))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
 /// How many records of `tree` a state dump holds.
 fn lines_of(dump: &str, tree: &str) -> usize {
     dump.lines()
@@ -559,8 +579,14 @@ fn tokens_are_listed_without_secrets_and_revoked_at_once_but_the_last_admin_is_k
         .find(|t| t["scope"] == "read")
         .unwrap()
         .clone();
-    assert!(ci_read_entry["last_used_ms"].as_u64().is_some(), "{ci_read_entry}");
-    assert!(by_name(&tokens, "ops")[0]["last_used_ms"].is_null(), "{tokens:?}");
+    assert!(
+        ci_read_entry["last_used_ms"].as_u64().is_some(),
+        "{ci_read_entry}"
+    );
+    assert!(
+        by_name(&tokens, "ops")[0]["last_used_ms"].is_null(),
+        "{tokens:?}"
+    );
     for t in &tokens {
         assert_eq!(t["id"].as_str().unwrap().len(), 12, "{t}");
         assert!(t.get("token").is_none(), "{t}");
@@ -570,8 +596,14 @@ fn tokens_are_listed_without_secrets_and_revoked_at_once_but_the_last_admin_is_k
             .args(["token", "list", "--coordinator", &c.client_url])
             .env("KILN_TOKEN", &root),
     );
-    assert!(table.starts_with("ID") && table.contains("LAST USED"), "{table}");
-    assert!(table.contains(ci_read_entry["id"].as_str().unwrap()), "{table}");
+    assert!(
+        table.starts_with("ID") && table.contains("LAST USED"),
+        "{table}"
+    );
+    assert!(
+        table.contains(ci_read_entry["id"].as_str().unwrap()),
+        "{table}"
+    );
     for f in ["root.tok", "ci-read.tok", "ci-submit.tok", "ops.tok"] {
         let secret = token_file(t, f);
         let hex = secret.trim_start_matches("kiln-");
@@ -603,7 +635,9 @@ fn tokens_are_listed_without_secrets_and_revoked_at_once_but_the_last_admin_is_k
             .env("KILN_TOKEN", &root),
     );
     assert!(
-        err.contains("HTTP 409") && err.contains("2 client tokens are named") && err.contains("by its id"),
+        err.contains("HTTP 409")
+            && err.contains("2 client tokens are named")
+            && err.contains("by its id"),
         "{err}"
     );
 
@@ -631,7 +665,14 @@ fn tokens_are_listed_without_secrets_and_revoked_at_once_but_the_last_admin_is_k
     // The name "ci" is unique now: revoke by name.
     run_ok(
         kiln()
-            .args(["token", "revoke", "ci", "--json", "--coordinator", &c.client_url])
+            .args([
+                "token",
+                "revoke",
+                "ci",
+                "--json",
+                "--coordinator",
+                &c.client_url,
+            ])
             .env("KILN_TOKEN", &root),
     );
 

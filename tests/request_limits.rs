@@ -248,10 +248,17 @@ fn an_oversized_drv_refuses_the_whole_submission() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("HTTP 413") && err.contains("limits.max_drv_bytes"), "{err}");
+    assert!(
+        err.contains("HTTP 413") && err.contains("limits.max_drv_bytes"),
+        "{err}"
+    );
     let (code, builds) = common::get(&c.url("/api/v1/builds"));
     assert_eq!(code, 200);
-    assert_eq!(builds, serde_json::json!([]), "a refused submission queued builds");
+    assert_eq!(
+        builds,
+        serde_json::json!([]),
+        "a refused submission queued builds"
+    );
     c.stop();
     let dump = state_dump(&c.state_dir);
     assert_eq!(records(&dump, "derivations"), 0, "{dump}");

@@ -447,7 +447,13 @@ pub(super) fn print_agent_secret(
         if json {
             print_json(out, &created)?;
         } else {
-            writeln!(out, "agent {} ({}) {}", created.id, created.name, saved(file))?;
+            writeln!(
+                out,
+                "agent {} ({}) {}",
+                created.id,
+                created.name,
+                saved(file)
+            )?;
         }
     } else if json {
         print_json(out, &created)?;
@@ -550,9 +556,9 @@ pub fn create_token_offline(dir: &Path, name: &str, scope: Scope) -> anyhow::Res
     let store = open_offline(dir)?;
     let (token, batch) = crate::http::auth::mint_token(name, scope)?;
     commit_offline(store, batch, dir)?;
-    let auth = crate::http::auth::token_id(&crate::http::auth::token_key(&token));
+    let id = crate::http::auth::token_id(&crate::http::auth::token_key(&token));
     Ok(TokenCreated {
-        id: auth,
+        id,
         name: name.to_string(),
         scope,
         token,

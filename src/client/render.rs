@@ -268,9 +268,18 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines[0].starts_with("ID") && lines[0].contains("LAST USED"), "{text}");
-        assert!(lines[1].contains("0123456789ab  submit  1970-01-01 00:00:00.000 UTC  2.5 s ago"), "{text}");
-        assert!(lines[2].contains("UTC  -") && lines[2].ends_with("ci"), "{text}");
+        assert!(
+            lines[0].starts_with("ID") && lines[0].contains("LAST USED"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("0123456789ab  submit  1970-01-01 00:00:00.000 UTC  2.5 s ago"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("UTC  -") && lines[2].ends_with("ci"),
+            "{text}"
+        );
         let mut out = Vec::new();
         tokens_table(&mut out, &[], 0).unwrap();
         assert!(String::from_utf8(out).unwrap().contains("loopback"));

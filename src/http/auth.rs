@@ -359,7 +359,6 @@ fn check(req: &ServiceRequest, state: &AppState, gate: &Gate) -> Result<(), ApiE
                 .into(),
         ));
     };
-    gate.used(&key);
     let held = Scope::parse(&record.scope).unwrap_or(Scope::Read);
     if !held.allows(needed) {
         return Err(refuse(
@@ -375,6 +374,7 @@ fn check(req: &ServiceRequest, state: &AppState, gate: &Gate) -> Result<(), ApiE
             ),
         ));
     }
+    gate.used(&key);
     Ok(())
 }
 
@@ -421,7 +421,9 @@ impl Gate {
     /// When the token stored under `key` last passed the gate.
     pub fn last_used(&self, key: &[u8]) -> Option<u64> {
         let m = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
-        <&[u8; 32]>::try_from(key).ok().and_then(|k| m.get(k).copied())
+        <&[u8; 32]>::try_from(key)
+            .ok()
+            .and_then(|k| m.get(k).copied())
     }
 
     /// Forget a revoked token's last use.
