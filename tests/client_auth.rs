@@ -76,6 +76,19 @@ fn raw(
     (status, head.to_ascii_lowercase(), body.to_string())
 }
 
+/// The first admin token ("root"), made offline in the state dir `state` and saved to
+/// `file`; what the command printed.
+fn first_admin_offline(state: &Path, file: &Path) -> String {
+    run_ok(
+        kiln()
+            .args(["token", "new", "--scope", "admin", "--name", "root"])
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--save-to")
+            .arg(file),
+    )
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
 enum Need {
     Read,
@@ -110,14 +123,7 @@ fn every_client_route_refuses_missing_wrong_and_narrow_tokens_and_foreign_pages(
     let t = tmp.path();
 
     // The first token, offline, before the coordinator ever ran.
-    let out = run_ok(
-        kiln()
-            .args(["token", "new", "--scope", "admin", "--name", "root"])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--save-to")
-            .arg(t.join("admin.tok")),
-    );
+    let out = first_admin_offline(&state, &t.join("admin.tok"));
     assert!(out.contains("written to"), "{out}");
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -519,14 +525,7 @@ fn tokens_are_listed_without_secrets_and_revoked_at_once_but_the_last_admin_is_k
     let store = t.join("store");
     std::fs::create_dir_all(&store).unwrap();
     let state = t.join("state");
-    let out = run_ok(
-        kiln()
-            .args(["token", "new", "--scope", "admin", "--name", "root"])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--save-to")
-            .arg(t.join("root.tok")),
-    );
+    let out = first_admin_offline(&state, &t.join("root.tok"));
     assert!(out.contains("id "), "{out}");
     let mut c = Coordinator::start(t, &store, "");
     let root = token_file(t, "root.tok");
