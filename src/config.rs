@@ -457,6 +457,9 @@ pub struct Limits {
     pub log_decompressed_mb: u64,
     /// Largest JSON body on the other routes, in KiB.
     pub json_body_kb: u64,
+    /// Largest single `.drv` in a submission, in bytes: a submission carrying a bigger one is
+    /// refused whole (HTTP 413), before anything of it is stored.
+    pub max_drv_bytes: u64,
     /// A request body (any route, both listeners) that averages fewer bytes per second than
     /// this over `min_body_rate_window_ms` is cut (HTTP 408).
     pub min_body_rate_bytes_per_s: u64,
@@ -476,6 +479,7 @@ impl Default for Limits {
             log_mb: 64,
             log_decompressed_mb: 1024,
             json_body_kb: 256,
+            max_drv_bytes: 1 << 20,
             min_body_rate_bytes_per_s: 1024,
             min_body_rate_window_ms: 30_000,
             max_uploads_per_agent: 8,
@@ -601,6 +605,11 @@ impl Config {
         anyhow::ensure!(
             self.timeouts.request_header_ms >= 100,
             "timeouts.request_header_ms must be at least 100 (0.1 s)"
+        );
+        anyhow::ensure!(
+            self.limits.max_drv_bytes >= 1024,
+            "limits.max_drv_bytes is {}; it must be at least 1024 (1 KiB: even a trivial derivation is a few hundred bytes)",
+            self.limits.max_drv_bytes
         );
         anyhow::ensure!(
             self.limits.min_body_rate_window_ms >= 1000,

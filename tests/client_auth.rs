@@ -2,7 +2,10 @@
 //! token scope and no (or a wrong) token is refused with 401/403; cross-origin `text/plain`
 //! POSTs, foreign `Origin`s and foreign `Host`s are refused on every route; and none of it
 //! changes `kiln state dump`. Tokens are made with the real `kiln token new`, offline and
-//! online, and the real `kiln submit` sends one from `--token-file`.
+//! online, and the real `kiln submit` sends one from `--token-file`. `kiln token list` shows
+//! every token's id, name, scope and last use and never a token; `kiln token revoke ID|NAME`
+//! makes a token refused (401) from the very next request, refuses unknown and ambiguous
+//! names, and keeps the last admin token unless run offline (`--state-dir`).
 
 mod common;
 
@@ -73,6 +76,19 @@ fn raw(
     (status, head.to_ascii_lowercase(), body.to_string())
 }
 
+/// The first admin token ("root"), made offline in the state dir `state` and saved to
+/// `file`; what the command printed.
+fn first_admin_offline(state: &Path, file: &Path) -> String {
+    run_ok(
+        kiln()
+            .args(["token", "new", "--scope", "admin", "--name", "root"])
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--save-to")
+            .arg(file),
+    )
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
 enum Need {
     Read,
@@ -107,14 +123,7 @@ fn every_client_route_refuses_missing_wrong_and_narrow_tokens_and_foreign_pages(
     let t = tmp.path();
 
     // The first token, offline, before the coordinator ever ran.
-    let out = run_ok(
-        kiln()
-            .args(["token", "new", "--scope", "admin", "--name", "root"])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--save-to")
-            .arg(t.join("admin.tok")),
-    );
+    let out = first_admin_offline(&state, &t.join("admin.tok"));
     assert!(out.contains("written to"), "{out}");
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -268,6 +277,14 @@ fn every_client_route_refuses_missing_wrong_and_narrow_tokens_and_foreign_pages(
             json(serde_json::json!({"name": "intruder", "scope": "admin"})),
             Need::Admin,
         ),
+        route("GET", "/tokens", "", vec![], Need::Admin),
+        route(
+            "POST",
+            "/tokens/read/revoke",
+            "application/json",
+            vec![],
+            Need::Admin,
+        ),
     ];
     routes[5].endless = true;
     let creds: Vec<(&str, Option<String>, Option<Need>)> = vec![
@@ -328,7 +345,7 @@ fn every_client_route_refuses_missing_wrong_and_narrow_tokens_and_foreign_pages(
             }
         }
     }
-    assert_eq!(refused, 6 * 3 + 4 * 4 + 2 * 5, "refusals counted");
+    assert_eq!(refused, 6 * 3 + 4 * 4 + 4 * 5, "refusals counted");
 
     // Browser safety, with the admin token (so only the browser checks can refuse).
     let admin = format!("Bearer {}", token_file(t, "admin.tok"));
@@ -449,4 +466,255 @@ fn without_tokens_loopback_callers_need_none() {
         b"",
     );
     assert_eq!(code, 403, "{body}");
+}
+
+fn run_fail(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{cmd:?}: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `GET path` with a bearer token: (status, body).
+fn get_with(addr: &str, path: &str, token: &str) -> (u16, String) {
+    let (code, _, body) = raw(
+        addr,
+        "GET",
+        path,
+        &[("Authorization", format!("Bearer {token}"))],
+        None,
+        b"",
+    );
+    (code, body)
+}
+
+/// `kiln token list --json` (online with `admin`, or offline), as JSON values.
+fn list(c: Option<&Coordinator>, admin: &str, state: &Path) -> Vec<serde_json::Value> {
+    let mut cmd = kiln();
+    cmd.args(["token", "list", "--json"]);
+    match c {
+        Some(c) => {
+            cmd.args(["--coordinator", &c.client_url])
+                .env("KILN_TOKEN", admin);
+        }
+        None => {
+            cmd.arg("--state-dir").arg(state);
+        }
+    }
+    serde_json::from_str::<serde_json::Value>(&run_ok(&mut cmd))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// How many records of `tree` a state dump holds.
+fn lines_of(dump: &str, tree: &str) -> usize {
+    dump.lines()
+        .filter(|l| l.split(' ').next() == Some(tree))
+        .count()
+}
+
+fn by_name<'a>(list: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::Value> {
+    list.iter().filter(|t| t["name"] == name).collect()
+}
+
+#[test]
+fn tokens_are_listed_without_secrets_and_revoked_at_once_but_the_last_admin_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = t.join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let state = t.join("state");
+    let out = first_admin_offline(&state, &t.join("root.tok"));
+    assert!(out.contains("id "), "{out}");
+    let mut c = Coordinator::start(t, &store, "");
+    let root = token_file(t, "root.tok");
+    // Two tokens named "ci" (names are labels, not unique), a second admin "ops".
+    for (file, scope, name) in [
+        ("ci-read.tok", "read", "ci"),
+        ("ci-submit.tok", "submit", "ci"),
+        ("ops.tok", "admin", "ops"),
+    ] {
+        run_ok(
+            kiln()
+                .args(["token", "new", "--scope", scope, "--name", name])
+                .args(["--coordinator", &c.client_url])
+                .env("KILN_TOKEN", &root)
+                .arg("--save-to")
+                .arg(t.join(file)),
+        );
+    }
+    let ci_read = token_file(t, "ci-read.tok");
+    let ops = token_file(t, "ops.tok");
+    let addr = c.client_url.trim_start_matches("http://").to_string();
+    let (code, body) = get_with(&addr, "/api/v1/builds", &ci_read);
+    assert_eq!(code, 200, "{body}");
+
+    // The listing: scopes, ids, last use; never a token, in JSON or as a table.
+    let tokens = list(Some(&c), &root, &state);
+    assert_eq!(tokens.len(), 4, "{tokens:?}");
+    let scopes: Vec<(String, String)> = tokens
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_string(),
+                t["scope"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for want in [
+        ("root", "admin"),
+        ("ci", "read"),
+        ("ci", "submit"),
+        ("ops", "admin"),
+    ] {
+        assert!(
+            scopes.contains(&(want.0.to_string(), want.1.to_string())),
+            "{want:?} not in {scopes:?}"
+        );
+    }
+    let ci_read_entry = by_name(&tokens, "ci")
+        .into_iter()
+        .find(|t| t["scope"] == "read")
+        .unwrap()
+        .clone();
+    assert!(
+        ci_read_entry["last_used_ms"].as_u64().is_some(),
+        "{ci_read_entry}"
+    );
+    assert!(
+        by_name(&tokens, "ops")[0]["last_used_ms"].is_null(),
+        "{tokens:?}"
+    );
+    for t in &tokens {
+        assert_eq!(t["id"].as_str().unwrap().len(), 12, "{t}");
+        assert!(t.get("token").is_none(), "{t}");
+    }
+    let table = run_ok(
+        kiln()
+            .args(["token", "list", "--coordinator", &c.client_url])
+            .env("KILN_TOKEN", &root),
+    );
+    assert!(
+        table.starts_with("ID") && table.contains("LAST USED"),
+        "{table}"
+    );
+    assert!(
+        table.contains(ci_read_entry["id"].as_str().unwrap()),
+        "{table}"
+    );
+    for f in ["root.tok", "ci-read.tok", "ci-submit.tok", "ops.tok"] {
+        let secret = token_file(t, f);
+        let hex = secret.trim_start_matches("kiln-");
+        for shown in [&table, &serde_json::to_string(&tokens).unwrap()] {
+            assert!(!shown.contains(hex), "{f}'s token is shown: {shown}");
+        }
+    }
+
+    // Only admin may list and revoke.
+    let err = run_fail(
+        kiln()
+            .args(["token", "revoke", "ops", "--coordinator", &c.client_url])
+            .env("KILN_TOKEN", &ci_read),
+    );
+    assert!(err.contains("HTTP 403"), "{err}");
+    // Unknown and ambiguous: refused, saying what to do.
+    let err = run_fail(
+        kiln()
+            .args(["token", "revoke", "nobody", "--coordinator", &c.client_url])
+            .env("KILN_TOKEN", &root),
+    );
+    assert!(
+        err.contains("HTTP 404") && err.contains("\"nobody\"") && err.contains("kiln token list"),
+        "{err}"
+    );
+    let err = run_fail(
+        kiln()
+            .args(["token", "revoke", "ci", "--coordinator", &c.client_url])
+            .env("KILN_TOKEN", &root),
+    );
+    assert!(
+        err.contains("HTTP 409")
+            && err.contains("2 client tokens are named")
+            && err.contains("by its id"),
+        "{err}"
+    );
+
+    // Revoked by id: the very next request with it is refused, and says why.
+    let id = ci_read_entry["id"].as_str().unwrap();
+    let out = run_ok(
+        kiln()
+            .args(["token", "revoke", id, "--coordinator", &c.client_url])
+            .env("KILN_TOKEN", &root),
+    );
+    assert!(out.contains(id) && out.contains("revoked"), "{out}");
+    let (code, body) = get_with(&addr, "/api/v1/builds", &ci_read);
+    assert_eq!(code, 401, "{body}");
+    assert!(
+        body.contains("not known to this coordinator") && body.contains("revoked"),
+        "{body}"
+    );
+    // Revoking it again: it is unknown now.
+    let err = run_fail(
+        kiln()
+            .args(["token", "revoke", id, "--coordinator", &c.client_url])
+            .env("KILN_TOKEN", &root),
+    );
+    assert!(err.contains("HTTP 404"), "{err}");
+    // The name "ci" is unique now: revoke by name.
+    run_ok(
+        kiln()
+            .args([
+                "token",
+                "revoke",
+                "ci",
+                "--json",
+                "--coordinator",
+                &c.client_url,
+            ])
+            .env("KILN_TOKEN", &root),
+    );
+
+    // An admin token revokes another admin token (even its own), but not the last one.
+    run_ok(
+        kiln()
+            .args(["token", "revoke", "root", "--coordinator", &c.client_url])
+            .env("KILN_TOKEN", &ops),
+    );
+    let (code, body) = get_with(&addr, "/api/v1/tokens", &root);
+    assert_eq!(code, 401, "{body}");
+    let err = run_fail(
+        kiln()
+            .args(["token", "revoke", "ops", "--coordinator", &c.client_url])
+            .env("KILN_TOKEN", &ops),
+    );
+    assert!(
+        err.contains("HTTP 409") && err.contains("last admin token") && err.contains("--state-dir"),
+        "{err}"
+    );
+    let left = list(Some(&c), &ops, &state);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["name"], "ops");
+    c.stop();
+
+    // Offline, with the state dir in hand, the last admin token can go.
+    let offline = list(None, "", &state);
+    assert_eq!(offline.len(), 1, "{offline:?}");
+    assert!(offline[0]["last_used_ms"].is_null(), "{offline:?}");
+    let out = run_ok(
+        kiln()
+            .args(["token", "revoke", "ops", "--state-dir"])
+            .arg(&state),
+    );
+    assert!(out.contains("revoked"), "{out}");
+    assert!(list(None, "", &state).is_empty());
+    let dump = state_dump(&state);
+    assert_eq!(lines_of(&dump, "client_tokens"), 0, "{dump}");
+    // With no token left, the listener is loopback-only again, and says so.
+    c.spawn();
+    common::wait_for("the access log line", LIMIT, || {
+        c.log()
+            .contains("the client API serves loopback connections only")
+            .then_some(())
+    });
 }

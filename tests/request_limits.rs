@@ -1,7 +1,8 @@
 //! Request limits against a real coordinator, with raw sockets: a client that drips its
 //! headers is cut by the header timeout, one that drips a body at 100 B/s is cut by the body
 //! rate floor (HTTP 408), and an oversized body is refused before it is read (HTTP 413) — on
-//! the client listener and on the agent listener.
+//! the client listener and on the agent listener. A submission with a `.drv` over
+//! `limits.max_drv_bytes` is refused whole (413) and stores nothing.
 
 mod common;
 
@@ -9,7 +10,8 @@ use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::Coordinator;
+use common::{b64, post, simple_drv, state_dump, Coordinator};
+use kiln::derivation::store_path::StoreDir;
 
 /// Most drips before the test gives up (each drip waits `DRIP`): bounds the test at ~60 s.
 const MAX_DRIPS: usize = 300;
@@ -198,4 +200,86 @@ fn a_fast_then_slower_upload_above_the_floor_is_not_cut() {
     }
     let r = read_response(&mut s, false);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// A submission carrying one `.drv` over `limits.max_drv_bytes` is refused whole with 413,
+/// naming the derivation, its size and the limit, over HTTP and through `kiln submit`; nothing
+/// of it is stored; the rest alone is then accepted.
+#[test]
+fn an_oversized_drv_refuses_the_whole_submission() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = t.join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let sd = StoreDir::new(&store).unwrap();
+    let mut c = Coordinator::start(t, &store, "[limits]\nmax_drv_bytes = 2048\n");
+    let (small, small_bytes) = simple_drv(&sd, "small", "echo > $out");
+    let (big, big_bytes) = simple_drv(&sd, "big", &format!("echo {} > $out", "x".repeat(3000)));
+    assert!(big_bytes.len() > 2048 && small_bytes.len() < 2048);
+    let body = serde_json::json!({
+        "derivations": [
+            {"path": small, "contents": b64(&small_bytes)},
+            {"path": big, "contents": b64(&big_bytes)},
+        ],
+        "builds": [small, big],
+    });
+    let (code, resp) = post(&c.url("/api/v1/builds"), &body);
+    assert_eq!(code, 413, "{resp}");
+    assert_eq!(resp["error"]["code"], "drv_too_large", "{resp}");
+    let msg = resp["error"]["message"].as_str().unwrap();
+    for part in [
+        big.as_str(),
+        &format!("{} bytes", big_bytes.len()),
+        "2048",
+        "limits.max_drv_bytes",
+        "nothing of this submission was stored",
+    ] {
+        assert!(msg.contains(part), "{part:?} not in {msg}");
+    }
+    // Through the CLI: the same refusal, as the CLI's error.
+    std::fs::write(&big, &big_bytes).unwrap();
+    let out = std::process::Command::new(common::kiln_bin())
+        .args(["submit", &big, "--coordinator", &c.client_url])
+        .arg("--store-dir")
+        .arg(&store)
+        .env_remove("KILN_TOKEN")
+        .env_remove("KILN_TOKEN_FILE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("HTTP 413") && err.contains("limits.max_drv_bytes"),
+        "{err}"
+    );
+    let (code, builds) = common::get(&c.url("/api/v1/builds"));
+    assert_eq!(code, 200);
+    assert_eq!(
+        builds,
+        serde_json::json!([]),
+        "a refused submission queued builds"
+    );
+    c.stop();
+    let dump = state_dump(&c.state_dir);
+    assert_eq!(records(&dump, "derivations"), 0, "{dump}");
+    assert_eq!(records(&dump, "builds"), 0, "{dump}");
+
+    // The small one alone is accepted.
+    c.spawn();
+    let body = serde_json::json!({
+        "derivations": [{"path": small, "contents": b64(&small_bytes)}],
+        "builds": [small],
+    });
+    let (code, resp) = post(&c.url("/api/v1/builds"), &body);
+    assert_eq!(code, 200, "{resp}");
+    c.stop();
+    let dump = state_dump(&c.state_dir);
+    assert_eq!(records(&dump, "derivations"), 1, "{dump}");
+}
+
+/// How many records of `tree` a state dump holds.
+fn records(dump: &str, tree: &str) -> usize {
+    dump.lines()
+        .filter(|l| l.split(' ').next() == Some(tree))
+        .count()
 }

@@ -1,5 +1,6 @@
 //! Client subcommands (`kiln submit`, `kiln builds`, `kiln build show|log|cancel|priority`,
-//! `kiln agent new|rotate-secret|registration-token`, `kiln agents`): clap definitions and
+//! `kiln agent new|rotate-secret|registration-token`, `kiln agents`, `kiln token
+//! new|list|revoke`): clap definitions and
 //! what each command prints (the enrollment commands are in [`super::enroll`]).
 //!
 //! Every command takes [`ClientOpts`] (`--coordinator`, `--json`). Human output is the default;
@@ -16,7 +17,7 @@ use super::render;
 use super::submit::{self, SubmitOptions};
 use crate::protocol::{
     AgentCreated, AgentInfo, BuildDetail, BuildId, BuildState, BuildSummary, NewAgent, NewToken,
-    Scope, TokenCreated,
+    Scope, TokenCreated, TokenInfo,
 };
 
 /// Options every client command takes.
@@ -79,7 +80,7 @@ pub enum ClientCommand {
     Agent(AgentCommand),
     /// List the registered agents.
     Agents(AgentsArgs),
-    /// Create client-API tokens.
+    /// Create, list and revoke client-API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
 }
@@ -88,6 +89,34 @@ pub enum ClientCommand {
 pub enum TokenCommand {
     /// Create a client token; prints it (shown only once) or writes it to --save-to.
     New(TokenNewArgs),
+    /// List the client tokens: id, name, scope, created, last used (never the tokens).
+    List(TokenListArgs),
+    /// Revoke a client token (by id, or by name if only one token has it): refused from the
+    /// next request on. The last admin token is kept unless revoked offline (--state-dir).
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TokenListArgs {
+    /// Read a stopped coordinator's state dir instead of asking the coordinator (no "last
+    /// used" then).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TokenRevokeArgs {
+    /// The token's id (see `kiln token list`), or its name if no other token has it.
+    #[arg(value_name = "ID|NAME")]
+    pub which: String,
+    /// Revoke it offline in this state dir (the coordinator must be stopped); this may revoke
+    /// the last admin token (the coordinator refuses to).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: ClientOpts,
 }
 
 #[derive(clap::Args, Debug)]
@@ -376,6 +405,8 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
         }
         ClientCommand::Agents(a) => agents_cmd(a, &mut out)?,
         ClientCommand::Token(TokenCommand::New(a)) => token_new_cmd(a, &mut out)?,
+        ClientCommand::Token(TokenCommand::List(a)) => token_list_cmd(a, &mut out)?,
+        ClientCommand::Token(TokenCommand::Revoke(a)) => token_revoke_cmd(a, &mut out)?,
     };
     out.flush().context("failed to write to stdout")?;
     Ok(code)
@@ -509,34 +540,53 @@ fn priority_cmd(a: PriorityArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
 
 fn agent_new_cmd(a: NewAgentArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     let client = a.opts.client()?;
-    let mut created = create_agent(&client, &a.name, &a.systems)?;
-    if let Some(file) = &a.secret_file {
+    let created = create_agent(&client, &a.name, &a.systems)?;
+    print_agent_secret(
+        out,
+        created,
+        a.secret_file.as_deref(),
+        a.opts.json,
+        &|f| format!("created; secret written to {}", f.display()),
+        "the secret is shown only once: store it for kiln-agent --secret-file",
+    )?;
+    Ok(0)
+}
+
+/// Show an agent's new secret (`kiln agent new`, `kiln agent rotate-secret`): written to
+/// `secret_file` (mode 0600) and left out of what is printed, or printed with `note`.
+/// `saved` words the line after `agent ID (NAME) ` when the secret went to a file.
+pub(super) fn print_agent_secret(
+    out: &mut dyn Write,
+    mut created: AgentCreated,
+    secret_file: Option<&Path>,
+    json: bool,
+    saved: &dyn Fn(&Path) -> String,
+    note: &str,
+) -> anyhow::Result<()> {
+    if let Some(file) = secret_file {
         write_secret(file, &created.secret)?;
         // The point of --secret-file is to keep the secret off the terminal and out of logs.
         created.secret = String::new();
-        if a.opts.json {
+        if json {
             print_json(out, &created)?;
         } else {
             writeln!(
                 out,
-                "agent {} ({}) created; secret written to {}",
+                "agent {} ({}) {}",
                 created.id,
                 created.name,
-                file.display()
+                saved(file)
             )?;
         }
-    } else if a.opts.json {
+    } else if json {
         print_json(out, &created)?;
     } else {
         writeln!(out, "id: {}", created.id)?;
         writeln!(out, "name: {}", created.name)?;
         writeln!(out, "secret: {}", created.secret)?;
-        writeln!(
-            out,
-            "(the secret is shown only once: store it for kiln-agent --secret-file)"
-        )?;
+        writeln!(out, "({note})")?;
     }
-    Ok(0)
+    Ok(())
 }
 
 /// `POST /api/v1/agents`.
@@ -586,9 +636,10 @@ fn token_new_cmd(a: TokenNewArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
         write_secret(file, &created.token)?;
         writeln!(
             out,
-            "token {:?} ({}) created; written to {}",
+            "token {:?} ({}, id {}) created; written to {}",
             created.name,
             created.scope.as_str(),
+            created.id,
             file.display()
         )?;
     } else if a.opts.json {
@@ -599,21 +650,83 @@ fn token_new_cmd(a: TokenNewArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Store a new token's hash straight into a stopped coordinator's state dir.
-pub fn create_token_offline(dir: &Path, name: &str, scope: Scope) -> anyhow::Result<TokenCreated> {
-    use crate::store::{Committer, Store, StoreOptions};
-    let store = Store::open(dir, &StoreOptions::default())
-        .with_context(|| format!("failed to open the state dir {} (stop the coordinator first, or leave out --state-dir to ask it)", dir.display()))?;
-    let (token, batch) = crate::http::auth::mint_token(name, scope)?;
-    let committer = Committer::start(store, Default::default(), Box::new(|_| {}))?;
+/// Open a stopped coordinator's state dir for the offline token commands.
+fn open_offline(dir: &Path) -> anyhow::Result<crate::store::Store> {
+    use crate::store::{Store, StoreOptions};
+    Store::open(dir, &StoreOptions::default()).with_context(|| {
+        format!(
+            "failed to open the state dir {} (stop the coordinator first, or leave out --state-dir to ask it)",
+            dir.display()
+        )
+    })
+}
+
+/// Commit `batch` to a state dir opened offline.
+fn commit_offline(
+    store: crate::store::Store,
+    batch: crate::store::Batch,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let committer = crate::store::Committer::start(store, Default::default(), Box::new(|_| {}))?;
     let result = committer.commit_blocking(batch);
     committer.shutdown_blocking();
-    result.with_context(|| format!("failed to store the token in {}", dir.display()))?;
+    result.with_context(|| format!("failed to write the client tokens in {}", dir.display()))?;
+    Ok(())
+}
+
+/// Store a new token's hash straight into a stopped coordinator's state dir.
+pub fn create_token_offline(dir: &Path, name: &str, scope: Scope) -> anyhow::Result<TokenCreated> {
+    let store = open_offline(dir)?;
+    let (token, batch) = crate::http::auth::mint_token(name, scope)?;
+    commit_offline(store, batch, dir)?;
+    let id = crate::http::auth::token_id(&crate::http::auth::token_key(&token));
     Ok(TokenCreated {
+        id,
         name: name.to_string(),
         scope,
         token,
     })
+}
+
+fn token_list_cmd(a: TokenListArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+    let tokens: Vec<TokenInfo> = match &a.state_dir {
+        Some(dir) => crate::http::auth::list_tokens(&open_offline(dir)?, |_| None)
+            .with_context(|| format!("failed to read the client tokens in {}", dir.display()))?,
+        None => a.opts.client()?.get_json("tokens", &[])?,
+    };
+    if a.opts.json {
+        print_json(out, &tokens)?;
+    } else {
+        render::tokens_table(out, &tokens, now_ms())?;
+    }
+    Ok(0)
+}
+
+fn token_revoke_cmd(a: TokenRevokeArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+    let revoked: TokenInfo = match &a.state_dir {
+        Some(dir) => {
+            let store = open_offline(dir)?;
+            let rev = crate::http::auth::revoke_token(&store, &a.which, false)?;
+            commit_offline(store, rev.batch, dir)?;
+            rev.info
+        }
+        None => a
+            .opts
+            .client()?
+            .post_empty(&format!("tokens/{}/revoke", path_segment(&a.which)))?,
+    };
+    if a.opts.json {
+        print_json(out, &revoked)?;
+    } else {
+        writeln!(
+            out,
+            "token {} ({:?}, {}) revoked: it is refused from the next request on",
+            revoked.id,
+            revoked.name,
+            revoked.scope.as_str()
+        )?;
+    }
+    Ok(0)
 }
 
 fn agents_cmd(a: AgentsArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
@@ -625,6 +738,19 @@ fn agents_cmd(a: AgentsArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
         render::agents_table(out, &agents)?;
     }
     Ok(0)
+}
+
+/// `s` percent-encoded as one URL path segment (a token name may hold any character).
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
@@ -694,6 +820,13 @@ mod tests {
         assert!(parse_defer_until("+3w")
             .unwrap_err()
             .contains("unknown unit"));
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(path_segment("0123abcd-x_y.z~"), "0123abcd-x_y.z~");
+        assert_eq!(path_segment("ci bot/2"), "ci%20bot%2F2");
+        assert_eq!(path_segment("é"), "%C3%A9");
     }
 
     #[test]

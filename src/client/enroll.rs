@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-use super::cli::{print_json, write_secret, ClientOpts};
+use super::cli::{print_agent_secret, print_json, write_secret, ClientOpts};
 use crate::protocol::{AgentCreated, NewRegistrationToken, RegistrationTokenCreated};
 use crate::store::records::RegistrationTokenRecord;
 
@@ -76,33 +76,20 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 /// `kiln agent rotate-secret NAME`.
 pub fn rotate(a: RotateArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     let client = a.opts.client()?;
-    let mut rotated: AgentCreated =
-        client.post_empty(&format!("agents/{}/rotate-secret", a.name))?;
-    if let Some(file) = &a.secret_file {
-        write_secret(file, &rotated.secret)?;
-        rotated.secret = String::new();
-        if a.opts.json {
-            print_json(out, &rotated)?;
-        } else {
-            writeln!(
-                out,
-                "agent {} ({}): new secret written to {}; the old secret no longer works",
-                rotated.id,
-                rotated.name,
-                file.display()
-            )?;
-        }
-    } else if a.opts.json {
-        print_json(out, &rotated)?;
-    } else {
-        writeln!(out, "id: {}", rotated.id)?;
-        writeln!(out, "name: {}", rotated.name)?;
-        writeln!(out, "secret: {}", rotated.secret)?;
-        writeln!(
-            out,
-            "(the old secret no longer works and the agent's session has ended: give this one to kiln-agent --secret-file)"
-        )?;
-    }
+    let rotated: AgentCreated = client.post_empty(&format!("agents/{}/rotate-secret", a.name))?;
+    print_agent_secret(
+        out,
+        rotated,
+        a.secret_file.as_deref(),
+        a.opts.json,
+        &|f| {
+            format!(
+                "new secret written to {}; the old secret no longer works",
+                f.display()
+            )
+        },
+        "the old secret no longer works and the agent's session has ended: give this one to kiln-agent --secret-file",
+    )?;
     Ok(0)
 }
 

@@ -7,7 +7,7 @@ use std::io::Write;
 
 use anyhow::Context as _;
 
-use crate::protocol::{AgentInfo, BuildDetail, BuildSummary};
+use crate::protocol::{AgentInfo, BuildDetail, BuildSummary, TokenInfo};
 
 /// One line per build: id, state, drv path (what `kiln submit` and `kiln build cancel` print).
 pub fn summary_line(out: &mut dyn Write, b: &BuildSummary) -> anyhow::Result<()> {
@@ -189,6 +189,42 @@ fn waiting_note(m: &crate::protocol::MissingInput) -> String {
     }
 }
 
+/// The table of `kiln token list`: id, scope, created, last used, name (never a token).
+/// "Last used" is since the coordinator started (`-`: not since then).
+pub fn tokens_table(out: &mut dyn Write, tokens: &[TokenInfo], now_ms: u64) -> anyhow::Result<()> {
+    if tokens.is_empty() {
+        writeln!(
+            out,
+            "no client tokens (the client API serves loopback connections only): make one with `kiln token new --scope admin`"
+        )
+        .context("failed to write to stdout")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<12}  {:<6}  {:<27}  {:<14}  NAME",
+        "ID", "SCOPE", "CREATED", "LAST USED"
+    )
+    .context("failed to write to stdout")?;
+    for t in tokens {
+        let used = match t.last_used_ms {
+            Some(ms) => format!("{} ago", seconds(now_ms.saturating_sub(ms))),
+            None => "-".to_string(),
+        };
+        writeln!(
+            out,
+            "{:<12}  {:<6}  {:<27}  {:<14}  {}",
+            t.id,
+            t.scope.as_str(),
+            utc(t.created_ms),
+            used,
+            t.name
+        )
+        .context("failed to write to stdout")?;
+    }
+    Ok(())
+}
+
 /// `1234` ms -> `1.2 s`.
 pub fn seconds(ms: u64) -> String {
     format!("{:.1} s", ms as f64 / 1000.0)
@@ -227,6 +263,41 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use crate::protocol::{BuildState, MissingInput, OutputSpec};
+
+    #[test]
+    fn token_table_shows_scope_and_use_and_no_secret() {
+        let t = TokenInfo {
+            id: "0123456789ab".into(),
+            name: "ci".into(),
+            scope: crate::protocol::Scope::Submit,
+            created_ms: 0,
+            last_used_ms: Some(1_000),
+        };
+        let never = TokenInfo {
+            last_used_ms: None,
+            ..t.clone()
+        };
+        let mut out = Vec::new();
+        tokens_table(&mut out, &[t, never], 3_500).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].starts_with("ID") && lines[0].contains("LAST USED"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("0123456789ab  submit  1970-01-01 00:00:00.000 UTC  2.5 s ago"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("UTC  -") && lines[2].ends_with("ci"),
+            "{text}"
+        );
+        let mut out = Vec::new();
+        tokens_table(&mut out, &[], 0).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("loopback"));
+    }
 
     #[test]
     fn utc_matches_known_dates() {

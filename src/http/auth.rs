@@ -7,8 +7,13 @@
 //!
 //! Tokens are random 256-bit values shown once; sled keeps only their SHA-256
 //! ([`ClientTokenRecord`], keyed by the hash), so a per-request check is one hash and one read.
+//! Nothing caches a token's record: revoking one (deleting its record) takes effect on the
+//! next request. When a token was last used is kept in memory only ([`Gate::last_used`]), so a
+//! request costs no write.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Mutex;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -20,7 +25,7 @@ use sha2::Digest as _;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::protocol::{Scope, CLIENT_API, CLIENT_TOKEN_PREFIX};
+use crate::protocol::{Scope, TokenInfo, CLIENT_API, CLIENT_TOKEN_PREFIX};
 use crate::store::records::ClientTokenRecord;
 use crate::store::{Batch, Store, StoreError, TreeId};
 
@@ -50,6 +55,118 @@ pub fn mint_token(name: &str, scope: Scope) -> Result<(String, Batch), StoreErro
 /// The key a token is stored under: its SHA-256.
 pub fn token_key(token: &str) -> [u8; 32] {
     sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// A token's id: the first 12 hex digits of its key (48 bits of a hash: names it, reveals
+/// nothing of it).
+pub fn token_id(key: &[u8]) -> String {
+    key.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why a token could not be revoked (or found).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("no client token has id or name {0:?}: see `kiln token list`")]
+    NotFound(String),
+    #[error("{count} client tokens are named {name:?} (ids {ids}): revoke one by its id")]
+    Ambiguous {
+        name: String,
+        count: usize,
+        ids: String,
+    },
+    #[error("token {id} ({name:?}) is the last admin token: revoking it would leave no one able to manage tokens and agents over the API. Make another first (`kiln token new --scope admin`), or stop the coordinator and revoke it offline (`kiln token revoke --state-dir DIR`)")]
+    LastAdmin { id: String, name: String },
+    #[error("reading client tokens failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Every client token, in key order, without the tokens themselves; `last_used` says when
+/// one was last used (by its key).
+pub fn list_tokens(
+    store: &Store,
+    last_used: impl Fn(&[u8]) -> Option<u64>,
+) -> Result<Vec<TokenInfo>, StoreError> {
+    let mut out = Vec::new();
+    for r in store.scan::<ClientTokenRecord>(TreeId::ClientTokens) {
+        let (k, rec) = r?;
+        out.push(info(k.as_bytes(), &rec, last_used(k.as_bytes())));
+    }
+    Ok(out)
+}
+
+fn info(key: &[u8], rec: &ClientTokenRecord, last_used_ms: Option<u64>) -> TokenInfo {
+    TokenInfo {
+        id: token_id(key),
+        name: rec.name.clone(),
+        // Only `mint_token` writes records, from a `Scope`; an unreadable one grants least.
+        scope: Scope::parse(&rec.scope).unwrap_or(Scope::Read),
+        created_ms: rec.created_ms,
+        last_used_ms,
+    }
+}
+
+/// The batch that revokes the token whose id (else, if unique, whose name) is `which`, and
+/// what it was. With `keep_an_admin`, the last admin token is not revoked ([`TokenError::LastAdmin`]):
+/// over the API, that would leave the client listener with tokens but no one able to make
+/// more. (Offline, with the state dir in hand, the operator can always make another.)
+pub fn revoke_token(
+    store: &Store,
+    which: &str,
+    keep_an_admin: bool,
+) -> Result<Revocation, TokenError> {
+    let mut by_id = None;
+    let mut by_name = Vec::new();
+    let mut admins = 0usize;
+    for r in store.scan::<ClientTokenRecord>(TreeId::ClientTokens) {
+        let (k, rec) = r?;
+        if Scope::parse(&rec.scope) == Some(Scope::Admin) {
+            admins += 1;
+        }
+        let key = k.as_bytes().to_vec();
+        if token_id(&key) == which {
+            by_id = Some((key, rec));
+        } else if rec.name == which {
+            by_name.push((key, rec));
+        }
+    }
+    let (key, rec) = match (by_id, by_name.len()) {
+        (Some(found), _) => found,
+        (None, 1) => by_name.remove(0),
+        (None, 0) => return Err(TokenError::NotFound(which.to_string())),
+        (None, count) => {
+            return Err(TokenError::Ambiguous {
+                name: which.to_string(),
+                count,
+                ids: by_name
+                    .iter()
+                    .map(|(k, _)| token_id(k))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+        }
+    };
+    let gone = info(&key, &rec, None);
+    if keep_an_admin && gone.scope == Scope::Admin && admins <= 1 {
+        return Err(TokenError::LastAdmin {
+            id: gone.id,
+            name: gone.name,
+        });
+    }
+    let mut batch = Batch::new();
+    batch.delete(TreeId::ClientTokens, &key);
+    Ok(Revocation {
+        batch,
+        key,
+        info: gone,
+    })
+}
+
+/// What [`revoke_token`] decided: the batch to commit, the token's key, and what it was.
+#[derive(Debug)]
+pub struct Revocation {
+    pub batch: Batch,
+    pub key: Vec<u8>,
+    pub info: TokenInfo,
 }
 
 /// Whether any client token exists (else the listener is loopback-only).
@@ -127,12 +244,8 @@ fn refuse(status: StatusCode, code: &'static str, message: String) -> ApiError {
 }
 
 /// The checks, in order: Host, Origin, content type, credentials. `Ok` = let it through.
-fn check(
-    req: &ServiceRequest,
-    state: &AppState,
-    hosts: &AllowedHosts,
-    tls: bool,
-) -> Result<(), ApiError> {
+fn check(req: &ServiceRequest, state: &AppState, gate: &Gate) -> Result<(), ApiError> {
+    let (hosts, tls) = (&gate.hosts, gate.tls);
     let host = req
         .headers()
         .get(header::HOST)
@@ -233,15 +346,16 @@ fn check(
             ),
         ));
     };
+    let key = token_key(token);
     let record: Option<ClientTokenRecord> = state
         .store
-        .get(TreeId::ClientTokens, &token_key(token))
+        .get(TreeId::ClientTokens, &key)
         .map_err(internal)?;
     let Some(record) = record else {
         return Err(refuse(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "the client token is not known to this coordinator: check KILN_TOKEN or --token-file"
+            "the client token is not known to this coordinator (it was revoked, or never made here): check KILN_TOKEN or --token-file, or ask an admin for a token (`kiln token new`)"
                 .into(),
         ));
     };
@@ -260,6 +374,7 @@ fn check(
             ),
         ));
     }
+    gate.used(&key);
     Ok(())
 }
 
@@ -273,11 +388,51 @@ pub fn is_loopback(ip: IpAddr) -> bool {
     }
 }
 
-/// What the gate middleware needs besides the app state.
-#[derive(Debug, Clone)]
+/// What the gate middleware needs besides the app state, and the client tokens' in-memory
+/// state. One per client listener (shared by its workers).
+#[derive(Debug)]
 pub struct Gate {
     pub hosts: AllowedHosts,
     pub tls: bool,
+    /// When each token (by key) last passed the gate, in ms since the epoch; memory only.
+    /// Holds only tokens that existed when used, and loses revoked ones.
+    pub last_used: Mutex<HashMap<[u8; 32], u64>>,
+    /// Held while a revocation checks and commits, so two revocations cannot each leave the
+    /// other's token as "another admin".
+    pub revoking: tokio::sync::Mutex<()>,
+}
+
+impl Gate {
+    pub fn new(hosts: AllowedHosts, tls: bool) -> Gate {
+        Gate {
+            hosts,
+            tls,
+            last_used: Mutex::new(HashMap::new()),
+            revoking: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn used(&self, key: &[u8; 32]) {
+        // A poisoned map only loses "last used" times: keep going.
+        let mut m = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(*key, crate::store::now_ms());
+    }
+
+    /// When the token stored under `key` last passed the gate.
+    pub fn last_used(&self, key: &[u8]) -> Option<u64> {
+        let m = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
+        <&[u8; 32]>::try_from(key)
+            .ok()
+            .and_then(|k| m.get(k).copied())
+    }
+
+    /// Forget a revoked token's last use.
+    pub fn forget(&self, key: &[u8]) {
+        let mut m = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(k) = <[u8; 32]>::try_from(key) {
+            m.remove(&k);
+        }
+    }
 }
 
 /// The middleware (`actix_web::middleware::from_fn`).
@@ -289,7 +444,7 @@ pub async fn gate(
         req.app_data::<web::Data<AppState>>(),
         req.app_data::<web::Data<Gate>>(),
     ) {
-        (Some(state), Some(g)) => check(&req, state, &g.hosts, g.tls),
+        (Some(state), Some(g)) => check(&req, state, g),
         _ => Err(refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -338,6 +493,10 @@ mod tests {
         assert_eq!(required_scope(&Method::POST, &p("/agents")), Scope::Admin);
         assert_eq!(required_scope(&Method::POST, &p("/tokens")), Scope::Admin);
         assert_eq!(required_scope(&Method::GET, &p("/tokens")), Scope::Admin);
+        assert_eq!(
+            required_scope(&Method::POST, &p("/tokens/ci/revoke")),
+            Scope::Admin
+        );
         assert_eq!(
             required_scope(&Method::POST, &p("/agents/b1/rotate-secret")),
             Scope::Admin
@@ -388,5 +547,9 @@ mod tests {
         assert!(a.starts_with(CLIENT_TOKEN_PREFIX) && a.len() == CLIENT_TOKEN_PREFIX.len() + 64);
         assert_ne!(a, b);
         assert_ne!(token_key(&a), token_key(&b));
+        let id = token_id(&token_key(&a));
+        assert_eq!(id.len(), 12);
+        assert!(id.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert!(!a.contains(&id), "an id must not be part of the token");
     }
 }

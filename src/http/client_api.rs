@@ -4,6 +4,7 @@
 use actix_web::{get, post, put, web, HttpRequest, HttpResponse};
 use futures_util::stream;
 
+use super::auth::Gate;
 use super::error::ApiError;
 use super::AppState;
 use crate::actors::build_queue::{
@@ -64,8 +65,66 @@ async fn new_token(
         .commit(batch)
         .await
         .map_err(|e| ApiError::from(crate::actors::ActorError::Commit(e)))?;
-    tracing::info!(name = %name, scope = scope.as_str(), "client token created");
-    Ok(HttpResponse::Ok().json(TokenCreated { name, scope, token }))
+    let id = super::auth::token_id(&super::auth::token_key(&token));
+    tracing::info!(name = %name, id = %id, scope = scope.as_str(), "client token created");
+    Ok(HttpResponse::Ok().json(TokenCreated {
+        id,
+        name,
+        scope,
+        token,
+    }))
+}
+
+/// The client tokens (admin): id, name, scope, created, last used since start; never the
+/// tokens.
+#[get("/tokens")]
+async fn list_tokens(
+    state: web::Data<AppState>,
+    gate: web::Data<Gate>,
+) -> Result<HttpResponse, ApiError> {
+    let list = web::block(move || super::auth::list_tokens(&state.store, |k| gate.last_used(k)))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    Ok(HttpResponse::Ok().json(list))
+}
+
+/// Revoke a client token by id, or by name when one token has it (admin). Refused for the
+/// last admin token (see [`super::auth::revoke_token`]). The record is deleted before the
+/// answer, and the gate reads records on every request, so the token is refused from the
+/// next request on.
+#[post("/tokens/{which}/revoke")]
+async fn revoke_token(
+    state: web::Data<AppState>,
+    gate: web::Data<Gate>,
+    which: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    use super::auth::TokenError;
+    use actix_web::http::StatusCode as S;
+    let which = which.into_inner();
+    // Serialised: the last-admin check and the delete must see the same tokens.
+    let _one_at_a_time = gate.revoking.lock().await;
+    let store = state.store.clone();
+    let r = web::block(move || super::auth::revoke_token(&store, &which, true))
+        .await
+        .map_err(internal)?;
+    let rev = r.map_err(|e| {
+        let msg = e.to_string();
+        match e {
+            TokenError::NotFound(_) => ApiError::new(S::NOT_FOUND, "no_such_token", msg),
+            TokenError::Ambiguous { .. } => ApiError::new(S::CONFLICT, "ambiguous_token", msg),
+            TokenError::LastAdmin { .. } => ApiError::new(S::CONFLICT, "last_admin_token", msg),
+            TokenError::Store(_) => internal(msg),
+        }
+    })?;
+    state
+        .committer
+        .commit(rev.batch)
+        .await
+        .map_err(|e| ApiError::from(crate::actors::ActorError::Commit(e)))?;
+    gate.forget(&rev.key);
+    tracing::info!(id = %rev.info.id, name = %rev.info.name, scope = rev.info.scope.as_str(), "client token revoked");
+    Ok(HttpResponse::Ok().json(rev.info))
 }
 
 #[get("/agents")]
@@ -142,6 +201,23 @@ async fn submit(
     state: web::Data<AppState>,
     body: web::Json<SubmitBuilds>,
 ) -> Result<HttpResponse, ApiError> {
+    // Checked before the queue sees any of it, so a refused submission stores nothing.
+    let max = state.config.limits.max_drv_bytes;
+    if let Some(d) = body
+        .derivations
+        .iter()
+        .find(|d| d.contents.0.len() as u64 > max)
+    {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "drv_too_large",
+            format!(
+                "derivation {} is {} bytes, over the limit of {max} bytes (limits.max_drv_bytes): nothing of this submission was stored. A .drv this big usually inlines a file or a long list in its environment: pass it as an input source instead, or raise limits.max_drv_bytes in the coordinator's config",
+                d.path,
+                d.contents.0.len()
+            ),
+        ));
+    }
     let submitted = state
         .queue
         .send(Submit(body.into_inner()))
@@ -395,6 +471,8 @@ pub fn routes(cfg: &mut web::ServiceConfig, big: web::JsonConfig) {
     )
     .service(new_agent)
     .service(new_token)
+    .service(list_tokens)
+    .service(revoke_token)
     .service(agents)
     .service(put_source)
     .service(show)

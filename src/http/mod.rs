@@ -144,10 +144,10 @@ pub fn bind(
     .with_context(|| format!("failed to listen on {listen} (agents, substitutes, metrics)"))?;
     let agent_addr = agent.addrs()[0].to_string();
     let s2 = state.clone();
-    let gate = web::Data::new(auth::Gate {
-        hosts: auth::AllowedHosts::new(client_listen, &state.config.client_api.allowed_hosts),
-        tls: client_tls.is_some(),
-    });
+    let gate = web::Data::new(auth::Gate::new(
+        auth::AllowedHosts::new(client_listen, &state.config.client_api.allowed_hosts),
+        client_tls.is_some(),
+    ));
     let client = HttpServer::new(move || {
         let big = web::JsonConfig::default()
             .limit(big_limit)

@@ -461,9 +461,26 @@ pub struct NewToken {
 /// The token is shown once; the coordinator keeps only its SHA-256.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenCreated {
+    /// The token's id (see [`TokenInfo::id`]): what `kiln token revoke` takes.
+    #[serde(default)]
+    pub id: String,
     pub name: String,
     pub scope: Scope,
     pub token: String,
+}
+
+/// One client token as `GET /api/v1/tokens` lists it (admin): never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The first 12 hex digits of the token's SHA-256 (the key it is stored under): names
+    /// the token without revealing it.
+    pub id: String,
+    pub name: String,
+    pub scope: Scope,
+    pub created_ms: u64,
+    /// When a request last passed the gate with it, since this coordinator process started
+    /// (kept in memory only, so a request costs no write); `None` = not since the start.
+    pub last_used_ms: Option<u64>,
 }
 
 /// `POST /api/v1/agents`.
