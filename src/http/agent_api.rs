@@ -7,6 +7,8 @@ use super::error::ApiError;
 use super::AppState;
 use crate::actors::agent_session::{closure, path_info, Beat, RequestWork};
 use crate::actors::allocator::RequestAlive;
+use crate::actors::agent_admin::InfraOutcome;
+use crate::actors::agent_controls::infrastructure_failure;
 use crate::actors::build_queue::{Finish, GetRecord, Progress};
 use crate::actors::queue_state::Scanned;
 use crate::actors::registry::{Open, SessionOf};
@@ -332,6 +334,13 @@ async fn result(
         }
         Err(_) => None,
     };
+    // What this result says of the agent's infrastructure (see `agent_controls`): a success,
+    // a setup or upload failure, or neither (the builder failed).
+    let infra = match &outcome {
+        Ok(_) => Some(false),
+        Err(reason) if infrastructure_failure(reason) => Some(true),
+        Err(_) => None,
+    };
     let msg = Finish {
         agent_id: auth.0,
         build_id,
@@ -341,6 +350,12 @@ async fn result(
         scanned,
     };
     let ack = state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    if let (Some(failure), false) = (infra, ack.duplicate) {
+        state.registry.do_send(InfraOutcome {
+            agent_id: auth.0,
+            failure,
+        });
+    }
     Ok(HttpResponse::Ok().json(ack))
 }
 

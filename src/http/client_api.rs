@@ -11,6 +11,7 @@ use crate::actors::build_queue::{
 };
 use crate::actors::event_log::{event_json, Subscribe};
 use crate::actors::queue_state::is_available;
+use crate::actors::agent_admin::{Action, SetMode};
 use crate::actors::registry::{CreateAgent, ListAgents};
 use crate::derivation::Hash;
 use crate::protocol::{
@@ -66,6 +67,36 @@ async fn new_token(
         .map_err(|e| ApiError::from(crate::actors::ActorError::Commit(e)))?;
     tracing::info!(name = %name, scope = scope.as_str(), "client token created");
     Ok(HttpResponse::Ok().json(TokenCreated { name, scope, token }))
+}
+
+/// `kiln agent pause|resume|drain NAME` (admin scope).
+#[post("/agents/{name}/{action}")]
+async fn agent_control(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (name, action) = path.into_inner();
+    let action = match action.as_str() {
+        "pause" => Action::Pause,
+        "resume" => Action::Resume,
+        "drain" => Action::Drain,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no agent action {other:?}: use pause, resume, drain or rotate-secret"
+            )))
+        }
+    };
+    if !crate::actors::enrollment::valid_name(&name) {
+        return Err(ApiError::bad_request(format!(
+            "{name:?} is not a valid agent name"
+        )));
+    }
+    let info = state
+        .registry
+        .send(SetMode { name, action })
+        .await
+        .map_err(ApiError::mailbox)??;
+    Ok(HttpResponse::Ok().json(info))
 }
 
 #[get("/agents")]
@@ -396,11 +427,12 @@ pub fn routes(cfg: &mut web::ServiceConfig, big: web::JsonConfig) {
     .service(new_agent)
     .service(new_token)
     .service(agents)
+    .configure(super::enrollment::routes)
+    .service(agent_control)
     .service(put_source)
     .service(show)
     .service(log)
     .service(cancel)
     .service(priority)
-    .service(events)
-    .configure(super::enrollment::routes);
+    .service(events);
 }
