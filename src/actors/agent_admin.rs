@@ -217,7 +217,7 @@ impl Handler<InfraOutcome> for AgentRegistry {
         };
         let stored = persist(&self.committer, msg.agent_id, &c, event);
         let agent_id = msg.agent_id;
-        ctx.spawn(actix::fut::wrap_future(async move {
+        ctx.spawn(actix::fut::wrap_future::<_, Self>(async move {
             if let Err(e) = stored.await {
                 tracing::warn!(agent_id, error = %e, "could not store the agent's quarantine; it holds for this run only");
             }
@@ -232,7 +232,7 @@ impl AgentRegistry {
         let now = now_ms();
         let (_, c) = self.controls.update(agent, |c| c.last_seen_ms = now);
         let stored = persist(&self.committer, agent, &c, None);
-        ctx.spawn(actix::fut::wrap_future(async move {
+        ctx.spawn(actix::fut::wrap_future::<_, Self>(async move {
             if let Err(e) = stored.await {
                 tracing::warn!(agent_id = agent, error = %e, "could not store the agent's session opening time");
             }
@@ -283,11 +283,10 @@ impl AgentRegistry {
                             .liveness
                             .last_seen(*id)
                             .map(|t| t.elapsed().as_millis() as u64);
-                        let c = act.controls.get(*id);
                         super::agent_controls::expired(
                             act.expire_after_ms,
                             *created,
-                            c.last_seen_ms,
+                            act.controls.stored_last_seen(*id),
                             heard,
                             now,
                         )

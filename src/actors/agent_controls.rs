@@ -185,6 +185,10 @@ pub fn expired(
 pub struct AgentControls {
     inner: Mutex<HashMap<AgentId, Control>>,
     pub policy: Policy,
+    /// When this coordinator started (ms): the "last seen" of an agent with no stored session
+    /// opening (one registered before this tree existed may have been connected until the
+    /// restart, so its expiry clock starts now, not at its creation).
+    pub started_ms: u64,
 }
 
 impl AgentControls {
@@ -192,6 +196,16 @@ impl AgentControls {
         AgentControls {
             inner: Mutex::new(loaded),
             policy,
+            started_ms: crate::store::now_ms(),
+        }
+    }
+
+    /// When `agent` was last known to be there, as stored: its last session opening, else
+    /// this coordinator's start.
+    pub fn stored_last_seen(&self, agent: AgentId) -> u64 {
+        match self.get(agent).last_seen_ms {
+            0 => self.started_ms,
+            t => t,
         }
     }
 

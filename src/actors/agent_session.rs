@@ -153,7 +153,7 @@ impl AgentSession {
                 self.agent_id,
             );
             self.queue.do_send(AgentLost { agent_id });
-            ctx.spawn(actix::fut::wrap_future(async move {
+            ctx.spawn(actix::fut::wrap_future::<_, Self>(async move {
                 if let Ok(h) = held.await {
                     if h.get(&agent_id).is_some_and(|b| !b.is_empty()) {
                         registry.do_send(InfraOutcome {
