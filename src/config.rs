@@ -602,6 +602,11 @@ impl Config {
             self.timeouts.partial_upload_expiry_ms >= 1000,
             "timeouts.partial_upload_expiry_ms must be at least 1000 (1 s)"
         );
+        anyhow::ensure!(
+            self.agents.quarantine_after == 0 || self.agents.quarantine_ms >= 1000,
+            "agents.quarantine_ms is {} but must be at least 1000 (1 s) while quarantine is on: raise it, or set agents.quarantine_after = 0",
+            self.agents.quarantine_ms
+        );
         for t in &self.registration_tokens {
             t.tag_pairs()?;
             if let Some(s) = &t.systems {

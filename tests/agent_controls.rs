@@ -42,6 +42,19 @@ fn control(c: &Coordinator, name: &str, action: &str) -> (u16, Value) {
     response(ureq::post(&c.url(&format!("/api/v1/agents/{name}/{action}"))).call())
 }
 
+/// Run `kiln agent ACTION NAME` against the coordinator; returns its stdout.
+fn cli(c: &Coordinator, args: &[&str]) -> String {
+    let out = std::process::Command::new(kiln_bin())
+        .args(args)
+        .args(["--coordinator", &c.client_url])
+        .env_remove("KILN_COORDINATOR")
+        .env_remove("KILN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kiln {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// The agent's entry in `GET /api/v1/agents`, if it is listed.
 fn listed(c: &Coordinator, name: &str) -> Option<Value> {
     let (code, list) = get(&c.url("/api/v1/agents"));
@@ -81,9 +94,8 @@ fn a_paused_agent_gets_no_work_while_another_does_and_resume_gives_it_work() {
     assert_eq!(code, 404, "{e}");
     assert!(e.to_string().contains("nobody"), "{e}");
 
-    let (code, info) = control(&c, "a1", "pause");
-    assert_eq!(code, 200, "{info}");
-    assert_eq!(info["control"], "paused", "{info}");
+    let said = cli(&c, &["agent", "pause", "a1"]);
+    assert!(said.contains("a1") && said.contains("paused"), "{said}");
     let ids = submit(&c, &drvs(&sd, "paused", 2));
 
     // The pause rides on the next reply; an agent that ignores it still gets nothing.
@@ -98,6 +110,8 @@ fn a_paused_agent_gets_no_work_while_another_does_and_resume_gives_it_work() {
     let got = build_ids(&w);
     assert_eq!(got.len(), 1, "the other agent gets work: {w}");
     assert_eq!(listed(&c, "a1").unwrap()["control"], "paused");
+    let shown = cli(&c, &["agent", "show", "a1"]);
+    assert!(shown.contains("CONTROL") && shown.contains("paused"), "{shown}");
 
     // Stored: still paused after a restart, and told so when its session opens again.
     c.stop();
@@ -108,9 +122,8 @@ fn a_paused_agent_gets_no_work_while_another_does_and_resume_gives_it_work() {
     let w = a1.work(None, 2);
     assert!(build_ids(&w).is_empty(), "paused across a restart: {w}");
 
-    let (code, info) = control(&c, "a1", "resume");
-    assert_eq!(code, 200, "{info}");
-    assert_eq!(info["control"], "active", "{info}");
+    let said = cli(&c, &["agent", "resume", "a1"]);
+    assert!(said.contains("active"), "{said}");
     let w = wait_for("the resumed agent to get the other build", LIMIT, || {
         let w = a1.work(None, 2);
         (!build_ids(&w).is_empty()).then_some(w)
