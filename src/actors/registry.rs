@@ -209,11 +209,11 @@ pub struct AgentRegistry {
     /// them; kept through a restart like [`Liveness`]).
     pub(super) controls: Arc<AgentControls>,
     /// `agents.expire_after_ms` (0 = never).
-    expire_after_ms: u64,
+    pub(super) expire_after_ms: u64,
     /// The expiry sweep's place: the last agent id of the page it read last (0 = start).
-    sweep_cursor: u64,
+    pub(super) sweep_cursor: u64,
     /// A sweep page is being read or its agents expired.
-    sweeping: bool,
+    pub(super) sweeping: bool,
 }
 
 impl AgentRegistry {
