@@ -39,7 +39,10 @@ fn drvs(sd: &StoreDir, prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
 
 /// `POST /api/v1/agents/{name}/{action}`.
 fn control(c: &Coordinator, name: &str, action: &str) -> (u16, Value) {
-    response(ureq::post(&c.url(&format!("/api/v1/agents/{name}/{action}"))).call())
+    post(
+        &c.url(&format!("/api/v1/agents/{name}/{action}")),
+        &json!({}),
+    )
 }
 
 /// Run `kiln agent ACTION NAME` against the coordinator; returns its stdout.
@@ -111,7 +114,10 @@ fn a_paused_agent_gets_no_work_while_another_does_and_resume_gives_it_work() {
     assert_eq!(got.len(), 1, "the other agent gets work: {w}");
     assert_eq!(listed(&c, "a1").unwrap()["control"], "paused");
     let shown = cli(&c, &["agent", "show", "a1"]);
-    assert!(shown.contains("CONTROL") && shown.contains("paused"), "{shown}");
+    assert!(
+        shown.contains("CONTROL") && shown.contains("paused"),
+        "{shown}"
+    );
 
     // Stored: still paused after a restart, and told so when its session opens again.
     c.stop();
@@ -147,12 +153,19 @@ fn a_draining_agent_finishes_what_it_holds_takes_no_more_and_shows_drained() {
 
     let (code, info) = control(&c, "a1", "drain");
     assert_eq!(code, 200, "{info}");
-    assert_eq!(info["control"], "draining", "it still holds a build: {info}");
+    assert_eq!(
+        info["control"], "draining",
+        "it still holds a build: {info}"
+    );
     let hb = a1.heartbeat(json!([{"build_id": held[0], "attempt": 1, "phase": "building"}]));
     assert!(has_command(&hb, "pause"), "{hb}");
     let w = a1.work(None, 1);
     assert!(build_ids(&w).is_empty(), "a draining agent got work: {w}");
-    assert_eq!(state_of(&c, held[0]), "building", "the held build keeps running");
+    assert_eq!(
+        state_of(&c, held[0]),
+        "building",
+        "the held build keeps running"
+    );
 
     let (code, r) = a1.result(
         held[0],
@@ -199,7 +212,10 @@ fn setup_failures_in_a_row_quarantine_an_agent_until_resume() {
     });
     assert_eq!(a["control"], "active", "quarantine is not a mode: {a}");
     let w = a1.work(None, 2);
-    assert!(build_ids(&w).is_empty(), "a quarantined agent got work: {w}");
+    assert!(
+        build_ids(&w).is_empty(),
+        "a quarantined agent got work: {w}"
+    );
     let w = a2.work(None, 1);
     assert_eq!(build_ids(&w).len(), 1, "another agent gets work: {w}");
     let ev = events(&c);

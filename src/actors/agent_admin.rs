@@ -61,9 +61,7 @@ pub fn shown_control(
         Mode::Draining if builds.is_empty() => "drained",
         m => m.as_str(),
     };
-    let until = c
-        .quarantined(now_ms())
-        .then_some(c.quarantined_until_ms);
+    let until = c.quarantined(now_ms()).then_some(c.quarantined_until_ms);
     (mode.to_string(), until)
 }
 

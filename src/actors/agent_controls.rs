@@ -218,7 +218,11 @@ impl AgentControls {
     }
 
     /// Change one agent's controls; returns what `f` returns and the new state.
-    pub(super) fn update<T>(&self, agent: AgentId, f: impl FnOnce(&mut Control) -> T) -> (T, Control) {
+    pub(super) fn update<T>(
+        &self,
+        agent: AgentId,
+        f: impl FnOnce(&mut Control) -> T,
+    ) -> (T, Control) {
         let mut m = self.lock();
         let c = m.entry(agent).or_default();
         let out = f(c);
@@ -281,7 +285,11 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(c.failure(&POLICY, 100_000), None);
         }
-        assert_eq!(c.failure(&POLICY, 100_000), Some(60_000), "back to the first length");
+        assert_eq!(
+            c.failure(&POLICY, 100_000),
+            Some(60_000),
+            "back to the first length"
+        );
     }
 
     #[test]

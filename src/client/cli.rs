@@ -515,11 +515,7 @@ pub fn create_token_offline(dir: &Path, name: &str, scope: Scope) -> anyhow::Res
 }
 
 /// `kiln agent pause|drain|resume NAME`.
-fn agent_control_cmd(
-    action: &str,
-    a: AgentNameArgs,
-    out: &mut dyn Write,
-) -> anyhow::Result<i32> {
+fn agent_control_cmd(action: &str, a: AgentNameArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     let client = a.opts.client()?;
     let info: AgentInfo = client.post_empty(&format!("agents/{}/{action}", a.name))?;
     if a.opts.json {

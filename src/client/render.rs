@@ -60,11 +60,7 @@ pub fn builds_table(out: &mut dyn Write, builds: &[BuildSummary]) -> anyhow::Res
 }
 
 /// The table of `kiln agents`.
-pub fn agents_table(
-    out: &mut dyn Write,
-    agents: &[AgentInfo],
-    now_ms: u64,
-) -> anyhow::Result<()> {
+pub fn agents_table(out: &mut dyn Write, agents: &[AgentInfo], now_ms: u64) -> anyhow::Result<()> {
     if agents.is_empty() {
         writeln!(
             out,

@@ -5,10 +5,10 @@ use actix_web::{get, post, put, web, FromRequest, HttpRequest, HttpResponse};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::actors::agent_session::{closure, path_info, Beat, RequestWork};
-use crate::actors::allocator::RequestAlive;
 use crate::actors::agent_admin::InfraOutcome;
 use crate::actors::agent_controls::infrastructure_failure;
+use crate::actors::agent_session::{closure, path_info, Beat, RequestWork};
+use crate::actors::allocator::RequestAlive;
 use crate::actors::build_queue::{Finish, GetRecord, Progress};
 use crate::actors::queue_state::Scanned;
 use crate::actors::registry::{Open, SessionOf};

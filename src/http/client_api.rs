@@ -6,12 +6,12 @@ use futures_util::stream;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::actors::agent_admin::{Action, SetMode};
 use crate::actors::build_queue::{
     Cancel, GetRecord, ListLive, LiveStates, SetPriority, Show, Submit,
 };
 use crate::actors::event_log::{event_json, Subscribe};
 use crate::actors::queue_state::is_available;
-use crate::actors::agent_admin::{Action, SetMode};
 use crate::actors::registry::{CreateAgent, ListAgents};
 use crate::derivation::Hash;
 use crate::protocol::{
