@@ -28,6 +28,9 @@ use crate::store::{now_ms, Batch, Committer, TreeId};
 
 const NAME: &str = "agent registry";
 
+/// What expiring a page did: the agents removed, and the error that stopped it, if one did.
+type Swept = (Vec<(AgentId, String)>, Option<ActorError>);
+
 /// Agent records read per expiry tick.
 pub const SWEEP_PAGE: usize = 256;
 
@@ -310,7 +313,7 @@ impl AgentRegistry {
         .map(guard_map(
             NAME,
             || (),
-            |r: Result<(Vec<(AgentId, String)>, Option<ActorError>), ActorError>,
+            |r: Result<Swept, ActorError>,
              act: &mut Self,
              _ctx| {
                 act.sweeping = false;
