@@ -1,7 +1,8 @@
 //! `AgentSession`: one per agent that opened a session, supervised one-for-one by the
 //! [`super::registry::AgentRegistry`]. It owns the agent's liveness and its requests for work:
 //! it asks the allocator for candidates, the build queue for leases, and turns leases into
-//! assignments (the `.drv` and the closure of inputs to fetch). Each heartbeat's list of held
+//! assignments (the `.drv` and the closure of inputs to fetch); an agent that is paused,
+//! draining or quarantined ([`super::agent_controls`]) gets none. Each heartbeat's list of held
 //! builds goes to the build queue, which reconciles it with the agent's leases. An agent silent
 //! for the agent timeout is lost: its leases expire. Time the coordinator's own loop spent
 //! lagging is not counted against the agent.
