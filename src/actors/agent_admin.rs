@@ -31,6 +31,12 @@ const NAME: &str = "agent registry";
 /// What expiring a page did: the agents removed, and the error that stopped it, if one did.
 type Swept = (Vec<(AgentId, String)>, Option<ActorError>);
 
+/// How stale the stored session opening time may be: an eighth of the expiry period, at most
+/// an hour. An agent that reopens sessions often costs a write per this, not per opening.
+pub fn seen_slack_ms(expire_after_ms: u64) -> u64 {
+    (expire_after_ms / 8).min(3_600_000)
+}
+
 /// Agent records read per expiry tick.
 pub const SWEEP_PAGE: usize = 256;
 
@@ -229,15 +235,26 @@ impl Handler<InfraOutcome> for AgentRegistry {
 impl AgentRegistry {
     /// A session was opened: store when (for expiry), and the command that keeps a paused
     /// or draining agent from asking for work, if it is one.
+    /// The opening time is stored only while expiry is on, and at most once per
+    /// [`seen_slack_ms`] (the sweep adds that slack, so it never expires an agent early).
     pub(super) fn opened(&mut self, agent: AgentId, ctx: &mut Context<Self>) -> Vec<AgentCommand> {
         let now = now_ms();
-        let (_, c) = self.controls.update(agent, |c| c.last_seen_ms = now);
-        let stored = persist(&self.committer, agent, &c, None);
-        ctx.spawn(actix::fut::wrap_future::<_, Self>(async move {
-            if let Err(e) = stored.await {
-                tracing::warn!(agent_id = agent, error = %e, "could not store the agent's session opening time");
+        let slack = seen_slack_ms(self.expire_after_ms);
+        let (due, c) = self.controls.update(agent, |c| {
+            let due = now.saturating_sub(c.last_seen_ms) >= slack;
+            if due {
+                c.last_seen_ms = now;
             }
-        }));
+            due
+        });
+        if self.expire_after_ms > 0 && due {
+            let stored = persist(&self.committer, agent, &c, None);
+            ctx.spawn(actix::fut::wrap_future::<_, Self>(async move {
+                if let Err(e) = stored.await {
+                    tracing::warn!(agent_id = agent, error = %e, "could not store the agent's session opening time");
+                }
+            }));
+        }
         match c.mode {
             Mode::Active => Vec::new(),
             Mode::Paused | Mode::Draining => vec![AgentCommand::Pause],
@@ -284,10 +301,11 @@ impl AgentRegistry {
                             .liveness
                             .last_seen(*id)
                             .map(|t| t.elapsed().as_millis() as u64);
+                        let slack = seen_slack_ms(act.expire_after_ms);
                         super::agent_controls::expired(
                             act.expire_after_ms,
                             *created,
-                            act.controls.stored_last_seen(*id),
+                            act.controls.stored_last_seen(*id).saturating_add(slack),
                             heard,
                             now,
                         )
