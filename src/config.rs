@@ -25,6 +25,8 @@ pub struct Config {
     pub limits: Limits,
     pub supervision: SupervisionConfig,
     pub scheduling: SchedulingConfig,
+    /// Quarantine of failing agents and expiry of agents never seen again.
+    pub agents: AgentsConfig,
     /// Hooks, each run on the events it names.
     pub hooks: Vec<HookConfig>,
     /// Optional narinfo signing key file (Nix's `name:base64` secret key format, as written
@@ -156,6 +158,7 @@ impl Default for Config {
             limits: Limits::default(),
             supervision: SupervisionConfig::default(),
             scheduling: SchedulingConfig::default(),
+            agents: AgentsConfig::default(),
             hooks: Vec::new(),
             signing_key_file: None,
             guix_signatures: false,
@@ -210,6 +213,32 @@ impl Default for Timeouts {
             transfer_stall_ms: 60_000,
             partial_upload_expiry_ms: 24 * 3600 * 1000,
             request_header_ms: 10_000,
+        }
+    }
+}
+
+/// `[agents]`: quarantine after consecutive infrastructure failures, and expiry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    /// Consecutive infrastructure failures (lost leases, setup or upload failures) after which
+    /// an agent is quarantined; 0 turns quarantine off.
+    pub quarantine_after: u32,
+    /// The first quarantine's length; each further one without a success in between doubles.
+    pub quarantine_ms: u64,
+    /// The longest quarantine.
+    pub quarantine_max_ms: u64,
+    /// Agents not seen for this long are removed (credentials revoked); 0 = never.
+    pub expire_after_ms: u64,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        AgentsConfig {
+            quarantine_after: 3,
+            quarantine_ms: 60_000,
+            quarantine_max_ms: 3_600_000,
+            expire_after_ms: 30 * 24 * 3600 * 1000,
         }
     }
 }
@@ -632,6 +661,11 @@ impl Config {
         anyhow::ensure!(
             self.timeouts.partial_upload_expiry_ms >= 1000,
             "timeouts.partial_upload_expiry_ms must be at least 1000 (1 s)"
+        );
+        anyhow::ensure!(
+            self.agents.quarantine_after == 0 || self.agents.quarantine_ms >= 1000,
+            "agents.quarantine_ms is {} but must be at least 1000 (1 s) while quarantine is on: raise it, or set agents.quarantine_after = 0",
+            self.agents.quarantine_ms
         );
         for t in &self.registration_tokens {
             t.tag_pairs()?;

@@ -78,6 +78,14 @@ fn describe() {
         "kiln_agents_lost_total",
         "Agents declared lost after the agent timeout"
     );
+    describe_counter!(
+        "kiln_agents_quarantined_total",
+        "Quarantines started after consecutive infrastructure failures of an agent"
+    );
+    describe_counter!(
+        "kiln_agents_expired_total",
+        "Agents removed after agents.expire_after_ms without being seen"
+    );
     describe_gauge!(
         "kiln_agents",
         "Agents by status (as of the last agent listing)"

@@ -1,7 +1,8 @@
 //! `AgentSession`: one per agent that opened a session, supervised one-for-one by the
 //! [`super::registry::AgentRegistry`]. It owns the agent's liveness and its requests for work:
 //! it asks the allocator for candidates, the build queue for leases, and turns leases into
-//! assignments (the `.drv` and the closure of inputs to fetch). Each heartbeat's list of held
+//! assignments (the `.drv` and the closure of inputs to fetch); an agent that is paused,
+//! draining or quarantined ([`super::agent_controls`]) gets none. Each heartbeat's list of held
 //! builds goes to the build queue, which reconciles it with the agent's leases. An agent silent
 //! for the agent timeout is lost: its leases expire. Time the coordinator's own loop spent
 //! lagging is not counted against the agent.
@@ -22,8 +23,12 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use super::agent_admin::InfraOutcome;
+use super::agent_controls::AgentControls;
 use super::allocator::{Allocator, BuildsRunnable, RequestAlive, TakeWork};
-use super::build_queue::{AgentLost, Allocate, BuildQueue, Leases, Reconcile, ReleaseUnstarted};
+use super::build_queue::{
+    AgentLost, Allocate, BuildQueue, LeasedTo, Leases, Reconcile, ReleaseUnstarted,
+};
 use super::guard::{catch, guard_future, guard_map, unavailable, Rebuild};
 use super::queue_state::Unheld;
 use super::restarts::Restarts;
@@ -33,7 +38,7 @@ use crate::protocol::{
     AgentCommand, Assignment, Bytes64, HeldBuild, OutputSpec, PathInfo, WorkReply,
 };
 use crate::store::records::{BuildRecord, DrvRecord, OutputRecord};
-use crate::store::{Store, StoreError, TreeId};
+use crate::store::{now_ms, Store, StoreError, TreeId};
 
 use super::registry::Liveness;
 
@@ -73,6 +78,10 @@ pub struct AgentSession {
     must_reconcile: bool,
     /// Commands to deliver with the next heartbeat or work reply.
     pending: VecDeque<AgentCommand>,
+    /// Pause, drain and quarantine, read on every work request (the registry writes them).
+    controls: Arc<AgentControls>,
+    /// Where a loss of held leases is counted towards a quarantine.
+    registry: Recipient<InfraOutcome>,
 }
 
 impl AgentSession {
@@ -88,6 +97,8 @@ impl AgentSession {
         liveness: Arc<Liveness>,
         timeout: Duration,
         unheld: Duration,
+        controls: Arc<AgentControls>,
+        registry: Recipient<InfraOutcome>,
     ) -> AgentSession {
         AgentSession {
             agent_id,
@@ -107,10 +118,12 @@ impl AgentSession {
             lost: false,
             must_reconcile: false,
             pending: VecDeque::new(),
+            controls,
+            registry,
         }
     }
 
-    fn tick(&mut self, _ctx: &mut Context<Self>) {
+    fn tick(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
         let lag = now.duration_since(self.last_tick).saturating_sub(TICK);
         self.last_tick = now;
@@ -133,9 +146,24 @@ impl AgentSession {
             self.liveness.set_lost(self.agent_id, true);
             tracing::warn!(agent = %self.name, silent_ms = silent.as_millis() as u64, "agent lost; its leases expire");
             metrics::counter!("kiln_agents_lost_total").increment(1);
-            self.queue.do_send(AgentLost {
-                agent_id: self.agent_id,
-            });
+            // Asked before the leases end (the queue answers in order): an agent lost with
+            // builds counts an infrastructure failure towards its quarantine.
+            let (held, registry, agent_id) = (
+                self.queue.send(LeasedTo(Some(self.agent_id))),
+                self.registry.clone(),
+                self.agent_id,
+            );
+            self.queue.do_send(AgentLost { agent_id });
+            ctx.spawn(actix::fut::wrap_future::<_, Self>(async move {
+                if let Ok(h) = held.await {
+                    if h.get(&agent_id).is_some_and(|b| !b.is_empty()) {
+                        registry.do_send(InfraOutcome {
+                            agent_id,
+                            failure: true,
+                        });
+                    }
+                }
+            }));
         } else if self.lost && silent <= self.timeout {
             self.lost = false;
             self.liveness.set_lost(self.agent_id, false);
@@ -193,6 +221,8 @@ impl Rebuild for AgentSession {
             self.liveness.clone(),
             self.timeout,
             self.unheld,
+            self.controls.clone(),
+            self.registry.clone(),
         ))
     }
 }
@@ -221,6 +251,37 @@ impl Handler<Opened> for AgentSession {
             self.last_beat = Instant::now();
             self.pending.extend(msg.commands);
         });
+    }
+}
+
+/// A command for the agent (`pause` or `resume` from `kiln agent ...`), delivered with its
+/// next heartbeat or work reply.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Command(pub AgentCommand);
+
+impl Handler<Command> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, msg: Command, ctx: &mut Context<Self>) {
+        catch(NAME, ctx, |_| {
+            // Only the latest of pause/resume counts.
+            self.pending
+                .retain(|c| !matches!(c, AgentCommand::Pause | AgentCommand::Resume));
+            self.pending.push_back(msg.0);
+        });
+    }
+}
+
+/// The agent was removed (expired): the session stops.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire;
+
+impl Handler<Retire> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, _msg: Retire, ctx: &mut Context<Self>) {
+        tracing::info!(agent = %self.name, "agent removed; its session stops");
+        ctx.stop();
     }
 }
 
@@ -289,6 +350,9 @@ pub struct RequestWork {
 /// How long an agent back from lost waits before its empty answer (it must heartbeat first).
 const RECONCILE_PAUSE: Duration = Duration::from_secs(1);
 
+/// The longest a paused, draining or quarantined agent's empty answer waits.
+const STOPPED_WAIT: Duration = Duration::from_secs(20);
+
 impl Handler<RequestWork> for AgentSession {
     type Result = ResponseActFuture<Self, Result<WorkReply, ActorError>>;
 
@@ -318,8 +382,13 @@ impl Handler<RequestWork> for AgentSession {
         };
         let store = self.store.clone();
         let held_back = self.must_reconcile;
+        // Paused, draining or quarantined: no new builds, whatever the agent asks (an agent
+        // that ignores `pause` gets nothing either).
+        let stopped = !self.controls.accepts_work(self.agent_id, now_ms());
         let max = if held_back {
             tracing::info!(agent = %self.name, "agent back from lost: no new work before its heartbeat says what it holds");
+            0
+        } else if stopped {
             0
         } else {
             msg.max.min(64) as usize
@@ -329,6 +398,9 @@ impl Handler<RequestWork> for AgentSession {
             let leased = work.find(max, request, wait).await?;
             if leased.builds.is_empty() && held_back && !wait.is_zero() {
                 tokio::time::sleep(wait.min(RECONCILE_PAUSE)).await;
+            } else if leased.builds.is_empty() && stopped && !wait.is_zero() {
+                // Its long poll (bounded), so an agent that keeps asking does not spin.
+                tokio::time::sleep(wait.min(STOPPED_WAIT)).await;
             }
             let builds = if leased.builds.is_empty() {
                 Vec::new()

@@ -9,6 +9,8 @@
 //! `Supervised::restarting` replaces the struct with a fresh one from its factory
 //! ([`guard::restart`]), which reloads what the actor owns from sled.
 
+pub mod agent_admin;
+pub mod agent_controls;
 pub mod agent_session;
 pub mod allocator;
 pub mod build_queue;

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use sha2::{Digest as _, Sha256};
 
+use super::agent_admin::{shown_control, InfraOutcome};
+use super::agent_controls::AgentControls;
 use super::agent_session::AgentSession;
 use super::allocator::Allocator;
 use super::build_queue::{BuildQueue, LeaseHolders, LeasedTo};
@@ -92,6 +94,13 @@ impl Liveness {
             .unwrap_or(false)
     }
 
+    /// The agent was removed (expired): nothing more to know of it.
+    pub fn forget(&self, agent: AgentId) {
+        if let Ok(mut m) = self.inner.write() {
+            m.remove(&agent);
+        }
+    }
+
     pub fn status(&self, agent: AgentId) -> (String, Option<u64>) {
         match self.inner.read().ok().and_then(|m| m.get(&agent).copied()) {
             None => ("never-seen".into(), None),
@@ -155,6 +164,13 @@ impl SessionActors {
             .cloned()
     }
 
+    fn remove(&self, agent: AgentId) -> Option<Addr<AgentSession>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&agent)
+    }
+
     fn insert(&self, agent: AgentId, addr: Addr<AgentSession>) {
         self.inner
             .lock()
@@ -189,6 +205,15 @@ pub struct AgentRegistry {
     /// second rewrite waits (503), and a session opening checked against the old secret is
     /// not completed meanwhile.
     pub(super) record_writes: HashSet<AgentId>,
+    /// Pause, drain and quarantine of each agent (shared with its session, which enforces
+    /// them; kept through a restart like [`Liveness`]).
+    pub(super) controls: Arc<AgentControls>,
+    /// `agents.expire_after_ms` (0 = never).
+    pub(super) expire_after_ms: u64,
+    /// The expiry sweep's place: the last agent id of the page it read last (0 = start).
+    pub(super) sweep_cursor: u64,
+    /// A sweep page is being read or its agents expired.
+    pub(super) sweeping: bool,
 }
 
 impl AgentRegistry {
@@ -206,6 +231,8 @@ impl AgentRegistry {
         agent_timeout: Duration,
         heartbeat_interval: Duration,
         unheld_lease: Duration,
+        controls: Arc<AgentControls>,
+        expire_after_ms: u64,
     ) -> AgentRegistry {
         AgentRegistry {
             store,
@@ -223,6 +250,21 @@ impl AgentRegistry {
             next_agent_id: None,
             reserved_names: HashSet::new(),
             record_writes: HashSet::new(),
+            controls,
+            expire_after_ms,
+            sweep_cursor: 0,
+            sweeping: false,
+        }
+    }
+
+    pub(super) fn actors_get(&self, agent: AgentId) -> Option<Addr<AgentSession>> {
+        self.actors.get(agent)
+    }
+
+    /// The agent was removed: its session actor stops (it is not restarted).
+    pub(super) fn forget_session_actor(&self, agent: AgentId) {
+        if let Some(a) = self.actors.remove(agent) {
+            a.do_send(super::agent_session::Retire);
         }
     }
 
@@ -264,6 +306,7 @@ impl AgentRegistry {
         &mut self,
         rec: &AgentRecord,
         agent: AgentMatch,
+        registry: Recipient<InfraOutcome>,
     ) -> Addr<AgentSession> {
         if let Some(a) = self.actors.get(rec.id) {
             if a.connected() {
@@ -282,9 +325,11 @@ impl AgentRegistry {
             self.agent_timeout,
             self.unheld_lease,
         );
+        let controls = self.controls.clone();
         let addr = actix::Supervisor::start(move |_| {
             AgentSession::new(
                 id, name, agent, queue, allocator, store, restarts, liveness, timeout, unheld,
+                controls, registry,
             )
         });
         self.actors.insert(rec.id, addr.clone());
@@ -295,7 +340,7 @@ impl AgentRegistry {
     /// timeout clock started: if they do not come back within the agent timeout, their leases
     /// expire. Agents that already have a running session actor keep it. The holders come
     /// from the build queue's lease index (no scan of the builds).
-    fn await_lease_holders(&mut self, holders: Vec<AgentId>) {
+    fn await_lease_holders(&mut self, holders: Vec<AgentId>, registry: Recipient<InfraOutcome>) {
         for id in holders {
             match self.store.get::<AgentRecord>(TreeId::Agents, &u64_key(id)) {
                 Ok(Some(rec)) => {
@@ -304,7 +349,7 @@ impl AgentRegistry {
                         systems: rec.systems.clone(),
                         ..Default::default()
                     };
-                    self.session_actor(&rec, agent);
+                    self.session_actor(&rec, agent, registry.clone());
                     tracing::info!(agent = %rec.name, "awaiting agent that holds leases");
                 }
                 _ => tracing::error!(agent_id = id, "leases held by an unknown agent"),
@@ -321,7 +366,8 @@ impl Actor for AgentRegistry {
         let fut = guard_task::<Self, _, _>(NAME, ask).map(
             |holders, act: &mut Self, ctx: &mut Context<Self>| match holders {
                 Some(Ok(h)) => {
-                    catch(NAME, ctx, |_| act.await_lease_holders(h));
+                    let me = ctx.address().recipient();
+                    catch(NAME, ctx, |_| act.await_lease_holders(h, me));
                 }
                 // The queue is restarting: its leases are awaited when it answers the next
                 // registry start; an agent that comes back opens its session anyway.
@@ -329,6 +375,13 @@ impl Actor for AgentRegistry {
             },
         );
         ctx.spawn(fut);
+        if self.expire_after_ms > 0 {
+            let every = Duration::from_millis(self.expire_after_ms / 4)
+                .clamp(Duration::from_millis(200), Duration::from_secs(60));
+            ctx.run_interval(every, |act, ctx| {
+                catch(NAME, ctx, |ctx| act.sweep(ctx));
+            });
+        }
     }
 }
 
@@ -357,6 +410,8 @@ impl Rebuild for AgentRegistry {
             self.agent_timeout,
             self.heartbeat_interval,
             self.unheld_lease,
+            self.controls.clone(),
+            self.expire_after_ms,
         ))
     }
 }
@@ -484,6 +539,7 @@ impl Handler<ListAgents> for AgentRegistry {
         let store = self.store.clone();
         let liveness = self.liveness.clone();
         let queue = self.queue.clone();
+        let controls = self.controls.clone();
         Box::pin(guard_future::<Self, _, _>(NAME, async move {
             // One question to the queue, answered from its lease index.
             let mut leases = queue.send(LeasedTo(None)).await.map_err(|_| {
@@ -494,6 +550,7 @@ impl Handler<ListAgents> for AgentRegistry {
                 let (_, a) = r?;
                 let (status, ago) = liveness.status(a.id);
                 let builds = leases.remove(&a.id).unwrap_or_default();
+                let (control, quarantined_until_ms) = shown_control(&controls, a.id, &builds);
                 out.push(AgentInfo {
                     id: a.id,
                     name: a.name,
@@ -501,6 +558,8 @@ impl Handler<ListAgents> for AgentRegistry {
                     status,
                     last_seen_ms_ago: ago,
                     builds,
+                    control,
+                    quarantined_until_ms,
                 });
             }
             metrics::gauge!("kiln_agents", "status" => "connected")

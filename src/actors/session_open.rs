@@ -256,6 +256,7 @@ impl AgentRegistry {
         p: Prepared,
         committed: bool,
         req: &OpenSession,
+        registry: Recipient<super::agent_admin::InfraOutcome>,
     ) -> Result<(AgentRecord, String, AgentMatch, Addr<AgentSession>), ActorError> {
         let held = req.builds.len();
         self.reserved_names.remove(&p.rec.name);
@@ -287,7 +288,7 @@ impl AgentRegistry {
             offers: req.offers.clone(),
             requires: req.requires.clone(),
         };
-        let session = self.session_actor(&rec, agent.clone());
+        let session = self.session_actor(&rec, agent.clone(), registry);
         tracing::info!(agent = %rec.name, held, "agent session opened");
         Ok((rec, token, agent, session))
     }
@@ -358,10 +359,15 @@ impl Handler<Open> for AgentRegistry {
                 || Err(unavailable(NAME)),
                 move |r: Result<(Prepared, Result<bool, ActorError>), ActorError>,
                       act: &mut Self,
-                      _ctx| {
+                      ctx: &mut Context<Self>| {
                     let (p, committed) = r?;
                     match committed {
-                        Ok(c) => act.issue(p, c, &r5),
+                        Ok(c) => {
+                            let registry = ctx.address().recipient();
+                            let issued = act.issue(p, c, &r5, registry)?;
+                            let control = act.opened(issued.0.id, ctx);
+                            Ok((issued, control))
+                        }
                         Err(e) => {
                             act.reserved_names.remove(&p.rec.name);
                             Err(e)
@@ -372,7 +378,7 @@ impl Handler<Open> for AgentRegistry {
             // Step 6.
             .then(move |issued, _act, _ctx| {
                 guard_future::<Self, _, _>(NAME, async move {
-                    let (rec, token, agent, session) = issued?;
+                    let ((rec, token, agent, session), control) = issued?;
                     let agent_id = rec.id;
                     let commands = queue
                         .send(Reconcile {
@@ -384,6 +390,8 @@ impl Handler<Open> for AgentRegistry {
                         .map_err(|_| {
                             ActorError::Unavailable("the build queue is restarting; retry".into())
                         })??;
+                    let mut commands = commands;
+                    commands.extend(control);
                     session.do_send(Opened {
                         agent,
                         commands: Vec::new(),

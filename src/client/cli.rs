@@ -346,6 +346,23 @@ pub enum AgentCommand {
     /// Registration tokens, with which agents register themselves.
     #[command(subcommand)]
     RegistrationToken(super::enroll::TokenCommand),
+    /// Give the agent no new work; the builds it holds keep running.
+    Pause(AgentNameArgs),
+    /// Let the agent finish the builds it holds and give it no new work ("drained" once it
+    /// holds none).
+    Drain(AgentNameArgs),
+    /// Undo pause or drain, and lift a quarantine.
+    Resume(AgentNameArgs),
+    /// Show one agent: status, control (paused, drained, quarantined and until when), builds.
+    Show(AgentNameArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AgentNameArgs {
+    /// The agent's name (see `kiln agents`).
+    pub name: String,
+    #[command(flatten)]
+    pub opts: ClientOpts,
 }
 
 #[derive(clap::Args, Debug)]
@@ -403,6 +420,10 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Agent(AgentCommand::RegistrationToken(c)) => {
             super::enroll::token(c, &mut out)?
         }
+        ClientCommand::Agent(AgentCommand::Pause(a)) => agent_control_cmd("pause", a, &mut out)?,
+        ClientCommand::Agent(AgentCommand::Drain(a)) => agent_control_cmd("drain", a, &mut out)?,
+        ClientCommand::Agent(AgentCommand::Resume(a)) => agent_control_cmd("resume", a, &mut out)?,
+        ClientCommand::Agent(AgentCommand::Show(a)) => agent_show_cmd(a, &mut out)?,
         ClientCommand::Agents(a) => agents_cmd(a, &mut out)?,
         ClientCommand::Token(TokenCommand::New(a)) => token_new_cmd(a, &mut out)?,
         ClientCommand::Token(TokenCommand::List(a)) => token_list_cmd(a, &mut out)?,
@@ -729,13 +750,49 @@ fn token_revoke_cmd(a: TokenRevokeArgs, out: &mut dyn Write) -> anyhow::Result<i
     Ok(0)
 }
 
+/// `kiln agent pause|drain|resume NAME`.
+fn agent_control_cmd(action: &str, a: AgentNameArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+    let client = a.opts.client()?;
+    let info: AgentInfo = client.post_empty(&format!("agents/{}/{action}", a.name))?;
+    if a.opts.json {
+        print_json(out, &info)?;
+    } else {
+        writeln!(
+            out,
+            "agent {} ({}): {}",
+            info.id,
+            info.name,
+            render::control_text(&info, now_ms())
+        )?;
+    }
+    Ok(0)
+}
+
+/// `kiln agent show NAME`: the agent's line of `kiln agents`.
+fn agent_show_cmd(a: AgentNameArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+    let client = a.opts.client()?;
+    let agents: Vec<AgentInfo> = client.get_json("agents", &[])?;
+    let Some(info) = agents.into_iter().find(|i| i.name == a.name) else {
+        anyhow::bail!(
+            "no agent named {:?}: see `kiln agents` for the registered names",
+            a.name
+        );
+    };
+    if a.opts.json {
+        print_json(out, &info)?;
+    } else {
+        render::agents_table(out, std::slice::from_ref(&info), now_ms())?;
+    }
+    Ok(0)
+}
+
 fn agents_cmd(a: AgentsArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     let client = a.opts.client()?;
     let agents: Vec<AgentInfo> = client.get_json("agents", &[])?;
     if a.opts.json {
         print_json(out, &agents)?;
     } else {
-        render::agents_table(out, &agents)?;
+        render::agents_table(out, &agents, now_ms())?;
     }
     Ok(0)
 }

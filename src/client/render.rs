@@ -60,7 +60,7 @@ pub fn builds_table(out: &mut dyn Write, builds: &[BuildSummary]) -> anyhow::Res
 }
 
 /// The table of `kiln agents`.
-pub fn agents_table(out: &mut dyn Write, agents: &[AgentInfo]) -> anyhow::Result<()> {
+pub fn agents_table(out: &mut dyn Write, agents: &[AgentInfo], now_ms: u64) -> anyhow::Result<()> {
     if agents.is_empty() {
         writeln!(
             out,
@@ -77,8 +77,8 @@ pub fn agents_table(out: &mut dyn Write, agents: &[AgentInfo]) -> anyhow::Result
         .max(4);
     writeln!(
         out,
-        "{:<4} {:<name_w$} {:<10} {:>10} {:<20} BUILDS",
-        "ID", "NAME", "STATUS", "SEEN", "SYSTEMS"
+        "{:<4} {:<name_w$} {:<10} {:<24} {:>10} {:<20} BUILDS",
+        "ID", "NAME", "STATUS", "CONTROL", "SEEN", "SYSTEMS"
     )
     .context("failed to write to stdout")?;
     for a in agents {
@@ -89,10 +89,11 @@ pub fn agents_table(out: &mut dyn Write, agents: &[AgentInfo]) -> anyhow::Result
         let builds: Vec<String> = a.builds.iter().map(|b| b.to_string()).collect();
         writeln!(
             out,
-            "{:<4} {:<name_w$} {:<10} {:>10} {:<20} {}",
+            "{:<4} {:<name_w$} {:<10} {:<24} {:>10} {:<20} {}",
             a.id,
             a.name,
             a.status,
+            control_text(a, now_ms),
             seen,
             a.systems.join(","),
             if builds.is_empty() {
@@ -104,6 +105,22 @@ pub fn agents_table(out: &mut dyn Write, agents: &[AgentInfo]) -> anyhow::Result
         .context("failed to write to stdout")?;
     }
     Ok(())
+}
+
+/// An agent's control as a person reads it: `paused`, `drained`, `quarantined 59 s` (the time
+/// left), ...
+pub fn control_text(a: &AgentInfo, now_ms: u64) -> String {
+    match a.quarantined_until_ms {
+        Some(until) => {
+            let left = until.saturating_sub(now_ms).div_ceil(1000);
+            if a.control == "active" {
+                format!("quarantined {left} s")
+            } else {
+                format!("{},quarantined {left} s", a.control)
+            }
+        }
+        None => a.control.clone(),
+    }
 }
 
 /// `kiln build show`: everything about one build, and for a blocked build what it waits for.

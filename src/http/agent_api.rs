@@ -5,6 +5,8 @@ use actix_web::{get, post, put, web, FromRequest, HttpRequest, HttpResponse};
 
 use super::error::ApiError;
 use super::AppState;
+use crate::actors::agent_admin::InfraOutcome;
+use crate::actors::agent_controls::infrastructure_failure;
 use crate::actors::agent_session::{closure, path_info, Beat, RequestWork};
 use crate::actors::allocator::RequestAlive;
 use crate::actors::build_queue::{Finish, GetRecord, Progress};
@@ -13,8 +15,8 @@ use crate::actors::registry::{Open, SessionOf};
 use crate::derivation::Hash;
 use crate::protocol::BuiltOutput;
 use crate::protocol::{
-    BuildState, Heartbeat, HeartbeatReply, LogQuery, OpenSession, Outcome, ResultReport,
-    StartReport, UploadQuery, WorkRequest, SESSION_HEADER,
+    BuildState, FailureKind, Heartbeat, HeartbeatReply, LogQuery, OpenSession, Outcome,
+    ResultReport, StartReport, UploadQuery, WorkRequest, SESSION_HEADER,
 };
 use crate::store::keys::u64_key;
 use crate::store::nar_cache::{valid_output_name, LogLimits, NarCache, UploadKey};
@@ -332,6 +334,16 @@ async fn result(
         }
         Err(_) => None,
     };
+    // What this result says of the agent's infrastructure (see `agent_controls`): a success,
+    // a setup or upload failure (its kind, or for an agent that sends no kind its reason), or
+    // neither (the builder failed).
+    let infra = match &outcome {
+        Ok(_) => Some(false),
+        Err((reason, kind)) if *kind != FailureKind::Builder || infrastructure_failure(reason) => {
+            Some(true)
+        }
+        Err(_) => None,
+    };
     let msg = Finish {
         agent_id: auth.0,
         build_id,
@@ -341,6 +353,12 @@ async fn result(
         scanned,
     };
     let ack = state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    if let (Some(failure), false) = (infra, ack.duplicate) {
+        state.registry.do_send(InfraOutcome {
+            agent_id: auth.0,
+            failure,
+        });
+    }
     Ok(HttpResponse::Ok().json(ack))
 }
 

@@ -7,6 +7,7 @@ use futures_util::stream;
 use super::auth::Gate;
 use super::error::ApiError;
 use super::AppState;
+use crate::actors::agent_admin::{Action, SetMode};
 use crate::actors::build_queue::{
     Cancel, GetRecord, ListLive, LiveStates, SetPriority, Show, Submit,
 };
@@ -125,6 +126,36 @@ async fn revoke_token(
     gate.forget(&rev.key);
     tracing::info!(id = %rev.info.id, name = %rev.info.name, scope = rev.info.scope.as_str(), "client token revoked");
     Ok(HttpResponse::Ok().json(rev.info))
+}
+
+/// `kiln agent pause|resume|drain NAME` (admin scope).
+#[post("/agents/{name}/{action}")]
+async fn agent_control(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (name, action) = path.into_inner();
+    let action = match action.as_str() {
+        "pause" => Action::Pause,
+        "resume" => Action::Resume,
+        "drain" => Action::Drain,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no agent action {other:?}: use pause, resume, drain or rotate-secret"
+            )))
+        }
+    };
+    if !crate::actors::enrollment::valid_name(&name) {
+        return Err(ApiError::bad_request(format!(
+            "{name:?} is not a valid agent name"
+        )));
+    }
+    let info = state
+        .registry
+        .send(SetMode { name, action })
+        .await
+        .map_err(ApiError::mailbox)??;
+    Ok(HttpResponse::Ok().json(info))
 }
 
 #[get("/agents")]
@@ -474,11 +505,12 @@ pub fn routes(cfg: &mut web::ServiceConfig, big: web::JsonConfig) {
     .service(list_tokens)
     .service(revoke_token)
     .service(agents)
+    .configure(super::enrollment::routes)
+    .service(agent_control)
     .service(put_source)
     .service(show)
     .service(log)
     .service(cancel)
     .service(priority)
-    .service(events)
-    .configure(super::enrollment::routes);
+    .service(events);
 }

@@ -531,6 +531,17 @@ pub struct AgentInfo {
     /// Milliseconds since the last heartbeat, when connected this run.
     pub last_seen_ms_ago: Option<u64>,
     pub builds: Vec<BuildId>,
+    /// What the operator set: `active`, `paused`, `draining`, or `drained` (draining and
+    /// holding no builds). Absent from coordinators before agent controls.
+    #[serde(default = "active")]
+    pub control: String,
+    /// When the agent's quarantine ends (ms since the epoch), while it is quarantined.
+    #[serde(default)]
+    pub quarantined_until_ms: Option<u64>,
+}
+
+fn active() -> String {
+    "active".into()
 }
 
 /// `POST /api/v1/sources/missing`: which of these store paths the coordinator lacks.

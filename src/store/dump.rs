@@ -63,6 +63,7 @@ fn render(t: TreeId, k: &[u8], v: &[u8]) -> anyhow::Result<(String, String)> {
         }
         TreeId::Meta => (text(k), id_value(v)),
         // The key is the token's SHA-256, shown in hex; the token itself is not stored.
+        TreeId::AgentControls => (id(), json(&decode::<AgentControlRecord>(v)?)?),
         TreeId::ClientTokens => (
             k.iter().map(|b| format!("{b:02x}")).collect(),
             json(&decode::<ClientTokenRecord>(v)?)?,

@@ -37,10 +37,11 @@ pub enum TreeId {
     RegistrationTokens = 10,
     OutputBuilds = 11,
     ClientTokens = 12,
+    AgentControls = 13,
 }
 
 impl TreeId {
-    pub const ALL: [TreeId; 13] = [
+    pub const ALL: [TreeId; 14] = [
         TreeId::Derivations,
         TreeId::Builds,
         TreeId::Outputs,
@@ -54,6 +55,7 @@ impl TreeId {
         TreeId::RegistrationTokens,
         TreeId::OutputBuilds,
         TreeId::ClientTokens,
+        TreeId::AgentControls,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +73,7 @@ impl TreeId {
             TreeId::RegistrationTokens => "registration_tokens",
             TreeId::OutputBuilds => "output_builds",
             TreeId::ClientTokens => "client_tokens",
+            TreeId::AgentControls => "agent_controls",
         }
     }
 }
@@ -256,6 +259,21 @@ impl Store {
             let (k, v) = kv?;
             Ok((Key(k), codec::decode(&v)?))
         })
+    }
+
+    /// The records of a tree after `key` (exclusive), in key order (a page of a sweep).
+    pub fn scan_after<R: Record>(
+        &self,
+        t: TreeId,
+        key: &[u8],
+    ) -> impl Iterator<Item = Result<(Key, R), StoreError>> + '_ {
+        use std::ops::Bound;
+        self.tree(t)
+            .range::<&[u8], _>((Bound::Excluded(key), Bound::Unbounded))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((Key(k), codec::decode(&v)?))
+            })
     }
 
     /// Every build record in id order, decoded without copying its strings (the start-up

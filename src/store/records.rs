@@ -441,6 +441,26 @@ impl Record for ClientTokenRecord {
     const NAME: &'static str = "client-token";
 }
 
+/// An agent's controls (see `crate::actors::agent_controls`). Key: agent id (big-endian u64).
+/// Kept apart from [`AgentRecord`] so that pausing an agent or counting its quarantine never
+/// rewrites the record that holds its secret (nor races a secret rotation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentControlRecord {
+    /// 0 = active, 1 = paused, 2 = draining.
+    pub mode: u8,
+    /// Quarantines since the last success or resume.
+    pub quarantine_level: u32,
+    /// When the quarantine under way ends (ms since the epoch); 0 = none.
+    pub quarantined_until_ms: u64,
+    /// When the agent last opened a session (ms since the epoch); 0 = not since this record.
+    pub last_seen_ms: u64,
+}
+
+impl Record for AgentControlRecord {
+    const VERSION: u8 = 1;
+    const NAME: &'static str = "agent-control";
+}
+
 /// One entry of the durable event log. Key: sequence number.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord {
@@ -855,6 +875,23 @@ mod tests {
             "01 0200000000000000 6369 0400000000000000 72656164 0500000000000000".replace(' ', "")
         );
         assert_eq!(decode::<ClientTokenRecord>(&bytes).unwrap(), t);
+    }
+
+    /// Pins the v1 encoding of an agent's controls (see `build_record_v1_golden_bytes`).
+    #[test]
+    fn agent_control_record_v1_golden_bytes() {
+        let c = AgentControlRecord {
+            mode: 2,
+            quarantine_level: 3,
+            quarantined_until_ms: 4,
+            last_seen_ms: 5,
+        };
+        let bytes = encode(&c).unwrap();
+        assert_eq!(
+            hex(&bytes),
+            "01 02 03000000 0400000000000000 0500000000000000".replace(' ', "")
+        );
+        assert_eq!(decode::<AgentControlRecord>(&bytes).unwrap(), c);
     }
 
     #[test]

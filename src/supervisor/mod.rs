@@ -12,11 +12,13 @@
 
 pub use crate::actors::restarts::{GaveUp, Intensity, Restarts, EXIT_RESTART_INTENSITY};
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use crate::actors::agent_controls::{AgentControls, Control, Policy};
 use crate::actors::allocator::{Allocator, RefillHandle};
 use crate::actors::build_queue::BuildQueue;
 use crate::actors::credentials::{Credentials, Grant};
@@ -25,11 +27,11 @@ use crate::actors::hook_processor::HookProcessor;
 use crate::actors::registry::{AgentRegistry, Liveness, SessionActors, Sessions};
 use crate::actors::symbols::Symbols;
 use crate::actors::ActorError;
-use crate::config::Config;
+use crate::config::{AgentsConfig, Config};
 use crate::derivation::store_path::StoreDir;
 use crate::store::nar_cache::NarCache;
-use crate::store::records::EventRecord;
-use crate::store::{Committer, Store};
+use crate::store::records::{AgentControlRecord, EventRecord};
+use crate::store::{Committer, Store, TreeId};
 
 /// Addresses of the running actors.
 pub struct Actors {
@@ -166,6 +168,7 @@ pub fn start(
     let session_actors = Arc::new(SessionActors::default());
     let grants = registration_grants(config).map_err(|e| ActorError::Internal(format!("{e:#}")))?;
     let credentials = Arc::new(Credentials::new(grants));
+    let controls = Arc::new(load_controls(&store, &config.agents)?);
     let registry_actor = AgentRegistry::new(
         store,
         committer,
@@ -179,6 +182,8 @@ pub fn start(
         Duration::from_millis(config.timeouts.agent_timeout_ms),
         Duration::from_millis(config.timeouts.heartbeat_interval_ms),
         Duration::from_millis(config.timeouts.unheld_lease()),
+        controls,
+        config.agents.expire_after_ms,
     );
     let registry = actix::Supervisor::start(move |_| registry_actor);
     Ok(Actors {
@@ -194,6 +199,19 @@ pub fn start(
         symbols,
         arbiters: vec![queue_arbiter, alloc_arbiter, hooks_arbiter],
     })
+}
+
+/// The agents' controls as stored (one read of the `agent_controls` tree at start; it holds
+/// only agents an operator or a quarantine touched, or that opened a session).
+fn load_controls(store: &Store, c: &AgentsConfig) -> Result<AgentControls, ActorError> {
+    let mut loaded = HashMap::new();
+    for r in store.scan::<AgentControlRecord>(TreeId::AgentControls) {
+        let (k, rec) = r?;
+        if let Some(id) = k.as_u64() {
+            loaded.insert(id, Control::from_record(&rec));
+        }
+    }
+    Ok(AgentControls::new(Policy::from_config(c), loaded))
 }
 
 /// Log every panic through `tracing`, with its place, thread and a backtrace, before it
