@@ -224,6 +224,24 @@ impl Handler<Opened> for AgentSession {
     }
 }
 
+/// A command for the agent, to deliver with its next heartbeat or work reply (e.g. `cancel`
+/// of a build canceled by a client). Not durable: a command that must outlive a restart of
+/// this actor is also given by reconciliation (see `queue_state::cancel`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PushCommand(pub AgentCommand);
+
+impl Handler<PushCommand> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, msg: PushCommand, ctx: &mut Context<Self>) {
+        catch(NAME, ctx, |_| {
+            if !self.pending.contains(&msg.0) {
+                self.pending.push_back(msg.0);
+            }
+        });
+    }
+}
+
 /// A heartbeat with the builds the agent holds: reconciled by the build queue; answers the
 /// commands that come of it and those pending.
 #[derive(Message)]
@@ -262,7 +280,12 @@ impl Handler<Beat> for AgentSession {
                 act.must_reconcile = false;
                 // Pending commands leave only with an answer that carries them.
                 let mut commands: Vec<AgentCommand> = act.pending.drain(..).collect();
-                commands.extend(from_queue);
+                // Reconciliation may repeat a pending command (a canceled build): once each.
+                for c in from_queue {
+                    if !commands.contains(&c) {
+                        commands.push(c);
+                    }
+                }
                 Ok(commands)
             },
         )))
