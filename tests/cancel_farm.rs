@@ -3,7 +3,8 @@
 //!   sleeps; `kiln build cancel ID` (the real client binary) cancels it while it is building:
 //!   the build is `canceled` at once with its reason, the agent is told with its next
 //!   heartbeat, kills the builder's whole process group (no process of it is left, per
-//!   /proc), reports the build canceled and gets its report acknowledged; nothing runs again;
+//!   /proc), uploads the log and reports the build canceled, and gets its report acknowledged;
+//!   the state stays `canceled`, the log is kept, nothing runs again;
 //! - with the agent played over raw HTTP: `POST /api/v1/builds/{id}/cancel?dependents=true`
 //!   on a chain a <- b <- c cancels all three with their reasons (`kiln build cancel
 //!   --dependents` prints them), the holder's heartbeat gets `cancel`, its late reports end
@@ -91,13 +92,13 @@ fn a_running_build_is_canceled_on_its_agent_and_its_whole_process_group_dies() {
     );
     let secret = register(&c, "a1");
     let mut agent = AgentProc::start(tmp.path(), &c.agent_url, &store, "a1", &secret);
-    let runs = tmp.path().join("forker.runs");
-    let id = submit(&c, &[simple_drv(&sd, "forker", &forking_script(&runs))])[0];
+    let run_file = tmp.path().join("forker.runs");
+    let id = submit(&c, &[simple_drv(&sd, "forker", &forking_script(&run_file))])[0];
 
     // Building, and both the builder and its background child run.
     let (pgid, child) = wait_for("the builder and its child to run", DEADLINE, || {
         agent.assert_running();
-        let pids: Vec<i32> = runs(&runs).iter().filter_map(|l| l.trim().parse().ok()).collect();
+        let pids: Vec<i32> = runs(&run_file).iter().filter_map(|l| l.trim().parse().ok()).collect();
         (pids.len() == 2 && state_of(&c, id) == "building").then(|| (pids[0], pids[1]))
     });
     assert!(group_alive(pgid), "the builder's group {pgid} runs");
@@ -121,26 +122,35 @@ fn a_running_build_is_canceled_on_its_agent_and_its_whole_process_group_dies() {
         (!group_alive(pgid) && !alive(child)).then_some(())
     });
     // It reports the build canceled and the coordinator acknowledges the report.
-    wait_for("the agent's canceled report to be acknowledged", DEADLINE, || {
-        agent.assert_running();
-        let log = plain_log(&agent);
+    let acked = |log: &str| {
         log.lines()
             .any(|l| l.contains("result acknowledged") && l.contains(&format!("build_id={id}")))
-            .then_some(())
-    });
+    };
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !acked(&plain_log(&agent)) {
+        agent.assert_running();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for the agent's canceled report to be acknowledged; its log:\n{}",
+            plain_log(&agent)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = plain_log(&agent);
     assert!(
         log.lines().any(|l| l.contains("stopping build") && l.contains("Cancel")),
         "the agent was told to cancel: {log}"
     );
-    // Nothing changed it, and it never ran again.
+    // Nothing changed its state, it never ran again, and the log of what it ran is kept.
     let d = build(&c, id);
     assert_eq!(
         (d["summary"]["state"].as_str(), d["attempt"].as_u64()),
         (Some("canceled"), Some(1)),
         "{d}"
     );
-    assert_eq!(runs(&runs).len(), 2, "one builder run (two pids)");
+    assert_eq!(d["reason"], "canceled by request", "{d}");
+    assert_eq!(d["has_log"], true, "{d}");
+    assert_eq!(runs(&run_file).len(), 2, "one builder run (two pids)");
     let all = events(&c);
     let canceled = events_of(&all, "build-canceled", id);
     assert_eq!(canceled.len(), 1, "{all:?}");

@@ -9,6 +9,12 @@
 //! lists the build, and reconciliation answers `cancel` for a build canceled at the attempt the
 //! agent holds (`leases.rs`), also after a restart of the session or the coordinator.
 //!
+//! The agent stops the builder and delivers what it has of that attempt: its log upload is
+//! taken (what the builder printed before it was stopped is worth reading), and its failure
+//! result (`canceled`) is answered as a duplicate that links that log to the record
+//! (`log_attempt`) without changing the state. Its other reports (start, outputs, a success
+//! result) are refused as stale: it drops the build.
+//!
 //! Until the cancel's commit lands, sled still has the running record; the canceled build is
 //! then kept among the accepted results (`uncommitted_finishes`, marked `canceled`), so a
 //! failure report of that attempt arriving meanwhile waits for the commit and is answered as a
@@ -93,6 +99,26 @@ impl QueueState {
                 stops,
             },
         ))
+    }
+
+    /// Was build `id` canceled while `agent_id` held it at `attempt` (its cancel committed or
+    /// in flight)? Its log upload is then taken (see `check_lease`).
+    pub(super) fn canceled_holder(
+        &self,
+        agent_id: AgentId,
+        id: BuildId,
+        attempt: u32,
+    ) -> Result<bool, QueueError> {
+        if self.live.contains_key(&id) {
+            return Ok(false);
+        }
+        if let Some(a) = self.uncommitted_finishes.get(&id) {
+            return Ok(a.canceled && a.agent_id == agent_id && a.attempt == attempt);
+        }
+        let r: Option<BuildRecord> = self.store.get(TreeId::Builds, &u64_key(id))?;
+        Ok(r.is_some_and(|r| {
+            r.state == BuildState::Canceled && r.agent_id == agent_id && r.attempt == attempt
+        }))
     }
 
     /// Why build `id`, which is not live, cannot be canceled.

@@ -17,9 +17,9 @@ fn running(f: &mut Fixture, id: BuildId) {
 
 /// Pins item 1: a running build is canceled at once and for good. Its lease ends (no lease,
 /// no request index, nothing runnable), its holder gets `cancel`, and the agent's later
-/// reports of that attempt end its retrying without changing the build: a failure result is a
-/// duplicate (also while the cancel's commit is in flight: it waits for it), a success result,
-/// a start and an upload are refused as stale; a heartbeat listing the build is answered
+/// reports of that attempt end its retrying without changing the build's state: its log is
+/// taken, a failure result is a duplicate that links that log (also while the cancel's commit
+/// is in flight: it waits for it), a success result and a start are refused as stale; a heartbeat listing the build is answered
 /// `cancel` (before and after the commit), and the lease is not re-adopted. A reload agrees.
 #[test]
 fn a_running_build_is_canceled_its_lease_ends_and_late_reports_change_nothing() {
@@ -80,10 +80,17 @@ fn a_running_build_is_canceled_its_lease_ends_and_late_reports_change_nothing() 
         vec![AgentCommand::Abandon { build_id: a, attempt: 1 }],
         "not that agent's: abandon"
     );
+    // The log the agent uploaded is linked by its failure report; the state stays.
+    let (fx, answer) = f.q.finish(7, a, 1, Err("canceled".into()), 1, 31).unwrap();
+    assert!(matches!(answer, FinishAnswer::Duplicate));
+    assert!(fx.batch.events.is_empty(), "no event");
+    f.commit(fx);
+    let rec = f.q.record(a).unwrap().unwrap();
+    assert_eq!((rec.state, rec.log_attempt), (BuildState::Canceled, 1));
     for outcome in [Err("canceled".to_string()), Err("builder exited with 1".into())] {
         let (fx, answer) = f.q.finish(7, a, 1, outcome, 1, 31).unwrap();
         assert!(matches!(answer, FinishAnswer::Duplicate));
-        assert!(fx.batch.is_empty(), "a duplicate writes nothing");
+        assert!(fx.batch.is_empty(), "a repeat writes nothing");
     }
     f.uploaded("a");
     assert!(matches!(
@@ -98,10 +105,14 @@ fn a_running_build_is_canceled_its_lease_ends_and_late_reports_change_nothing() 
         f.q.advance(7, a, 1, BuildState::Uploading, 33),
         Err(QueueError::StaleAttempt { .. })
     ));
-    assert!(matches!(
-        f.q.check_lease(7, a, 1, 33),
-        Err(QueueError::StaleAttempt { .. })
-    ));
+    // Its holder may still upload the log of that attempt; nobody else, no other attempt.
+    assert!(f.q.check_lease(7, a, 1, 33).unwrap().batch.is_empty());
+    for (agent, attempt) in [(8, 1), (7, 2)] {
+        assert!(matches!(
+            f.q.check_lease(agent, a, attempt, 33),
+            Err(QueueError::StaleAttempt { .. })
+        ));
+    }
     assert_eq!(f.state(a), BuildState::Canceled, "no report changed it");
     assert!(matches!(
         f.q.cancel(a, false, 34),

@@ -95,14 +95,19 @@ impl QueueState {
                     return Ok((fx, FinishAnswer::Duplicate));
                 }
                 // Canceled while this agent held it at this attempt (`cancel.rs`): its failure
-                // report (`canceled`, or whatever ended the builder) is taken as read and
-                // changes nothing. A success report is refused as stale below: the build is
-                // no longer the agent's, and it drops it.
+                // report (`canceled`, or whatever ended the builder) is taken as read; only
+                // the log it uploaded is linked, the state stays. A success report is refused
+                // as stale below: the build is no longer the agent's, and it drops it.
                 if r.state == BuildState::Canceled
                     && outcome.is_err()
                     && r.attempt == attempt
                     && r.agent_id == agent_id
                 {
+                    if log_attempt != 0 && r.log_attempt != log_attempt {
+                        let mut r = r;
+                        r.log_attempt = log_attempt;
+                        fx.batch.put(TreeId::Builds, &u64_key(id), &r)?;
+                    }
                     return Ok((fx, FinishAnswer::Duplicate));
                 }
             }

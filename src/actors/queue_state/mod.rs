@@ -709,7 +709,9 @@ impl QueueState {
     }
 
     /// Check a lease (uploads and logs); a lease that ended while the agent was out of touch
-    /// and that nobody took since is re-adopted (see `readopt_reported`).
+    /// and that nobody took since is re-adopted (see `readopt_reported`). The holder of a
+    /// build canceled at this attempt passes too: it delivers the log of what it stopped, then
+    /// its `canceled` result (see `cancel.rs`); no state changes.
     pub fn check_lease(
         &mut self,
         agent_id: u64,
@@ -718,6 +720,9 @@ impl QueueState {
         now: u64,
     ) -> Result<Effects, QueueError> {
         let mut fx = Effects::default();
+        if self.canceled_holder(agent_id, id, attempt)? {
+            return Ok(fx);
+        }
         self.readopt_reported(
             &mut fx,
             agent_id,
