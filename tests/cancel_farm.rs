@@ -98,7 +98,10 @@ fn a_running_build_is_canceled_on_its_agent_and_its_whole_process_group_dies() {
     // Building, and both the builder and its background child run.
     let (pgid, child) = wait_for("the builder and its child to run", DEADLINE, || {
         agent.assert_running();
-        let pids: Vec<i32> = runs(&run_file).iter().filter_map(|l| l.trim().parse().ok()).collect();
+        let pids: Vec<i32> = runs(&run_file)
+            .iter()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
         (pids.len() == 2 && state_of(&c, id) == "building").then(|| (pids[0], pids[1]))
     });
     assert!(group_alive(pgid), "the builder's group {pgid} runs");
@@ -117,10 +120,14 @@ fn a_running_build_is_canceled_on_its_agent_and_its_whole_process_group_dies() {
     assert_eq!(d["reason"], "canceled by request", "{d}");
 
     // The agent kills the whole group: the background child too.
-    wait_for("no process of the builder's group to be left", DEADLINE, || {
-        agent.assert_running();
-        (!group_alive(pgid) && !alive(child)).then_some(())
-    });
+    wait_for(
+        "no process of the builder's group to be left",
+        DEADLINE,
+        || {
+            agent.assert_running();
+            (!group_alive(pgid) && !alive(child)).then_some(())
+        },
+    );
     // It reports the build canceled and the coordinator acknowledges the report.
     let acked = |log: &str| {
         log.lines()
@@ -138,7 +145,8 @@ fn a_running_build_is_canceled_on_its_agent_and_its_whole_process_group_dies() {
     }
     let log = plain_log(&agent);
     assert!(
-        log.lines().any(|l| l.contains("stopping build") && l.contains("Cancel")),
+        log.lines()
+            .any(|l| l.contains("stopping build") && l.contains("Cancel")),
         "the agent was told to cancel: {log}"
     );
     // Nothing changed its state, it never ran again, and the log of what it ran is kept.
@@ -154,7 +162,10 @@ fn a_running_build_is_canceled_on_its_agent_and_its_whole_process_group_dies() {
     let all = events(&c);
     let canceled = events_of(&all, "build-canceled", id);
     assert_eq!(canceled.len(), 1, "{all:?}");
-    assert_eq!(canceled[0]["data"]["reason"], "canceled by request", "{canceled:?}");
+    assert_eq!(
+        canceled[0]["data"]["reason"], "canceled by request",
+        "{canceled:?}"
+    );
     assert!(
         events_of(&all, "build-allocated", id).len() == 1,
         "allocated once: {all:?}"
@@ -218,13 +229,23 @@ fn dependents_are_canceled_on_request_and_late_reports_of_a_canceled_attempt_end
     assert_eq!(code, 200, "{r}");
 
     // A query the route does not know is refused; nothing is canceled.
-    let (code, r) = post(&c.url(&format!("/api/v1/builds/{a}/cancel?dependents=maybe")), &json!({}));
+    let (code, r) = post(
+        &c.url(&format!("/api/v1/builds/{a}/cancel?dependents=maybe")),
+        &json!({}),
+    );
     assert_eq!(code, 400, "{r}");
     assert_eq!(state_of(&c, a), "building");
 
-    let (code, r) = post(&c.url(&format!("/api/v1/builds/{a}/cancel?dependents=true")), &json!({}));
+    let (code, r) = post(
+        &c.url(&format!("/api/v1/builds/{a}/cancel?dependents=true")),
+        &json!({}),
+    );
     assert_eq!(code, 200, "{r}");
-    assert_eq!((r["id"].as_u64(), r["state"].as_str()), (Some(a), Some("canceled")), "{r}");
+    assert_eq!(
+        (r["id"].as_u64(), r["state"].as_str()),
+        (Some(a), Some("canceled")),
+        "{r}"
+    );
     assert_eq!(r["canceled"], 3, "{r}");
     assert_eq!(r["was_running"], true, "{r}");
     let deps: Vec<(u64, &str)> = r["dependents"]
@@ -234,8 +255,14 @@ fn dependents_are_canceled_on_request_and_late_reports_of_a_canceled_attempt_end
         .map(|d| (d["id"].as_u64().unwrap(), d["state"].as_str().unwrap()))
         .collect();
     assert_eq!(deps, vec![(b, "canceled"), (cc, "canceled")], "{r}");
-    assert_eq!(build(&c, b)["reason"], format!("canceled: input build {a} was canceled"));
-    assert_eq!(build(&c, cc)["reason"], format!("canceled: input build {b} was canceled"));
+    assert_eq!(
+        build(&c, b)["reason"],
+        format!("canceled: input build {a} was canceled")
+    );
+    assert_eq!(
+        build(&c, cc)["reason"],
+        format!("canceled: input build {b} was canceled")
+    );
 
     // The holder's heartbeat says cancel (once, though pushed and reconciled).
     let hb = agent.heartbeat(json!([{"build_id": a, "attempt": 1, "phase": "building"}]));
@@ -254,7 +281,11 @@ fn dependents_are_canceled_on_request_and_late_reports_of_a_canceled_attempt_end
     }
     let d = build(&c, a);
     assert_eq!(
-        (d["summary"]["state"].as_str(), d["reason"].as_str(), d["attempt"].as_u64()),
+        (
+            d["summary"]["state"].as_str(),
+            d["reason"].as_str(),
+            d["attempt"].as_u64()
+        ),
         (Some("canceled"), Some("canceled by request"), Some(1)),
         "{d}"
     );
@@ -265,7 +296,10 @@ fn dependents_are_canceled_on_request_and_late_reports_of_a_canceled_attempt_end
     // A second cancel names the state.
     let (code, r) = post(&c.url(&format!("/api/v1/builds/{a}/cancel")), &json!({}));
     assert_eq!((code, error_code(&r)), (409, Some("wrong_state")), "{r}");
-    assert!(r["error"]["message"].as_str().unwrap().contains("canceled"), "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("canceled"),
+        "{r}"
+    );
 
     let all = events(&c);
     for (id, reason) in [
@@ -280,7 +314,10 @@ fn dependents_are_canceled_on_request_and_late_reports_of_a_canceled_attempt_end
 
     // The client: --dependents on another chain prints every canceled build and the count.
     let more = submit(&c, &chain(&sd, &["p", "q"]));
-    let (ok, out, err) = kiln(&c, &["build", "cancel", &more[0].to_string(), "--dependents"]);
+    let (ok, out, err) = kiln(
+        &c,
+        &["build", "cancel", &more[0].to_string(), "--dependents"],
+    );
     assert!(ok, "{err}");
     assert!(out.contains(&format!("{:<6} canceled", more[0])), "{out}");
     assert!(out.contains(&format!("{:<6} canceled", more[1])), "{out}");

@@ -15,8 +15,8 @@ use super::http::{Client, DEFAULT_COORDINATOR};
 use super::render;
 use super::submit::{self, SubmitOptions};
 use crate::protocol::{
-    AgentCreated, AgentInfo, BuildDetail, BuildId, BuildState, BuildSummary, CancelReply, NewAgent, NewToken,
-    Scope, TokenCreated,
+    AgentCreated, AgentInfo, BuildDetail, BuildId, BuildState, BuildSummary, CancelReply, NewAgent,
+    NewToken, Scope, TokenCreated,
 };
 
 /// Options every client command takes.
@@ -380,8 +380,7 @@ fn cancel_cmd(a: CancelArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     } else {
         Vec::new()
     };
-    let reply: CancelReply =
-        client.post_empty_query(&format!("builds/{}/cancel", a.id), &query)?;
+    let reply: CancelReply = client.post_empty_query(&format!("builds/{}/cancel", a.id), &query)?;
     if a.opts.json {
         print_json(out, &reply)?;
     } else {

@@ -6,17 +6,18 @@ use futures_util::stream;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::actors::agent_session::PushCommand;
 use crate::actors::build_queue::{
     Cancel, GetRecord, ListLive, LiveStates, SetPriority, Show, Submit,
 };
 use crate::actors::event_log::{event_json, Subscribe};
 use crate::actors::queue_state::is_available;
-use crate::actors::agent_session::PushCommand;
 use crate::actors::registry::{CreateAgent, ListAgents, SessionOf};
 use crate::derivation::Hash;
 use crate::protocol::{
-    AgentCommand, BuildId, BuildState, BuildSummary, BuildsQuery, CancelReply, MissingPaths, NewAgent, NewToken, PathsQuery,
-    SourceQuery, SubmitBuilds, TokenCreated, DEFAULT_LIST_LIMIT, NEXT_CURSOR_HEADER,
+    AgentCommand, BuildId, BuildState, BuildSummary, BuildsQuery, CancelReply, MissingPaths,
+    NewAgent, NewToken, PathsQuery, SourceQuery, SubmitBuilds, TokenCreated, DEFAULT_LIST_LIMIT,
+    NEXT_CURSOR_HEADER,
 };
 use crate::store::keys::u64_key;
 use crate::store::records::BuildRecord;

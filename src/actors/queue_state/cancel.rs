@@ -182,8 +182,12 @@ impl QueueState {
         if let Some(input) = input {
             event["input_build"] = input.into();
         }
-        fx.batch
-            .event("build-canceled", id, if running { agent_id } else { 0 }, event);
+        fx.batch.event(
+            "build-canceled",
+            id,
+            if running { agent_id } else { 0 },
+            event,
+        );
         if was == BuildState::Runnable {
             fx.unrunnable.push(id);
         }

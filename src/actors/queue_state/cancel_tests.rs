@@ -42,11 +42,20 @@ fn a_running_build_is_canceled_its_lease_ends_and_late_reports_change_nothing() 
     assert_eq!(kinds(&fx), vec!["build-canceled"]);
     let ev = &fx.batch.events[0].payload;
     assert_eq!(ev["reason"], "canceled by request");
-    assert_eq!((ev["agent_id"].as_u64(), ev["attempt"].as_u64()), (Some(7), Some(1)));
+    assert_eq!(
+        (ev["agent_id"].as_u64(), ev["attempt"].as_u64()),
+        (Some(7), Some(1))
+    );
     assert_eq!(ev["was"], "building");
-    assert!(fx.runnable.is_empty() && fx.unrunnable.is_empty(), "not in the index");
+    assert!(
+        fx.runnable.is_empty() && fx.unrunnable.is_empty(),
+        "not in the index"
+    );
     assert!(f.q.leased_to(7).is_empty(), "the lease ended");
-    assert!(!f.q.known_request(7, "r1"), "a retry of r1 gets nothing back");
+    assert!(
+        !f.q.known_request(7, "r1"),
+        "a retry of r1 gets nothing back"
+    );
     assert_eq!(f.q.count(BuildState::Building), 0);
     assert_eq!(f.q.live_len(), 1);
 
@@ -54,7 +63,13 @@ fn a_running_build_is_canceled_its_lease_ends_and_late_reports_change_nothing() 
     let beat = [held(a, 1, HeldPhase::Building)];
     let (rfx, cmds) = f.q.reconcile(7, &beat, Unheld::Release, 21).unwrap();
     assert!(rfx.batch.is_empty(), "nothing to release or re-adopt");
-    assert_eq!(cmds, vec![AgentCommand::Cancel { build_id: a, attempt: 1 }]);
+    assert_eq!(
+        cmds,
+        vec![AgentCommand::Cancel {
+            build_id: a,
+            attempt: 1
+        }]
+    );
     let (early, answer) = f.q.finish(7, a, 1, Err("canceled".into()), 1, 22).unwrap();
     assert!(matches!(answer, FinishAnswer::Duplicate));
     let landing = early.after.clone().expect("waits for the cancel's commit");
@@ -68,16 +83,33 @@ fn a_running_build_is_canceled_its_lease_ends_and_late_reports_change_nothing() 
 
     let rec = f.q.record(a).unwrap().unwrap();
     assert_eq!(
-        (rec.state, rec.reason.as_str(), rec.attempt, rec.agent_id, rec.finished_ms),
+        (
+            rec.state,
+            rec.reason.as_str(),
+            rec.attempt,
+            rec.agent_id,
+            rec.finished_ms
+        ),
         (BuildState::Canceled, "canceled by request", 1, 7, 20)
     );
     // After the commit: the same answers, from sled.
-    let (_, cmds) = f.q.reconcile(7, &beat, Unheld::ReleaseAfter(0), 30).unwrap();
-    assert_eq!(cmds, vec![AgentCommand::Cancel { build_id: a, attempt: 1 }]);
+    let (_, cmds) =
+        f.q.reconcile(7, &beat, Unheld::ReleaseAfter(0), 30)
+            .unwrap();
+    assert_eq!(
+        cmds,
+        vec![AgentCommand::Cancel {
+            build_id: a,
+            attempt: 1
+        }]
+    );
     let (_, cmds) = f.q.reconcile(8, &beat, Unheld::Release, 30).unwrap();
     assert_eq!(
         cmds,
-        vec![AgentCommand::Abandon { build_id: a, attempt: 1 }],
+        vec![AgentCommand::Abandon {
+            build_id: a,
+            attempt: 1
+        }],
         "not that agent's: abandon"
     );
     // The log the agent uploaded is linked by its failure report; the state stays.
@@ -87,7 +119,10 @@ fn a_running_build_is_canceled_its_lease_ends_and_late_reports_change_nothing() 
     f.commit(fx);
     let rec = f.q.record(a).unwrap().unwrap();
     assert_eq!((rec.state, rec.log_attempt), (BuildState::Canceled, 1));
-    for outcome in [Err("canceled".to_string()), Err("builder exited with 1".into())] {
+    for outcome in [
+        Err("canceled".to_string()),
+        Err("builder exited with 1".into()),
+    ] {
         let (fx, answer) = f.q.finish(7, a, 1, outcome, 1, 31).unwrap();
         assert!(matches!(answer, FinishAnswer::Duplicate));
         assert!(fx.batch.is_empty(), "a repeat writes nothing");
@@ -119,14 +154,20 @@ fn a_running_build_is_canceled_its_lease_ends_and_late_reports_change_nothing() 
         Err(QueueError::WrongState(_, BuildState::Canceled, _))
     ));
     // The other build is untouched and still allocatable; a reload equals memory.
-    assert_eq!(f.q.runnable().iter().map(|e| e.id).collect::<Vec<_>>(), vec![b]);
+    assert_eq!(
+        f.q.runnable().iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![b]
+    );
     let before = fingerprint(&f.q);
     f.reload();
     assert_eq!(fingerprint(&f.q), before);
     let (_, cmds) = f.q.reconcile(7, &beat, Unheld::Release, 40).unwrap();
     assert_eq!(
         cmds,
-        vec![AgentCommand::Cancel { build_id: a, attempt: 1 }],
+        vec![AgentCommand::Cancel {
+            build_id: a,
+            attempt: 1
+        }],
         "after a restart too"
     );
 }
@@ -146,7 +187,10 @@ fn allocated_uploading_and_released_builds_are_canceled_too() {
     let (fx, _) =
         f.q.reconcile(
             7,
-            &[held(a, 1, HeldPhase::Building), held(b, 1, HeldPhase::Uploading)],
+            &[
+                held(a, 1, HeldPhase::Building),
+                held(b, 1, HeldPhase::Uploading),
+            ],
             Unheld::Release,
             12,
         )
@@ -171,7 +215,13 @@ fn allocated_uploading_and_released_builds_are_canceled_too() {
     let (_, cmds) =
         f.q.reconcile(7, &[held(c, 1, HeldPhase::Building)], Unheld::Release, 30)
             .unwrap();
-    assert_eq!(cmds, vec![AgentCommand::Cancel { build_id: c, attempt: 1 }]);
+    assert_eq!(
+        cmds,
+        vec![AgentCommand::Cancel {
+            build_id: c,
+            attempt: 1
+        }]
+    );
 }
 
 /// Pins item 2: with `dependents`, a chain a <- b <- c canceled at a cancels b and c, each
@@ -184,7 +234,11 @@ fn dependents_are_canceled_through_a_chain_only_on_request() {
     let (a, x) = (ids[0], ids[1]);
     let (fx, deps) =
         f.q.submit(
-            vec![target("b", &["a"]), target("c", &["b"]), target("d", &["x"])],
+            vec![
+                target("b", &["a"]),
+                target("c", &["b"]),
+                target("d", &["x"]),
+            ],
             vec![],
             0,
             vec![],
@@ -196,7 +250,10 @@ fn dependents_are_canceled_through_a_chain_only_on_request() {
     running(&mut f, a);
     let (fx, got) = f.q.cancel(a, true, 20).unwrap();
     assert_eq!(
-        got.dependents.iter().map(|s| (s.id, s.state)).collect::<Vec<_>>(),
+        got.dependents
+            .iter()
+            .map(|s| (s.id, s.state))
+            .collect::<Vec<_>>(),
         vec![(b, BuildState::Canceled), (c, BuildState::Canceled)]
     );
     assert_eq!(got.stops.len(), 1, "only a was running");
@@ -214,11 +271,24 @@ fn dependents_are_canceled_through_a_chain_only_on_request() {
     let (rb, rc) = (input_canceled_reason(a), input_canceled_reason(b));
     assert_eq!(inputs, vec![(b, rb.as_str(), a), (c, rc.as_str(), b)]);
     f.commit(fx);
-    assert_eq!(reason(&f, b), format!("canceled: input build {a} was canceled"));
-    assert_eq!(reason(&f, c), format!("canceled: input build {b} was canceled"));
-    assert_eq!((f.state(b), f.state(c)), (BuildState::Canceled, BuildState::Canceled));
+    assert_eq!(
+        reason(&f, b),
+        format!("canceled: input build {a} was canceled")
+    );
+    assert_eq!(
+        reason(&f, c),
+        format!("canceled: input build {b} was canceled")
+    );
+    assert_eq!(
+        (f.state(b), f.state(c)),
+        (BuildState::Canceled, BuildState::Canceled)
+    );
     assert_eq!(f.state(d), BuildState::Blocked, "d waits on x, not on a");
-    assert!(f.q.waiting.values().all(|s| !s.contains(&b) && !s.contains(&c)));
+    assert!(f
+        .q
+        .waiting
+        .values()
+        .all(|s| !s.contains(&b) && !s.contains(&c)));
     let before = fingerprint(&f.q);
     f.reload();
     assert_eq!(fingerprint(&f.q), before);
@@ -230,7 +300,9 @@ fn dependents_are_canceled_through_a_chain_only_on_request() {
     f.commit(fx);
     assert_eq!(f.state(d), BuildState::Blocked);
     // Resubmitting x's derivation and building it unblocks d.
-    let (fx, again) = f.q.submit(vec![target("x", &[])], vec![], 0, vec![], 31).unwrap();
+    let (fx, again) =
+        f.q.submit(vec![target("x", &[])], vec![], 0, vec![], 31)
+            .unwrap();
     f.commit(fx);
     assert_ne!(again[0].id, x, "a new build of the canceled derivation");
     let fx = run_to_end(&mut f, again[0].id, "x", true, 40);
