@@ -254,8 +254,11 @@ impl Handler<Opened> for AgentSession {
     }
 }
 
-/// A command for the agent (`pause` or `resume` from `kiln agent ...`), delivered with its
-/// next heartbeat or work reply.
+/// A command for the agent, delivered with its next heartbeat or work reply: `pause` or
+/// `resume` from `kiln agent ...` (only the latest of the two counts), `cancel` of a build a
+/// client canceled (sent once). Not durable: a command that must outlive a restart of this
+/// actor is also given by reconciliation (see `queue_state::cancel`) or by the session reply
+/// of a paused agent.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Command(pub AgentCommand);
@@ -264,10 +267,13 @@ impl Handler<Command> for AgentSession {
     type Result = ();
     fn handle(&mut self, msg: Command, ctx: &mut Context<Self>) {
         catch(NAME, ctx, |_| {
-            // Only the latest of pause/resume counts.
-            self.pending
-                .retain(|c| !matches!(c, AgentCommand::Pause | AgentCommand::Resume));
-            self.pending.push_back(msg.0);
+            if matches!(msg.0, AgentCommand::Pause | AgentCommand::Resume) {
+                self.pending
+                    .retain(|c| !matches!(c, AgentCommand::Pause | AgentCommand::Resume));
+            }
+            if !self.pending.contains(&msg.0) {
+                self.pending.push_back(msg.0);
+            }
         });
     }
 }
@@ -323,7 +329,12 @@ impl Handler<Beat> for AgentSession {
                 act.must_reconcile = false;
                 // Pending commands leave only with an answer that carries them.
                 let mut commands: Vec<AgentCommand> = act.pending.drain(..).collect();
-                commands.extend(from_queue);
+                // Reconciliation may repeat a pending command (a canceled build): once each.
+                for c in from_queue {
+                    if !commands.contains(&c) {
+                        commands.push(c);
+                    }
+                }
                 Ok(commands)
             },
         )))

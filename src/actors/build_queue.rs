@@ -14,7 +14,9 @@ use super::allocator::{
     Allocator, BuildsRunnable, BuildsUnrunnable, Fill, RefillAllocator, Rekey, RequestAlive,
 };
 use super::guard::{catch, guard_future, guard_map, unavailable, Guarded, Rebuild};
-use super::queue_state::{Effects, FinishAnswer, ListPage, QueueState, Unheld, LIVE_STATES};
+use super::queue_state::{
+    Canceled, Effects, FinishAnswer, ListPage, QueueState, Unheld, LIVE_STATES,
+};
 use super::restarts::Restarts;
 use super::submission::{prepare, Prepared, SubmitError};
 use super::symbols::Symbols;
@@ -649,24 +651,29 @@ impl Handler<Finish> for BuildQueue {
     }
 }
 
-/// Cancel a queued build.
+/// Cancel a build (queued or running); with `dependents`, also every live build that waits on
+/// it. Answered once the cancel is durable; the `cancel` commands for the agents that held a
+/// canceled build are in the answer, for the caller to route to their sessions.
 #[derive(Message)]
-#[rtype(result = "Result<BuildSummary, ActorError>")]
-pub struct Cancel(pub BuildId);
+#[rtype(result = "Result<Canceled, ActorError>")]
+pub struct Cancel {
+    pub id: BuildId,
+    pub dependents: bool,
+}
 
 impl Handler<Cancel> for BuildQueue {
-    type Result = ResponseActFuture<Self, Result<BuildSummary, ActorError>>;
+    type Result = ResponseActFuture<Self, Result<Canceled, ActorError>>;
 
     fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) -> Self::Result {
         let r = guarded::<Self, _>(NAME, ctx, |_| {
             let permit = self.reserve()?;
-            Ok((permit, self.state.cancel(msg.0, now_ms())?))
+            Ok((permit, self.state.cancel(msg.id, msg.dependents, now_ms())?))
         });
         match r {
-            Ok((permit, (fx, s))) => {
+            Ok((permit, (fx, c))) => {
                 metrics::counter!("kiln_builds_finished_total", "result" => "canceled")
-                    .increment(1);
-                self.commit(permit, fx, s)
+                    .increment(1 + c.dependents.len() as u64);
+                self.commit(permit, fx, c)
             }
             Err(e) => Self::ready(Err(e)),
         }

@@ -16,8 +16,8 @@ use super::http::{Client, DEFAULT_COORDINATOR};
 use super::render;
 use super::submit::{self, SubmitOptions};
 use crate::protocol::{
-    AgentCreated, AgentInfo, BuildDetail, BuildId, BuildState, BuildSummary, NewAgent, NewToken,
-    Scope, TokenCreated, TokenInfo,
+    AgentCreated, AgentInfo, BuildDetail, BuildId, BuildState, BuildSummary, CancelReply, NewAgent,
+    NewToken, Scope, TokenCreated, TokenInfo,
 };
 
 /// Options every client command takes.
@@ -311,8 +311,9 @@ pub enum BuildCommand {
     Show(BuildIdArgs),
     /// Write a build's log to stdout, byte for byte.
     Log(BuildIdArgs),
-    /// Cancel a build that no agent holds yet.
-    Cancel(BuildIdArgs),
+    /// Cancel a build, queued or running (its agent stops the builder); with --dependents,
+    /// also every build that waits on it.
+    Cancel(CancelArgs),
     /// Set a queued build's own priority (higher runs first); the builds it needs inherit it.
     Priority(PriorityArgs),
 }
@@ -332,6 +333,18 @@ pub struct PriorityArgs {
 pub struct BuildIdArgs {
     /// The build id (see `kiln builds`).
     pub id: BuildId,
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CancelArgs {
+    /// The build id (see `kiln builds`).
+    pub id: BuildId,
+    /// Also cancel every live build that waits on it, transitively (each with the reason
+    /// "canceled: input build N was canceled"). Without it they stay blocked.
+    #[arg(long)]
+    pub dependents: bool,
     #[command(flatten)]
     pub opts: ClientOpts,
 }
@@ -534,13 +547,28 @@ fn log_cmd(a: BuildIdArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn cancel_cmd(a: BuildIdArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+/// Prints the canceled build, then each dependent canceled with it, then the count.
+fn cancel_cmd(a: CancelArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     let client = a.opts.client()?;
-    let summary: BuildSummary = client.post_empty(&format!("builds/{}/cancel", a.id))?;
-    if a.opts.json {
-        print_json(out, &summary)?;
+    let query = if a.dependents {
+        vec![("dependents", "true".to_string())]
     } else {
-        render::summary_line(out, &summary)?;
+        Vec::new()
+    };
+    let reply: CancelReply = client.post_empty_query(&format!("builds/{}/cancel", a.id), &query)?;
+    if a.opts.json {
+        print_json(out, &reply)?;
+    } else {
+        render::summary_line(out, &reply.build)?;
+        for d in &reply.dependents {
+            render::summary_line(out, d)?;
+        }
+        let running = if reply.was_running {
+            " (its agent was told to stop the builder)"
+        } else {
+            ""
+        };
+        writeln!(out, "canceled {} build(s){running}", reply.canceled)?;
     }
     Ok(0)
 }

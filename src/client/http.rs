@@ -189,6 +189,16 @@ impl Client {
         decode(resp, &self.describe("POST", path))
     }
 
+    /// `POST /api/v1/<path>?query` without a body, answer decoded as JSON.
+    pub fn post_empty_query<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, ClientError> {
+        let resp = self.call("POST", path, query, Body::Empty)?;
+        decode(resp, &self.describe("POST", path))
+    }
+
     /// `PUT /api/v1/<path>?query` with a streamed body, answer decoded as JSON.
     pub fn put_stream<T: DeserializeOwned>(
         &self,

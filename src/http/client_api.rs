@@ -8,16 +8,18 @@ use super::auth::Gate;
 use super::error::ApiError;
 use super::AppState;
 use crate::actors::agent_admin::{Action, SetMode};
+use crate::actors::agent_session::Command;
 use crate::actors::build_queue::{
     Cancel, GetRecord, ListLive, LiveStates, SetPriority, Show, Submit,
 };
 use crate::actors::event_log::{event_json, Subscribe};
 use crate::actors::queue_state::is_available;
-use crate::actors::registry::{CreateAgent, ListAgents};
+use crate::actors::registry::{CreateAgent, ListAgents, SessionOf};
 use crate::derivation::Hash;
 use crate::protocol::{
-    BuildId, BuildState, BuildSummary, BuildsQuery, MissingPaths, NewAgent, NewToken, PathsQuery,
-    SourceQuery, SubmitBuilds, TokenCreated, DEFAULT_LIST_LIMIT, NEXT_CURSOR_HEADER,
+    AgentCommand, BuildId, BuildState, BuildSummary, BuildsQuery, CancelReply, MissingPaths,
+    NewAgent, NewToken, PathsQuery, SourceQuery, SubmitBuilds, TokenCreated, DEFAULT_LIST_LIMIT,
+    NEXT_CURSOR_HEADER,
 };
 use crate::store::keys::u64_key;
 use crate::store::records::BuildRecord;
@@ -412,14 +414,55 @@ async fn log(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpRespo
         .streaming(body))
 }
 
+/// `POST /api/v1/builds/{id}/cancel?dependents=true`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelQuery {
+    #[serde(default)]
+    dependents: bool,
+}
+
+/// Cancel a build; the agents that held a canceled build get a `cancel` command with their
+/// next heartbeat or work reply (and from reconciliation, should that be lost).
 #[post("/builds/{id}/cancel")]
-async fn cancel(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
-    let s = state
+async fn cancel(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+    q: web::Query<CancelQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let c = state
         .queue
-        .send(Cancel(id.into_inner()))
+        .send(Cancel {
+            id: id.into_inner(),
+            dependents: q.dependents,
+        })
         .await
         .map_err(ApiError::mailbox)??;
-    Ok(HttpResponse::Ok().json(s))
+    // The cancel is durable: tell the holders now. An agent without a session actor (or one
+    // restarting) is told by reconciliation on its next heartbeat or session opening.
+    for (agent, command) in &c.stops {
+        match state.registry.send(SessionOf(*agent)).await {
+            Ok(Some(session)) => session.do_send(Command(command.clone())),
+            Ok(None) => tracing::info!(
+                agent_id = *agent,
+                "canceled build's agent has no session: its next heartbeat is answered with cancel"
+            ),
+            Err(e) => tracing::warn!(
+                agent_id = *agent,
+                error = %e,
+                "registry unavailable: the agent's next heartbeat is answered with cancel"
+            ),
+        }
+    }
+    let was_running = c.stops.iter().any(
+        |(_, cmd)| matches!(cmd, AgentCommand::Cancel { build_id, .. } if *build_id == c.build.id),
+    );
+    Ok(HttpResponse::Ok().json(CancelReply {
+        canceled: 1 + c.dependents.len(),
+        was_running,
+        build: c.build,
+        dependents: c.dependents,
+    }))
 }
 
 /// The body of `POST /builds/{id}/priority`.

@@ -607,6 +607,23 @@ pub struct BuildSummary {
     pub existing: bool,
 }
 
+/// `POST /api/v1/builds/{id}/cancel`: the canceled build's summary (its fields at the top
+/// level, as before dependents could be canceled), how many builds the request canceled, and
+/// the dependents canceled with it (`?dependents=true`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelReply {
+    #[serde(flatten)]
+    pub build: BuildSummary,
+    /// Builds this request canceled: the build and its dependents.
+    pub canceled: usize,
+    /// The dependents canceled with it, by id (empty without `?dependents=true`).
+    #[serde(default)]
+    pub dependents: Vec<BuildSummary>,
+    /// True when an agent held the build: it was told to stop its builder.
+    #[serde(default)]
+    pub was_running: bool,
+}
+
 /// `GET /api/v1/builds/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BuildDetail {

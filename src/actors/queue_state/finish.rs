@@ -5,6 +5,8 @@
 //!   duplicates) is set only once the report passed verification.
 //! - The same report again: `duplicate`, answered only after the first one's commit landed (a
 //!   repeat that arrives while it is in flight waits for it; if it fails, 503).
+//! - A failure report of the attempt a build was canceled at (its agent stopped the builder
+//!   and reports `canceled`): `duplicate` too; the build stays `canceled` (see `cancel.rs`).
 //! - Refused for good (`bad_result`: an output missing or extra, a path or NarHash that is
 //!   not the verified upload's, references that are not the ones the coordinator found in the
 //!   uploaded NAR): the build is `failed`, its reason the refusal.
@@ -102,6 +104,22 @@ impl QueueState {
                     Err(_) => r.state == BuildState::Failed && !r.reason.starts_with(REFUSED),
                 };
                 if same_end && r.attempt == attempt && r.agent_id == agent_id {
+                    return Ok((fx, FinishAnswer::Duplicate));
+                }
+                // Canceled while this agent held it at this attempt (`cancel.rs`): its failure
+                // report (`canceled`, or whatever ended the builder) is taken as read; only
+                // the log it uploaded is linked, the state stays. A success report is refused
+                // as stale below: the build is no longer the agent's, and it drops it.
+                if r.state == BuildState::Canceled
+                    && outcome.is_err()
+                    && r.attempt == attempt
+                    && r.agent_id == agent_id
+                {
+                    if log_attempt != 0 && r.log_attempt != log_attempt {
+                        let mut r = r;
+                        r.log_attempt = log_attempt;
+                        fx.batch.put(TreeId::Builds, &u64_key(id), &r)?;
+                    }
                     return Ok((fx, FinishAnswer::Duplicate));
                 }
             }
@@ -220,6 +238,7 @@ impl QueueState {
                 attempt,
                 agent_id,
                 succeeded: done.state == BuildState::Succeeded,
+                canceled: false,
                 landing,
             },
         );

@@ -10,8 +10,9 @@
 //! - A lease the agent does not list in a heartbeat ends once it was handed to the agent more
 //!   than the bound ago ([`Unheld::ReleaseAfter`]); at a session opening, at once.
 //! - A build the agent lists that is runnable at that very attempt, last held by that agent,
-//!   is re-adopted: leased to it again, same attempt. Anything else it lists that is not its
-//!   own is answered with `abandon`.
+//!   is re-adopted: leased to it again, same attempt. A build canceled while it held it at
+//!   that attempt is answered with `cancel`; anything else it lists that is not its own is
+//!   answered with `abandon`.
 //! - A lease that ends without a result is an infrastructure failure: it counts toward the
 //!   build's retry cap and the build waits out its backoff (`retries.rs`); past the cap the
 //!   build fails. A re-adoption adds no failure and ends the backoff.
@@ -331,6 +332,10 @@ impl QueueState {
                     build_id: h.build_id,
                     attempt: h.attempt,
                 }),
+                Verdict::Cancel => commands.push(AgentCommand::Cancel {
+                    build_id: h.build_id,
+                    attempt: h.attempt,
+                }),
             }
         }
         let (bound, why) = match unheld {
@@ -370,9 +375,14 @@ impl QueueState {
         }
         // Its result was accepted (its commit may still be in flight): the agent gets or got
         // the acknowledgement; nothing to command.
+        // A build canceled while the agent held it at this attempt is stopped with `cancel`.
         if let Some(a) = self.uncommitted_finishes.get(&h.build_id) {
             if a.agent_id == agent_id && a.attempt == h.attempt {
-                return Ok(Verdict::Keep);
+                return Ok(if a.canceled {
+                    Verdict::Cancel
+                } else {
+                    Verdict::Keep
+                });
             }
         }
         // Finished by this agent's own report at this attempt: the same.
@@ -387,6 +397,13 @@ impl QueueState {
             {
                 Verdict::Keep
             }
+            Some(r)
+                if r.state == BuildState::Canceled
+                    && r.agent_id == agent_id
+                    && r.attempt == h.attempt =>
+            {
+                Verdict::Cancel
+            }
             _ => Verdict::Abandon,
         })
     }
@@ -396,4 +413,6 @@ enum Verdict {
     Keep,
     Readopt,
     Abandon,
+    /// Canceled while this agent held it at this attempt: stop it (`cancel.rs`).
+    Cancel,
 }

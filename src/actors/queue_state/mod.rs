@@ -6,13 +6,15 @@
 //! from sled with [`QueueState::load`], which is why memory never holds anything sled does not
 //! (apart from the markers of commits still in flight, which a restart drops with the commits).
 //!
-//! The transitions are split by subject: submission, allocation, progress and cancel here;
-//! results in `finish.rs`; lease ends, reconciliation and re-adoption in `leases.rs`;
+//! The transitions are split by subject: submission, allocation and progress here; cancel
+//! (of queued and running builds, and of their dependents) in `cancel.rs`; results in
+//! `finish.rs`; lease ends, reconciliation and re-adoption in `leases.rs`;
 //! read-only queries in `queries.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+mod cancel;
 mod finish;
 mod input_failed;
 mod leases;
@@ -29,6 +31,7 @@ mod tests;
 use thiserror::Error;
 use tokio::sync::watch;
 
+pub use cancel::{input_canceled_reason, Canceled, CANCELED_BY_REQUEST};
 pub use finish::{FinishAnswer, ReportedOutcome, Scanned};
 pub use input_failed::{input_failed_reason, is_input_failed};
 pub use leases::Unheld;
@@ -160,6 +163,8 @@ struct Accepted {
     attempt: u32,
     agent_id: AgentId,
     succeeded: bool,
+    /// A running build canceled (not a result its agent reported): see `cancel.rs`.
+    canceled: bool,
     landing: Landing,
 }
 
@@ -743,7 +748,9 @@ impl QueueState {
     }
 
     /// Check a lease (uploads and logs); a lease that ended while the agent was out of touch
-    /// and that nobody took since is re-adopted (see `readopt_reported`).
+    /// and that nobody took since is re-adopted (see `readopt_reported`). The holder of a
+    /// build canceled at this attempt passes too: it delivers the log of what it stopped, then
+    /// its `canceled` result (see `cancel.rs`); no state changes.
     pub fn check_lease(
         &mut self,
         agent_id: u64,
@@ -752,6 +759,9 @@ impl QueueState {
         now: u64,
     ) -> Result<Effects, QueueError> {
         let mut fx = Effects::default();
+        if self.canceled_holder(agent_id, id, attempt)? {
+            return Ok(fx);
+        }
         self.readopt_reported(
             &mut fx,
             agent_id,
@@ -802,46 +812,6 @@ impl QueueState {
             );
         }
         Ok(fx)
-    }
-
-    /// Cancel a build that is not running.
-    pub fn cancel(&mut self, id: BuildId, now: u64) -> Result<(Effects, BuildSummary), QueueError> {
-        let Some(b) = self.live.get(&id) else {
-            let r: Option<BuildRecord> = self.store.get(TreeId::Builds, &u64_key(id))?;
-            return Err(match r {
-                None => QueueError::NoSuchBuild(id),
-                Some(r) => QueueError::WrongState(id, r.state, "it has already finished".into()),
-            });
-        };
-        if b.state.is_leased() {
-            return Err(QueueError::WrongState(
-                id,
-                b.state,
-                "canceling a running build is not supported yet (it arrives with scheduling, issue [4/8]); wait for it to finish".into(),
-            ));
-        }
-        let was_runnable = b.state == BuildState::Runnable;
-        let old = b.effective;
-        let inputs = self.inputs_of(id)?;
-        let mut b = self.live_record(id)?;
-        let mut fx = Effects::default();
-        self.retire_with(&b, &mut fx);
-        // Its inputs no longer inherit its priority.
-        self.lower_inputs(inputs, old, &mut fx)?;
-        b.state = BuildState::Canceled;
-        b.finished_ms = now;
-        b.reason = "canceled by request".into();
-        fx.batch.put(TreeId::Builds, &u64_key(id), &b)?;
-        fx.batch.event(
-            "build-canceled",
-            id,
-            0,
-            serde_json::json!({"build_id": id, "drv_path": b.drv_path}),
-        );
-        if was_runnable {
-            fx.unrunnable.push(id);
-        }
-        Ok((fx, summary(&b)))
     }
 
     /// [`QueueState::retire`], telling the allocator of producers whose waiting count fell.

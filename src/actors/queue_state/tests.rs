@@ -660,7 +660,7 @@ fn builds_waiting_on_a_build_raise_its_rdeps_and_rekey_it() {
     f.reload();
     assert_eq!(f.q.live_entry(ids[0]).unwrap().rdeps, 2, "a reload agrees");
     // A dependent canceled: one fewer waits.
-    let (fx, _) = f.q.cancel(waiting[0].id, 3).unwrap();
+    let (fx, _) = f.q.cancel(waiting[0].id, false, 3).unwrap();
     assert_eq!(f.q.live_entry(ids[0]).unwrap().rdeps, 1);
     assert_eq!(
         fx.rekeyed
@@ -837,7 +837,7 @@ fn a_reload_from_sled_equals_memory_after_every_kind_of_transition() {
     let fx = f.q.agent_lost(8, 0).unwrap();
     f.commit(fx);
     // Cancel the arm build nobody waits for.
-    let (fx, _) = f.q.cancel(arm_ready[0].id, 8).unwrap();
+    let (fx, _) = f.q.cancel(arm_ready[0].id, false, 8).unwrap();
     f.commit(fx);
 
     assert_eq!(f.q.count(BuildState::Building), 1);
@@ -1010,7 +1010,7 @@ fn derived_priority_follows_submissions_reprioritisation_and_cancel() {
     f.commit(fx);
     assert_eq!([eff(&f, a), eff(&f, b), eff(&f, c)], [5, 3, 3]);
     // e canceled: a falls to what b gives it.
-    let (fx, _) = f.q.cancel(e[0].id, 5).unwrap();
+    let (fx, _) = f.q.cancel(e[0].id, false, 5).unwrap();
     assert_eq!(fx.rekeyed.last().map(|e| (e.id, e.effective)), Some((a, 3)));
     f.commit(fx);
     assert_eq!(eff(&f, a), 3);
@@ -1286,3 +1286,7 @@ fn dependents_of_a_failed_build_fail_and_come_back_when_it_is_rebuilt() {
     assert_eq!(id_of(&f, "r"), r, "the same build, live again");
     assert!(f.q.input_failed.is_empty());
 }
+
+/// Cancellation (`cancel.rs`): a child of this module, to share its fixture.
+#[path = "cancel_tests.rs"]
+mod cancel_tests;
