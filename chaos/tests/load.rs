@@ -106,5 +106,8 @@ fn simulated_agents_build_every_submitted_build_with_a_valid_narinfo() {
         assert_eq!(v["summary"]["state"], "succeeded", "{v}");
         assert_eq!(v["outputs"][0]["path"], d.out_path.as_str(), "{v}");
     }
-    assert!(coord.stop(Duration::from_secs(60)), "unclean coordinator exit");
+    assert!(
+        coord.stop(Duration::from_secs(60)),
+        "unclean coordinator exit"
+    );
 }

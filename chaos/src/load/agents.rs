@@ -23,7 +23,7 @@ use kiln_agent::client::{decode, send, Coordinator, Held, Identity};
 use kiln_agent::retry::CallError;
 use serde::Serialize;
 
-use super::stats::{round3, CoordinatorFigures, LatencySummary, Latencies, Watch};
+use super::stats::{round3, CoordinatorFigures, Latencies, LatencySummary, Watch};
 
 /// What `kiln-chaos load agents` runs.
 #[derive(Debug, Clone)]
@@ -167,12 +167,10 @@ pub async fn run_agents(opts: &AgentsOptions) -> anyhow::Result<(AgentsReport, V
     // Open every session (registering the agents); the coordinator checks secrets two at a
     // time, so this is not part of the measured interval.
     let opens = coordinators.iter().map(|c| c.open_session());
-    let opened = tokio::time::timeout_at(
-        run_deadline.into(),
-        futures_util::future::join_all(opens),
-    )
-    .await
-    .context("the deadline passed while the simulated agents opened their sessions")?;
+    let opened =
+        tokio::time::timeout_at(run_deadline.into(), futures_util::future::join_all(opens))
+            .await
+            .context("the deadline passed while the simulated agents opened their sessions")?;
     for (i, r) in opened.into_iter().enumerate() {
         r.with_context(|| format!("agent {}-{i} could not open a session", opts.name_prefix))?;
     }
@@ -366,7 +364,11 @@ async fn one_build(
     if opts.report_start {
         let t = Instant::now();
         let r: Result<serde_json::Value, CallError> = c
-            .post("start", &format!("builds/{id}/start"), &StartReport { attempt })
+            .post(
+                "start",
+                &format!("builds/{id}/start"),
+                &StartReport { attempt },
+            )
             .await;
         shared.requests.fetch_add(1, Ordering::Relaxed);
         r.context("start report")?;
@@ -432,8 +434,9 @@ async fn one_build(
         outcome: Outcome::Succeeded { outputs },
     };
     let t = Instant::now();
-    let ack: Result<ResultAck, CallError> =
-        c.post("result", &format!("builds/{id}/result"), &report).await;
+    let ack: Result<ResultAck, CallError> = c
+        .post("result", &format!("builds/{id}/result"), &report)
+        .await;
     shared.requests.fetch_add(1, Ordering::Relaxed);
     ack.context("result report")?;
     shared.rec().result.push(t.elapsed());
@@ -454,9 +457,9 @@ pub fn verify_narinfos(agent_url: &str, done: &[Completed]) -> anyhow::Result<us
             .rsplit('/')
             .next()
             .with_context(|| format!("{} is not a store path", d.out_path))?;
-        let hash_part = base.get(..32).with_context(|| {
-            format!("{} has no 32-character hash part", d.out_path)
-        })?;
+        let hash_part = base
+            .get(..32)
+            .with_context(|| format!("{} has no 32-character hash part", d.out_path))?;
         let url = format!("{}/{hash_part}.narinfo", agent_url.trim_end_matches('/'));
         let text = ureq::get(&url)
             .timeout(Duration::from_secs(30))

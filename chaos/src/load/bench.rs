@@ -170,7 +170,8 @@ pub fn run_bench(
     })();
     let log = coord.log.clone();
     let clean = coord.stop(Duration::from_secs(60));
-    let mut report = result.with_context(|| format!("the coordinator's log is {}", log.display()))?;
+    let mut report =
+        result.with_context(|| format!("the coordinator's log is {}", log.display()))?;
     report.coordinator_stopped_cleanly = clean;
     report.passed &= clean;
     Ok(report)

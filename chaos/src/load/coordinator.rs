@@ -56,8 +56,8 @@ impl LoadCoordinator {
         )
         .to_base16();
         {
-            use std::os::unix::fs::OpenOptionsExt as _;
             use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
                 .write(true)

@@ -140,9 +140,9 @@ impl DrvGen {
 /// one's).
 fn filler(name: &str, len: usize) -> String {
     let mut s = String::with_capacity(len + 16);
-    let mut x: u64 = name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut x: u64 = name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789 ";
     while s.len() < len {
         x ^= x << 13;

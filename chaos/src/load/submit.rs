@@ -17,7 +17,7 @@ use kiln::protocol::{Bytes64, SubmitBuilds, Submitted, SubmittedDrv};
 use serde::Serialize;
 
 use super::drvs::{DrvGen, GenDrv};
-use super::stats::{round3, CoordinatorFigures, LatencySummary, Latencies, Watch};
+use super::stats::{round3, CoordinatorFigures, Latencies, LatencySummary, Watch};
 
 /// What `kiln-chaos load submit` runs.
 #[derive(Debug, Clone)]
@@ -95,7 +95,11 @@ fn prepare(opts: &SubmitOptions, gen: &DrvGen) -> anyhow::Result<Prepared> {
     Ok(Prepared {
         bodies,
         builds,
-        drv_bytes_mean: if n > 0 { drv_total as f64 / n as f64 } else { 0.0 },
+        drv_bytes_mean: if n > 0 {
+            drv_total as f64 / n as f64
+        } else {
+            0.0
+        },
     })
 }
 
