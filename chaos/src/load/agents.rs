@@ -23,7 +23,7 @@ use kiln_agent::client::{decode, send, Coordinator, Held, Identity};
 use kiln_agent::retry::CallError;
 use serde::Serialize;
 
-use super::stats::{round3, CoordinatorFigures, Latencies, LatencySummary, Watch};
+use super::stats::{cpu_ms, round3, CoordinatorFigures, Latencies, LatencySummary, Watch};
 
 /// What `kiln-chaos load agents` runs.
 #[derive(Debug, Clone)]
@@ -82,6 +82,9 @@ pub struct AgentsReport {
     pub nar_bytes: usize,
     pub latency: AgentLatencies,
     pub coordinator: CoordinatorFigures,
+    /// CPU ms (user + system) this load generator used in the measured interval: on a small
+    /// machine it competes with the coordinator for the same cores.
+    pub generator_cpu_ms: Option<f64>,
     /// The first few errors, verbatim.
     pub errors: Vec<String>,
     /// True when the deadline ended the run before `builds_wanted` succeeded.
@@ -189,6 +192,7 @@ pub async fn run_agents(opts: &AgentsOptions) -> anyhow::Result<(AgentsReport, V
     let before = tokio::task::spawn_blocking(move || watch.read())
         .await
         .context("the metrics reader panicked")?;
+    let own_before = cpu_ms(std::process::id() as i32).ok();
     let started = Instant::now();
     let tasks: Vec<_> = coordinators
         .iter()
@@ -199,6 +203,7 @@ pub async fn run_agents(opts: &AgentsOptions) -> anyhow::Result<(AgentsReport, V
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let timed_out = !shared.stop.load(Ordering::SeqCst);
+    let own_after = cpu_ms(std::process::id() as i32).ok();
     shared.stop.store(true, Ordering::SeqCst);
     let watch = opts.watch.clone();
     let after = tokio::task::spawn_blocking(move || watch.read())
@@ -238,6 +243,7 @@ pub async fn run_agents(opts: &AgentsOptions) -> anyhow::Result<(AgentsReport, V
             build: rec.build.summary(),
         },
         coordinator: before.until(&after, succeeded),
+        generator_cpu_ms: own_before.zip(own_after).map(|(a, b)| round3(b - a)),
         errors: rec.errors.clone(),
         timed_out,
     };

@@ -17,7 +17,7 @@ use kiln::protocol::{Bytes64, SubmitBuilds, Submitted, SubmittedDrv};
 use serde::Serialize;
 
 use super::drvs::{DrvGen, GenDrv};
-use super::stats::{round3, CoordinatorFigures, Latencies, LatencySummary, Watch};
+use super::stats::{cpu_ms, round3, CoordinatorFigures, Latencies, LatencySummary, Watch};
 
 /// What `kiln-chaos load submit` runs.
 #[derive(Debug, Clone)]
@@ -65,6 +65,8 @@ pub struct SubmitReport {
     /// Per request, from send to the 200 OK.
     pub latency: LatencySummary,
     pub coordinator: CoordinatorFigures,
+    /// CPU ms (user + system) this submitter used in the measured interval.
+    pub generator_cpu_ms: Option<f64>,
     pub errors: Vec<String>,
     pub timed_out: bool,
 }
@@ -196,6 +198,7 @@ pub fn run_submit(opts: &SubmitOptions) -> anyhow::Result<SubmitReport> {
     let lat = Arc::new(Mutex::new(Latencies::default()));
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let before = opts.watch.read();
+    let own_before = cpu_ms(std::process::id() as i32).ok();
     let started = Instant::now();
     let threads: Vec<_> = (0..opts.clients)
         .map(|_| {
@@ -258,6 +261,7 @@ pub fn run_submit(opts: &SubmitOptions) -> anyhow::Result<SubmitReport> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    let own_after = cpu_ms(std::process::id() as i32).ok();
     let after = opts.watch.read();
     let acked = acked.load(Ordering::SeqCst);
     let requests = requests.load(Ordering::SeqCst);
@@ -280,6 +284,7 @@ pub fn run_submit(opts: &SubmitOptions) -> anyhow::Result<SubmitReport> {
         requests_per_s: round3(requests as f64 / elapsed),
         latency,
         coordinator: before.until(&after, acked),
+        generator_cpu_ms: own_before.zip(own_after).map(|(a, b)| round3(b - a)),
         timed_out: Instant::now() >= deadline && acked < opts.builds,
         errors,
     })
