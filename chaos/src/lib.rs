@@ -20,6 +20,8 @@
 //! - [`counters`]: the report's fault and recovery counters and lost-agent timings.
 //! - [`served`]: the served NARs and the real Nix client's copy and verify.
 //! - [`report`]: the run's report (JSON and text) and its coverage.
+//! - [`load`]: the load generator (simulated agents, a submitter) and the benchmarks of
+//!   `scripts/bench`.
 
 pub mod check;
 pub mod counters;
@@ -27,6 +29,7 @@ pub mod evidence;
 pub mod farm;
 mod finish;
 pub mod graph;
+pub mod load;
 pub mod procs;
 pub mod proxy;
 pub mod report;
