@@ -117,6 +117,7 @@ fn body(drvs: Vec<GenDrv>) -> anyhow::Result<Vec<u8>> {
             .collect(),
         priority: 0,
         tags: Vec::new(),
+        defer_until_ms: 0,
     };
     serde_json::to_vec(&req).context("failed to encode a submission")
 }
