@@ -64,6 +64,13 @@ pub fn recovery_counts(ev: &Evidence<'_>) -> BTreeMap<String, u64> {
         .filter(|e| e.kind == "lease-expired")
         .count();
     m.insert("lease_expiries".to_string(), expiries as u64);
+    let backoffs = ev
+        .dump
+        .events
+        .iter()
+        .filter(|e| e.kind == "lease-expired" && retry_backoff_ms(e) > 0)
+        .count();
+    m.insert("retry_backoffs".to_string(), backoffs as u64);
     let (readopted, replayed) = readoptions(&builds);
     m.insert("readoptions".to_string(), readopted);
     m.insert("work_requests_replayed".to_string(), replayed);
@@ -132,7 +139,17 @@ fn readoptions(builds: &BTreeMap<u64, Vec<&Event>>) -> (u64, u64) {
     (n, replayed)
 }
 
-/// Lost-agent timings: to each reallocation of its builds, and to the `agent-lost` event.
+/// The retry backoff a `lease-expired` event set: how long after it the build is not offered
+/// (its `defer_until_ms`), 0 for none.
+fn retry_backoff_ms(e: &Event) -> u64 {
+    e.data
+        .get("defer_until_ms")
+        .and_then(serde_json::Value::as_u64)
+        .map_or(0, |until| until.saturating_sub(e.time_ms))
+}
+
+/// Lost-agent timings: to each reallocation of its builds (less any retry backoff), and to
+/// the `agent-lost` event.
 pub fn loss_timings(ev: &Evidence<'_>) -> (Timing, Timing) {
     let builds = by_build(&ev.dump.events);
     let mut realloc = Vec::new();
@@ -153,7 +170,19 @@ pub fn loss_timings(ev: &Evidence<'_>) -> (Timing, Timing) {
                     && e.kind == "build-allocated"
                     && e.attempt().is_some_and(|a| a > attempt)
             }) {
-                realloc.push(next.time_ms - loss.t_ms);
+                // A build lost more than once waits out its retry backoff on purpose
+                // (docs/runtime-semantics.md, "Retries and deferral"): the figure is about
+                // detection and reallocation, so that wait is left out (`retry_backoffs`
+                // counts the leases that had one).
+                let backoff = es
+                    .iter()
+                    .find(|e| {
+                        e.kind == "lease-expired"
+                            && e.attempt() == Some(attempt)
+                            && e.time_ms >= loss.t_ms
+                    })
+                    .map_or(0, |e| retry_backoff_ms(e));
+                realloc.push((next.time_ms - loss.t_ms).saturating_sub(backoff));
             }
         }
         // The agent-lost event of this loss: before the agent's next loss and the run's end.
@@ -192,6 +221,18 @@ mod tests {
             agent_id: agent,
             data: json!({"build_id": build, "attempt": attempt, "agent_id": agent, "reason": reason}),
         }
+    }
+
+    /// A lease expired with a retry backoff: the backoff is read from the event, and an
+    /// expiry without one reads 0.
+    #[test]
+    fn the_retry_backoff_is_read_from_the_lease_expired_event() {
+        let mut e = ev(10, "lease-expired", 1, 2, 3, "agent lost");
+        assert_eq!(retry_backoff_ms(&e), 0);
+        e.data["defer_until_ms"] = json!(e.time_ms + 1000);
+        assert_eq!(retry_backoff_ms(&e), 1000);
+        e.data["defer_until_ms"] = json!(0);
+        assert_eq!(retry_backoff_ms(&e), 0);
     }
 
     /// Pins down that a `lease-readopted` event and the reports after it count one
