@@ -107,6 +107,7 @@ fn a_failed_lease_gives_back_exactly_its_builds() {
                 priority: 0,
                 tags: vec![],
                 defer_until_ms: 0,
+                related: false,
             }))
             .await
             .unwrap()

@@ -16,14 +16,12 @@
 mod common;
 mod leases_common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use kiln::derivation::store_path::StoreDir;
-use kiln::derivation::{Derivation, PathComputer, StorePath};
 use leases_common::*;
 use serde_json::{json, Value};
 
@@ -170,37 +168,6 @@ fn a_running_build_is_canceled_on_its_agent_and_its_whole_process_group_dies() {
         events_of(&all, "build-allocated", id).len() == 1,
         "allocated once: {all:?}"
     );
-}
-
-/// Derivations with inputs: `chain[i]` needs `chain[i-1]`'s `out`.
-fn chain(sd: &StoreDir, names: &[&str]) -> Vec<(String, Vec<u8>)> {
-    let mut known: HashMap<String, Derivation> = HashMap::new();
-    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
-    for name in names {
-        let (_, bytes) = simple_drv(sd, name, "echo > $out");
-        let mut drv = Derivation::parse(&bytes).unwrap();
-        if let Some((input, _)) = out.last() {
-            drv.input_drvs = vec![(input.clone().into_bytes(), vec![b"out".to_vec()])];
-            drv.outputs[0].1.path = Vec::new();
-            drv.env[2].1 = Vec::new();
-            let mut loader = |p: &StorePath| -> anyhow::Result<Derivation> {
-                let full = sd.full_path(p);
-                known
-                    .get(&full)
-                    .cloned()
-                    .ok_or_else(|| anyhow::anyhow!("unknown input {full}"))
-            };
-            let mut pc = PathComputer::new(sd.clone(), &mut loader);
-            let paths = pc.output_paths(&drv).unwrap();
-            let o = sd.full_path(paths[0].1.as_ref().unwrap());
-            drv.outputs[0].1.path = o.clone().into_bytes();
-            drv.env[2].1 = o.into_bytes();
-        }
-        let path = sd.full_path(&kiln::derivation::paths::drv_path(sd, &drv).unwrap());
-        known.insert(path.clone(), drv.clone());
-        out.push((path, drv.print()));
-    }
-    out
 }
 
 fn error_code(v: &Value) -> Option<&str> {

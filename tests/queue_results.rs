@@ -92,6 +92,7 @@ fn a_duplicate_result_is_answered_only_after_the_first_commit() {
                 priority: 0,
                 tags: vec![],
                 defer_until_ms: 0,
+                related: false,
             }))
             .await
             .unwrap()
@@ -138,6 +139,7 @@ fn a_duplicate_result_is_answered_only_after_the_first_commit() {
             // No reference scan: the HTTP layer scans real NARs (tests/output_references.rs);
             // this pins the queue's handling of a repeat.
             scanned: None,
+            lost_inputs: Vec::new(),
         };
         // Both are in the queue's mailbox before either is handled.
         let first = actors.queue.send(finish());

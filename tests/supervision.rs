@@ -203,6 +203,7 @@ async fn submit(actors: &Actors, sd: &StoreDir, prefix: &str, n: usize) -> Vec<u
             priority: 0,
             tags: vec![],
             defer_until_ms: 0,
+            related: false,
         }))
         .await
         .unwrap()

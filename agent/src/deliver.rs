@@ -52,6 +52,7 @@ pub async fn deliver(
                     report.outcome = Outcome::Failed {
                         reason,
                         kind: FailureKind::Upload,
+                        missing_inputs: Vec::new(),
                     };
                     dir.write_report(&report)
                         .await

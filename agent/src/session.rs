@@ -542,14 +542,17 @@ async fn run_allocated(
         Ok(BuildResult::Failed(reason)) => Outcome::Failed {
             reason,
             kind: FailureKind::Builder,
+            missing_inputs: Vec::new(),
         },
-        Ok(BuildResult::SetupFailed(reason)) => Outcome::Failed {
+        Ok(BuildResult::SetupFailed { reason, missing }) => Outcome::Failed {
             reason,
             kind: FailureKind::Setup,
+            missing_inputs: missing,
         },
         Ok(BuildResult::Stopped(StopReason::Cancel)) => Outcome::Failed {
             reason: "canceled".into(),
             kind: FailureKind::Builder,
+            missing_inputs: Vec::new(),
         },
         Ok(BuildResult::Stopped(reason)) => {
             if reason == StopReason::Abandon {
@@ -562,6 +565,7 @@ async fn run_allocated(
         Err(e) => Outcome::Failed {
             reason: format!("agent error: {e:#}"),
             kind: FailureKind::Setup,
+            missing_inputs: Vec::new(),
         },
     };
     let report = StoredReport::new(id, attempt, outcome, dir.log().exists());
@@ -603,8 +607,11 @@ async fn build(
             return Ok(BuildResult::Stopped(reason));
         }
     };
-    if let Err(reason) = fetched {
-        return Ok(BuildResult::SetupFailed(reason));
+    if let Err(e) = fetched {
+        return Ok(BuildResult::SetupFailed {
+            reason: e.reason,
+            missing: e.missing,
+        });
     }
     agent.executor.run(a, dir, stop).await
 }
@@ -703,6 +710,7 @@ async fn deliver_and_finish(
                         report.outcome = Outcome::Failed {
                             reason,
                             kind: FailureKind::Builder,
+                            missing_inputs: Vec::new(),
                         };
                         match dir.write_report(&report).await {
                             Ok(()) => continue,
@@ -737,6 +745,7 @@ mod tests {
         Outcome::Failed {
             reason: "builder exited with status 1".into(),
             kind: FailureKind::Builder,
+            missing_inputs: Vec::new(),
         }
     }
 

@@ -310,6 +310,7 @@ mod tests {
             Outcome::Failed {
                 reason: "x".into(),
                 kind: kiln::protocol::FailureKind::Builder,
+                missing_inputs: Vec::new(),
             },
             true,
         );

@@ -122,6 +122,7 @@ async fn a_stored_report_is_resent_after_a_restart() {
     let outcome = Outcome::Failed {
         reason: "builder exited with status 1".into(),
         kind: kiln::protocol::FailureKind::Builder,
+        missing_inputs: Vec::new(),
     };
     decided
         .write_report(&StoredReport::new(9, 2, outcome.clone(), true))
@@ -204,6 +205,7 @@ async fn a_cancel_command_stops_the_builder_and_reports_canceled() {
         Outcome::Failed {
             reason: "canceled".into(),
             kind: kiln::protocol::FailureKind::Builder,
+            missing_inputs: Vec::new(),
         }
     );
     let log = fake

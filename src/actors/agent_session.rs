@@ -616,9 +616,10 @@ fn closure_of(store: &Store, root: &str) -> Result<(Vec<PathInfo>, bool), StoreE
 
 /// Closures of input paths, shared by every session: a farm's builds share most of their
 /// inputs, so a work reply reads each closure from sled once, not once per build. An
-/// available path's closure never changes (outputs and their references are immutable while
-/// nothing is garbage-collected), so entries need no invalidation; the cache is emptied when
-/// it reaches [`CLOSURE_CACHE_ENTRIES`] to bound its memory.
+/// available path's closure changes only when the coordinator lost a path's NAR and builds
+/// it again (its record is then rewritten, perhaps with another NAR): [`forget_closures`]
+/// empties the cache when a loss is found and when a rebuild replaces a record. It is also
+/// emptied when it reaches [`CLOSURE_CACHE_ENTRIES`] to bound its memory.
 struct ClosureCache(std::sync::Mutex<std::collections::HashMap<String, Arc<Vec<PathInfo>>>>);
 
 const CLOSURE_CACHE_ENTRIES: usize = 4096;
@@ -642,6 +643,11 @@ impl ClosureCache {
         }
         m.insert(root.to_string(), c);
     }
+}
+
+/// Empty the closure cache (a path was lost, or its record replaced: see [`ClosureCache`]).
+pub fn forget_closures() {
+    CLOSURES.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
 }
 
 /// An output record as the agent sees it.

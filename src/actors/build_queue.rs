@@ -603,6 +603,9 @@ pub struct Finish {
     /// The references found in each output's NAR (success reports; see
     /// [`super::queue_state::Scanned`]).
     pub scanned: Option<super::queue_state::Scanned>,
+    /// Of a setup failure: the inputs the coordinator was found to have lost (in the build's
+    /// input closure, NAR file missing); see `queue_state/lost_inputs.rs`.
+    pub lost_inputs: Vec<String>,
 }
 
 impl Handler<Finish> for BuildQueue {
@@ -620,6 +623,7 @@ impl Handler<Finish> for BuildQueue {
                     msg.outcome,
                     msg.log_attempt,
                     msg.scanned.as_ref(),
+                    &msg.lost_inputs,
                     now_ms(),
                 )?,
             ))

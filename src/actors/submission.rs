@@ -3,7 +3,7 @@
 //! (sent now or earlier), and every input source is available. Pure CPU and sled reads: the
 //! build queue runs it on a blocking thread, then applies the result on its own loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use thiserror::Error;
 
@@ -174,53 +174,10 @@ pub fn prepare(
     let mut targets = Vec::new();
     for t in &req.builds {
         let drv = load(t)?.ok_or_else(|| SubmitError::UnknownTarget { path: t.clone() })?;
-        let mut needs = Vec::new();
-        for src in &drv.input_srcs {
-            let p = String::from_utf8_lossy(src).into_owned();
-            if !is_available(store, &p)? {
-                return Err(SubmitError::MissingSource {
-                    path: p,
-                    of: t.clone(),
-                });
-            }
-            needs.push(p);
-        }
-        for (input, wanted) in &drv.input_drvs {
-            let input = String::from_utf8_lossy(input).into_owned();
-            let idrv = load(&input)?.ok_or_else(|| SubmitError::MissingInputDrv {
-                input: input.clone(),
-                of: t.clone(),
-            })?;
-            for w in wanted {
-                let out = idrv.outputs.iter().find(|(n, _)| n == w).ok_or_else(|| {
-                    bad(
-                        t,
-                        format!(
-                            "it uses output {:?} of {input}, which has no such output",
-                            String::from_utf8_lossy(w)
-                        ),
-                    )
-                })?;
-                needs.push(String::from_utf8_lossy(&out.1.path).into_owned());
-            }
-        }
-        needs.sort();
-        needs.dedup();
-        targets.push(Target {
-            drv_path: t.clone(),
-            system: String::from_utf8_lossy(&drv.platform).into_owned(),
-            outputs: drv
-                .outputs
-                .iter()
-                .map(|(n, o)| {
-                    (
-                        String::from_utf8_lossy(n).into_owned(),
-                        String::from_utf8_lossy(&o.path).into_owned(),
-                    )
-                })
-                .collect(),
-            needs,
-        });
+        targets.push(resolve_target(store, t, &drv, &load)?);
+    }
+    if req.related {
+        targets = with_related(store, targets, &load)?;
     }
 
     let mut new_drvs = Vec::new();
@@ -235,4 +192,145 @@ pub fn prepare(
         new_drvs,
         targets,
     })
+}
+
+/// The build of derivation `t` (parsed: `drv`): its system, outputs and the paths it needs
+/// (input sources, which must be available, and the wanted outputs of its input derivations,
+/// loaded with `load`).
+fn resolve_target(
+    store: &Store,
+    t: &str,
+    drv: &Derivation,
+    load: &dyn Fn(&str) -> Result<Option<Derivation>, SubmitError>,
+) -> Result<Target, SubmitError> {
+    let mut needs = Vec::new();
+    for src in &drv.input_srcs {
+        let p = String::from_utf8_lossy(src).into_owned();
+        if !is_available(store, &p)? {
+            return Err(SubmitError::MissingSource {
+                path: p,
+                of: t.to_string(),
+            });
+        }
+        needs.push(p);
+    }
+    for (input, wanted) in &drv.input_drvs {
+        let input = String::from_utf8_lossy(input).into_owned();
+        let idrv = load(&input)?.ok_or_else(|| SubmitError::MissingInputDrv {
+            input: input.clone(),
+            of: t.to_string(),
+        })?;
+        for w in wanted {
+            let out = idrv.outputs.iter().find(|(n, _)| n == w).ok_or_else(|| {
+                SubmitError::BadDerivation {
+                    path: t.to_string(),
+                    message: format!(
+                        "it uses output {:?} of {input}, which has no such output",
+                        String::from_utf8_lossy(w)
+                    ),
+                }
+            })?;
+            needs.push(String::from_utf8_lossy(&out.1.path).into_owned());
+        }
+    }
+    needs.sort();
+    needs.dedup();
+    Ok(Target {
+        drv_path: t.to_string(),
+        system: String::from_utf8_lossy(&drv.platform).into_owned(),
+        outputs: drv
+            .outputs
+            .iter()
+            .map(|(n, o)| {
+                (
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(&o.path).into_owned(),
+                )
+            })
+            .collect(),
+        needs,
+    })
+}
+
+/// `targets` and, before them, a target for every derivation of their `.drv` closure with an
+/// output that is not available (`related`): inputs before the derivations that use them
+/// (post-order). The queue keeps the live build of a derivation that already has one, so
+/// only the missing work is added. Walks the closure once (explicit stack, visited set):
+/// time and memory proportional to the closure.
+fn with_related(
+    store: &Store,
+    targets: Vec<Target>,
+    load: &dyn Fn(&str) -> Result<Option<Derivation>, SubmitError>,
+) -> Result<Vec<Target>, SubmitError> {
+    let named: HashSet<String> = targets.iter().map(|t| t.drv_path.clone()).collect();
+    let mut seen: HashSet<String> = named.clone();
+    let mut related = Vec::new();
+    for t in &targets {
+        let drv = load(&t.drv_path)?.ok_or_else(|| SubmitError::UnknownTarget {
+            path: t.drv_path.clone(),
+        })?;
+        // (path, its derivation, inputs still to visit) frames of a post-order walk.
+        let mut stack: Vec<(String, Derivation, Vec<String>)> = Vec::new();
+        let inputs = |d: &Derivation| -> Vec<String> {
+            d.input_drvs
+                .iter()
+                .rev()
+                .map(|(p, _)| String::from_utf8_lossy(p).into_owned())
+                .collect()
+        };
+        let first = inputs(&drv);
+        stack.push((t.drv_path.clone(), drv, first));
+        while let Some(top) = stack.last_mut() {
+            if let Some(input) = top.2.pop() {
+                if !seen.insert(input.clone()) {
+                    continue;
+                }
+                let idrv = load(&input)?.ok_or_else(|| SubmitError::MissingInputDrv {
+                    input: input.clone(),
+                    of: top.0.clone(),
+                })?;
+                let next = inputs(&idrv);
+                stack.push((input, idrv, next));
+                continue;
+            }
+            let Some((path, drv, _)) = stack.pop() else {
+                break;
+            };
+            if named.contains(&path) {
+                continue;
+            }
+            let mut lacking = false;
+            for (_, o) in &drv.outputs {
+                if !is_available(store, &String::from_utf8_lossy(&o.path))? {
+                    lacking = true;
+                    break;
+                }
+            }
+            if lacking {
+                related.push(resolve_target(store, &path, &drv, load)?);
+            }
+        }
+    }
+    related.extend(targets);
+    Ok(related)
+}
+
+/// The build of a derivation the coordinator already stores (to build a lost input again):
+/// as a submission of it alone would make it.
+pub fn stored_target(store: &Store, drv_path: &str) -> Result<Target, SubmitError> {
+    let load = |path: &str| -> Result<Option<Derivation>, SubmitError> {
+        match store.get::<DrvRecord>(TreeId::Derivations, path.as_bytes())? {
+            Some(r) => Derivation::parse(&r.contents).map(Some).map_err(|e| {
+                SubmitError::BadDerivation {
+                    path: path.to_string(),
+                    message: format!("stored copy does not parse: {e}"),
+                }
+            }),
+            None => Ok(None),
+        }
+    };
+    let drv = load(drv_path)?.ok_or_else(|| SubmitError::UnknownTarget {
+        path: drv_path.to_string(),
+    })?;
+    resolve_target(store, drv_path, &drv, &load)
 }

@@ -160,9 +160,15 @@ pub struct SubmitArgs {
     #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
     pub tags: Vec<(String, String)>,
     /// Build only the named derivations; by default every input derivation with an output the
-    /// coordinator lacks is built too.
-    #[arg(long)]
+    /// coordinator lacks is built too (`--related`).
+    #[arg(long, conflicts_with = "related")]
     pub only_targets: bool,
+    /// Also build every derivation of the targets' closure with an output the coordinator
+    /// lacks and no live build (the default; the Guix Build Coordinator's "ensure all related
+    /// derivation outputs have successful builds"). Decided by the coordinator, atomically
+    /// with the submission.
+    #[arg(long)]
+    pub related: bool,
     /// Do not offer the new builds to agents before TIME: RFC 3339 in UTC
     /// (`2026-12-24T18:00:00Z`) or relative to now (`+30s`, `+30m`, `+2h`, `+1d`).
     #[arg(long, value_name = "TIME", value_parser = parse_defer_until)]

@@ -9,8 +9,10 @@
 //! references and its NAR give, and sources referred to by sources are uploaded too.
 //!
 //! The coordinator builds only the derivations it is asked to build, so unless
-//! `--only-targets` is given the client also asks for a build of every input derivation with
-//! an output the coordinator does not have yet (otherwise the targets would wait forever).
+//! `--only-targets` is given the client asks it to build the related derivations too
+//! (`related`: every derivation of the closure with an output the coordinator does not have
+//! yet and no live build, decided by the coordinator in the submission's own commit;
+//! otherwise the targets would wait forever).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{Read, Write};
@@ -30,7 +32,8 @@ use crate::protocol::{Bytes64, MissingPaths, PathsQuery, SubmitBuilds, Submitted
 pub struct SubmitOptions {
     pub priority: i32,
     pub tags: Vec<(String, String)>,
-    /// Ask for builds of the targets only, not of input derivations whose outputs are missing.
+    /// Ask for builds of the targets only, not of input derivations whose outputs are missing
+    /// (`related: false`; the default asks for those too).
     pub only_targets: bool,
     /// Do not offer the new builds before this time (ms since the epoch; 0 = at once).
     pub defer_until_ms: u64,
@@ -195,12 +198,7 @@ pub fn submit(
 ) -> anyhow::Result<Submitted> {
     let closure = collect_closure(store_dir, targets)?;
     upload_sources(client, &closure)?;
-    let target_paths: Vec<String> = targets.iter().map(|t| store_dir.full_path(t)).collect();
-    let builds = if options.only_targets {
-        target_paths
-    } else {
-        builds_needed(client, &closure, &target_paths)?
-    };
+    let builds: Vec<String> = targets.iter().map(|t| store_dir.full_path(t)).collect();
     let body = SubmitBuilds {
         derivations: closure
             .drvs
@@ -214,41 +212,9 @@ pub fn submit(
         priority: options.priority,
         tags: options.tags.clone(),
         defer_until_ms: options.defer_until_ms,
+        related: !options.only_targets,
     };
     Ok(client.post_json("builds", &body)?)
-}
-
-/// The targets, and every other derivation of the closure with an output the coordinator
-/// lacks, inputs first.
-fn builds_needed(
-    client: &Client,
-    closure: &Closure,
-    targets: &[String],
-) -> anyhow::Result<Vec<String>> {
-    let targets: BTreeSet<&String> = targets.iter().collect();
-    let mut outputs = Vec::new();
-    for d in closure.drvs.iter().filter(|d| !targets.contains(&d.path)) {
-        outputs.extend(d.drv.outputs.iter().map(|(_, o)| lossy(&o.path)));
-    }
-    let missing: HashSet<String> = if outputs.is_empty() {
-        HashSet::new()
-    } else {
-        let answer: MissingPaths =
-            client.post_json("sources/missing", &PathsQuery { paths: outputs })?;
-        answer.missing.into_iter().collect()
-    };
-    Ok(closure
-        .drvs
-        .iter()
-        .filter(|d| {
-            targets.contains(&d.path)
-                || d.drv
-                    .outputs
-                    .iter()
-                    .any(|(_, o)| missing.contains(&lossy(&o.path)))
-        })
-        .map(|d| d.path.clone())
-        .collect())
 }
 
 /// Upload every input source of the closure, and every store path those sources refer to

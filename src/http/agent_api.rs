@@ -19,8 +19,8 @@ use crate::protocol::{
     ResultReport, StartReport, UploadQuery, WorkRequest, SESSION_HEADER,
 };
 use crate::store::keys::u64_key;
-use crate::store::nar_cache::{valid_output_name, LogLimits, NarCache, UploadKey};
-use crate::store::records::BuildRecord;
+use crate::store::nar_cache::{nar_url, valid_output_name, LogLimits, NarCache, UploadKey};
+use crate::store::records::{BuildRecord, OutputRecord};
 use crate::store::{Store, TreeId};
 
 /// An authenticated agent: the session token named a live session. Every authenticated
@@ -318,9 +318,31 @@ async fn result(
     } else {
         0
     };
-    let outcome = match report.outcome {
-        Outcome::Succeeded { outputs } => Ok(outputs),
-        Outcome::Failed { reason, kind } => Err((reason, kind)),
+    let (outcome, claimed_missing) = match report.outcome {
+        Outcome::Succeeded { outputs } => (Ok(outputs), Vec::new()),
+        Outcome::Failed {
+            reason,
+            kind,
+            missing_inputs,
+        } => {
+            let claimed = if kind == FailureKind::Setup {
+                missing_inputs
+            } else {
+                Vec::new()
+            };
+            (Err((reason, kind)), claimed)
+        }
+    };
+    let lost_inputs = if claimed_missing.is_empty() {
+        Vec::new()
+    } else {
+        let (store, nars) = (state.store.clone(), state.nars.clone());
+        let (agent_id, attempt) = (auth.0, report.attempt);
+        tokio::task::spawn_blocking(move || {
+            lost_inputs(&store, &nars, build_id, agent_id, attempt, claimed_missing)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("the lost-input check did not finish: {e}")))??
     };
     let scanned = match &outcome {
         Ok(outputs) => {
@@ -333,6 +355,20 @@ async fn result(
             .map_err(|e| ApiError::internal(format!("the reference scan did not finish: {e}")))??
         }
         Err(_) => None,
+    };
+    // A success that rewrites the record of a path (a lost input built again) changes the
+    // closures that hold it.
+    let replaces = match &outcome {
+        Ok(outputs) => outputs.iter().any(|o| {
+            state
+                .store
+                .contains(
+                    TreeId::Outputs,
+                    crate::store::keys::output_key(&o.path).as_bytes(),
+                )
+                .unwrap_or(true)
+        }),
+        Err(_) => false,
     };
     // What this result says of the agent's infrastructure (see `agent_controls`): a success,
     // a setup or upload failure (its kind, or for an agent that sends no kind its reason), or
@@ -351,8 +387,12 @@ async fn result(
         outcome,
         log_attempt,
         scanned,
+        lost_inputs,
     };
     let ack = state.queue.send(msg).await.map_err(ApiError::mailbox)??;
+    if replaces {
+        crate::actors::agent_session::forget_closures();
+    }
     if let (Some(failure), false) = (infra, ack.duplicate) {
         state.registry.do_send(InfraOutcome {
             agent_id: auth.0,
@@ -400,6 +440,60 @@ fn scan_outputs(
         }
     }
     Ok(Some(scanned))
+}
+
+/// Of the inputs an agent says the coordinator answered 404 for, those it has indeed lost:
+/// in the input closure of the build (which this agent holds at this attempt), with a record
+/// in `outputs` whose NAR file is missing from the cache. Anything else is an ordinary setup
+/// failure (a claim cannot make a build wait on a path it does not need, or rebuild a path
+/// that is there). Invalidates the cached closures when one is found, as the path will be
+/// built again, perhaps with another NAR. Blocking.
+fn lost_inputs(
+    store: &Store,
+    nars: &NarCache,
+    build_id: u64,
+    agent_id: u64,
+    attempt: u32,
+    mut claimed: Vec<String>,
+) -> Result<Vec<String>, ApiError> {
+    let internal = |e: &dyn std::fmt::Display| ApiError::internal(e.to_string());
+    let b: Option<BuildRecord> = store
+        .get(TreeId::Builds, &u64_key(build_id))
+        .map_err(|e| internal(&e))?;
+    let Some(b) = b.filter(|b| b.agent_id == agent_id && b.attempt == attempt) else {
+        return Ok(Vec::new());
+    };
+    claimed.sort();
+    claimed.dedup();
+    let in_closure: std::collections::BTreeSet<String> = closure(store, &b.needs)
+        .map_err(|e| internal(&e))?
+        .into_iter()
+        .map(|p| p.path)
+        .collect();
+    let mut lost = Vec::new();
+    for p in claimed {
+        if !in_closure.contains(&p) {
+            continue;
+        }
+        let rec: Option<OutputRecord> = store
+            .get(TreeId::Outputs, crate::store::keys::output_key(&p).as_bytes())
+            .map_err(|e| internal(&e))?;
+        let Some(rec) = rec.filter(|r| r.path == p) else {
+            continue;
+        };
+        let url = nar_url(&rec.file_hash);
+        let present = nars
+            .nar_file(url.strip_prefix("nar/").unwrap_or(&url))
+            .is_some_and(|f| f.exists());
+        if !present {
+            tracing::warn!(build_id, agent_id, path = %p, file_hash = %rec.file_hash, "an input's NAR file is missing from the cache; it will be built again");
+            lost.push(p);
+        }
+    }
+    if !lost.is_empty() {
+        crate::actors::agent_session::forget_closures();
+    }
+    Ok(lost)
 }
 
 #[get("/paths/{hash}")]

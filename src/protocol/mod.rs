@@ -363,6 +363,11 @@ pub enum Outcome {
         /// What failed; absent = `builder` (agents before retries did not send it).
         #[serde(default)]
         kind: FailureKind,
+        /// With `kind: setup`: inputs the coordinator answered 404 for when the agent fetched
+        /// them. The coordinator checks each; one it indeed lost is built again and this build
+        /// waits for it (no retry counted). Absent = none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        missing_inputs: Vec<String>,
     },
 }
 
@@ -581,6 +586,11 @@ pub struct SubmitBuilds {
     /// 0 or a past time = at once). Builds already queued keep theirs.
     #[serde(default)]
     pub defer_until_ms: u64,
+    /// Also build every derivation of the targets' closure with an output the coordinator
+    /// does not have and no live build of its own (the Guix Build Coordinator's "ensure all
+    /// related derivation outputs have successful builds"), inputs first. Default false.
+    #[serde(default)]
+    pub related: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -213,9 +213,19 @@ impl NarCache {
             .join(format!("{build_id}-{attempt}.log.zst"))
     }
 
+    /// The record of a verified upload whose file is in the cache. A record whose file is
+    /// gone (deleted, lost to a disk fault) does not count: the file is uploaded again, as
+    /// when a lost input is built again (docs/runtime-semantics.md, "Lost inputs").
     fn verified(&self, file_hash: &Hash) -> Result<Option<NarFileRecord>, StoreError> {
-        self.store
-            .get(TreeId::NarFiles, file_hash.to_nix_string().as_bytes())
+        let r: Option<NarFileRecord> = self
+            .store
+            .get(TreeId::NarFiles, file_hash.to_nix_string().as_bytes())?;
+        Ok(r.filter(|_| {
+            self.cache_dir()
+                .join("nar")
+                .join(format!("{}.nar.zst", file_hash.to_base32()))
+                .exists()
+        }))
     }
 
     /// How much of an upload arrived.

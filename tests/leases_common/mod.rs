@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -14,9 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln::derivation::store_path::StoreDir;
+use kiln::derivation::{Derivation, PathComputer, StorePath};
 use serde_json::{json, Value};
 
-use crate::common::{get, kiln_bin, post, response, Coordinator};
+use crate::common::{get, kiln_bin, post, response, simple_drv, Coordinator};
 
 /// Every event in the log, read through the SSE replay (`since=0`); the stream is cut after
 /// one quiet second.
@@ -502,4 +505,35 @@ pub fn waiting_script(runs: &Path, go: &Path) -> String {
         runs = runs.display(),
         go = go.display()
     )
+}
+
+/// Derivations with inputs: `chain[i]` needs `chain[i-1]`'s `out`.
+pub fn chain(sd: &StoreDir, names: &[&str]) -> Vec<(String, Vec<u8>)> {
+    let mut known: HashMap<String, Derivation> = HashMap::new();
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    for name in names {
+        let (_, bytes) = simple_drv(sd, name, "echo > $out");
+        let mut drv = Derivation::parse(&bytes).unwrap();
+        if let Some((input, _)) = out.last() {
+            drv.input_drvs = vec![(input.clone().into_bytes(), vec![b"out".to_vec()])];
+            drv.outputs[0].1.path = Vec::new();
+            drv.env[2].1 = Vec::new();
+            let mut loader = |p: &StorePath| -> anyhow::Result<Derivation> {
+                let full = sd.full_path(p);
+                known
+                    .get(&full)
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("unknown input {full}"))
+            };
+            let mut pc = PathComputer::new(sd.clone(), &mut loader);
+            let paths = pc.output_paths(&drv).unwrap();
+            let o = sd.full_path(paths[0].1.as_ref().unwrap());
+            drv.outputs[0].1.path = o.clone().into_bytes();
+            drv.env[2].1 = o.into_bytes();
+        }
+        let path = sd.full_path(&kiln::derivation::paths::drv_path(sd, &drv).unwrap());
+        known.insert(path.clone(), drv.clone());
+        out.push((path, drv.print()));
+    }
+    out
 }

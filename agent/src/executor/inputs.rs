@@ -38,18 +38,35 @@ impl InputLocks {
     }
 }
 
+/// Why a build's inputs could not all be fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchError {
+    /// For the failure report: names the first input that failed and why.
+    pub reason: String,
+    /// Inputs the coordinator answered 404 for: it does not have them (any more). Reported
+    /// to it (`missing_inputs`), so it can build them again.
+    pub missing: Vec<String>,
+}
+
 /// Makes every input of the build present at `local(path)`; a failure names the input. The
 /// build pinned its inputs in `cache` beforehand; after each fetch the cache is brought back
-/// under its cap ([`evict_over_cap`]).
+/// under its cap ([`evict_over_cap`]). An input the coordinator does not have (404) does not
+/// stop the others from being tried, so one report names every missing input; any other
+/// failure ends the fetching at once.
 pub async fn fetch_all(
     coordinator: &Coordinator,
     locks: &InputLocks,
     cache: &InputCache,
     inputs: &[PathInfo],
     local: impl Fn(&str) -> anyhow::Result<PathBuf>,
-) -> Result<(), String> {
+) -> Result<(), FetchError> {
+    let mut missing = Vec::new();
+    let mut first_missing = String::new();
     for info in inputs {
-        let dest = local(&info.path).map_err(|e| format!("{e:#}"))?;
+        let dest = local(&info.path).map_err(|e| FetchError {
+            reason: format!("{e:#}"),
+            missing: Vec::new(),
+        })?;
         {
             let lock = locks.lock_for(&dest);
             let _guard = lock.lock().await;
@@ -58,15 +75,41 @@ pub async fn fetch_all(
                 continue;
             }
             tracing::info!(path = %info.path, size = info.file_size, "fetching input");
-            coordinator
+            match coordinator
                 .call("fetch input", |_token| fetch_one(coordinator, info, &dest))
                 .await
-                .map_err(|e| format!("failed to fetch input {}: {e}", info.path))?;
-            cache.present(&dest);
+            {
+                Ok(()) => cache.present(&dest),
+                Err(CallError::Rejected(e)) if e.status == 404 => {
+                    tracing::warn!(path = %info.path, url = %info.url, "the coordinator does not have this input");
+                    if missing.is_empty() {
+                        first_missing = format!("failed to fetch input {}: {e}", info.path);
+                    }
+                    missing.push(info.path.clone());
+                    continue;
+                }
+                Err(e) => {
+                    return Err(FetchError {
+                        reason: format!("failed to fetch input {}: {e}", info.path),
+                        missing,
+                    })
+                }
+            }
         }
         evict_over_cap(cache, locks).await;
     }
-    Ok(())
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        let more = match missing.len() {
+            1 => String::new(),
+            n => format!(" (and {} more inputs the coordinator lacks)", n - 1),
+        };
+        Err(FetchError {
+            reason: format!("{first_missing}{more}"),
+            missing,
+        })
+    }
 }
 
 /// Removes the least recently used unpinned inputs until the cache is under its cap. Each is

@@ -33,8 +33,12 @@ pub enum BuildResult {
     Built(Vec<BuiltOutput>),
     Failed(String),
     /// The build could not be prepared (its inputs could not be fetched): an infrastructure
-    /// failure, which the coordinator retries (reported with `kind: setup`).
-    SetupFailed(String),
+    /// failure, which the coordinator retries (reported with `kind: setup`). `missing` names
+    /// the inputs the coordinator answered 404 for (it lost them: it builds them again).
+    SetupFailed {
+        reason: String,
+        missing: Vec<String>,
+    },
     Stopped(StopReason),
 }
 

@@ -118,6 +118,7 @@ fn body(drvs: Vec<GenDrv>) -> anyhow::Result<Vec<u8>> {
         priority: 0,
         tags: Vec::new(),
         defer_until_ms: 0,
+        related: false,
     };
     serde_json::to_vec(&req).context("failed to encode a submission")
 }

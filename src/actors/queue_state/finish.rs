@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::lost_inputs::LostInputs;
 use super::{Accepted, Effects, FailureClass, QueueError, QueueState, Retry};
 use crate::actors::symbols::PathDigest;
 use crate::protocol::{BuildId, BuildState, BuiltOutput, FailureKind, HeldPhase};
@@ -69,11 +70,12 @@ impl QueueState {
         now: u64,
     ) -> Result<(Effects, FinishAnswer), QueueError> {
         let outcome = outcome.map_err(|r| (r, FailureKind::Builder));
-        self.finish_scanned(agent_id, id, attempt, outcome, log_attempt, None, now)
+        self.finish_scanned(agent_id, id, attempt, outcome, log_attempt, None, &[], now)
     }
 
     /// Take a result report; with `scanned`, each output's listed references must be the
-    /// ones found in its NAR.
+    /// ones found in its NAR. `lost_inputs`: of a setup failure, the inputs the coordinator
+    /// was found to have lost (`lost_inputs.rs`).
     #[allow(clippy::too_many_arguments)]
     pub fn finish_scanned(
         &mut self,
@@ -83,6 +85,7 @@ impl QueueState {
         outcome: ReportedOutcome,
         log_attempt: u32,
         scanned: Option<&Scanned>,
+        lost_inputs: &[String],
         now: u64,
     ) -> Result<(Effects, FinishAnswer), QueueError> {
         let mut fx = Effects::default();
@@ -150,25 +153,37 @@ impl QueueState {
         let outcome = match outcome {
             Ok(o) => Ok(o),
             Err((reason, kind)) => {
-                let (class, why) = match kind {
-                    FailureKind::Builder => (FailureClass::Builder, reason),
-                    k => (
-                        FailureClass::Infrastructure,
-                        format!("{} failure: {reason}", k.as_str()),
-                    ),
+                let lost = if kind == FailureKind::Setup && !lost_inputs.is_empty() {
+                    self.inputs_lost(&mut fx, id, lost_inputs, &reason, now)?
+                } else {
+                    LostInputs::NotLost
                 };
-                match self.count_failure(id, class, &why, now) {
-                    Retry::Requeued { not_before } => {
-                        self.requeue_reported(&mut fx, id, &why, not_before)?;
-                        return Ok((fx, FinishAnswer::Requeued));
-                    }
-                    Retry::GiveUp(reason) => {
-                        // The counts as they are now (the record read above predates them).
-                        if let Some(l) = self.live.get(&id) {
-                            done.retries = l.retries;
-                            done.builder_retries = l.builder_retries;
+                match lost {
+                    LostInputs::Waiting => return Ok((fx, FinishAnswer::Requeued)),
+                    LostInputs::Fail(why) => Err(why),
+                    LostInputs::NotLost => {
+                        let (class, why) = match kind {
+                            FailureKind::Builder => (FailureClass::Builder, reason),
+                            k => (
+                                FailureClass::Infrastructure,
+                                format!("{} failure: {reason}", k.as_str()),
+                            ),
+                        };
+                        match self.count_failure(id, class, &why, now) {
+                            Retry::Requeued { not_before } => {
+                                self.requeue_reported(&mut fx, id, &why, not_before)?;
+                                return Ok((fx, FinishAnswer::Requeued));
+                            }
+                            Retry::GiveUp(reason) => {
+                                // The counts as they are now (the record read above predates
+                                // them).
+                                if let Some(l) = self.live.get(&id) {
+                                    done.retries = l.retries;
+                                    done.builder_retries = l.builder_retries;
+                                }
+                                Err(reason)
+                            }
                         }
-                        Err(reason)
                     }
                 }
             }

@@ -20,6 +20,7 @@ mod input_failed;
 mod leases;
 mod live;
 mod load;
+mod lost_inputs;
 mod priority;
 mod queries;
 mod retries;
@@ -40,7 +41,7 @@ pub use queries::ListPage;
 pub use retries::{FailureClass, Retry, GAVE_UP};
 
 use super::runnable_index::RunnableEntry;
-use super::symbols::{PathDigest, Symbols};
+use super::symbols::{PathDigest, Symbols, TagSetId};
 use crate::config::{apply_priority_rules, PriorityRule, RetryConfig};
 use crate::protocol::{AgentId, BuildId, BuildState, BuildSummary, HeldPhase};
 use crate::store::keys::{output_key, u64_key};
@@ -570,113 +571,7 @@ impl QueueState {
         let tag_set = self.symbols.tag_set(&tags);
         let mut out = Vec::new();
         for t in targets {
-            let drv = PathDigest::of(&t.drv_path);
-            if let Some(l) = self
-                .by_drv
-                .get(&drv)
-                .and_then(|id| Some((*id, self.live.get(id)?)))
-            {
-                out.push(BuildSummary {
-                    id: l.0,
-                    drv_path: t.drv_path,
-                    system: t.system,
-                    state: l.1.state,
-                    priority: l.1.priority,
-                    existing: true,
-                });
-                continue;
-            }
-            let mut missing = Vec::new();
-            for n in &t.needs {
-                if !self.available(n)? {
-                    missing.push(PathDigest::of(n));
-                }
-            }
-            let id = self.next_build_id;
-            self.next_build_id += 1;
-            let priority =
-                apply_priority_rules(&self.rules, priority, &t.system, &tags, &t.drv_path);
-            let state = if missing.is_empty() {
-                BuildState::Runnable
-            } else {
-                BuildState::Blocked
-            };
-            let b = BuildRecord {
-                id,
-                drv_path: t.drv_path,
-                system: t.system,
-                priority,
-                tags: tags.clone(),
-                state,
-                attempt: 0,
-                agent_id: 0,
-                outputs: t.outputs,
-                needs: t.needs,
-                created_ms: now,
-                allocated_ms: 0,
-                started_ms: 0,
-                finished_ms: 0,
-                reason: String::new(),
-                log_attempt: 0,
-                request: String::new(),
-                retries: 0,
-                builder_retries: 0,
-                defer_until_ms,
-            };
-            fx.batch.put(TreeId::Builds, &u64_key(id), &b)?;
-            for (_, o) in &b.outputs {
-                fx.batch
-                    .put_raw(TreeId::OutputBuilds, output_key(o).as_bytes(), &u64_key(id));
-            }
-            fx.batch.event(
-                "build-submitted",
-                id,
-                0,
-                serde_json::json!({"build_id": id, "drv_path": b.drv_path, "system": b.system,
-                    "priority": b.priority, "state": b.state,
-                    "defer_until_ms": b.defer_until_ms}),
-            );
-            let rdeps = b
-                .outputs
-                .iter()
-                .map(|(_, o)| self.waiting.get(&PathDigest::of(o)).map_or(0, |s| s.len()))
-                .sum::<usize>();
-            // Builds submitted earlier may already wait on this one's outputs.
-            let out_digests: Vec<PathDigest> =
-                b.outputs.iter().map(|(_, o)| PathDigest::of(o)).collect();
-            let effective = self
-                .waiters_max(&out_digests)
-                .map_or(priority, |w| w.max(priority));
-            let l = LiveBuild {
-                state,
-                system: self.symbols.system(&b.system),
-                tags: tag_set,
-                attempt: 0,
-                priority,
-                effective,
-                rdeps: rdeps.min(u32::MAX as usize) as u32,
-                missing: missing.len() as u32,
-                retries: 0,
-                builder_retries: 0,
-                agent_id: 0,
-                allocated_ms: 0,
-                started_ms: 0,
-                defer_until_ms: 0,
-            };
-            self.by_drv.insert(drv, id);
-            for (_, o) in &b.outputs {
-                self.producers.insert(PathDigest::of(o), id);
-            }
-            self.add_live(id, l);
-            self.defer(id, defer_until_ms);
-            self.offer(id, &mut fx);
-            for m in missing {
-                self.wait_on(id, m, &mut fx);
-            }
-            out.push(summary(&b));
-            self.pending.insert(id, Arc::new(b));
-            fx.submitted.push(id);
-            self.raise_inputs(id, effective, Some(&mut fx), &|q, b| q.inputs_of(b))?;
+            out.push(self.submit_one(&mut fx, t, priority, &tags, tag_set, defer_until_ms, now)?);
         }
         // A build made runnable above may have been raised by a later target: hand the
         // allocator its current numbers.
@@ -691,6 +586,128 @@ impl QueueState {
             &self.next_build_id.to_be_bytes(),
         );
         Ok((fx, out))
+    }
+
+    /// One target of a submission: the live build of its derivation if it has one, else a
+    /// new build (record, event, indexes; runnable or blocked on its missing inputs).
+    #[allow(clippy::too_many_arguments)]
+    fn submit_one(
+        &mut self,
+        fx: &mut Effects,
+        t: Target,
+        priority: i32,
+        tags: &[(String, String)],
+        tag_set: TagSetId,
+        defer_until_ms: u64,
+        now: u64,
+    ) -> Result<BuildSummary, QueueError> {
+        let drv = PathDigest::of(&t.drv_path);
+        if let Some(l) = self
+            .by_drv
+            .get(&drv)
+            .and_then(|id| Some((*id, self.live.get(id)?)))
+        {
+            return Ok(BuildSummary {
+                id: l.0,
+                drv_path: t.drv_path,
+                system: t.system,
+                state: l.1.state,
+                priority: l.1.priority,
+                existing: true,
+            });
+        }
+        let mut missing = Vec::new();
+        for n in &t.needs {
+            if !self.available(n)? {
+                missing.push(PathDigest::of(n));
+            }
+        }
+        let id = self.next_build_id;
+        self.next_build_id += 1;
+        let priority =
+            apply_priority_rules(&self.rules, priority, &t.system, tags, &t.drv_path);
+        let state = if missing.is_empty() {
+            BuildState::Runnable
+        } else {
+            BuildState::Blocked
+        };
+        let b = BuildRecord {
+            id,
+            drv_path: t.drv_path,
+            system: t.system,
+            priority,
+            tags: tags.to_vec(),
+            state,
+            attempt: 0,
+            agent_id: 0,
+            outputs: t.outputs,
+            needs: t.needs,
+            created_ms: now,
+            allocated_ms: 0,
+            started_ms: 0,
+            finished_ms: 0,
+            reason: String::new(),
+            log_attempt: 0,
+            request: String::new(),
+            retries: 0,
+            builder_retries: 0,
+            defer_until_ms,
+        };
+        fx.batch.put(TreeId::Builds, &u64_key(id), &b)?;
+        for (_, o) in &b.outputs {
+            fx.batch
+                .put_raw(TreeId::OutputBuilds, output_key(o).as_bytes(), &u64_key(id));
+        }
+        fx.batch.event(
+            "build-submitted",
+            id,
+            0,
+            serde_json::json!({"build_id": id, "drv_path": b.drv_path, "system": b.system,
+                "priority": b.priority, "state": b.state,
+                "defer_until_ms": b.defer_until_ms}),
+        );
+        let rdeps = b
+            .outputs
+            .iter()
+            .map(|(_, o)| self.waiting.get(&PathDigest::of(o)).map_or(0, |s| s.len()))
+            .sum::<usize>();
+        // Builds submitted earlier may already wait on this one's outputs.
+        let out_digests: Vec<PathDigest> =
+            b.outputs.iter().map(|(_, o)| PathDigest::of(o)).collect();
+        let effective = self
+            .waiters_max(&out_digests)
+            .map_or(priority, |w| w.max(priority));
+        let l = LiveBuild {
+            state,
+            system: self.symbols.system(&b.system),
+            tags: tag_set,
+            attempt: 0,
+            priority,
+            effective,
+            rdeps: rdeps.min(u32::MAX as usize) as u32,
+            missing: missing.len() as u32,
+            retries: 0,
+            builder_retries: 0,
+            agent_id: 0,
+            allocated_ms: 0,
+            started_ms: 0,
+            defer_until_ms: 0,
+        };
+        self.by_drv.insert(drv, id);
+        for (_, o) in &b.outputs {
+            self.producers.insert(PathDigest::of(o), id);
+        }
+        self.add_live(id, l);
+        self.defer(id, defer_until_ms);
+        self.offer(id, fx);
+        for m in missing {
+            self.wait_on(id, m, fx);
+        }
+        let s = summary(&b);
+        self.pending.insert(id, Arc::new(b));
+        fx.submitted.push(id);
+        self.raise_inputs(id, effective, Some(fx), &|q, b| q.inputs_of(b))?;
+        Ok(s)
     }
 
     /// The live build leased to `agent_id` at `attempt`, or why not.

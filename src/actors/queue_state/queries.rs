@@ -70,7 +70,13 @@ impl QueueState {
         let mut waiting_for = Vec::new();
         if b.state == BuildState::Blocked {
             for n in &b.needs {
-                if self.available(n)? {
+                // What it waits on: a path it is indexed as waiting for (also one whose
+                // record exists but whose NAR was lost), or one that is not available.
+                let waits = self
+                    .waiting
+                    .get(&PathDigest::of(n))
+                    .is_some_and(|s| s.contains(&id));
+                if !waits && self.available(n)? {
                     continue;
                 }
                 waiting_for.push(self.missing_input(n)?);
