@@ -122,7 +122,11 @@ fn a_lost_input_is_built_again_and_then_the_build_that_needed_it() {
     assert_eq!(lost[0]["data"]["path"], a_out, "{lost:?}");
     let expired = events_of(&all, "lease-expired", b);
     assert_eq!(expired.len(), 1, "{all:?}");
-    assert_eq!(expired[0]["data"]["lost_inputs"], json!([a_out]), "{expired:?}");
+    assert_eq!(
+        expired[0]["data"]["lost_inputs"],
+        json!([a_out]),
+        "{expired:?}"
+    );
     assert_eq!(expired[0]["data"]["state"], "blocked", "{expired:?}");
 
     // The same report again (its reply lost) changes nothing.
@@ -283,7 +287,13 @@ fn a_related_submission_builds_what_the_closure_lacks_and_only_targets_does_not(
     let a = r["builds"][0]["id"].as_u64().unwrap();
     let secret = register(&c, "raw");
     let (agent, _) = RawAgent::open(&c, "raw", &secret, json!([]));
-    build_with(&agent, a, 1, &Nar::of_file(tmp.path(), b"a"), &out_of(&drvs[0]));
+    build_with(
+        &agent,
+        a,
+        1,
+        &Nar::of_file(tmp.path(), b"a"),
+        &out_of(&drvs[0]),
+    );
 
     // d, related: b (missing output, no build), c (live: kept), d; not a (available).
     let (code, r) = post(&c.url("/api/v1/builds"), &payload(&[&drvs[3].0], true));
@@ -309,7 +319,10 @@ fn a_related_submission_builds_what_the_closure_lacks_and_only_targets_does_not(
         "{r}"
     );
     assert_eq!(r["builds"][1]["id"], c_id, "{r}");
-    assert_eq!(state_of(&c, r["builds"][0]["id"].as_u64().unwrap()), "runnable");
+    assert_eq!(
+        state_of(&c, r["builds"][0]["id"].as_u64().unwrap()),
+        "runnable"
+    );
     assert_eq!(builds_of(&c, &drvs[0].0).len(), 1, "a is not built again");
 
     // The CLI: `kiln submit --only-targets` of a new chain queues only the target;

@@ -318,17 +318,18 @@ fn with_related(
 /// The build of a derivation the coordinator already stores (to build a lost input again):
 /// as a submission of it alone would make it.
 pub fn stored_target(store: &Store, drv_path: &str) -> Result<Target, SubmitError> {
-    let load = |path: &str| -> Result<Option<Derivation>, SubmitError> {
-        match store.get::<DrvRecord>(TreeId::Derivations, path.as_bytes())? {
-            Some(r) => Derivation::parse(&r.contents).map(Some).map_err(|e| {
-                SubmitError::BadDerivation {
-                    path: path.to_string(),
-                    message: format!("stored copy does not parse: {e}"),
-                }
-            }),
-            None => Ok(None),
-        }
-    };
+    let load =
+        |path: &str| -> Result<Option<Derivation>, SubmitError> {
+            match store.get::<DrvRecord>(TreeId::Derivations, path.as_bytes())? {
+                Some(r) => Derivation::parse(&r.contents).map(Some).map_err(|e| {
+                    SubmitError::BadDerivation {
+                        path: path.to_string(),
+                        message: format!("stored copy does not parse: {e}"),
+                    }
+                }),
+                None => Ok(None),
+            }
+        };
     let drv = load(drv_path)?.ok_or_else(|| SubmitError::UnknownTarget {
         path: drv_path.to_string(),
     })?;

@@ -476,7 +476,10 @@ fn lost_inputs(
             continue;
         }
         let rec: Option<OutputRecord> = store
-            .get(TreeId::Outputs, crate::store::keys::output_key(&p).as_bytes())
+            .get(
+                TreeId::Outputs,
+                crate::store::keys::output_key(&p).as_bytes(),
+            )
             .map_err(|e| internal(&e))?;
         let Some(rec) = rec.filter(|r| r.path == p) else {
             continue;

@@ -59,7 +59,9 @@ impl QueueState {
             }
             let rec: Option<OutputRecord> =
                 self.store.get(TreeId::Outputs, output_key(p).as_bytes())?;
-            let file = rec.as_ref().map(|r| crate::store::nar_cache::nar_url(&r.file_hash));
+            let file = rec
+                .as_ref()
+                .map(|r| crate::store::nar_cache::nar_url(&r.file_hash));
             let deriver = rec.map(|r| r.deriver).filter(|d| !d.is_empty());
             let target = match &deriver {
                 Some(d) => stored_target(&self.store, d).ok(),
@@ -113,7 +115,8 @@ impl QueueState {
         rec.state = BuildState::Blocked;
         rec.agent_id = 0;
         rec.request = String::new();
-        fx.batch.put(TreeId::Builds, &crate::store::keys::u64_key(id), &rec)?;
+        fx.batch
+            .put(TreeId::Builds, &crate::store::keys::u64_key(id), &rec)?;
         if needs_changed {
             // Until this commit lands, sled still has the old needs.
             self.pending.insert(id, std::sync::Arc::new(rec.clone()));

@@ -624,8 +624,7 @@ impl QueueState {
         }
         let id = self.next_build_id;
         self.next_build_id += 1;
-        let priority =
-            apply_priority_rules(&self.rules, priority, &t.system, tags, &t.drv_path);
+        let priority = apply_priority_rules(&self.rules, priority, &t.system, tags, &t.drv_path);
         let state = if missing.is_empty() {
             BuildState::Runnable
         } else {

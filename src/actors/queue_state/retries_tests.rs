@@ -140,7 +140,9 @@ fn reported_setup_failures_are_retried_then_fail_the_build() {
     let a = ids[0];
     let setup = || Err(("input missing".to_string(), FailureKind::Setup));
     lease(&mut f, 7, a, 10);
-    let (fx, answer) = f.q.finish_scanned(7, a, 1, setup(), 0, None, &[], 20).unwrap();
+    let (fx, answer) =
+        f.q.finish_scanned(7, a, 1, setup(), 0, None, &[], 20)
+            .unwrap();
     assert!(matches!(answer, FinishAnswer::Requeued), "{answer:?}");
     assert_eq!(ids_of(&fx.runnable), vec![a]);
     assert!(kinds(&fx).contains(&"lease-expired"));
@@ -156,7 +158,9 @@ fn reported_setup_failures_are_retried_then_fail_the_build() {
         Err(QueueError::StaleAttempt { .. })
     ));
     lease(&mut f, 7, a, 30);
-    let (fx, answer) = f.q.finish_scanned(7, a, 2, setup(), 0, None, &[], 40).unwrap();
+    let (fx, answer) =
+        f.q.finish_scanned(7, a, 2, setup(), 0, None, &[], 40)
+            .unwrap();
     assert!(matches!(answer, FinishAnswer::Accepted), "{answer:?}");
     f.commit(fx);
     let r = f.q.record(a).unwrap().unwrap();
