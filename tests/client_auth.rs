@@ -710,6 +710,35 @@ fn tokens_are_listed_without_secrets_and_revoked_at_once_but_the_last_admin_is_k
     assert!(list(None, "", &state).is_empty());
     let dump = state_dump(&state);
     assert_eq!(lines_of(&dump, "client_tokens"), 0, "{dump}");
+    // Every creation and revocation is in the event log (online and offline), with the
+    // token's id, name and scope, and never the token.
+    // (Each payload is a JSON text inside the record's JSON: unescape its quotes.)
+    let events = |kind: &str| -> Vec<String> {
+        dump.lines()
+            .filter(|l| l.starts_with("events ") && l.contains(&format!("\"{kind}\"")))
+            .map(|l| l.replace("\\\"", "\""))
+            .collect()
+    };
+    assert_eq!(events("client-token-created").len(), 4, "{dump}");
+    let revoked = events("client-token-revoked");
+    assert_eq!(revoked.len(), 4, "{dump}");
+    assert!(
+        revoked
+            .iter()
+            .any(|l| l.contains(id) && l.contains("\"read\"")),
+        "{revoked:?}"
+    );
+    assert!(
+        revoked
+            .iter()
+            .any(|l| l.contains("\"ops\"") && l.contains("\"admin\"")),
+        "{revoked:?}"
+    );
+    for f in ["root.tok", "ci-read.tok", "ci-submit.tok", "ops.tok"] {
+        let hex = token_file(t, f);
+        let hex = hex.trim_start_matches("kiln-");
+        assert!(!dump.contains(hex), "{f}'s token is in the state dump");
+    }
     // With no token left, the listener is loopback-only again, and says so.
     c.spawn();
     common::wait_for("the access log line", LIMIT, || {

@@ -49,6 +49,13 @@ pub fn mint_token(name: &str, scope: Scope) -> Result<(String, Batch), StoreErro
             created_ms: crate::store::now_ms(),
         },
     )?;
+    batch.event(
+        "client-token-created",
+        0,
+        0,
+        serde_json::json!({"id": token_id(&token_key(&token)), "name": name,
+            "scope": scope.as_str()}),
+    );
     Ok((token, batch))
 }
 
@@ -154,6 +161,12 @@ pub fn revoke_token(
     }
     let mut batch = Batch::new();
     batch.delete(TreeId::ClientTokens, &key);
+    batch.event(
+        "client-token-revoked",
+        0,
+        0,
+        serde_json::json!({"id": gone.id, "name": gone.name, "scope": gone.scope.as_str()}),
+    );
     Ok(Revocation {
         batch,
         key,
