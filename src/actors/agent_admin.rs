@@ -105,6 +105,22 @@ pub struct SetMode {
     pub action: Action,
 }
 
+impl AgentRegistry {
+    /// The record of the agent registered as `name`, or a not-found error saying where the
+    /// names are listed.
+    pub(super) fn agent_by_name(&self, name: &str) -> Result<AgentRecord, ActorError> {
+        let not_found = || {
+            ActorError::NotFound(format!(
+                "no agent named {name:?}: see `kiln agents` for the registered names"
+            ))
+        };
+        let id = self.store.agent_id(name)?.ok_or_else(not_found)?;
+        self.store
+            .get(TreeId::Agents, &u64_key(id))?
+            .ok_or_else(not_found)
+    }
+}
+
 impl Handler<SetMode> for AgentRegistry {
     type Result = ResponseActFuture<Self, Result<AgentInfo, ActorError>>;
 
@@ -112,17 +128,8 @@ impl Handler<SetMode> for AgentRegistry {
         let name = msg.name;
         let action = msg.action;
         let found = guarded::<Self, _>(NAME, ctx, |_| {
-            let not_found = || {
-                ActorError::NotFound(format!(
-                    "no agent named {name:?}: see `kiln agents` for the registered names"
-                ))
-            };
-            let id = self.store.agent_id(&name)?.ok_or_else(not_found)?;
-            let rec: AgentRecord = self
-                .store
-                .get(TreeId::Agents, &u64_key(id))?
-                .ok_or_else(not_found)?;
-            let (_, c) = self.controls.update(id, |c| match action {
+            let rec = self.agent_by_name(&name)?;
+            let (_, c) = self.controls.update(rec.id, |c| match action {
                 Action::Pause => c.mode = Mode::Paused,
                 Action::Drain => c.mode = Mode::Draining,
                 Action::Resume => c.resume(),

@@ -16,7 +16,7 @@ use super::registry::{valid_agent_name, AgentRegistry};
 use super::{guarded, ActorError};
 use crate::protocol::{AgentCreated, NewRegistrationToken, RegistrationTokenCreated};
 use crate::store::keys::u64_key;
-use crate::store::records::{AgentRecord, RegistrationTokenRecord};
+use crate::store::records::RegistrationTokenRecord;
 use crate::store::{now_ms, Batch, TreeId};
 
 const NAME: &str = "agent registry";
@@ -33,16 +33,8 @@ impl Handler<RotateSecret> for AgentRegistry {
     fn handle(&mut self, msg: RotateSecret, ctx: &mut Context<Self>) -> Self::Result {
         let name = msg.0;
         let found = guarded::<Self, _>(NAME, ctx, |_| {
-            let not_found = || {
-                ActorError::NotFound(format!(
-                    "no agent named {name:?}: see `kiln agents` for the registered names"
-                ))
-            };
-            let id = self.store.agent_id(&name)?.ok_or_else(not_found)?;
-            let rec: AgentRecord = self
-                .store
-                .get(TreeId::Agents, &u64_key(id))?
-                .ok_or_else(not_found)?;
+            let rec = self.agent_by_name(&name)?;
+            let id = rec.id;
             if !self.record_writes.insert(id) {
                 return Err(ActorError::Unavailable(format!(
                     "agent {name:?}'s record is being changed; retry"
