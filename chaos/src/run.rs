@@ -326,8 +326,7 @@ fn run_in(
     let deadline = t0 + Duration::from_secs(s.time_bound_s);
     let subs = Arc::new(Submissions::default());
     let submitter = submit_batches(
-        live.farm.client_url(),
-        live.farm.token.clone(),
+        live.farm.client(),
         &graph,
         s.graph.batches,
         Duration::from_secs(s.graph.submit_spread_s),
