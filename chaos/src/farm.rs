@@ -1,7 +1,9 @@
 //! The real processes of one run: a `kiln coordinator` on a state dir of the run, and N
 //! `kiln-agent` processes, each talking to the coordinator through its own proxy. Every
 //! process can be SIGKILLed and started again on the same state (the coordinator on the same
-//! ports, so the proxies and the client keep their addresses).
+//! ports, so the proxies and the client keep their addresses). With [`Farm::enable_tls`]
+//! both of the coordinator's listeners serve TLS with certificates `kiln tls init` made, and
+//! everything the run sends them trusts that CA.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,6 +71,21 @@ pub struct Farm {
     /// The admin client token, made offline before the first start: the run goes through
     /// client authentication as a real deployment does.
     pub token: String,
+    /// Set by [`Farm::enable_tls`].
+    pub tls: Option<FarmTls>,
+}
+
+/// The certificate set of a TLS run (`kiln tls init`, in `<run dir>/tls/`).
+#[derive(Clone)]
+pub struct FarmTls {
+    /// The CA everything trusts (`ca.pem`).
+    pub ca: PathBuf,
+    /// The server certificate and key (for `localhost` and `127.0.0.1`): the coordinator's
+    /// listeners serve it, and so do the proxies (agents dial them on 127.0.0.1).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// A client config trusting only `ca`, for the harness's own HTTPS calls.
+    pub client_config: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
 }
 
 /// What a coordinator writes to its ready file.
@@ -139,23 +156,97 @@ impl Farm {
             agents: Vec::new(),
             coordinator_starts: 0,
             token,
+            tls: None,
         })
+    }
+
+    /// Turn TLS on, before the first start: `kiln tls init <dir>/tls` (the real command) makes
+    /// a CA and a server certificate for `localhost` and `127.0.0.1`, the coordinator's config
+    /// gets a `[tls]` table serving it on both listeners, agents get `--ca-file`, and the
+    /// harness's own calls trust that CA.
+    pub fn enable_tls(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir.join("tls");
+        let out = Command::new(&self.bins.kiln)
+            .args(["tls", "init"])
+            .arg(&dir)
+            .args(["--name", "localhost", "--name", "127.0.0.1"])
+            .output()
+            .with_context(|| format!("failed to run {} tls init", self.bins.kiln.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kiln tls init {} failed ({}): {}",
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let (ca, cert, key) = (
+            dir.join("ca.pem"),
+            dir.join("server.pem"),
+            dir.join("server-key.pem"),
+        );
+        let table = format!(
+            "\n# Added by kiln-chaos for a TLS run (docs/chaos.md, \"TLS\").\n[tls]\ncert_file = {}\nkey_file = {}\n",
+            toml_str(&cert)?,
+            toml_str(&key)?
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)
+            .with_context(|| format!("failed to open {}", self.config.display()))?;
+        std::io::Write::write_all(&mut f, table.as_bytes())
+            .with_context(|| format!("failed to append [tls] to {}", self.config.display()))?;
+        let client_config = std::sync::Arc::new(kiln::http::tls::client_config(&ca, None)?);
+        self.tls = Some(FarmTls {
+            ca,
+            cert,
+            key,
+            client_config,
+        });
+        Ok(())
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     pub fn client_url(&self) -> String {
         self.client_addr
-            .map(|a| format!("http://{a}"))
+            .map(|a| format!("{}://{a}", self.scheme()))
             .unwrap_or_default()
     }
 
     pub fn agent_url(&self) -> String {
         self.agent_addr
-            .map(|a| format!("http://{a}"))
+            .map(|a| format!("{}://{a}", self.scheme()))
             .unwrap_or_default()
     }
 
     pub fn client(&self) -> Client {
-        Client::new(&self.client_url(), Some(self.token.clone()))
+        let url = self.client_url();
+        let token = Some(self.token.clone());
+        match &self.tls {
+            // The CA was read once already (enable_tls); a failure now is a file removed
+            // under the run, and the calls then fail saying the certificate is not trusted.
+            Some(t) => Client::with_ca(&url, token.clone(), Some(&t.ca))
+                .unwrap_or_else(|_| Client::new(&url, token)),
+            None => Client::new(&url, token),
+        }
+    }
+
+    /// A ureq agent for the run's own calls (plain HTTP, and HTTPS trusting the run's CA).
+    pub fn http(&self, connect: Duration, timeout: Duration) -> ureq::Agent {
+        let b = ureq::AgentBuilder::new()
+            .timeout_connect(connect)
+            .timeout(timeout);
+        match &self.tls {
+            Some(t) => b.tls_config(t.client_config.clone()),
+            None => b,
+        }
+        .build()
     }
 
     /// Start the coordinator (on the ports of its first start, after that) and wait for its
@@ -294,6 +385,7 @@ impl Farm {
             .agent
             .clone()
             .context("kiln-agent was not found next to kiln-chaos or in KILN_BIN_DIR")?;
+        let ca = self.tls.as_ref().map(|t| t.ca.clone());
         let a = &mut self.agents[i];
         let mut cmd = Command::new(bin);
         cmd.arg("--coordinator")
@@ -319,6 +411,9 @@ impl Farm {
             ])
             .args(["--metrics-addr", &a.metrics_addr.to_string()])
             .env("RUST_LOG", "info");
+        if let Some(ca) = ca {
+            cmd.arg("--ca-file").arg(ca);
+        }
         a.incarnations += 1;
         a.child = Some(Child::spawn(&a.name, cmd, &a.log)?);
         Ok(())

@@ -14,7 +14,7 @@ use crate::counters;
 use crate::evidence;
 use crate::graph::{self, ChaosGraph};
 use crate::report::{BuildCounts, InvariantResult, Report};
-use crate::run::{http, now_ms, poll_states, round1, scrape, Live};
+use crate::run::{now_ms, poll_states, round1, scrape, Live};
 use crate::scenario::Scenario;
 use crate::served;
 use crate::submitter::Submissions;
@@ -33,7 +33,13 @@ pub(crate) fn finish(
     kiln_bin: &Path,
     key: &SecretKey,
 ) -> anyhow::Result<Report> {
-    let h = http();
+    let h = live
+        .farm
+        .http(Duration::from_secs(2), Duration::from_secs(10));
+    // Served NARs and the Nix probe: the bounds of their HTTP calls.
+    let slow = live
+        .farm
+        .http(Duration::from_secs(10), Duration::from_secs(120));
     let build_end_ms = now_ms();
     // The agents stay up until the coordinator has stopped: stopping them first would make
     // the coordinator declare them lost and expire their leases, hiding the leases the run
@@ -66,7 +72,7 @@ pub(crate) fn finish(
         .iter()
         .filter(|d| succeeded.contains(&d.drv_path))
     {
-        match served::check_output(&agent_url, d, &scratch) {
+        match served::check_output_with(&slow, &agent_url, d, &scratch) {
             Ok(sh) => served_hashes.push((d.index, sh)),
             Err(e) => served_problems.push(e),
         }
@@ -84,8 +90,11 @@ pub(crate) fn finish(
             .collect();
         let all_roots = graph.root_outputs().len();
         let expected = served::expected_closure(graph, &roots);
+        let ca = live.farm.tls.as_ref().map(|t| t.ca.clone());
         let mut outcome = served::nix_copy_and_verify(
             &agent_url,
+            ca.as_deref(),
+            &slow,
             graph.store_dir.as_str(),
             &key.to_public().to_string(),
             &roots,
@@ -140,11 +149,17 @@ pub(crate) fn finish(
     let mut exchanges = Vec::new();
     let mut refused = 0;
     let mut partition_resets = 0;
+    let mut tls = crate::proxy::ConnCounts::default();
     for p in &live.proxies {
         exchanges.extend(p.exchanges());
         let c = p.counts();
         refused += c.refused;
         partition_resets += c.partition_resets;
+        tls.tls_handshakes += c.tls_handshakes;
+        tls.tls_resumed += c.tls_resumed;
+        tls.tls_failures += c.tls_failures;
+        tls.upstream_tls_handshakes += c.upstream_tls_handshakes;
+        tls.upstream_tls_resumed += c.upstream_tls_resumed;
     }
     let agent_ids: BTreeMap<String, u64> = live
         .farm
@@ -201,6 +216,21 @@ pub(crate) fn finish(
         .fold((0.0, 0.0), |(r, c), (a, b)| (r + a, c + b));
     recovery.insert("agent_retries".into(), retries as u64);
     recovery.insert("agent_reconnects".into(), reconnects as u64);
+    if live.farm.tls.is_some() {
+        // Handshakes on the agents' links (the proxies are their TLS servers) and on the
+        // proxies' links to the coordinator: every reconnect after a cut is a new handshake.
+        recovery.insert("tls_handshakes".into(), tls.tls_handshakes);
+        recovery.insert("tls_resumed_handshakes".into(), tls.tls_resumed);
+        recovery.insert("tls_failed_handshakes".into(), tls.tls_failures);
+        recovery.insert(
+            "upstream_tls_handshakes".into(),
+            tls.upstream_tls_handshakes,
+        );
+        recovery.insert(
+            "upstream_tls_resumed_handshakes".into(),
+            tls.upstream_tls_resumed,
+        );
+    }
     let (realloc, detect) = counters::loss_timings(&ev);
     // Builds whose builder fails, and those behind them (they fail with their input).
     let doomed = graph.doomed();
@@ -220,6 +250,7 @@ pub(crate) fn finish(
     let mut report = Report {
         scenario: s.name.clone(),
         seed,
+        tls: live.farm.tls.is_some(),
         passed: false,
         build_phase_s: round1(build_phase.as_secs_f64()),
         total_s: 0.0,

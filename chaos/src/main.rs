@@ -46,6 +46,9 @@ enum Command {
         /// Print each report as JSON on stdout instead of text.
         #[arg(long)]
         json: bool,
+        /// Run every scenario over TLS (as if it said `tls = true`).
+        #[arg(long)]
+        tls: bool,
     },
     /// Rotate through every scenario of a directory with fresh seeds for a while.
     Soak {
@@ -210,6 +213,7 @@ fn main_inner() -> anyhow::Result<bool> {
             work_dir,
             keep,
             json,
+            tls,
         } => {
             let mut reports = Vec::new();
             for path in &scenarios {
@@ -220,6 +224,7 @@ fn main_inner() -> anyhow::Result<bool> {
                     keep,
                     bin_dir: None,
                     scenario_path: Some(path.clone()),
+                    tls,
                 };
                 let r = run(&s, &opts, &rt)?;
                 print_report(&r, json)?;

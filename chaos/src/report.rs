@@ -99,6 +99,9 @@ impl InvariantResult {
 pub struct Report {
     pub scenario: String,
     pub seed: u64,
+    /// The agents' links and both listeners ran over TLS (the proxies terminating it).
+    #[serde(default)]
+    pub tls: bool,
     /// Every invariant held and every coverage minimum was met.
     pub passed: bool,
     /// Seconds from the first submission until every build was done (or the time bound).
@@ -153,9 +156,10 @@ impl Report {
     pub fn text(&self) -> String {
         let mut s = String::new();
         let verdict = if self.passed { "PASSED" } else { "FAILED" };
+        let tls = if self.tls { " over TLS" } else { "" };
         let _ = writeln!(
             s,
-            "scenario {} seed {}: {verdict} (build phase {:.1} s, total {:.1} s)",
+            "scenario {} seed {}{tls}: {verdict} (build phase {:.1} s, total {:.1} s)",
             self.scenario, self.seed, self.build_phase_s, self.total_s
         );
         let b = &self.builds;

@@ -26,7 +26,7 @@ use crate::evidence;
 use crate::farm::Farm;
 use crate::finish::finish;
 use crate::graph::{self, ChaosGraph};
-use crate::proxy::{FaultPlan, Mode, Proxy, ProxyConfig};
+use crate::proxy::{FaultPlan, Mode, Proxy, ProxyConfig, ProxyTls};
 use crate::report::Report;
 use crate::rng::Rng;
 use crate::scenario::Scenario;
@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub bin_dir: Option<OsString>,
     /// The scenario file, for the "reproduce" line.
     pub scenario_path: Option<PathBuf>,
+    /// Run over TLS even if the scenario does not say `tls = true` (`--tls`).
+    pub tls: bool,
 }
 
 /// A fresh seed from the clock and the pid.
@@ -59,13 +61,6 @@ pub fn fresh_seed() -> u64 {
 
 pub(crate) fn now_ms() -> u64 {
     kiln::client::cli::now_ms()
-}
-
-pub(crate) fn http() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .build()
 }
 
 /// Build id -> state, from the client API (`None` while the coordinator is down).
@@ -192,7 +187,8 @@ pub fn run(
         dir.display()
     );
     let started = Instant::now();
-    let result = run_in(scenario, seed, &dir, bins, rt);
+    let tls = opts.tls || scenario.tls;
+    let result = run_in(scenario, seed, tls, &dir, bins, rt);
     let mut report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -212,7 +208,12 @@ pub fn run(
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| format!("chaos/scenarios/{}.toml", scenario.name));
-    report.reproduce = format!("kiln-chaos run {reproduce_path} --seed {seed}");
+    let tls_flag = if opts.tls && !scenario.tls {
+        " --tls"
+    } else {
+        ""
+    };
+    report.reproduce = format!("kiln-chaos run {reproduce_path} --seed {seed}{tls_flag}");
     report.work_dir = dir.display().to_string();
     let json = serde_json::to_string_pretty(&report).context("failed to encode the report")?;
     std::fs::write(dir.join("report.json"), json)
@@ -236,6 +237,7 @@ pub(crate) fn round1(x: f64) -> f64 {
 fn run_in(
     s: &Scenario,
     seed: u64,
+    tls: bool,
     dir: &Path,
     bins: kiln::client::demo::Binaries,
     rt: &tokio::runtime::Runtime,
@@ -267,7 +269,17 @@ fn run_in(
         &hook_file,
         &key_file,
     )?;
+    if tls {
+        farm.enable_tls()?;
+    }
     farm.start_coordinator()?;
+    // Each proxy serves the run's server certificate to its agent (it names 127.0.0.1, where
+    // agents dial the proxies) and verifies the coordinator's as `localhost`.
+    let proxy_tls = farm
+        .tls
+        .as_ref()
+        .map(|t| ProxyTls::from_files(&t.cert, &t.key, &t.ca, "localhost"))
+        .transpose()?;
     let upstream = farm
         .agent_addr
         .context("the coordinator gave no agent address")?;
@@ -290,6 +302,7 @@ fn run_in(
             name,
             index: i as u64,
             plan: plan.clone(),
+            tls: proxy_tls.clone(),
         };
         proxies.push(rt.block_on(Proxy::start(config, upstream))?);
     }
@@ -313,8 +326,7 @@ fn run_in(
     let deadline = t0 + Duration::from_secs(s.time_bound_s);
     let subs = Arc::new(Submissions::default());
     let submitter = submit_batches(
-        live.farm.client_url(),
-        live.farm.token.clone(),
+        live.farm.client(),
         &graph,
         s.graph.batches,
         Duration::from_secs(s.graph.submit_spread_s),
@@ -349,7 +361,9 @@ fn play(
     t0: Instant,
     deadline: Instant,
 ) -> anyhow::Result<BTreeMap<u64, String>> {
-    let h = http();
+    let h = live
+        .farm
+        .http(Duration::from_secs(2), Duration::from_secs(10));
     let client_url = live.farm.client_url();
     let mut steps = timeline(s, seed);
     steps.reverse();

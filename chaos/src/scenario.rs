@@ -24,6 +24,11 @@ pub struct Scenario {
     /// Bound of the build phase in seconds: the run stops by itself (and fails if builds are
     /// left) when it is reached. The final checks take at most `CHECK_BOUND_S` more.
     pub time_bound_s: u64,
+    /// Run over TLS: both coordinator listeners serve certificates `kiln tls init` made, each
+    /// proxy terminates TLS from its agent and opens TLS to the coordinator, agents and the
+    /// harness trust the run's CA. `kiln-chaos run --tls` turns it on for any scenario.
+    #[serde(default)]
+    pub tls: bool,
     pub graph: GraphSpec,
     #[serde(default)]
     pub coordinator: CoordinatorSpec,
@@ -336,6 +341,9 @@ pub struct Coverage {
     pub coordinator_kills: u64,
     #[serde(default)]
     pub lease_expiries: u64,
+    /// TLS runs: handshakes of agents with their proxies that resumed an earlier session.
+    #[serde(default)]
+    pub tls_resumed_handshakes: u64,
 }
 
 impl Coverage {
@@ -354,6 +362,7 @@ impl Coverage {
             ("agent_kills", self.agent_kills),
             ("coordinator_kills", self.coordinator_kills),
             ("lease_expiries", self.lease_expiries),
+            ("tls_resumed_handshakes", self.tls_resumed_handshakes),
         ]
     }
 }

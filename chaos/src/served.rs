@@ -2,7 +2,8 @@
 //! is fetched like a binary-cache client fetches it (narinfo, then the NAR file), its FileHash,
 //! NarHash and NarSize are recomputed, it is restored and its files compared with what the
 //! builder writes; then a real Nix client copies the closure of the graph's roots from the
-//! coordinator and verifies it (`nix copy --from http://…`, `nix store verify`).
+//! coordinator and verifies it (`nix copy --from http://…`, `nix store verify`; over `https://`
+//! when the run serves TLS, Nix trusting the run's CA through `NIX_SSL_CERT_FILE`).
 
 use std::collections::BTreeSet;
 use std::io::Read as _;
@@ -27,7 +28,16 @@ fn agent() -> ureq::Agent {
 /// Check one served output; returns the NarHash (`sha256:<base32>`) and NarSize it serves,
 /// or what is wrong with it.
 pub fn check_output(base: &str, d: &ChaosDrv, scratch: &Path) -> Result<(String, u64), String> {
-    let http = agent();
+    check_output_with(&agent(), base, d, scratch)
+}
+
+/// [`check_output`] through `http` (for HTTPS: one that trusts the coordinator's CA).
+pub fn check_output_with(
+    http: &ureq::Agent,
+    base: &str,
+    d: &ChaosDrv,
+    scratch: &Path,
+) -> Result<(String, u64), String> {
     let base_name = d
         .out_path
         .rsplit('/')
@@ -175,10 +185,10 @@ pub fn expected_closure(graph: &ChaosGraph, roots: &[String]) -> BTreeSet<String
 
 /// Nix asks for a narinfo with `HEAD` before it fetches it: say so when the coordinator answers
 /// `HEAD` differently from `GET`.
-fn head_differs(cache_url: &str, path: &str) -> Option<String> {
+fn head_differs(http: &ureq::Agent, cache_url: &str, path: &str) -> Option<String> {
     let base = path.rsplit('/').next()?;
     let url = format!("{cache_url}/{}.narinfo", base.get(..32)?);
-    let status = |method: &str| match agent().request(method, &url).call() {
+    let status = |method: &str| match http.request(method, &url).call() {
         Ok(r) => Some(r.status()),
         Err(ureq::Error::Status(s, _)) => Some(s),
         Err(_) => None,
@@ -199,18 +209,26 @@ pub struct NixOutcome {
 }
 
 /// A Nix command with a private configuration that trusts `public_key`.
-fn nix(program: &str, conf: &Path) -> Command {
+fn nix(program: &str, conf: &Path, ca_file: Option<&Path>) -> Command {
     let mut c = Command::new(program);
     c.env("NIX_CONF_DIR", conf)
         .env_remove("NIX_REMOTE")
         .env("HOME", conf);
+    if let Some(ca) = ca_file {
+        c.env("NIX_SSL_CERT_FILE", ca);
+    }
     c
 }
 
 /// `nix copy --from <cache>` the closure of `roots` into a fresh local store under `work`,
-/// then `nix store verify` it and compare its paths with `expected`.
+/// then `nix store verify` it and compare its paths with `expected`. An `https://` cache is
+/// verified against `ca_file` (Nix 2.8 reads it from `NIX_SSL_CERT_FILE`); `http` makes the
+/// harness's own probe when the copy fails.
+#[allow(clippy::too_many_arguments)]
 pub fn nix_copy_and_verify(
     cache_url: &str,
+    ca_file: Option<&Path>,
+    http: &ureq::Agent,
     store_dir: &str,
     public_key: &str,
     roots: &[String],
@@ -261,20 +279,20 @@ pub fn nix_copy_and_verify(
     };
     let copy = run(
         "nix copy",
-        nix("nix", &conf)
+        nix("nix", &conf, ca_file)
             .args(["copy", "--from", &from, "--to", &store])
             .args(roots),
     );
     if let Err(e) = copy {
         out.problems.push(e);
-        if let Some(why) = head_differs(cache_url, &roots[0]) {
+        if let Some(why) = head_differs(http, cache_url, &roots[0]) {
             out.problems.push(why);
         }
         return out;
     }
     match run(
         "nix store verify",
-        nix("nix", &conf)
+        nix("nix", &conf, ca_file)
             .args(["store", "verify", "--recursive", "--store", &store])
             .args(roots),
     ) {
@@ -283,7 +301,7 @@ pub fn nix_copy_and_verify(
     }
     match run(
         "nix path-info",
-        nix("nix", &conf)
+        nix("nix", &conf, ca_file)
             .args(["path-info", "--recursive", "--store", &store])
             .args(roots),
     ) {

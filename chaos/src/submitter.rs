@@ -20,10 +20,10 @@ pub(crate) struct Submissions {
     pub(crate) done: AtomicBool,
 }
 
-/// Submit the graph in batches (inputs first), retrying each until acknowledged.
+/// Submit the graph in batches (inputs first) through `client` (the farm's: its token, and
+/// its CA in a TLS run), retrying each until acknowledged.
 pub(crate) fn submit_batches(
-    client_url: String,
-    token: String,
+    client: kiln::client::http::Client,
     graph: &ChaosGraph,
     batches: usize,
     spread: Duration,
@@ -40,7 +40,6 @@ pub(crate) fn submit_batches(
         .collect();
     let start = Instant::now();
     std::thread::spawn(move || {
-        let client = kiln::client::http::Client::new(&client_url, Some(token));
         let k = chunks.len().max(1) as u32;
         for (i, chunk) in chunks.into_iter().enumerate() {
             let at = start + spread * i as u32 / k;

@@ -197,6 +197,7 @@ async fn proxy(upstream: std::net::SocketAddr, plan: FaultPlan) -> Proxy {
             index: 0,
             plan,
             log_file: None,
+            tls: None,
         },
         upstream,
     )

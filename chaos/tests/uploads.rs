@@ -96,6 +96,7 @@ fn start_with(rules: Vec<Rule>, coordinator: CoordinatorSpec) -> One {
                     ..FaultPlan::default()
                 },
                 log_file: Some(dir.path().join("logs/proxy-agent-1.jsonl")),
+                tls: None,
             },
             farm.agent_addr.unwrap(),
         ))

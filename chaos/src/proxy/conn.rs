@@ -1,30 +1,31 @@
 //! One proxied connection, exchange by exchange: read the agent's request head, decide the
 //! faults, forward the request body while reading the coordinator's reply (a reply can come
 //! early), forward the reply, log the exchange, and end the connection the way a fault, a
-//! window or the peers say.
+//! window or the peers say. With TLS, both ends are TLS sessions the proxy terminates
+//! ([`super::tls`]); everything past the handshakes works on the decrypted bytes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt as _;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::HandshakeKind;
 
 use super::http1::{self, Framing, RequestHead, Sink};
 use super::log::{Ending, Exchange, FaultDone, FaultSource};
 use super::route::{self, Route};
-use super::wire::{Budget, Cut, Flow, Mode, ModeRx, Pacer, Reader, Side, Stop};
-use super::{Action, Phase, Shared, CONNECTION_SITE, KEEP, LATENCY_SITE};
+use super::wire::{Budget, Cut, Flow, Mode, ModeRx, Pacer, Reader, Side, Stop, Stream, WriteHalf};
+use super::{Action, Phase, ProxyTls, Shared, CONNECTION_SITE, KEEP, LATENCY_SITE};
 use crate::rng::Rng;
 
 /// One proxied connection: both halves of both ends, the pacers, the connection's reset
 /// budget, and a view of the mode.
 struct Conn {
     client_r: Reader,
-    client_w: OwnedWriteHalf,
+    client_w: WriteHalf,
     up_r: Reader,
-    up_w: OwnedWriteHalf,
+    up_w: WriteHalf,
     up_pacer: Pacer,
     down_pacer: Pacer,
     budget: Budget,
@@ -43,25 +44,113 @@ fn reset_stream(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
+/// Open the coordinator's side (TCP, 10 s at most); on failure reset the agent's.
+async fn connect_upstream(shared: &Shared, client: &TcpStream) -> Option<TcpStream> {
+    let addr = *shared.upstream.lock().unwrap_or_else(|p| p.into_inner());
+    match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
+        _ => {
+            shared.count(|c| c.upstream_unreachable += 1);
+            reset_stream(client);
+            None
+        }
+    }
+}
+
+/// Both TLS handshakes: the agent's first (the proxy is its server), then the coordinator's
+/// (the proxy is its client). A connection accepted during a blackhole window waits for the
+/// window to end before its handshake (the ClientHello stays in the kernel, as a real network
+/// would deliver it by retransmission after the window); one accepted or caught by a
+/// partition is reset. `None`: the connection is over (counted, and reset where it can be).
+async fn handshakes(
+    shared: &Shared,
+    tls: &ProxyTls,
+    client: TcpStream,
+    mode: &mut ModeRx,
+) -> Option<(Stream, Stream)> {
+    // Bounded by the window: the schedule ends it, and a stopped proxy refuses.
+    loop {
+        let m = *mode.borrow_and_update();
+        match m {
+            Mode::Normal => break,
+            Mode::Refuse => {
+                shared.count(|c| c.partition_resets += 1);
+                reset_stream(&client);
+                return None;
+            }
+            Mode::Blackhole => {
+                if mode.changed().await.is_err() {
+                    reset_stream(&client);
+                    return None;
+                }
+            }
+        }
+    }
+    const HANDSHAKE: Duration = Duration::from_secs(10);
+    let client = match tokio::time::timeout(HANDSHAKE, tls.acceptor.accept(client)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(proxy = %shared.name, error = %e, "tls handshake with the agent failed");
+            shared.count(|c| c.tls_failures += 1);
+            return None;
+        }
+        Err(_) => {
+            shared.count(|c| c.tls_failures += 1);
+            return None;
+        }
+    };
+    let resumed = client.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+    shared.count(|c| {
+        c.tls_handshakes += 1;
+        c.tls_resumed += u64::from(resumed);
+    });
+    let upstream = connect_upstream(shared, client.get_ref().0).await?;
+    let connect = tls.connector.connect(tls.upstream_name.clone(), upstream);
+    let upstream = match tokio::time::timeout(HANDSHAKE, connect).await {
+        Ok(Ok(s)) => s,
+        other => {
+            if let Ok(Err(e)) = other {
+                tracing::debug!(proxy = %shared.name, error = %e, "tls handshake with the coordinator failed");
+            }
+            shared.count(|c| c.upstream_unreachable += 1);
+            reset_stream(client.get_ref().0);
+            return None;
+        }
+    };
+    let resumed = upstream.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+    shared.count(|c| {
+        c.upstream_tls_handshakes += 1;
+        c.upstream_tls_resumed += u64::from(resumed);
+    });
+    Some((
+        Stream::TlsServer(Box::new(client)),
+        Stream::TlsClient(Box::new(upstream)),
+    ))
+}
+
 pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, conn: u64) {
-    let mode = shared.mode.subscribe();
+    let mut mode = shared.mode.subscribe();
     if *mode.borrow() == Mode::Refuse {
         shared.count(|c| c.refused += 1);
         reset_stream(&client);
         return;
     }
-    let addr = *shared.upstream.lock().unwrap_or_else(|p| p.into_inner());
-    let upstream =
-        match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                shared.count(|c| c.upstream_unreachable += 1);
-                reset_stream(&client);
-                return;
-            }
-        };
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    let (client, upstream) = match &shared.tls {
+        None => {
+            let Some(upstream) = connect_upstream(&shared, &client).await else {
+                return;
+            };
+            (Stream::Plain(client), Stream::Plain(upstream))
+        }
+        Some(tls) => match handshakes(&shared, tls, client, &mut mode).await {
+            Some(ends) => ends,
+            None => return,
+        },
+    };
     let plan = &shared.plan;
     let mut rng = Rng::derive(plan.seed, &[shared.index, conn, CONNECTION_SITE]);
     let budget = rng.chance(plan.connection_reset_probability).then(|| {
@@ -70,8 +159,8 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, conn: u64) {
             plan.connection_reset_after_bytes.1,
         )
     });
-    let (cr, cw) = client.into_split();
-    let (ur, uw) = upstream.into_split();
+    let (cr, cw) = tokio::io::split(client);
+    let (ur, uw) = tokio::io::split(upstream);
     let mut c = Conn {
         client_r: Reader::new(cr, Side::Client),
         client_w: cw,
@@ -100,8 +189,9 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, conn: u64) {
     } = c;
     match next {
         Next::Reset => {
-            if let Ok(s) = client_r.into_half().reunite(client_w) {
-                reset_stream(&s);
+            let half = client_r.into_half();
+            if half.is_pair_of(&client_w) {
+                reset_stream(half.unsplit(client_w).tcp());
             }
             // The coordinator's side ends with a FIN after exactly the bytes forwarded, and
             // the proxy reads what it still sends: a reset there could make its kernel drop
@@ -116,7 +206,7 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, conn: u64) {
 }
 
 /// Half-close, then read and drop whatever arrives until EOF (at most 10 s).
-async fn close_gently(mut r: Reader, mut w: OwnedWriteHalf) {
+async fn close_gently(mut r: Reader, mut w: WriteHalf) {
     let _ = w.shutdown().await;
     let dropped = AtomicU64::new(0);
     let _ = tokio::time::timeout(Duration::from_secs(10), r.drain(&dropped, false)).await;
@@ -228,7 +318,7 @@ struct ReplyOut {
 async fn forward_request(
     shared: &Shared,
     client_r: &mut Reader,
-    up_w: &mut OwnedWriteHalf,
+    up_w: &mut WriteHalf,
     pacer: &mut Pacer,
     budget: &Budget,
     mut mode: ModeRx,
@@ -284,7 +374,7 @@ async fn forward_request(
 async fn forward_reply(
     shared: &Shared,
     up_r: &mut Reader,
-    client_w: &mut OwnedWriteHalf,
+    client_w: &mut WriteHalf,
     pacer: &mut Pacer,
     budget: &Budget,
     mut mode: ModeRx,

@@ -108,6 +108,16 @@ pub struct ConnCounts {
     pub refused: u64,
     /// Live connections reset when a partition started.
     pub partition_resets: u64,
-    /// Connections whose upstream connection could not be opened (coordinator down).
+    /// Connections whose upstream connection could not be opened (coordinator down), TLS
+    /// handshake included.
     pub upstream_unreachable: u64,
+    /// TLS only: handshakes with the agent that completed, and how many of them resumed an
+    /// earlier session (a ticket or the session cache) instead of a full handshake.
+    pub tls_handshakes: u64,
+    pub tls_resumed: u64,
+    /// TLS handshakes with the agent that failed or did not finish within 10 s.
+    pub tls_failures: u64,
+    /// TLS only: handshakes with the coordinator, and how many resumed.
+    pub upstream_tls_handshakes: u64,
+    pub upstream_tls_resumed: u64,
 }

@@ -11,6 +11,9 @@
 //! random decision comes from [`Rng::derive`] over (seed, proxy, connection, exchange, rule),
 //! so one seed gives the same decisions.
 //!
+//! With [`ProxyTls`] it terminates TLS both ways (server to its agent, client to the
+//! coordinator) and does all of the above on the decrypted exchanges ([`tls`]).
+//!
 //! Usable from tests: [`Proxy::start`] in front of an address with a [`FaultPlan`], then
 //! [`Proxy::exchanges`] to read its log.
 
@@ -18,6 +21,7 @@ mod conn;
 pub mod http1;
 pub mod log;
 pub mod route;
+pub mod tls;
 pub mod wire;
 
 use std::io::Write as _;
@@ -36,6 +40,7 @@ use tokio::task::JoinHandle;
 use crate::rng::Rng;
 pub use log::{ConnCounts, Ending, Exchange, FaultDone, FaultSource};
 pub use route::{Route, RouteSel};
+pub use tls::ProxyTls;
 use wire::Cut;
 pub use wire::Mode;
 
@@ -113,6 +118,8 @@ pub struct ProxyConfig {
     pub plan: FaultPlan,
     /// Also append each exchange as one JSON line to this file.
     pub log_file: Option<PathBuf>,
+    /// Terminate TLS from the agent and speak TLS to the coordinator; `None`: plain TCP.
+    pub tls: Option<ProxyTls>,
 }
 
 /// Bytes of a JSON body (or of an error reply) the proxy keeps to read what it says.
@@ -125,6 +132,7 @@ struct Shared {
     name: String,
     index: u64,
     plan: FaultPlan,
+    tls: Option<ProxyTls>,
     upstream: Mutex<SocketAddr>,
     mode: watch::Sender<Mode>,
     log: Mutex<Vec<Exchange>>,
@@ -235,6 +243,7 @@ impl Proxy {
             name: config.name,
             index: config.index,
             plan: config.plan,
+            tls: config.tls,
             upstream: Mutex::new(upstream),
             mode: watch::channel(Mode::Normal).0,
             log: Mutex::new(Vec::new()),
@@ -253,8 +262,14 @@ impl Proxy {
         self.addr
     }
 
+    /// `https://…` when the proxy terminates TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn name(&self) -> &str {

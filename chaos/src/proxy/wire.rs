@@ -1,12 +1,16 @@
-//! The proxy's byte plumbing: a buffered reader that notices mode changes (blackhole and
-//! partition windows) while it waits, and a writer ([`Flow`]) that paces bytes to the
-//! bandwidth cap and stops exactly at a fault's byte offset.
+//! The proxy's byte plumbing: the stream of one end ([`Stream`]: plain TCP, or TLS the proxy
+//! terminates), a buffered reader that notices mode changes (blackhole and partition windows)
+//! while it waits, and a writer ([`Flow`]) that paces bytes to the bandwidth cap and stops
+//! exactly at a fault's byte offset. Everything above this module sees decrypted bytes.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -48,9 +52,84 @@ pub enum Stop {
     Protocol(String),
 }
 
+/// One end of a proxied connection: plain TCP, or a TLS session over it that the proxy
+/// terminates (the agent's end: the proxy is the server; the coordinator's end: the proxy is
+/// the client). Reads and writes carry the decrypted HTTP/1.1 bytes.
+pub enum Stream {
+    Plain(TcpStream),
+    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// The read half of a [`Stream`].
+pub type ReadHalf = tokio::io::ReadHalf<Stream>;
+/// The write half of a [`Stream`].
+pub type WriteHalf = tokio::io::WriteHalf<Stream>;
+
+impl Stream {
+    /// The TCP connection under it (to reset it).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::TlsServer(s) => s.get_ref().0,
+            Stream::TlsClient(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let r = match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::TlsServer(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            Stream::TlsClient(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        };
+        match r {
+            // A peer that closes its TCP connection without a TLS close_notify (hyper drops
+            // idle connections that way) has closed it: an end of stream, as over plain TCP.
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::TlsServer(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            Stream::TlsClient(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::TlsServer(s) => Pin::new(&mut **s).poll_flush(cx),
+            Stream::TlsClient(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::TlsServer(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            Stream::TlsClient(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A buffered reader over one half of a connection.
 pub struct Reader {
-    half: OwnedReadHalf,
+    half: ReadHalf,
     side: Side,
     buf: Vec<u8>,
     pos: usize,
@@ -60,7 +139,7 @@ pub struct Reader {
 const READ_CHUNK: usize = 16 * 1024;
 
 impl Reader {
-    pub fn new(half: OwnedReadHalf, side: Side) -> Reader {
+    pub fn new(half: ReadHalf, side: Side) -> Reader {
         Reader {
             half,
             side,
@@ -168,7 +247,7 @@ impl Reader {
     }
 
     /// The read half, to reunite it with its write half (to reset the connection).
-    pub fn into_half(self) -> OwnedReadHalf {
+    pub fn into_half(self) -> ReadHalf {
         self.half
     }
 
@@ -242,7 +321,7 @@ impl Budget {
 
 /// Bytes of one message in one direction, on their way to `dst`.
 pub struct Flow<'a> {
-    pub dst: &'a mut OwnedWriteHalf,
+    pub dst: &'a mut WriteHalf,
     pub side: Side,
     pub pacer: &'a mut Pacer,
     /// Bytes left before the connection-level reset fires (shared by both directions).
@@ -285,6 +364,10 @@ impl Flow<'_> {
                     .write_all(&data[..n])
                     .await
                     .map_err(|_| Stop::Io(self.side))?;
+                // Over TLS, records the socket could not take yet wait in the session until a
+                // flush; over TCP this does nothing. Either way the bytes are on their way
+                // before the next read, which may wait for the peer to answer them.
+                self.dst.flush().await.map_err(|_| Stop::Io(self.side))?;
                 self.sent += n as u64;
                 self.conn_budget.spend(n as u64);
             }
