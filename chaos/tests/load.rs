@@ -58,9 +58,10 @@ fn simulated_agents_build_every_submitted_build_with_a_valid_narinfo() {
         (1400.0..=1700.0).contains(&submitted.drv_bytes_mean),
         "{submitted:?}"
     );
-    // The coordinator flushed at least once per acknowledged request.
+    // The coordinator flushed before it acknowledged (two concurrent requests may share one
+    // group commit, so one flush can cover both).
     assert!(
-        submitted.coordinator.flushes.unwrap() >= 2.0,
+        submitted.coordinator.flushes.unwrap() >= 1.0,
         "{:?}",
         submitted.coordinator
     );
