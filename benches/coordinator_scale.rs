@@ -11,7 +11,10 @@
 //! 3. reads the process's resident memory (`VmRSS` of `/proc/PID/status`) once loaded and
 //!    divides by the number of queued builds (sled's cache size is stated);
 //! 4. times `GET /api/v1/builds?state=runnable&limit=50` (what `kiln builds --state runnable
-//!    --limit 50` sends) 20 times.
+//!    --limit 50` sends) 20 times;
+//! 5. times work requests over HTTP, each answered after its lease is committed: an agent of
+//!    all 8 systems asks for one build at a time, 500 times (100 quick), each with its own
+//!    request id, and keeps what it gets (p50/p99/max; every request must get a build).
 //!
 //! Prints one JSON object. Reproduce: `cargo bench --bench coordinator_scale` (figures in
 //! docs/performance.md). Loops are bounded in count and time; only 127.0.0.1 is used.
@@ -207,6 +210,46 @@ fn first_work(r: &Running, name: &str, secret: &mut Option<String>) -> u64 {
         .expect("a build was assigned")
 }
 
+/// `count` work requests of one build each by an agent of every system, sequential, each
+/// answered once its lease is committed; their times in ms, sorted.
+fn work_requests(r: &Running, count: usize) -> Vec<f64> {
+    let h = http();
+    let v: serde_json::Value = h
+        .post(&format!("{}/api/v1/agents", r.client))
+        .send_json(serde_json::json!({"name": "bench-w", "systems": SYSTEMS}))
+        .expect("create agent")
+        .into_json()
+        .unwrap();
+    let secret = v["secret"].as_str().unwrap().to_string();
+    let opened: serde_json::Value = h
+        .post(&format!("{}/api/agent/v1/session", r.agent))
+        .send_json(serde_json::json!({"name": "bench-w", "secret": secret,
+            "protocol_version": kiln::protocol::PROTOCOL_VERSION,
+            "systems": SYSTEMS, "max_parallel_builds": 100_000}))
+        .expect("open session")
+        .into_json()
+        .unwrap();
+    let token = opened["session_token"].as_str().unwrap().to_string();
+    let mut times = Vec::with_capacity(count);
+    for i in 0..count {
+        let t = Instant::now();
+        let reply: serde_json::Value = h
+            .post(&format!("{}/api/agent/v1/work", r.agent))
+            .set(kiln::protocol::SESSION_HEADER, &token)
+            .send_json(serde_json::json!({"max_builds": 1, "request_id": format!("w-{i}")}))
+            .expect("work request")
+            .into_json()
+            .unwrap();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(
+            reply["builds"][0]["build_id"].as_u64().is_some(),
+            "work request {i} got no build: {reply}"
+        );
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times
+}
+
 fn main() {
     let quick = std::env::var_os("KILN_BENCH_QUICK").is_some();
     let n: u64 = if quick { 10_000 } else { 1_000_000 };
@@ -259,6 +302,7 @@ fn main() {
         assert_eq!(v.as_array().map(|a| a.len()), Some(50));
     }
     list.sort_by(|a, b| a.total_cmp(b));
+    let work = work_requests(&second, if quick { 100 } else { 500 });
     // Where the start-up time went, from the coordinator's own log.
     let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default();
     for l in log
@@ -282,6 +326,10 @@ fn main() {
         "rss_bytes_per_queued_build": (rss * 1024) as f64 / n as f64,
         "list_runnable_50_ms_p50": list[list.len() / 2],
         "list_runnable_50_ms_max": list.last().copied().unwrap_or(0.0),
+        "work_requests": work.len(),
+        "work_request_with_lease_ms_p50": work[work.len() / 2],
+        "work_request_with_lease_ms_p99": work[(work.len() * 99 / 100).min(work.len() - 1)],
+        "work_request_with_lease_ms_max": work.last().copied().unwrap_or(0.0),
     });
     println!("{out}");
 }
