@@ -333,15 +333,19 @@ impl Handler<Submit> for BuildQueue {
         let store_dir = self.store_dir.clone();
         let req = msg.0;
         let defer_until_ms = req.defer_until_ms;
-        // Parsing and hashing run on a blocking thread; the decision runs on this loop.
+        // Parsing and hashing run on a thread of their own at a lower priority (so the
+        // requests answered meanwhile keep the CPU); the decision runs on this loop.
         let check = async move {
-            let r = tokio::task::spawn_blocking(move || {
+            let r = super::submission::in_background("kiln-submit-check", move || {
                 let (priority, tags) = (req.priority, req.tags.clone());
                 let p = prepare(&store, store_dir.as_ref(), req);
                 (p, priority, tags)
             })
+            .map_err(|e| {
+                ActorError::Internal(format!("could not start a submission check thread: {e}"))
+            })?
             .await;
-            r.map_err(|e| ActorError::Internal(format!("submission check failed: {e}")))
+            r.map_err(|_| ActorError::Internal("the submission check panicked".into()))
         };
         Box::pin(guard_future::<Self, _, _>(NAME, check).then(guard_map(
             NAME,
@@ -473,13 +477,9 @@ impl BuildQueue {
                     let _ = c.reply.send(Err(e));
                 }
                 Ok(()) if c.drvs.is_empty() && c.targets.is_empty() => {
-                    let big = c.out.len() >= SUBMIT_CHUNK;
+                    // (The HTTP route hands a big submission's memory back once its answer
+                    // is made.)
                     let _ = c.reply.send(Ok(Submitted { builds: c.out }));
-                    if big {
-                        // glibc keeps freed memory in its arenas: hand it back after a big
-                        // submission, off this thread.
-                        tokio::task::spawn_blocking(crate::telemetry::release_memory);
-                    }
                 }
                 Ok(()) => ctx.address().do_send(NextChunk(Box::new(c))),
             },

@@ -230,13 +230,77 @@ async fn put_source(
     Ok(HttpResponse::Ok().json(serde_json::json!({})))
 }
 
+/// Body chunks on their way to the parse thread: the most of a submission's body in memory
+/// before it is parsed (actix's chunks are up to 64 KiB each).
+const BODY_CHUNKS_IN_FLIGHT: usize = 16;
+
+/// From this many builds on, the memory a submission freed is handed back to the system
+/// after its answer is made.
+const BIG_SUBMISSION: usize = 1000;
+
+/// `POST /api/v1/builds`. The body is parsed while it arrives, on a thread of its own at a
+/// lower priority (`submission::in_background`), from a bounded channel of body chunks: the
+/// request's JSON is never held whole, and each `.drv` is decoded from base64 straight into
+/// its `SubmittedDrv` (see docs/performance.md, "One big submission"). The answers for a body
+/// that is too big, too slow, not JSON or not a submission are those `web::Json` gave.
 async fn submit(
     state: web::Data<AppState>,
-    body: web::Json<SubmitBuilds>,
+    req: HttpRequest,
+    mut body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    use actix_web::error::JsonPayloadError as J;
+    use actix_web::HttpMessage as _;
+    use futures_util::StreamExt as _;
+    let refused = |e: J| super::error::json_payload_error(&e);
+    let json = match req.mime_type() {
+        Ok(Some(m)) => m.subtype() == "json" || m.suffix().is_some_and(|s| s == "json"),
+        _ => false,
+    };
+    if !json {
+        return Err(refused(J::ContentType));
+    }
+    let limit = (state.config.limits.submit_body_mb << 20) as usize;
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(length) = declared.filter(|l| *l > limit) {
+        return Err(refused(J::OverflowKnownLength { length, limit }));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(BODY_CHUNKS_IN_FLIGHT);
+    let parsed = crate::actors::submission::in_background("kiln-submit-parse", move || {
+        serde_json::from_reader::<_, SubmitBuilds>(ChunkReader {
+            rx,
+            chunk: web::Bytes::new(),
+        })
+    })
+    .map_err(|e| internal(format!("could not start a submission parse thread: {e}")))?;
+    // Dropped (the parse thread then reads the end of the body) on any early return.
+    let mut tx = Some(tx);
+    let mut received = 0usize;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| refused(J::Payload(e)))?;
+        received += chunk.len();
+        if received > limit {
+            return Err(refused(J::Overflow { limit }));
+        }
+        if let Some(t) = &tx {
+            if t.send(chunk).await.is_err() {
+                // The parse already failed: read the rest (so the client, still sending,
+                // gets the answer), then answer its error.
+                tx = None;
+            }
+        }
+    }
+    drop(tx);
+    let sub = parsed
+        .await
+        .map_err(|_| internal("the submission's parse thread panicked"))?
+        .map_err(|e| refused(J::Deserialize(e)))?;
     // Checked before the queue sees any of it, so a refused submission stores nothing.
     let max = state.config.limits.max_drv_bytes;
-    if let Some(d) = body
+    if let Some(d) = sub
         .derivations
         .iter()
         .find(|d| d.contents.0.len() as u64 > max)
@@ -253,10 +317,41 @@ async fn submit(
     }
     let submitted = state
         .queue
-        .send(Submit(body.into_inner()))
+        .send(Submit(sub))
         .await
         .map_err(ApiError::mailbox)??;
-    Ok(HttpResponse::Ok().json(submitted))
+    let big = submitted.builds.len() >= BIG_SUBMISSION;
+    // The answer is made (and the summaries dropped) before the memory is handed back.
+    let reply = HttpResponse::Ok().json(submitted);
+    if big {
+        // glibc keeps freed memory in its arenas: hand a big submission's back, off this
+        // thread.
+        tokio::task::spawn_blocking(crate::telemetry::release_memory);
+    }
+    Ok(reply)
+}
+
+/// The request body as `std::io::Read`, for `serde_json::from_reader` on the parse thread:
+/// chunks from the route's channel; the end of the body when the route drops its sender.
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<web::Bytes>,
+    chunk: web::Bytes,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use bytes::Buf as _;
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(c) => self.chunk = c,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk.advance(n);
+        Ok(n)
+    }
 }
 
 /// `GET /api/v1/builds`: a page of builds in id order, after `cursor`, at most `limit` (0 =
