@@ -320,15 +320,47 @@ async fn submit(
         .send(Submit(sub))
         .await
         .map_err(ApiError::mailbox)??;
-    let big = submitted.builds.len() >= BIG_SUBMISSION;
-    // The answer is made (and the summaries dropped) before the memory is handed back.
-    let reply = HttpResponse::Ok().json(submitted);
-    if big {
-        // glibc keeps freed memory in its arenas: hand a big submission's back, off this
-        // thread.
-        tokio::task::spawn_blocking(crate::telemetry::release_memory);
+    if submitted.builds.len() < BIG_SUBMISSION {
+        return Ok(HttpResponse::Ok().json(submitted));
     }
-    Ok(reply)
+    // A big answer (~170 bytes per build) is made in a buffer of its exact size (growing one
+    // by doubling left up to twice that), and sent in pieces, so the connection's write
+    // buffer does not take a copy of all of it.
+    let mut counted = Counted(0);
+    serde_json::to_writer(&mut counted, &submitted).map_err(internal)?;
+    let mut json = Vec::with_capacity(counted.0);
+    serde_json::to_writer(&mut json, &submitted).map_err(internal)?;
+    drop(submitted);
+    let json = web::Bytes::from(json);
+    let len = json.len();
+    let pieces = futures_util::stream::iter(
+        (0..len)
+            .step_by(REPLY_PIECE)
+            .map(move |at| Ok::<_, actix_web::Error>(json.slice(at..(at + REPLY_PIECE).min(len)))),
+    );
+    // glibc keeps freed memory in its arenas: hand the submission's back, off this thread.
+    tokio::task::spawn_blocking(crate::telemetry::release_memory);
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .no_chunking(len as u64)
+        .streaming(pieces))
+}
+
+/// The size of each piece a big submission's answer is sent in.
+const REPLY_PIECE: usize = 64 << 10;
+
+/// Counts the bytes written to it (the size of a big answer before it is made).
+struct Counted(usize);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The request body as `std::io::Read`, for `serde_json::from_reader` on the parse thread:

@@ -53,7 +53,10 @@ mod tests {
         let j = serde_json::to_string(&b).unwrap();
         assert_eq!(serde_json::from_str::<Bytes64>(&j).unwrap(), b);
         // Through a reader too (the string then sits in the parser's scratch buffer).
-        assert_eq!(serde_json::from_reader::<_, Bytes64>(j.as_bytes()).unwrap(), b);
+        assert_eq!(
+            serde_json::from_reader::<_, Bytes64>(j.as_bytes()).unwrap(),
+            b
+        );
     }
 
     #[test]
