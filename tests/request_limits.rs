@@ -278,10 +278,11 @@ fn an_oversized_drv_refuses_the_whole_submission() {
     assert_eq!(records(&dump, "derivations"), 1, "{dump}");
 }
 
-/// A submission of 2,000 builds (parsed while it arrives, committed in chunks) with one
-/// malformed `.drv` in the middle is refused whole (422 naming it) and stores nothing; one cut
-/// off halfway is refused as bad JSON (400) and stores nothing; the same submission with the
-/// `.drv` mended is committed whole: 2,000 new builds and 2,000 `.drv` records.
+/// A submission of 2,000 builds (over 1 MiB: parsed while it arrives; committed in chunks)
+/// with one malformed `.drv` in the middle is refused whole (422 naming it) and stores
+/// nothing; one that is not JSON is refused (400) and stores nothing; the same submission
+/// with the `.drv` mended, sent chunked, is committed whole: 2,000 new builds and 2,000 `.drv`
+/// records.
 #[test]
 fn a_big_submission_is_refused_whole_or_committed_whole() {
     const N: usize = 2000;
@@ -318,11 +319,15 @@ fn a_big_submission_is_refused_whole_or_committed_whole() {
     let msg = resp["error"]["message"].as_str().unwrap();
     assert!(msg.contains(bad_path.as_str()), "{bad_path} not in {msg}");
 
-    // Cut off halfway: the parse fails while the body still arrives.
+    // Not JSON from its 18th byte on: the parse fails at once, the rest of the body (over
+    // 1 MiB, so parsed while it arrives) is read, then the answer comes.
     let text = serde_json::to_vec(&body(None)).unwrap();
+    assert!(text.len() > 1 << 20, "{} bytes", text.len());
+    let mut broken = b"{\"derivations\": [x".to_vec();
+    broken.extend_from_slice(&text);
     let r = ureq::post(&c.url("/api/v1/builds"))
         .set("content-type", "application/json")
-        .send_bytes(&text[..text.len() / 2]);
+        .send_bytes(&broken);
     let (code, resp) = common::response(r);
     assert_eq!(code, 400, "{resp}");
     assert!(
@@ -345,8 +350,12 @@ fn a_big_submission_is_refused_whole_or_committed_whole() {
     assert_eq!(records(&dump, "derivations"), 0, "{dump}");
     assert_eq!(records(&dump, "builds"), 0, "{dump}");
 
+    // Sent without a Content-Length (chunked), so parsed while it arrives.
     c.spawn();
-    let (code, resp) = post(&c.url("/api/v1/builds"), &body(None));
+    let r = ureq::post(&c.url("/api/v1/builds"))
+        .set("content-type", "application/json")
+        .send(std::io::Cursor::new(text));
+    let (code, resp) = common::response(r);
     assert_eq!(code, 200, "{resp}");
     let answered = resp["builds"].as_array().unwrap();
     assert_eq!(answered.len(), N);

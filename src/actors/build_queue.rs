@@ -333,19 +333,31 @@ impl Handler<Submit> for BuildQueue {
         let store_dir = self.store_dir.clone();
         let req = msg.0;
         let defer_until_ms = req.defer_until_ms;
-        // Parsing and hashing run on a thread of their own at a lower priority (so the
-        // requests answered meanwhile keep the CPU); the decision runs on this loop.
+        // Parsing and hashing run off this loop: a big submission's on a thread of its own at
+        // a lower priority (so the requests answered meanwhile keep the CPU), a small one's on
+        // the blocking pool. The decision runs on this loop.
+        let big = req.derivations.len().max(req.builds.len()) > ONE_COMMIT;
         let check = async move {
-            let r = super::submission::in_background("kiln-submit-check", move || {
+            let work = move || {
                 let (priority, tags) = (req.priority, req.tags.clone());
                 let p = prepare(&store, store_dir.as_ref(), req);
                 (p, priority, tags)
-            })
-            .map_err(|e| {
-                ActorError::Internal(format!("could not start a submission check thread: {e}"))
-            })?
-            .await;
-            r.map_err(|_| ActorError::Internal("the submission check panicked".into()))
+            };
+            let panicked = || ActorError::Internal("the submission check panicked".into());
+            if big {
+                super::submission::in_background("kiln-submit-check", work)
+                    .map_err(|e| {
+                        ActorError::Internal(format!(
+                            "could not start a submission check thread: {e}"
+                        ))
+                    })?
+                    .await
+                    .map_err(|_| panicked())
+            } else {
+                tokio::task::spawn_blocking(work)
+                    .await
+                    .map_err(|_| panicked())
+            }
         };
         Box::pin(guard_future::<Self, _, _>(NAME, check).then(guard_map(
             NAME,

@@ -234,6 +234,10 @@ async fn put_source(
 /// before it is parsed (actix's chunks are up to 64 KiB each).
 const BODY_CHUNKS_IN_FLIGHT: usize = 16;
 
+/// Bodies up to this size (by their `Content-Length`) are read whole and parsed on the
+/// request's thread; bigger ones, and bodies of unknown size, are parsed while they arrive.
+const SMALL_BODY: usize = 1 << 20;
+
 /// From this many builds on, the memory a submission freed is handed back to the system
 /// after its answer is made.
 const BIG_SUBMISSION: usize = 1000;
@@ -268,36 +272,23 @@ async fn submit(
     if let Some(length) = declared.filter(|l| *l > limit) {
         return Err(refused(J::OverflowKnownLength { length, limit }));
     }
-    let (tx, rx) = tokio::sync::mpsc::channel(BODY_CHUNKS_IN_FLIGHT);
-    let parsed = crate::actors::submission::in_background("kiln-submit-parse", move || {
-        serde_json::from_reader::<_, SubmitBuilds>(ChunkReader {
-            rx,
-            chunk: web::Bytes::new(),
-        })
-    })
-    .map_err(|e| internal(format!("could not start a submission parse thread: {e}")))?;
-    // Dropped (the parse thread then reads the end of the body) on any early return.
-    let mut tx = Some(tx);
-    let mut received = 0usize;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| refused(J::Payload(e)))?;
-        received += chunk.len();
-        if received > limit {
-            return Err(refused(J::Overflow { limit }));
-        }
-        if let Some(t) = &tx {
-            if t.send(chunk).await.is_err() {
-                // The parse already failed: read the rest (so the client, still sending,
-                // gets the answer), then answer its error.
-                tx = None;
+    let sub = match declared {
+        // A small body (the usual `kiln submit`, the load generator's requests) is read
+        // whole and parsed here, as `web::Json` did.
+        Some(length) if length <= SMALL_BODY => {
+            let mut bytes = web::BytesMut::with_capacity(length);
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| refused(J::Payload(e)))?;
+                if bytes.len() + chunk.len() > limit {
+                    return Err(refused(J::Overflow { limit }));
+                }
+                bytes.extend_from_slice(&chunk);
             }
+            serde_json::from_slice::<SubmitBuilds>(&bytes)
+                .map_err(|e| refused(J::Deserialize(e)))?
         }
-    }
-    drop(tx);
-    let sub = parsed
-        .await
-        .map_err(|_| internal("the submission's parse thread panicked"))?
-        .map_err(|e| refused(J::Deserialize(e)))?;
+        _ => parse_streamed(body, limit).await?,
+    };
     // Checked before the queue sees any of it, so a refused submission stores nothing.
     let max = state.config.limits.max_drv_bytes;
     if let Some(d) = sub
@@ -361,6 +352,44 @@ impl std::io::Write for Counted {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Parse a submission's body while it arrives: its chunks go through a bounded channel to
+/// `serde_json::from_reader` on a low-priority thread of its own.
+async fn parse_streamed(mut body: web::Payload, limit: usize) -> Result<SubmitBuilds, ApiError> {
+    use actix_web::error::JsonPayloadError as J;
+    use futures_util::StreamExt as _;
+    let refused = |e: J| super::error::json_payload_error(&e);
+    let (tx, rx) = tokio::sync::mpsc::channel(BODY_CHUNKS_IN_FLIGHT);
+    let parsed = crate::actors::submission::in_background("kiln-submit-parse", move || {
+        serde_json::from_reader::<_, SubmitBuilds>(ChunkReader {
+            rx,
+            chunk: web::Bytes::new(),
+        })
+    })
+    .map_err(|e| internal(format!("could not start a submission parse thread: {e}")))?;
+    // Dropped (the parse thread then reads the end of the body) on any early return.
+    let mut tx = Some(tx);
+    let mut received = 0usize;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| refused(J::Payload(e)))?;
+        received += chunk.len();
+        if received > limit {
+            return Err(refused(J::Overflow { limit }));
+        }
+        if let Some(t) = &tx {
+            if t.send(chunk).await.is_err() {
+                // The parse already failed: read the rest (so the client, still sending,
+                // gets the answer), then answer its error.
+                tx = None;
+            }
+        }
+    }
+    drop(tx);
+    parsed
+        .await
+        .map_err(|_| internal("the submission's parse thread panicked"))?
+        .map_err(|e| refused(J::Deserialize(e)))
 }
 
 /// The request body as `std::io::Read`, for `serde_json::from_reader` on the parse thread:
