@@ -3,7 +3,9 @@
 //! agent keeps asking for work. Reports the request's size, the coordinator's resident memory
 //! (`VmRSS` of `/proc/PID/status`, sampled every 10 ms) before, at its peak and 3 s after the
 //! answer, the submission's duration, and the latency of the work requests sent during it
-//! (each leases one build, so each includes a committed lease), p50/p99/max.
+//! (each leases one build, so each includes a committed lease), p50/p99/max. For reference it
+//! then restarts the coordinator on the same state dir and reports its resident memory 3 s
+//! after it answers: what the queued builds cost without the submission's leftovers.
 //!
 //! Targets ([4/8]): the rise ≤ 2× the request size and returned afterwards; work p99 ≤ 50 ms.
 //! Reproduce: `cargo bench --bench submit_memory` (figures in docs/performance.md). Loops are
@@ -45,7 +47,7 @@ fn main() {
     let store = tmp.path().join("store");
     std::fs::create_dir_all(&store).unwrap();
     let sd = StoreDir::new(&store).unwrap();
-    let c = Coordinator::start(tmp.path(), &store, "[limits]\nsubmit_body_mb = 512\n");
+    let mut c = Coordinator::start(tmp.path(), &store, "[limits]\nsubmit_body_mb = 512\n");
     let pid = c.child.as_ref().expect("running").id();
 
     // An agent that asks for one build at a time, for as long as the submission runs.
@@ -131,6 +133,14 @@ fn main() {
     let after = rss_kib(pid);
     lat.sort_by(|a, b| a.total_cmp(b));
     let peak = peak.load(Ordering::SeqCst);
+    // For reference, what the same queue costs without any submission's leftovers: the
+    // coordinator restarted on the same state dir, once it answers.
+    c.stop();
+    c.spawn();
+    let (code, _) = common::get(&c.url("/api/v1/builds?limit=1"));
+    assert_eq!(code, 200);
+    std::thread::sleep(Duration::from_secs(3));
+    let restarted = rss_kib(c.child.as_ref().expect("running").id());
     let out = serde_json::json!({
         "derivations": n,
         "request_bytes": request_bytes,
@@ -140,6 +150,7 @@ fn main() {
         "rss_kib_after_3s": after,
         "rise_over_request": ((peak.saturating_sub(before)) * 1024) as f64 / request_bytes as f64,
         "kept_after_over_request": ((after.saturating_sub(before)) * 1024) as f64 / request_bytes as f64,
+        "rss_kib_restarted_same_queue": restarted,
         "work_requests": lat.len(),
         "work_ms_p50": percentile(&lat, 0.5),
         "work_ms_p99": percentile(&lat, 0.99),

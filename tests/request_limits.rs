@@ -2,7 +2,8 @@
 //! headers is cut by the header timeout, one that drips a body at 100 B/s is cut by the body
 //! rate floor (HTTP 408), and an oversized body is refused before it is read (HTTP 413) — on
 //! the client listener and on the agent listener. A submission with a `.drv` over
-//! `limits.max_drv_bytes` is refused whole (413) and stores nothing.
+//! `limits.max_drv_bytes` is refused whole (413) and stores nothing; a big submission (parsed
+//! while it arrives, committed in chunks) is refused whole or committed whole.
 
 mod common;
 
@@ -275,6 +276,104 @@ fn an_oversized_drv_refuses_the_whole_submission() {
     c.stop();
     let dump = state_dump(&c.state_dir);
     assert_eq!(records(&dump, "derivations"), 1, "{dump}");
+}
+
+/// A submission of 2,000 builds (over 1 MiB: parsed while it arrives; committed in chunks)
+/// with one malformed `.drv` in the middle is refused whole (422 naming it) and stores
+/// nothing; one that is not JSON is refused (400) and stores nothing; the same submission
+/// with the `.drv` mended, sent chunked, is committed whole: 2,000 new builds and 2,000 `.drv`
+/// records.
+#[test]
+fn a_big_submission_is_refused_whole_or_committed_whole() {
+    const N: usize = 2000;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = t.join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let sd = StoreDir::new(&store).unwrap();
+    let mut c = Coordinator::start(t, &store, "");
+    let drvs: Vec<(String, Vec<u8>)> = (0..N)
+        .map(|i| simple_drv(&sd, &format!("many-{i}"), "echo > $out"))
+        .collect();
+    let body = |bad: Option<usize>| {
+        let derivations: Vec<serde_json::Value> = drvs
+            .iter()
+            .enumerate()
+            .map(|(i, (p, bytes))| {
+                let contents = if bad == Some(i) {
+                    &bytes[..bytes.len() / 2]
+                } else {
+                    &bytes[..]
+                };
+                serde_json::json!({"path": p, "contents": b64(contents)})
+            })
+            .collect();
+        let builds: Vec<&String> = drvs.iter().map(|(p, _)| p).collect();
+        serde_json::json!({"derivations": derivations, "builds": builds})
+    };
+
+    let bad_path = &drvs[N / 2].0;
+    let (code, resp) = post(&c.url("/api/v1/builds"), &body(Some(N / 2)));
+    assert_eq!(code, 422, "{resp}");
+    assert_eq!(resp["error"]["code"], "bad_derivation", "{resp}");
+    let msg = resp["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(bad_path.as_str()), "{bad_path} not in {msg}");
+
+    // Not JSON from its 18th byte on: the parse fails at once, the rest of the body (over
+    // 1 MiB, so parsed while it arrives) is read, then the answer comes.
+    let text = serde_json::to_vec(&body(None)).unwrap();
+    assert!(text.len() > 1 << 20, "{} bytes", text.len());
+    let mut broken = b"{\"derivations\": [x".to_vec();
+    broken.extend_from_slice(&text);
+    let r = ureq::post(&c.url("/api/v1/builds"))
+        .set("content-type", "application/json")
+        .send_bytes(&broken);
+    let (code, resp) = common::response(r);
+    assert_eq!(code, 400, "{resp}");
+    assert!(
+        resp["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("request body is not the expected JSON"),
+        "{resp}"
+    );
+
+    let (code, builds) = common::get(&c.url("/api/v1/builds?limit=0"));
+    assert_eq!(code, 200);
+    assert_eq!(
+        builds,
+        serde_json::json!([]),
+        "a refused submission queued builds"
+    );
+    c.stop();
+    let dump = state_dump(&c.state_dir);
+    assert_eq!(records(&dump, "derivations"), 0, "{dump}");
+    assert_eq!(records(&dump, "builds"), 0, "{dump}");
+
+    // Sent without a Content-Length (chunked), so parsed while it arrives.
+    c.spawn();
+    let r = ureq::post(&c.url("/api/v1/builds"))
+        .set("content-type", "application/json")
+        .send(std::io::Cursor::new(text));
+    let (code, resp) = common::response(r);
+    assert_eq!(code, 200, "{resp}");
+    let answered = resp["builds"].as_array().unwrap();
+    assert_eq!(answered.len(), N);
+    let mut ids = std::collections::BTreeSet::new();
+    for (b, (p, _)) in answered.iter().zip(&drvs) {
+        assert_eq!(b["drv_path"], p.as_str(), "{b}");
+        assert_eq!(b["existing"], false, "{b}");
+        assert_eq!(b["state"], "runnable", "{b}");
+        ids.insert(b["id"].as_u64().unwrap());
+    }
+    assert_eq!(ids.len(), N, "every build has an id of its own");
+    let (code, builds) = common::get(&c.url("/api/v1/builds?limit=0"));
+    assert_eq!(code, 200);
+    assert_eq!(builds.as_array().unwrap().len(), N);
+    c.stop();
+    let dump = state_dump(&c.state_dir);
+    assert_eq!(records(&dump, "derivations"), N, "{dump}");
+    assert_eq!(records(&dump, "builds"), N, "{dump}");
 }
 
 /// How many records of `tree` a state dump holds.

@@ -230,13 +230,68 @@ async fn put_source(
     Ok(HttpResponse::Ok().json(serde_json::json!({})))
 }
 
+/// Body chunks on their way to the parse thread: the most of a submission's body in memory
+/// before it is parsed (actix's chunks are up to 64 KiB each).
+const BODY_CHUNKS_IN_FLIGHT: usize = 16;
+
+/// Bodies up to this size (by their `Content-Length`) are read whole and parsed on the
+/// request's thread; bigger ones, and bodies of unknown size, are parsed while they arrive.
+const SMALL_BODY: usize = 1 << 20;
+
+/// From this many builds on, the memory a submission freed is handed back to the system
+/// after its answer is made.
+const BIG_SUBMISSION: usize = 1000;
+
+/// `POST /api/v1/builds`. The body is parsed while it arrives, on a thread of its own at a
+/// lower priority (`submission::in_background`), from a bounded channel of body chunks: the
+/// request's JSON is never held whole, and each `.drv` is decoded from base64 straight into
+/// its `SubmittedDrv` (see docs/performance.md, "One big submission"). The answers for a body
+/// that is too big, too slow, not JSON or not a submission are those `web::Json` gave.
 async fn submit(
     state: web::Data<AppState>,
-    body: web::Json<SubmitBuilds>,
+    req: HttpRequest,
+    mut body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    use actix_web::error::JsonPayloadError as J;
+    use actix_web::HttpMessage as _;
+    use futures_util::StreamExt as _;
+    let refused = |e: J| super::error::json_payload_error(&e);
+    let json = match req.mime_type() {
+        Ok(Some(m)) => m.subtype() == "json" || m.suffix().is_some_and(|s| s == "json"),
+        _ => false,
+    };
+    if !json {
+        return Err(refused(J::ContentType));
+    }
+    let limit = (state.config.limits.submit_body_mb << 20) as usize;
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(length) = declared.filter(|l| *l > limit) {
+        return Err(refused(J::OverflowKnownLength { length, limit }));
+    }
+    let sub = match declared {
+        // A small body (the usual `kiln submit`, the load generator's requests) is read
+        // whole and parsed here, as `web::Json` did.
+        Some(length) if length <= SMALL_BODY => {
+            let mut bytes = web::BytesMut::with_capacity(length);
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| refused(J::Payload(e)))?;
+                if bytes.len() + chunk.len() > limit {
+                    return Err(refused(J::Overflow { limit }));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            serde_json::from_slice::<SubmitBuilds>(&bytes)
+                .map_err(|e| refused(J::Deserialize(e)))?
+        }
+        _ => parse_streamed(body, limit).await?,
+    };
     // Checked before the queue sees any of it, so a refused submission stores nothing.
     let max = state.config.limits.max_drv_bytes;
-    if let Some(d) = body
+    if let Some(d) = sub
         .derivations
         .iter()
         .find(|d| d.contents.0.len() as u64 > max)
@@ -253,10 +308,111 @@ async fn submit(
     }
     let submitted = state
         .queue
-        .send(Submit(body.into_inner()))
+        .send(Submit(sub))
         .await
         .map_err(ApiError::mailbox)??;
-    Ok(HttpResponse::Ok().json(submitted))
+    if submitted.builds.len() < BIG_SUBMISSION {
+        return Ok(HttpResponse::Ok().json(submitted));
+    }
+    // A big answer (~170 bytes per build) is made in a buffer of its exact size (growing one
+    // by doubling left up to twice that), and sent in pieces, so the connection's write
+    // buffer does not take a copy of all of it.
+    let mut counted = Counted(0);
+    serde_json::to_writer(&mut counted, &submitted).map_err(internal)?;
+    let mut json = Vec::with_capacity(counted.0);
+    serde_json::to_writer(&mut json, &submitted).map_err(internal)?;
+    drop(submitted);
+    let json = web::Bytes::from(json);
+    let len = json.len();
+    let pieces = futures_util::stream::iter(
+        (0..len)
+            .step_by(REPLY_PIECE)
+            .map(move |at| Ok::<_, actix_web::Error>(json.slice(at..(at + REPLY_PIECE).min(len)))),
+    );
+    // glibc keeps freed memory in its arenas: hand the submission's back, off this thread.
+    tokio::task::spawn_blocking(crate::telemetry::release_memory);
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .no_chunking(len as u64)
+        .streaming(pieces))
+}
+
+/// The size of each piece a big submission's answer is sent in.
+const REPLY_PIECE: usize = 64 << 10;
+
+/// Counts the bytes written to it (the size of a big answer before it is made).
+struct Counted(usize);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Parse a submission's body while it arrives: its chunks go through a bounded channel to
+/// `serde_json::from_reader` on a low-priority thread of its own.
+async fn parse_streamed(mut body: web::Payload, limit: usize) -> Result<SubmitBuilds, ApiError> {
+    use actix_web::error::JsonPayloadError as J;
+    use futures_util::StreamExt as _;
+    let refused = |e: J| super::error::json_payload_error(&e);
+    let (tx, rx) = tokio::sync::mpsc::channel(BODY_CHUNKS_IN_FLIGHT);
+    let parsed = crate::actors::submission::in_background("kiln-submit-parse", move || {
+        serde_json::from_reader::<_, SubmitBuilds>(ChunkReader {
+            rx,
+            chunk: web::Bytes::new(),
+        })
+    })
+    .map_err(|e| internal(format!("could not start a submission parse thread: {e}")))?;
+    // Dropped (the parse thread then reads the end of the body) on any early return.
+    let mut tx = Some(tx);
+    let mut received = 0usize;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| refused(J::Payload(e)))?;
+        received += chunk.len();
+        if received > limit {
+            return Err(refused(J::Overflow { limit }));
+        }
+        if let Some(t) = &tx {
+            if t.send(chunk).await.is_err() {
+                // The parse already failed: read the rest (so the client, still sending,
+                // gets the answer), then answer its error.
+                tx = None;
+            }
+        }
+    }
+    drop(tx);
+    parsed
+        .await
+        .map_err(|_| internal("the submission's parse thread panicked"))?
+        .map_err(|e| refused(J::Deserialize(e)))
+}
+
+/// The request body as `std::io::Read`, for `serde_json::from_reader` on the parse thread:
+/// chunks from the route's channel; the end of the body when the route drops its sender.
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<web::Bytes>,
+    chunk: web::Bytes,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use bytes::Buf as _;
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(c) => self.chunk = c,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk.advance(n);
+        Ok(n)
+    }
 }
 
 /// `GET /api/v1/builds`: a page of builds in id order, after `cursor`, at most `limit` (0 =

@@ -168,8 +168,14 @@ pub fn json_error(
     err: actix_web::error::JsonPayloadError,
     _req: &actix_web::HttpRequest,
 ) -> actix_web::Error {
+    json_payload_error(&err).into()
+}
+
+/// The answer to a JSON body that could not be taken (also for routes that read their body
+/// themselves, e.g. the streamed submission).
+pub fn json_payload_error(err: &actix_web::error::JsonPayloadError) -> ApiError {
     use actix_web::error::JsonPayloadError as J;
-    let e = match &err {
+    match err {
         J::OverflowKnownLength { length, limit } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
@@ -186,8 +192,7 @@ pub fn json_error(
             ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_too_slow", io.to_string())
         }
         other => ApiError::bad_request(format!("request body is not the expected JSON: {other}")),
-    };
-    e.into()
+    }
 }
 
 pub fn query_error(
