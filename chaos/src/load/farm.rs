@@ -114,6 +114,8 @@ pub struct ChainPhase {
     pub run: LatencySummary,
     pub coordinator_cpu_ms_per_hop: f64,
     pub agents_cpu_ms_per_hop: f64,
+    /// Links that did not succeed: `<id> <state>: <reason>` (at most 5).
+    pub failures: Vec<String>,
 }
 
 /// The report of one farm run.
@@ -187,7 +189,6 @@ pub fn detect_cli(kiln: &Path) -> anyhow::Result<Cli> {
 
 /// One generated derivation: written to the store dir for `kiln submit`.
 struct Made {
-    drv: Derivation,
     drv_path: String,
     out_path: String,
 }
@@ -201,7 +202,8 @@ fn make_drv(
 ) -> anyhow::Result<Made> {
     let script = match prev {
         None => "echo \"$name\" > \"$out\"",
-        Some(_) => "read -r x < \"$prev\" && echo \"$name after $x\" | cut -c1-200 > \"$out\"",
+        // Shell builtins only: builders run with PATH=/path-not-set, as Nix's do.
+        Some(_) => "read -r x < \"$prev\" && echo \"$name after ${x%% *}\" > \"$out\"",
     };
     let mut env: Vec<(Vec<u8>, Vec<u8>)> = vec![
         (b"builder".to_vec(), b"/bin/sh".to_vec()),
@@ -224,19 +226,12 @@ fn make_drv(
         args: vec![b"-c".to_vec(), script.as_bytes().to_vec()],
         env,
     };
-    let prev_path = match prev {
-        Some(p) => Some(
-            store
-                .parse_path(p.drv_path.as_bytes())
-                .with_context(|| format!("generated .drv path {} does not parse", p.drv_path))?,
-        ),
-        None => None,
-    };
+    // Inputs (the chain before this link) are read back from the store dir, where they were
+    // written: the modulo hash recurses through all of them.
     let mut loader = |p: &StorePath| -> anyhow::Result<Derivation> {
-        match (prev, &prev_path) {
-            (Some(m), Some(pp)) if pp == p => Ok(m.drv.clone()),
-            _ => anyhow::bail!("{p} is not an input of {name}"),
-        }
+        let full = store.full_path(p);
+        let bytes = std::fs::read(&full).with_context(|| format!("failed to read {full}"))?;
+        Derivation::parse(&bytes).with_context(|| format!("{full} is not a valid .drv"))
     };
     let mut pc = PathComputer::new(store.clone(), &mut loader);
     let out = pc
@@ -257,7 +252,6 @@ fn make_drv(
     std::fs::write(&drv_path, drv.print())
         .with_context(|| format!("failed to write {drv_path}"))?;
     Ok(Made {
-        drv,
         drv_path,
         out_path,
     })
@@ -713,6 +707,7 @@ fn run_phases(
     let (mut hops, mut handoff, mut run) = (Latencies::default(), Latencies::default(), Latencies::default());
     let mut hop_ms = Vec::with_capacity(ids.len());
     let mut succeeded = 0;
+    let mut failures = Vec::new();
     let mut prev_finished = submit_ms;
     for id in &ids {
         let d: serde_json::Value = farm
@@ -721,6 +716,12 @@ fn run_phases(
             .with_context(|| format!("failed to read build {id}"))?;
         if d["summary"]["state"] == "succeeded" {
             succeeded += 1;
+        } else if failures.len() < 5 {
+            failures.push(format!(
+                "{id} {}: {}",
+                d["summary"]["state"],
+                d["reason"].as_str().unwrap_or("no reason given")
+            ));
         }
         let (Some(s), Some(f)) = (d["started_ms"].as_u64(), d["finished_ms"].as_u64()) else {
             continue;
@@ -746,6 +747,7 @@ fn run_phases(
             run: run.summary(),
             coordinator_cpu_ms_per_hop: round3((c1 - c0) / links as f64),
             agents_cpu_ms_per_hop: round3((a1 - a0) / links as f64),
+            failures,
         }),
         scrape_cpu,
     ))
