@@ -144,7 +144,10 @@ fn farm_benchmark_builds_everything_with_real_agents_and_reports_consistent_figu
         assert!(b.elapsed_s > 0.0 && b.builds_per_s > 0.0, "{b:?}");
         // Consistent: rates and per-build figures are the totals divided.
         let rate = b.builds as f64 / b.elapsed_s;
-        assert!((b.builds_per_s - rate).abs() <= 0.01 * rate + 0.002, "{b:?}");
+        assert!(
+            (b.builds_per_s - rate).abs() <= 0.01 * rate + 0.002,
+            "{b:?}"
+        );
         assert!(
             (b.coordinator_cpu_ms_per_build * 6.0 - b.coordinator_cpu_ms).abs() < 0.01,
             "{b:?}"

@@ -191,7 +191,6 @@ impl TempDir {
         &self.0
     }
 
-
     pub(crate) fn new() -> anyhow::Result<TempDir> {
         let base = std::env::temp_dir().join(format!(
             "kiln-load-{}-{}",

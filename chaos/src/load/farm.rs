@@ -251,10 +251,7 @@ fn make_drv(
     let drv_path = store.full_path(&path);
     std::fs::write(&drv_path, drv.print())
         .with_context(|| format!("failed to write {drv_path}"))?;
-    Ok(Made {
-        drv_path,
-        out_path,
-    })
+    Ok(Made { drv_path, out_path })
 }
 
 /// The running farm: the coordinator, the agents, and how to reach them.
@@ -429,7 +426,10 @@ pub fn run_farm(opts: &FarmOptions) -> anyhow::Result<FarmReport> {
     let n_agents = opts.agents.unwrap_or(if opts.quick { 2 } else { 4 });
     let slots = opts.slots.unwrap_or(4);
     let links = opts.chain.unwrap_or(if opts.quick { 5 } else { 50 });
-    anyhow::ensure!(builds > 0 && n_agents > 0, "--builds and --agents must be at least 1");
+    anyhow::ensure!(
+        builds > 0 && n_agents > 0,
+        "--builds and --agents must be at least 1"
+    );
     let deadline_total = Duration::from_secs(if opts.quick { 120 } else { 900 });
     let started = Instant::now();
     let load_before = loadavg();
@@ -456,7 +456,12 @@ pub fn run_farm(opts: &FarmOptions) -> anyhow::Result<FarmReport> {
     let mut config = format!(
         "# Written by kiln-chaos load bench farm; keys in docs/configuration.md.\n\
          store_dir = {}\n",
-        toml::Value::String(store_dir.to_str().context("the store dir is not UTF-8")?.into())
+        toml::Value::String(
+            store_dir
+                .to_str()
+                .context("the store dir is not UTF-8")?
+                .into()
+        )
     );
     let (mut token_file, mut ca_file, mut identity) = (None, None, None);
     if opts.tls {
@@ -464,7 +469,10 @@ pub fn run_farm(opts: &FarmOptions) -> anyhow::Result<FarmReport> {
         let files = kiln::http::tls::init(&tls_dir, &["localhost".into(), "127.0.0.1".into()])
             .with_context(|| format!("failed to make certificates in {}", tls_dir.display()))?;
         let s = |p: &Path| -> anyhow::Result<String> {
-            Ok(toml::Value::String(p.to_str().context("a TLS path is not UTF-8")?.into()).to_string())
+            Ok(
+                toml::Value::String(p.to_str().context("a TLS path is not UTF-8")?.into())
+                    .to_string(),
+            )
         };
         config.push_str(&format!(
             "\n[tls]\ncert_file = {}\nkey_file = {}\nagent_client_ca_file = {}\n",
@@ -510,8 +518,7 @@ pub fn run_farm(opts: &FarmOptions) -> anyhow::Result<FarmReport> {
         ),
         None => None,
     };
-    let client =
-        kiln::client::http::Client::with_ca(&coord.client_url, token, ca_file.as_deref())?;
+    let client = kiln::client::http::Client::with_ca(&coord.client_url, token, ca_file.as_deref())?;
     let mut farm = Farm {
         kiln: opts.kiln.clone(),
         cli,
@@ -524,7 +531,15 @@ pub fn run_farm(opts: &FarmOptions) -> anyhow::Result<FarmReport> {
         client,
     };
     let result = run_phases(
-        &mut farm, opts, dir, &store_dir, &independent, &chain, builds, n_agents, slots,
+        &mut farm,
+        opts,
+        dir,
+        &store_dir,
+        &independent,
+        &chain,
+        builds,
+        n_agents,
+        slots,
         started + deadline_total,
     );
     for a in &mut farm.agents {
@@ -614,7 +629,10 @@ fn run_phases(
             cmd.arg("--ca-file").arg(ca);
         }
         if let Some((cert, key)) = &farm.identity {
-            cmd.arg("--client-cert").arg(cert).arg("--client-key").arg(key);
+            cmd.arg("--client-cert")
+                .arg(cert)
+                .arg("--client-key")
+                .arg(key);
         }
         let log = logs.join(format!("{name}.log"));
         farm.agents.push(Child::spawn(&name, cmd, &log)?);
@@ -704,7 +722,11 @@ fn run_phases(
     farm.wait_succeeded(builds + chain.len() as u64, deadline)?;
     let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let (c1, a1, _) = farm.cpu()?;
-    let (mut hops, mut handoff, mut run) = (Latencies::default(), Latencies::default(), Latencies::default());
+    let (mut hops, mut handoff, mut run) = (
+        Latencies::default(),
+        Latencies::default(),
+        Latencies::default(),
+    );
     let mut hop_ms = Vec::with_capacity(ids.len());
     let mut succeeded = 0;
     let mut failures = Vec::new();
@@ -754,7 +776,11 @@ fn run_phases(
 }
 
 /// `perf record` of the coordinator and of one agent (cpu-clock, the only event this VM has).
-fn start_perf(dir: &Path, coordinator: i32, agent: i32) -> anyhow::Result<Vec<std::process::Child>> {
+fn start_perf(
+    dir: &Path,
+    coordinator: i32,
+    agent: i32,
+) -> anyhow::Result<Vec<std::process::Child>> {
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let mut out = Vec::new();
     for (what, pid) in [("coordinator", coordinator), ("agent", agent)] {
