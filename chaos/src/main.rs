@@ -159,9 +159,21 @@ enum LoadCommand {
         /// Override the number of builds.
         #[arg(long)]
         builds: Option<u64>,
-        /// Override the number of simulated agents (lifecycle).
+        /// Override the number of simulated agents (lifecycle) or real agents (farm).
         #[arg(long)]
         agents: Option<usize>,
+        /// farm: build slots per agent (default 4).
+        #[arg(long)]
+        slots: Option<u32>,
+        /// farm: links of the dependency chain (default 50, quick 5; 0 = none).
+        #[arg(long)]
+        chain: Option<usize>,
+        /// farm: TLS on both listeners, mutual TLS for agents, a client token (today's kiln).
+        #[arg(long)]
+        tls: bool,
+        /// farm: record perf profiles of the coordinator and one agent during the builds.
+        #[arg(long)]
+        perf_dir: Option<PathBuf>,
     },
 }
 
@@ -418,13 +430,37 @@ fn load(command: LoadCommand, rt: &tokio::runtime::Runtime) -> anyhow::Result<bo
             work_dir,
             builds,
             agents,
+            slots,
+            chain,
+            tls,
+            perf_dir,
         } => {
-            let bins = kiln::client::demo::find_binaries(
-                bin_dir
-                    .map(|d| d.into_os_string())
-                    .or_else(|| std::env::var_os("KILN_BIN_DIR")),
-                true,
-            )?;
+            let bin_dir = bin_dir
+                .map(|d| d.into_os_string())
+                .or_else(|| std::env::var_os("KILN_BIN_DIR"));
+            if workload == bench::Workload::Farm {
+                let bins = kiln::client::demo::find_binaries(bin_dir, false)?;
+                let r = kiln_chaos::load::farm::run_farm(&kiln_chaos::load::farm::FarmOptions {
+                    quick,
+                    kiln: bins.kiln,
+                    agent: bins
+                        .agent
+                        .context("kiln-agent was not found next to kiln")?,
+                    work_dir,
+                    builds,
+                    agents,
+                    slots,
+                    chain,
+                    tls,
+                    perf_dir,
+                })?;
+                print_json(&r)?;
+                if !r.passed {
+                    eprintln!("kiln-chaos: the farm benchmark did not pass: see the report");
+                }
+                return Ok(r.passed);
+            }
+            let bins = kiln::client::demo::find_binaries(bin_dir, true)?;
             let r = bench::run_bench(
                 workload,
                 &bench::BenchOptions {

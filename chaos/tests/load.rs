@@ -112,3 +112,64 @@ fn simulated_agents_build_every_submitted_build_with_a_valid_narinfo() {
         "unclean coordinator exit"
     );
 }
+
+/// The `farm` benchmark at a tiny size, with the debug binaries: real agents build every
+/// independent build and every chain link, and the report's figures are there and agree with
+/// each other (no timing is asserted: figures come from `scripts/bench`).
+#[test]
+fn farm_benchmark_builds_everything_with_real_agents_and_reports_consistent_figures() {
+    use kiln_chaos::load::farm::{run_farm, Cli, FarmOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let bins = kiln::client::demo::find_binaries(Some(bin_dir().into()), false).unwrap();
+    for tls in [false, true] {
+        let work = dir.path().join(if tls { "tls" } else { "plain" });
+        let r = run_farm(&FarmOptions {
+            quick: true,
+            kiln: bins.kiln.clone(),
+            agent: bins.agent.clone().unwrap(),
+            work_dir: Some(work),
+            builds: Some(6),
+            agents: Some(2),
+            slots: Some(2),
+            chain: Some(3),
+            tls,
+            perf_dir: None,
+        })
+        .unwrap();
+        assert!(r.passed, "{r:#?}");
+        assert_eq!(r.cli, Cli::Current);
+        assert_eq!(r.tls, tls);
+        assert_eq!((r.agents, r.slots), (2, 2));
+        let b = &r.phase_builds;
+        assert_eq!((b.builds, b.succeeded, b.failed), (6, 6, 0), "{b:?}");
+        assert!(b.elapsed_s > 0.0 && b.builds_per_s > 0.0, "{b:?}");
+        // Consistent: rates and per-build figures are the totals divided.
+        let rate = b.builds as f64 / b.elapsed_s;
+        assert!(
+            (b.builds_per_s - rate).abs() <= 0.01 * rate + 0.002,
+            "{b:?}"
+        );
+        assert!(
+            (b.coordinator_cpu_ms_per_build * 6.0 - b.coordinator_cpu_ms).abs() < 0.01,
+            "{b:?}"
+        );
+        assert!(
+            (b.agent_cpu_ms_per_build * 6.0 - b.agents_cpu_ms).abs() < 0.01,
+            "{b:?}"
+        );
+        assert!(b.scrapes >= 1, "{b:?}");
+        let c = r.phase_chain.as_ref().unwrap();
+        assert_eq!((c.links, c.succeeded), (3, 3), "{c:?}");
+        assert_eq!(c.hop_ms.len(), 3, "{c:?}");
+        assert_eq!(c.hops.count, 3);
+        assert_eq!(c.handoff.count, 3);
+        assert_eq!(c.run.count, 3);
+        // The hops add up to no more than the measured total (the record times are in ms,
+        // the total runs to the poll that saw the last success).
+        let sum: u64 = c.hop_ms.iter().sum();
+        assert!(sum as f64 <= c.total_ms + 5.0, "{c:?}");
+        assert!((c.ms_per_hop * 3.0 - c.total_ms).abs() < 0.01, "{c:?}");
+        assert!(r.coordinator_stopped_cleanly);
+        assert!(!r.load_before.is_empty() && !r.load_after.is_empty());
+    }
+}

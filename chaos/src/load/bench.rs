@@ -31,6 +31,8 @@ use super::submit::{run_submit, SubmitOptions, SubmitReport};
 pub enum Workload {
     Submission,
     Lifecycle,
+    /// Real agents: [`super::farm`] (`run_farm`), not [`run_bench`].
+    Farm,
 }
 
 /// How to run a benchmark.
@@ -83,6 +85,10 @@ pub fn run_bench(
     opts: &BenchOptions,
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(
+        w != Workload::Farm,
+        "the farm workload runs real agents: use load::farm::run_farm"
+    );
     let tmp;
     let dir: &Path = match &opts.work_dir {
         Some(d) => d.as_path(),
@@ -94,7 +100,7 @@ pub fn run_bench(
     let load_before = loadavg();
     let system = kiln::client::graph::default_system();
     let extra = match w {
-        Workload::Submission => "",
+        Workload::Submission | Workload::Farm => "",
         Workload::Lifecycle => HOOK,
     };
     let coord = LoadCoordinator::start(&opts.kiln, dir, extra)?;
@@ -110,7 +116,7 @@ pub fn run_bench(
     let deadline = Duration::from_secs(if opts.quick { 120 } else { 1800 });
     let result = (|| -> anyhow::Result<BenchReport> {
         let (builds, inputs) = match w {
-            Workload::Submission => (if opts.quick { 1_000 } else { 100_000 }, 5),
+            Workload::Submission | Workload::Farm => (if opts.quick { 1_000 } else { 100_000 }, 5),
             Workload::Lifecycle => (if opts.quick { 200 } else { 20_000 }, 0),
         };
         let builds = opts.builds.unwrap_or(builds);
@@ -130,7 +136,7 @@ pub fn run_bench(
         })?;
         let mut passed = submit.builds_acknowledged == builds && submit.errors.is_empty();
         let (agents, narinfos) = match w {
-            Workload::Submission => (None, None),
+            Workload::Submission | Workload::Farm => (None, None),
             Workload::Lifecycle => {
                 let a = AgentsOptions {
                     agent_url: coord.agent_url.clone(),
@@ -178,10 +184,14 @@ pub fn run_bench(
 }
 
 /// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> anyhow::Result<TempDir> {
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub(crate) fn new() -> anyhow::Result<TempDir> {
         let base = std::env::temp_dir().join(format!(
             "kiln-load-{}-{}",
             std::process::id(),

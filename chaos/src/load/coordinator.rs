@@ -49,7 +49,6 @@ impl LoadCoordinator {
         let store_dir = dir.join("store");
         std::fs::create_dir_all(&store_dir)
             .with_context(|| format!("failed to create {}", store_dir.display()))?;
-        let state_dir = dir.join("state");
         let token_file = dir.join("agents.token");
         let registration_token = kiln::derivation::Hash::sha256(
             format!("kiln-chaos load {} {:?}", dir.display(), Instant::now()).as_bytes(),
@@ -78,12 +77,28 @@ impl LoadCoordinator {
         );
         std::fs::write(&config, text)
             .with_context(|| format!("failed to write {}", config.display()))?;
+        LoadCoordinator::launch(kiln, dir, &config, store_dir, registration_token, false)
+    }
+
+    /// Start `kiln coordinator` on a config the caller wrote (the `farm` benchmark writes its
+    /// own: an older coordinator refuses keys it does not know) with the state dir
+    /// `<dir>/state`, and wait for its ready file. `https`: the listeners serve TLS, so the
+    /// URLs say `https://`.
+    pub fn launch(
+        kiln: &Path,
+        dir: &Path,
+        config: &Path,
+        store_dir: PathBuf,
+        registration_token: String,
+        https: bool,
+    ) -> anyhow::Result<LoadCoordinator> {
+        let state_dir = dir.join("state");
         let ready = dir.join("ready.json");
         let log = dir.join("coordinator.log");
         let mut cmd = Command::new(kiln);
         cmd.arg("coordinator")
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .arg("--state-dir")
             .arg(&state_dir)
             .args(["--listen", "127.0.0.1:0", "--client-listen", "127.0.0.1:0"])
@@ -91,6 +106,7 @@ impl LoadCoordinator {
             .arg(&ready)
             .env("KILN_LOG", "warn");
         let mut child = Child::spawn("coordinator", cmd, &log)?;
+        let scheme = if https { "https" } else { "http" };
         let deadline = Instant::now() + READY_DEADLINE;
         // Bounded by READY_DEADLINE.
         let r = loop {
@@ -118,8 +134,8 @@ impl LoadCoordinator {
         Ok(LoadCoordinator {
             pid: child.pid(),
             child,
-            agent_url: format!("http://{}", r.listen),
-            client_url: format!("http://{}", r.client_listen),
+            agent_url: format!("{scheme}://{}", r.listen),
+            client_url: format!("{scheme}://{}", r.client_listen),
             store_dir,
             state_dir,
             registration_token,
