@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::agents::{run_agents, verify_narinfos, AgentsOptions, AgentsReport};
 use super::coordinator::LoadCoordinator;
-use super::stats::Watch;
+use super::stats::{loadavg, Watch};
 use super::submit::{run_submit, SubmitOptions, SubmitReport};
 
 /// Which workload.
@@ -67,12 +67,6 @@ pub struct BenchReport {
     /// True when every build the run asked for was acknowledged (and, for lifecycle, built
     /// and its narinfo checked) and no request failed for good.
     pub passed: bool,
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// Hooks on every success, so each build writes hook work (as the [4/8] workload asks).

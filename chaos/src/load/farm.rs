@@ -34,7 +34,7 @@ use kiln::derivation::{drv_path, Derivation, DerivationOutput, PathComputer, Sto
 use serde::Serialize;
 
 use super::coordinator::LoadCoordinator;
-use super::stats::{cpu_ms, round3, Latencies, LatencySummary};
+use super::stats::{cpu_ms, cpu_with_children_ms, loadavg, round3, Latencies, LatencySummary};
 use crate::procs::{log_tail, Child};
 
 /// How often the driver reads the coordinator's `/metrics` while it waits for builds.
@@ -139,37 +139,6 @@ pub struct FarmReport {
     pub coordinator_stopped_cleanly: bool,
     /// Every build succeeded, every chain link succeeded, the coordinator stopped cleanly.
     pub passed: bool,
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-/// Own and reaped-children CPU time of `pid`, in ms (fields 14+15 and 16+17 of
-/// `/proc/PID/stat`).
-pub fn cpu_with_children_ms(pid: i32) -> anyhow::Result<(f64, f64)> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("failed to read {path}: is process {pid} running?"))?;
-    let rest = text
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .with_context(|| format!("{path} has no ')': {text:?}"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> anyhow::Result<f64> {
-        f.get(i - 3)
-            .and_then(|s| s.parse::<f64>().ok())
-            .with_context(|| format!("{path} has no number in field {i}: {text:?}"))
-    };
-    // SAFETY: sysconf takes a constant and returns a number (-1 on error, handled).
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = if hz > 0 { hz as f64 } else { 100.0 };
-    Ok((
-        (field(14)? + field(15)?) * 1000.0 / hz,
-        (field(16)? + field(17)?) * 1000.0 / hz,
-    ))
 }
 
 /// Which `kiln` this is: `kiln token --help` exists only where client tokens do.

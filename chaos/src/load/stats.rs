@@ -108,11 +108,17 @@ pub fn scrape(agent_url: &str) -> anyhow::Result<CommitCounters> {
 
 /// CPU time (user + system, children excluded) of process `pid` so far, in ms.
 pub fn cpu_ms(pid: i32) -> anyhow::Result<f64> {
+    cpu_with_children_ms(pid).map(|(own, _)| own)
+}
+
+/// CPU time (user + system) of process `pid` so far, in ms: its own, and that of its
+/// children it reaped (fields 14+15 and 16+17 of `/proc/PID/stat`).
+pub fn cpu_with_children_ms(pid: i32) -> anyhow::Result<(f64, f64)> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("failed to read {path}: is process {pid} running?"))?;
     // The command name (field 2) is in parentheses and may hold spaces: fields after the last
-    // ')' start with field 3 (state); utime and stime are fields 14 and 15.
+    // ')' start with field 3 (state).
     let rest = text
         .rsplit_once(')')
         .map(|(_, r)| r)
@@ -123,11 +129,20 @@ pub fn cpu_ms(pid: i32) -> anyhow::Result<f64> {
             .and_then(|s| s.parse::<f64>().ok())
             .with_context(|| format!("{path} has no number in field {i}: {text:?}"))
     };
-    let ticks = field(14)? + field(15)?;
     // SAFETY: sysconf takes a constant and returns a number (-1 on error, handled).
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = if hz > 0 { hz as f64 } else { 100.0 };
-    Ok(ticks * 1000.0 / hz)
+    Ok((
+        (field(14)? + field(15)?) * 1000.0 / hz,
+        (field(16)? + field(17)?) * 1000.0 / hz,
+    ))
+}
+
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`), or "" when unreadable.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// The coordinator as the load generator watches it: optional pid (CPU) and agent URL
